@@ -1,0 +1,98 @@
+"""`python -m hpctrain.inspect RUN_DIR`: a short summary of a run, also while it is running.
+
+Prints steps done, the latest metrics, the best validation loss, the checkpoints, and the SHA-256 digest of the
+newest checkpoint's model weights: two runs with equal digests have bitwise-equal weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.metrics import METRICS_FILENAME, open_for_reading
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    metrics_path = run_dir / METRICS_FILENAME
+    if metrics_path.exists():
+        with open_for_reading(metrics_path) as file:
+            steps = file["train/step"]
+            summary["steps_logged"] = int(steps.shape[0])
+            if steps.shape[0]:
+                last = steps.shape[0] - 1
+                summary["latest"] = {
+                    "step": int(steps[last]), "epoch": int(file["train/epoch"][last]),
+                    "loss": float(file["train/loss"][last]), "grad_norm": float(file["train/grad_norm"][last]),
+                    "samples_per_second": float(file["train/samples_per_second"][last]),
+                    "lr": [float(v) for v in file["train/lr"][last]],
+                }
+                summary["nonfinite_steps"] = int(file["train/nonfinite"][()].sum())
+            validation_loss = file["validation/loss"][()]
+            if len(validation_loss):
+                best = int(validation_loss.argmin())
+                summary["evaluations"] = int(len(validation_loss))
+                summary["latest_validation"] = {"step": int(file["validation/step"][-1]),
+                                                "loss": float(validation_loss[-1])}
+                summary["best_validation"] = {"step": int(file["validation/step"][best]),
+                                              "loss": float(validation_loss[best])}
+    manager = CheckpointManager(run_dir, keep_last=2)
+    checkpoints = manager.complete()
+    summary["checkpoints"] = [info.step for info in reversed(checkpoints)]
+    newest = manager.newest_valid()
+    if newest is not None:
+        state = CheckpointManager.load(newest)
+        summary["newest_checkpoint"] = {"step": newest.step, "path": str(newest.path),
+                                        "finished": bool(state.get("finished", False)),
+                                        "stop_reason": state["train_state"].get("stop_reason", ""),
+                                        "model_sha256": state_dict_digest(state["model"])}
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"run        {summary['run_dir']}"]
+    newest = summary.get("newest_checkpoint")
+    status = "no checkpoint yet" if newest is None else (
+        f"finished ({newest['stop_reason']})" if newest["finished"] else "in progress or interrupted")
+    lines.append(f"status     {status}")
+    if "latest" in summary:
+        latest = summary["latest"]
+        lr = ", ".join(f"{value:.3g}" for value in latest["lr"])
+        lines.append(f"steps      {summary['steps_logged']} logged; latest step {latest['step']} (epoch "
+                     f"{latest['epoch']}): loss {latest['loss']:.5g}, grad norm {latest['grad_norm']:.3g}, "
+                     f"lr {lr}, {latest['samples_per_second']:.0f} samples/s")
+        if summary.get("nonfinite_steps"):
+            lines.append(f"nonfinite  {summary['nonfinite_steps']} steps skipped (NaN/Inf)")
+    if "best_validation" in summary:
+        best, latest_validation = summary["best_validation"], summary["latest_validation"]
+        lines.append(f"validation {summary['evaluations']} evaluations; latest {latest_validation['loss']:.5g} at "
+                     f"step {latest_validation['step']}; best {best['loss']:.5g} at step {best['step']}")
+    lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
+    if newest is not None:
+        lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"hpctrain.inspect: error: {args.run_dir} is not a directory", file=sys.stderr)
+        return 2
+    summary = summarize(args.run_dir)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One training job: check its inputs (`prepare`), run one rank of it (`run_rank`), or start all its ranks on this
+machine (`run_local`). The same `run_rank` runs under SLURM, where each task is one rank."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+from multiprocessing.connection import wait
+
+from hpctrain.config import Config, ConfigError
+from hpctrain.data import DatasetInfo, Split, make_split, read_dataset_info
+from hpctrain.distributed import init_distributed, shutdown_distributed
+
+log = logging.getLogger(__name__)
+
+RESULT_FILENAME = "result.json"
+# Files Hydra creates in a run directory before the job starts; removed again when the job is refused.
+_LAUNCHER_LEFTOVERS = (".hydra", "hpctrain.log")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    info: DatasetInfo
+    split: Split
+
+
+def absolute_paths(config: Config) -> Config:
+    """Resolve relative data paths against the launching directory, so ranks started elsewhere agree."""
+    data = replace(config.data, path=str(Path(config.data.path).expanduser().absolute()),
+                   val_path=None if config.data.val_path is None
+                   else str(Path(config.data.val_path).expanduser().absolute()))
+    return replace(config, data=data)
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"hydra.run.dir={run_dir}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"hydra.run.dir={run_dir}: cannot write in {existing} ({error.strerror})") from None
+
+
+def prepare(config: Config, *, generate: bool) -> Prepared:
+    """Check every input of the run (data file and datasets, model vs data, precision vs device) and raise one
+    ConfigError naming what is wrong. With `generate`, first create a missing data file if the config says so."""
+    data_path = Path(config.data.path)
+    if generate and config.data.generate_if_missing and not data_path.exists():
+        from hpctrain.tasks.cbed.generator import generate_dataset
+
+        log.info("generating %d synthetic images of %dx%d into %s", config.data.generator.num_images,
+                 config.data.generator.image_size, config.data.generator.image_size, data_path)
+        try:
+            generate_dataset(data_path, config.data.generator)
+        except OSError as error:
+            raise ConfigError(f"data.path={data_path}: cannot generate the data file ({error})") from None
+    keys = {"images_key": config.data.images_key, "labels_key": config.data.labels_key}
+    info = read_dataset_info(data_path, **keys)
+    val_info = None
+    if config.data.val_path is not None:
+        val_info = read_dataset_info(Path(config.data.val_path), config_key="data.val_path", **keys)
+        if val_info.image_shape != info.image_shape or val_info.num_labels != info.num_labels:
+            raise ConfigError(f"data.val_path: {val_info.path} holds {val_info.image_shape} images with "
+                              f"{val_info.num_labels} labels, {info.path} {info.image_shape} with {info.num_labels}")
+    from hpctrain.tasks.base import build_task
+
+    build_task(config, info)  # checks the model against the data
+    if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return Prepared(info=info, split=make_split(config.data, info, val_info))
+
+
+def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Train as one rank of the process group the environment describes; returns the run's summary."""
+    from hpctrain.tasks.base import build_task
+    from hpctrain.train import Trainer
+
+    dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
+    try:
+        if config.trainer.precision == "fp16" and dist.device.type != "cuda":
+            raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        prepared = prepare(config, generate=False)
+        trainer = Trainer(config=config, run_dir=run_dir, dist=dist, task=build_task(config, prepared.info),
+                          split=prepared.split, stop_requested=stop_requested)
+        state = trainer.fit()
+        summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
+                   "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,
+                   "best_step": state.best_step, "nonfinite_steps": state.nonfinite_steps}
+        if dist.is_main and state.finished:
+            (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        shutdown_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _exit_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this rank when the launching process dies, so no rank outlives a killed run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _local_rank_main(config: Config, run_dir: Path, rank: int, world_size: int, port: int) -> None:
+    _exit_with_parent()
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    run_rank(config, run_dir)
+
+
+def run_local(config: Config, run_dir: Path) -> dict[str, Any]:
+    """Debug mode (one process, in this one) or `launcher.num_processes` ranks on this machine."""
+    world_size = config.launcher.num_processes
+    if world_size == 1:
+        return run_rank(config, run_dir)
+    port = _free_port()
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_local_rank_main, args=(config, run_dir, rank, world_size, port),
+                                 name=f"hpctrain-rank-{rank}") for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    failed = []
+    running = {process.sentinel: (rank, process) for rank, process in enumerate(processes)}
+    while running:
+        for sentinel in wait(list(running)):
+            rank, process = running.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                failed.append((rank, process.exitcode))
+                for _, other in running.values():  # the others would block in a collective until timeout
+                    other.terminate()
+    if failed:
+        raise RuntimeError(f"local ranks failed (rank, exit code): {failed}")
+    result_path = run_dir / RESULT_FILENAME
+    return json.loads(result_path.read_text()) if result_path.exists() else {"run_dir": str(run_dir)}
+
+
+def remove_launcher_leftovers(run_dir: Path) -> None:
+    """After a refused start, undo what the launcher created in a run directory that holds nothing else."""
+    if not run_dir.is_dir() or any(entry.name not in _LAUNCHER_LEFTOVERS for entry in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir)

@@ -1,0 +1,126 @@
+"""Optimizers and learning-rate schedules, one optimizer and one scheduler per parameter group.
+
+Every schedule is a pure function of the global optimizer step (epoch-interval schedules divide by the fixed
+number of steps per epoch), so a resumed run reproduces the learning rates of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hpctrain.config import ConfigError, OptimConfig, ScheduleConfig
+
+
+@dataclass
+class LRMultiplier:
+    """The multiplier of a group's base LR after `step` optimizer steps (a picklable LambdaLR callable)."""
+
+    name: str
+    steps_per_interval: int
+    warmup: int
+    warmup_start_factor: float
+    total: int
+    min_factor: float
+    cycle: int
+    cycle_multiplier: float
+
+    def __call__(self, step: int) -> float:
+        t = step // self.steps_per_interval
+        if self.name == "constant":
+            return 1.0
+        if t < self.warmup:  # linear warm-up from warmup_start_factor to 1
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * t / self.warmup
+        t -= self.warmup
+        if self.name == "cosine_restarts":
+            length = self.cycle
+            while t >= length:
+                t -= length
+                length = max(1, round(length * self.cycle_multiplier))
+            progress = t / length
+        else:
+            progress = min(1.0, t / max(1, self.total - self.warmup))
+        if self.name == "warmup_linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_factor + (1.0 - self.min_factor) * shape
+
+
+def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch: int) -> LRMultiplier:
+    per_epoch = schedule.interval == "epoch"
+    steps_per_interval = steps_per_epoch if per_epoch else 1
+    default_total = math.ceil(max_steps / steps_per_epoch) if per_epoch else max_steps
+    return LRMultiplier(
+        name=schedule.name,
+        steps_per_interval=steps_per_interval,
+        warmup=schedule.warmup,
+        warmup_start_factor=schedule.warmup_start_factor,
+        total=schedule.total or default_total,
+        min_factor=schedule.min_factor,
+        cycle=schedule.cycle,
+        cycle_multiplier=schedule.cycle_multiplier,
+    )
+
+
+@dataclass
+class ParameterGroup:
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
+                    config: OptimConfig) -> torch.optim.Optimizer:
+    # foreach=False: the plain per-tensor loop is deterministic and fast enough on CPU for these models.
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=weight_decay)
+    optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=lr, betas=tuple(config.betas), eps=config.eps, weight_decay=weight_decay)
+
+
+def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: int,
+                           steps_per_epoch: int) -> list[ParameterGroup]:
+    """Split the model's parameters by name patterns and build one optimizer + scheduler per group.
+
+    The first group, "default", holds every parameter no configured group matches.
+    """
+    assigned: dict[str, list[nn.Parameter]] = {"default": []}
+    for group in config.param_groups:
+        assigned[group.name] = []
+    for parameter_name, parameter in model.named_parameters():
+        owner = next((group for group in config.param_groups
+                      if any(fnmatch.fnmatchcase(parameter_name, pattern) for pattern in group.params)), None)
+        if owner is not None and owner.frozen:
+            parameter.requires_grad_(False)
+            continue
+        assigned["default" if owner is None else owner.name].append(parameter)
+
+    groups = []
+    for group in [None, *config.param_groups]:
+        name = "default" if group is None else group.name
+        params = assigned[name]
+        if group is not None and group.frozen:
+            continue
+        if not params:
+            if group is None:
+                continue  # every parameter belongs to a named group
+            raise ConfigError(f"optim.param_groups '{name}' matches no parameter of the model "
+                              f"(patterns {list(group.params)}); parameter names look like "
+                              f"{[n for n, _ in list(model.named_parameters())[:3]]}")
+        optimizer_name = (group and group.optimizer) or config.optimizer
+        lr = (group and group.lr) or config.lr
+        weight_decay = config.weight_decay if group is None or group.weight_decay is None else group.weight_decay
+        schedule = (group and group.schedule) or config.schedule
+        optimizer = _make_optimizer(optimizer_name, params, lr, weight_decay, config)
+        multiplier = make_multiplier(schedule, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)
+        groups.append(ParameterGroup(name=name, optimizer=optimizer, scheduler=scheduler))
+    if not groups:
+        raise ConfigError("optim.param_groups freeze every parameter of the model: nothing to train")
+    return groups

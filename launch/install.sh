@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up hpctrain in ./.venv (idempotent). On a machine without an NVIDIA GPU the CPU build of torch is
+# installed first, so nothing pulls the multi-GB CUDA wheels. `launch/install.sh test` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-}
+python=${PYTHON:-python3}
+torch_version=${TORCH_VERSION:-2.13.0}
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" "torch==${torch_version}"
+else
+    # PEP 440 ranks 2.13.0+cpu above 2.13.0, so the CPU wheel wins over PyPI's CUDA build.
+    "${pip[@]}" "torch==${torch_version}" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+"${pip[@]}" -e ".${extras:+[$extras]}"
+.venv/bin/python -c "import torch, hpctrain; print(f'hpctrain ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}')"

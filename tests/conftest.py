@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny real HDF5 dataset, and a runner for the real `python -m hpctrain.launch`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpctrain.checkpoint import CheckpointManager
+from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig, generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """192 synthetic 32x32 CBED images (154 training, 38 validation)."""
+    path = tmp_path_factory.mktemp("data") / "cbed_32px_192.h5"
+    generate_dataset(path, CBEDGeneratorConfig(num_images=192, image_size=32, seed=0), num_processes=1,
+                     progress=False)
+    return path
+
+
+def tiny_overrides(data_path: Path, *extra: str) -> list[str]:
+    """A run of the real config shrunk to seconds: small images, a small model, no loader workers."""
+    return ["debug=fast", f"data.path={data_path}", "data.generate_if_missing=false", *extra]
+
+
+def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, timeout: float = 300,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    command = [PYTHON, "-m", "hpctrain.launch", *args]
+    if run_dir is not None:
+        command.append(f"hydra.run.dir={run_dir}")
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    manager = CheckpointManager(run_dir, keep_last=2)
+    info = manager.newest_valid()
+    assert info is not None, f"no checkpoint in {run_dir}"
+    return CheckpointManager.load(info)["model"]

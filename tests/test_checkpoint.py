@@ -1,0 +1,94 @@
+"""Checkpoints: atomic writes, checksums, retention, and what survives a SIGKILL in the middle of a write."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+
+
+def state(step: int) -> dict:
+    generator = torch.Generator().manual_seed(step)
+    return {"step": step, "model": {"weight": torch.randn(4, 4, generator=generator)}, "notes": ["a", 1, 2.5]}
+
+
+def test_save_and_load_round_trip_with_weights_only(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(5, state(5))
+    info = manager.newest_valid()
+    assert info is not None and info.step == 5
+    loaded = CheckpointManager.load(info)
+    assert torch.equal(loaded["model"]["weight"], state(5)["model"]["weight"])
+    assert state_dict_digest(loaded["model"]) == state_dict_digest(state(5)["model"])
+    assert state_dict_digest(state(6)["model"]) != state_dict_digest(state(5)["model"])
+
+
+def test_retention_keeps_last_k_best_and_listed_steps(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_steps=[20])
+    for step in range(10, 80, 10):
+        manager.save(step, state(step), protected_steps={30})
+    assert sorted(info.step for info in manager.complete()) == [20, 30, 60, 70]
+    assert sorted(p.name for p in manager.directory.glob("*.pt")) == [
+        f"step_{s:09d}.pt" for s in (20, 30, 60, 70)]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           damage: str) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        manager.save(step, state(step))
+    newest = manager.directory / "step_000000003.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        info = manager.newest_valid()
+    assert info is not None and info.step == 2
+    assert "step_000000003.pt is unusable" in caplog.text
+    assert torch.equal(CheckpointManager.load(info)["model"]["weight"], state(2)["model"]["weight"])
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from hpctrain.checkpoint import CheckpointManager
+    manager = CheckpointManager(Path(sys.argv[1]), keep_last=2)
+    # ~400 MB: the write takes long enough to be killed in the middle of it.
+    manager.save(2, {"step": 2, "model": {"weight": torch.ones(100_000_000)}})
+""")
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(1, state(1))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    deadline = time.monotonic() + 120
+    temporaries: list[Path] = []
+    while time.monotonic() < deadline and writer.poll() is None:
+        temporaries = [p for p in manager.directory.glob(".step_000000002.pt.tmp-*") if p.stat().st_size > 0]
+        if temporaries:
+            break
+        time.sleep(0.001)
+    assert temporaries, "the writer never started writing"
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert not (manager.directory / "step_000000002.json").exists()
+    info = manager.newest_valid()
+    assert info is not None and info.step == 1
+    assert torch.equal(CheckpointManager.load(info)["model"]["weight"], state(1)["model"]["weight"])
+    manager.remove_stale_temporaries()
+    assert list(manager.directory.glob(".*tmp*")) == []

@@ -1,0 +1,102 @@
+"""The typed config: composition of the real conf/, and every kind of bad input refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+from hydra import compose, initialize_config_dir
+
+from hpctrain.config import Config, ConfigError, from_json, register_configs, to_config, to_json
+from hpctrain.launch import CONFIG_DIR
+
+from .conftest import launch, tiny_overrides
+
+
+def compose_config(*overrides: str) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_default_config_is_debug_mode_on_the_builtin_task() -> None:
+    config = compose_config()
+    assert config.task.name == "cbed_distortion"
+    assert config.launcher.name == "local" and config.launcher.num_processes == 1
+    assert config.model.image_size == config.data.generator.image_size == 64
+
+
+def test_config_round_trips_through_json() -> None:
+    config = compose_config("optim.lr=3e-4", "model.width=32")
+    assert from_json(to_json(config)) == config
+
+
+def test_range_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="trainer.num_microbatches"):
+        compose_config("trainer.num_microbatches=0")
+    with pytest.raises(ConfigError, match="callbacks.checkpoint.keep_last"):
+        compose_config("callbacks.checkpoint.keep_last=1")
+
+
+@pytest.fixture
+def broken_files(tmp_path: Path) -> dict[str, Path]:
+    no_labels = tmp_path / "no_labels.h5"
+    with h5py.File(no_labels, "w") as file:
+        file.create_dataset("images", shape=(4, 32, 32), dtype="f4")
+    not_hdf5 = tmp_path / "not_hdf5.h5"
+    not_hdf5.write_text("this is not HDF5")
+    return {"no_labels": no_labels, "not_hdf5": not_hdf5}
+
+
+# (overrides, text the single error message must contain)
+BAD_INPUTS = [
+    (["trainer.max_stepz=5"], "Key 'max_stepz' not in 'TrainerConfig'"),
+    (["trainer.max_steps=many"], "trainer.max_steps"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optim.optimizer=lbfgs"], "optim.optimizer must be one of"),
+    (["model.norm=layer"], "model.norm must be one of"),
+    (["trainer.precision=fp8"], "trainer.precision must be one of"),
+    (["data.path=/nonexistent/cbed.h5"], "data file /nonexistent/cbed.h5 does not exist"),
+    (["data.images_key=pictures"], "has no HDF5 dataset 'pictures'"),
+    (["model.image_size=64"], "model.image_size=64 but the data has 32x32 images"),
+    (["model.num_stages=6"], "must be a positive multiple of 2**model.num_stages"),
+    (["trainer.device=cpu", "trainer.precision=fp16"], "fp16 needs a CUDA device"),
+    (["+optim.param_groups=[{name: head, params: [nothing.*]}]"], "matches no parameter"),
+    (["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_any_work(tmp_path: Path, tiny_data: Path, overrides: list[str],
+                                              message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = launch(tiny_overrides(tiny_data, *overrides), run_dir=run_dir, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists(), "a refused run must leave no run directory behind"
+
+
+@pytest.mark.parametrize("kind,message", [("no_labels", "has no HDF5 dataset 'labels'"),
+                                          ("not_hdf5", "is not a readable HDF5 file")])
+def test_broken_data_files_are_refused(tmp_path: Path, broken_files: dict[str, Path], tiny_data: Path, kind: str,
+                                       message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = launch([*tiny_overrides(tiny_data), f"data.path={broken_files[kind]}"], run_dir=run_dir, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not run_dir.exists()
+
+
+def test_unwritable_run_directory_is_refused(tmp_path: Path, tiny_data: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = launch(tiny_overrides(tiny_data), run_dir=blocker / "run", check=False)
+    assert result.returncode != 0 and "is a file, not a directory" in result.stderr, result.stderr
+
+
+def test_read_only_run_directory_is_refused(tmp_path: Path, tiny_data: Path) -> None:
+    # /proc refuses new files even to root, so this holds whoever runs the suite.
+    result = launch(tiny_overrides(tiny_data), run_dir=Path("/proc/hpctrain-run"), check=False)
+    assert result.returncode != 0 and "hydra.run.dir=/proc/hpctrain-run: cannot write in /proc" in result.stderr, \
+        result.stderr

@@ -1,0 +1,97 @@
+"""metrics.h5: layout, buffered writes, readability after SIGKILL, and truncation to a checkpoint's cursor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpctrain.metrics import MetricsCursor, MetricsWriter, open_for_reading
+
+
+def writer(path: Path, cursor: MetricsCursor | None = None) -> MetricsWriter:
+    return MetricsWriter(path, parameter_groups=["default", "head"], validation_sample_index=np.arange(10, 15),
+                         config_json='{"seed": 0}', metric_name="epe", cursor=cursor)
+
+
+def log_steps(metrics: MetricsWriter, steps: range) -> None:
+    for step in steps:
+        metrics.log_step(step=step, epoch=0, loss=1.0 / step, grad_norm=0.5, samples_per_second=100.0,
+                         nonfinite=False, learning_rates=[1e-3, 1e-4])
+
+
+def test_layout_and_dims(tmp_path: Path) -> None:
+    metrics = writer(tmp_path / "metrics.h5")
+    log_steps(metrics, range(1, 6))
+    metrics.log_validation(step=5, loss=0.3, per_sample_loss=np.arange(5, dtype=np.float32))
+    metrics.close()
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == [1, 2, 3, 4, 5]
+        assert file["train/lr"].shape == (5, 2)
+        assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
+        assert file["train/lr"].attrs["dim_1"] == "parameter group"
+        assert file["validation/per_sample_loss"].shape == (1, 5)
+        assert file["validation/sample_index"][()].tolist() == [10, 11, 12, 13, 14]
+        assert file["config"][()].decode() == '{"seed": 0}'
+
+
+def test_rows_are_buffered_until_flush(tmp_path: Path) -> None:
+    metrics = writer(tmp_path / "metrics.h5")
+    log_steps(metrics, range(1, 4))
+    assert metrics.file["train/step"].shape == (0,)
+    assert metrics.cursor() == MetricsCursor(train_rows=3, validation_rows=0)
+    metrics.flush()
+    assert metrics.file["train/step"].shape == (3,)
+    metrics.close()
+
+
+def test_resume_truncates_to_the_checkpoint_cursor(tmp_path: Path) -> None:
+    metrics = writer(tmp_path / "metrics.h5")
+    log_steps(metrics, range(1, 11))
+    metrics.log_validation(step=5, loss=0.3, per_sample_loss=np.zeros(5, np.float32))
+    metrics.log_validation(step=10, loss=0.2, per_sample_loss=np.zeros(5, np.float32))
+    metrics.close()
+    metrics = writer(tmp_path / "metrics.h5", cursor=MetricsCursor(train_rows=6, validation_rows=1))
+    log_steps(metrics, range(7, 9))
+    metrics.close()
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert file["validation/step"][()].tolist() == [5]
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time, numpy as np
+    from pathlib import Path
+    from hpctrain.metrics import MetricsWriter
+    metrics = MetricsWriter(Path(sys.argv[1]), parameter_groups=["default"], validation_sample_index=np.arange(3),
+                            config_json="{}", metric_name="epe", cursor=None)
+    for step in range(1, 1_000_000):
+        metrics.log_step(step=step, epoch=0, loss=1.0, grad_norm=1.0, samples_per_second=1.0, nonfinite=False,
+                         learning_rates=[0.1])
+        if step % 50 == 0:
+            metrics.flush()
+            print(step, flush=True)
+        time.sleep(0.0005)
+""")
+
+
+def test_file_opens_after_sigkill_and_holds_everything_up_to_the_last_flush(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.h5"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    flushed = 0
+    while flushed < 400:
+        flushed = int(process.stdout.readline())
+    time.sleep(0.013)  # land somewhere between flushes
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    with h5py.File(path, "r") as file:  # a plain open, as a user would do
+        steps = file["train/step"][()]
+    assert len(steps) >= 400 and len(steps) % 50 == 0
+    assert steps.tolist() == list(range(1, len(steps) + 1))
