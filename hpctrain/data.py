@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpctrain.config import ConfigError, DataConfig
+from hpctrain.distributed import exit_with_parent
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def make_split(config: DataConfig, train_info: DatasetInfo, val_info: DatasetInf
                  np.arange(num_train, train_info.num_samples))
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    exit_with_parent()
     # Loader workers only read; one thread each keeps them from fighting the training process for cores.
     torch.set_num_threads(1)
 
@@ -212,6 +214,6 @@ def make_loader(dataset: HDF5BatchDataset, sampler: Sampler, *, config: DataConf
     extra = {}
     if num_workers > 0:
         extra = {"persistent_workers": config.persistent_workers, "prefetch_factor": config.prefetch_factor,
-                 "worker_init_fn": _seed_worker}
+                 "worker_init_fn": _init_worker}
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       **extra)

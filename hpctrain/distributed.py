@@ -7,16 +7,27 @@ process and every collective is the identity, so the same trainer code runs in d
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import logging
 import os
+import signal
+import socket
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
+from hpctrain.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class RunDirectoryInUse(ConfigError):
+    """Another live process is training in this run directory."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,37 @@ def init_distributed(*, device_preference: str, timeout_s: int) -> DistributedCo
                  os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
                               local_world_size=local_world_size, device=device)
+
+
+def exit_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies, so no rank or loader worker outlives a
+    killed run (they would hold its files open)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Held by rank 0 while it trains: a second job on the same run directory is refused instead of corrupting
+    it. A POSIX record lock: released when the process dies, and never inherited by forked loader workers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as file:
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise RunDirectoryInUse(f"run directory {run_dir} is in use by {holder}; wait for it to end or "
+                                    f"choose another run_name / hydra.run.dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        file.flush()
+        yield
 
 
 def shutdown_distributed() -> None:

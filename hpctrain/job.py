@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +19,7 @@ from multiprocessing.connection import wait
 
 from hpctrain.config import Config, ConfigError
 from hpctrain.data import DatasetInfo, Split, make_split, read_dataset_info
-from hpctrain.distributed import init_distributed, shutdown_distributed
+from hpctrain.distributed import exit_with_parent, init_distributed, run_lock, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,13 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
     from hpctrain.train import Trainer
 
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
+    stack = ExitStack()
     try:
         if config.trainer.precision == "fp16" and dist.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         prepared = prepare(config, generate=False)
+        if dist.is_main:
+            stack.enter_context(run_lock(run_dir))
         trainer = Trainer(config=config, run_dir=run_dir, dist=dist, task=build_task(config, prepared.info),
                           split=prepared.split, stop_requested=stop_requested)
         state = trainer.fit()
@@ -104,6 +107,7 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
             (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
         return summary
     finally:
+        stack.close()
         shutdown_distributed()
 
 
@@ -113,18 +117,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _exit_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this rank when the launching process dies, so no rank outlives a killed run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _local_rank_main(config: Config, run_dir: Path, rank: int, world_size: int, port: int) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")

@@ -51,7 +51,9 @@ class MetricsWriter:
         self.parameter_groups = list(parameter_groups)
         self._train_buffer: list[tuple] = []
         self._validation_buffer: list[tuple[int, float, np.ndarray]] = []
-        self.file = h5py.File(path, "a")
+        # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
+        # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
+        self.file = h5py.File(path, "a", locking=False)
         self._create_layout(validation_sample_index, metric_name)
         self._write_config(config_json)
         self._truncate(cursor or MetricsCursor())

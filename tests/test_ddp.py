@@ -1,0 +1,126 @@
+"""Distributed training with real processes and a real gloo process group on CPU.
+
+SGD keeps the comparison linear in the gradients, so the float rounding that differs between a sum over one
+rank and an all-reduce over two stays at rounding level instead of being amplified by Adam's normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from hpctrain.config import Config
+from hpctrain.job import prepare
+from hpctrain.tasks.base import build_task
+
+from .conftest import final_weights, launch, tiny_overrides
+from .test_config import compose_config
+
+# 154 training samples, global batch 16: 10 steps per epoch, the 10th with a 10-sample tail; 22 steps cross two.
+SGD = ["optim.optimizer=sgd", "optim.lr=0.05", "optim.schedule.warmup=5", "trainer.max_steps=22",
+       "callbacks.early_stopping.enabled=false", "trainer.val_every_steps=11"]
+
+
+def assert_weights_close(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    assert reference.keys() == other.keys()
+    for name in reference:
+        torch.testing.assert_close(other[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+    moved = max((reference[name] - other[name]).abs().max().item() for name in reference)
+    print(f"largest weight difference: {moved:.3g}")
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, torch.Tensor]:
+    run_dir = tmp_path_factory.mktemp("one_rank")
+    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=16"), run_dir=run_dir)
+    return final_weights(run_dir)
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tiny_data: Path,
+                                                             one_rank_reference: dict[str, torch.Tensor]) -> None:
+    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2"),
+           run_dir=tmp_path)
+    assert_weights_close(one_rank_reference, final_weights(tmp_path))
+
+
+def test_accumulated_microbatches_match_one_larger_batch(tmp_path: Path, tiny_data: Path,
+                                                         one_rank_reference: dict[str, torch.Tensor]) -> None:
+    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=4", "trainer.num_microbatches=4"),
+           run_dir=tmp_path)
+    assert_weights_close(one_rank_reference, final_weights(tmp_path))
+
+
+def test_two_ranks_with_accumulation_match_one_rank(tmp_path: Path, tiny_data: Path,
+                                                    one_rank_reference: dict[str, torch.Tensor]) -> None:
+    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=4", "trainer.num_microbatches=2",
+                          "launcher.num_processes=2"), run_dir=tmp_path)
+    assert_weights_close(one_rank_reference, final_weights(tmp_path))
+
+
+class AllReduceCounter:
+    """A DDP communication hook that counts gradient all-reduces (one call per gradient bucket)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @staticmethod
+    def hook(counter: "AllReduceCounter", bucket):
+        counter.calls += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+
+def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, results) -> None:
+    from hpctrain.distributed import init_distributed, shutdown_distributed
+    from hpctrain.train import Trainer
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist = init_distributed(device_preference="cpu", timeout_s=120)
+    prepared = prepare(config, generate=False)
+    counts = []
+    for num_microbatches in (1, 3):
+        trainer_config = config.trainer.__class__(**{**config.trainer.__dict__,
+                                                     "num_microbatches": num_microbatches})
+        trainer = Trainer(config=config.__class__(**{**config.__dict__, "trainer": trainer_config}),
+                          run_dir=Path(run_dir) / str(num_microbatches), dist=dist,
+                          task=build_task(config, prepared.info), split=prepared.split)
+        counter = AllReduceCounter()
+        trainer.ddp_model.register_comm_hook(counter, AllReduceCounter.hook)
+        batches = iter(trainer.train_loader)
+        backward_passes = 0
+        for step in range(4):
+            microbatches = [next(batches) for _ in range(num_microbatches)]
+            backward_passes += len(microbatches)
+            trainer.train_step(microbatches, num_samples=trainer.sampler.samples_in_step(step))
+        counts.append((num_microbatches, backward_passes, counter.calls))
+    results.put((rank, counts))
+    shutdown_distributed()
+
+
+def test_gradients_are_all_reduced_only_on_the_last_microbatch(tmp_path: Path, tiny_data: Path) -> None:
+    config = compose_config(*tiny_overrides(tiny_data, "trainer.micro_batch_size=4"))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    from hpctrain.job import _free_port
+
+    port = _free_port()
+    processes = [context.Process(target=_count_allreduces, args=(rank, config, str(tmp_path), port, results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcome = dict(results.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for rank in (0, 1):
+        (_, passes_single, calls_single), (_, passes_accumulated, calls_accumulated) = outcome[rank]
+        assert passes_accumulated == 3 * passes_single == 12
+        buckets_per_sync = calls_single // 4
+        assert buckets_per_sync >= 1 and calls_single == 4 * buckets_per_sync
+        # With 3 micro-batches per step the number of all-reduces is the same: only the last one syncs.
+        assert calls_accumulated == calls_single

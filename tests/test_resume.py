@@ -1,0 +1,97 @@
+"""Bit-exact resume of the real launcher: SIGKILL at a random step, restart, compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpctrain.checkpoint import CheckpointManager
+from hpctrain.metrics import open_for_reading
+
+from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
+
+RUN = ["trainer.max_steps=36", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=5",
+       "callbacks.metrics.flush_every_steps=3", "callbacks.early_stopping.enabled=false", "data.num_workers=1"]
+
+
+def inspect_json(run_dir: Path) -> dict:
+    result = subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], capture_output=True,
+                            text=True, check=True, cwd=REPO)
+    return json.loads(result.stdout)
+
+
+def kill_at_random_step(args: list[str], run_dir: Path, rng: random.Random) -> None:
+    """Start the run, SIGKILL it once its checkpoints pass a random step (plus a random delay)."""
+    target = rng.randint(5, 28)
+    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(info.step >= target for info in manager.complete()):
+            time.sleep(rng.uniform(0.0, 0.3))
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before step {target}; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, tiny_data: Path) -> None:
+    seed = int(time.time())
+    rng = random.Random(seed)
+    print(f"kill schedule seed {seed}")
+    args = tiny_overrides(tiny_data, *RUN)
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    launch(args, run_dir=reference_dir)
+
+    kill_at_random_step(args, resumed_dir, rng)
+    kill_at_random_step(args, resumed_dir, rng) if rng.random() < 0.5 else None
+    restarted = launch(args, run_dir=resumed_dir)
+    assert "resumed from" in restarted.stdout
+
+    reference, resumed = final_weights(reference_dir), final_weights(resumed_dir)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+    assert inspect_json(reference_dir)["newest_checkpoint"]["model_sha256"] == \
+        inspect_json(resumed_dir)["newest_checkpoint"]["model_sha256"]
+
+    with open_for_reading(reference_dir / "metrics.h5") as ref, open_for_reading(resumed_dir / "metrics.h5") as res:
+        assert res["train/step"][()].tolist() == list(range(1, 37))  # each step exactly once
+        assert res["validation/step"][()].tolist() == [6, 12, 18, 24, 30, 36]
+        np.testing.assert_array_equal(res["train/loss"][()], ref["train/loss"][()])
+        np.testing.assert_array_equal(res["train/lr"][()], ref["train/lr"][()])
+        np.testing.assert_array_equal(res["validation/per_sample_loss"][()], ref["validation/per_sample_loss"][()])
+
+
+def test_finished_run_is_not_trained_again(tmp_path: Path, tiny_data: Path) -> None:
+    args = tiny_overrides(tiny_data, "trainer.max_steps=8", "callbacks.checkpoint.every_steps=4")
+    launch(args, run_dir=tmp_path)
+    before = final_weights(tmp_path)
+    again = launch(args, run_dir=tmp_path)
+    assert "already finished at step 8" in again.stdout
+    after = final_weights(tmp_path)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "lr.png").stat().st_size > 0
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_restart(tmp_path: Path, tiny_data: Path) -> None:
+    args = tiny_overrides(tiny_data, "callbacks.checkpoint.every_steps=5", "callbacks.early_stopping.enabled=false")
+    reference_dir, damaged_dir = tmp_path / "reference", tmp_path / "damaged"
+    launch([*args, "trainer.max_steps=20"], run_dir=reference_dir)
+    launch([*args, "trainer.max_steps=15"], run_dir=damaged_dir)
+    newest = damaged_dir / "checkpoints" / "step_000000015.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    restarted = launch([*args, "trainer.max_steps=20"], run_dir=damaged_dir)
+    assert "step_000000015.pt is unusable" in restarted.stdout
+    assert "resumed from" in restarted.stdout and "step_000000010.pt" in restarted.stdout
+    reference, resumed = final_weights(reference_dir), final_weights(damaged_dir)
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
