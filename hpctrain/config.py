@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -255,14 +255,49 @@ class CallbacksConfig:
 
 @dataclass
 class LauncherConfig:
-    """How the ranks are started. local: on this machine, `num_processes` ranks (1 is plain debug mode)."""
+    """How the ranks are started.
+
+    local: on this machine, `num_processes` ranks (1 is plain debug mode).
+    slurm: submitted with submitit; the resource keys are those of hydra-submitit-launcher.
+    """
 
     name: str = "local"
     num_processes: int = 1
+    # -- slurm --
+    nodes: int = 1
+    tasks_per_node: int = 1  # one per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2  # loader workers + 1
+    mem_gb: Optional[float] = None
+    timeout_min: int = 60
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    account: Optional[str] = None
+    constraint: Optional[str] = None
+    # USR2 arrives this long before the time limit: enough for one step and a checkpoint.
+    signal_delay_s: int = 120
+    # Requeues after hitting the time limit; preemptions are not counted.
+    max_num_timeout: int = 3
+    array_parallelism: int = 256
+    job_name: str = "hpctrain"
+    # Shell lines run in the sbatch script before srun (module load ..., source venv ...).
+    setup: List[str] = field(default_factory=list)
+    # Any other sbatch option, e.g. {reservation: my_resv}.
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    # Block until the job ends and print its result (submission alone returns at once).
+    wait: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("launcher.name", self.name, ("local",))
-        _require(self.num_processes > 0, f"launcher.num_processes must be > 0, got {self.num_processes}")
+        _one_of("launcher.name", self.name, ("local", "slurm"))
+        for key in ("num_processes", "nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism"):
+            _require(getattr(self, key) > 0, f"launcher.{key} must be > 0, got {getattr(self, key)}")
+        _require(self.gpus_per_node >= 0, f"launcher.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        _require(self.mem_gb is None or self.mem_gb > 0, f"launcher.mem_gb must be > 0 or null, got {self.mem_gb}")
+        _require(self.signal_delay_s >= 0, f"launcher.signal_delay_s must be >= 0, got {self.signal_delay_s}")
+        _require(self.max_num_timeout >= 0, f"launcher.max_num_timeout must be >= 0, got {self.max_num_timeout}")
+        _require(self.gpus_per_node == 0 or self.tasks_per_node == self.gpus_per_node,
+                 f"launcher.tasks_per_node={self.tasks_per_node} must equal launcher.gpus_per_node="
+                 f"{self.gpus_per_node}: one rank per GPU")
 
 
 @dataclass
@@ -279,10 +314,27 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
+# Overrides that do not change what is trained, left out of a sweep point's directory name, so the same sweep
+# run again with another partition, time limit or data location finds its points again.
+_NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.path", "data.val_path", "debug")
+
+
+def sweep_point_dirname(overrides: list[str]) -> str:
+    """Directory name of a sweep point: its sorted `key=value` overrides (without launcher/path keys)."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not any(key == prefix or key.startswith(prefix + ".") for prefix in _NOT_IN_POINT_NAME):
+            kept.append(override.replace("/", "_"))
+    return ",".join(sorted(kept)) or "default"
+
+
 def register_configs() -> None:
-    """Register the schemas; conf/config.yaml lists `config_schema` first in its defaults."""
+    """Register the schemas (conf/config.yaml lists `config_schema` first) and the config resolvers."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("hpctrain_point_dirname"):
+        OmegaConf.register_new_resolver("hpctrain_point_dirname", lambda overrides: sweep_point_dirname(list(overrides)))
 
 
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:

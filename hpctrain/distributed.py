@@ -73,7 +73,9 @@ class DistributedContext:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (SLURM's cgroup/affinity, not the node's total)."""
+    """CPUs this process may use: SLURM's --cpus-per-task inside a job, else the affinity mask."""
+    if "SLURM_CPUS_PER_TASK" in os.environ and "SLURM_JOB_ID" in os.environ:
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -143,6 +145,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, clean: bool = True) -> None:
+    """Leave the process group. After a clean run, wait for all ranks first: a rank that tears down its
+    connections while another still uses the group (rank 0 writing its last checkpoint) can abort."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""`python -m hpctrain.inspect RUN_DIR`: a short summary of a run, also while it is running.
+"""`python -m hpctrain.inspect RUN_DIR`: a short summary of a run, also while it is running; given a sweep
+directory, one line per point (state, SLURM job, steps, best validation loss).
 
 Prints steps done, the latest metrics, the best validation loss, the checkpoints, and the SHA-256 digest of the
 newest checkpoint's model weights: two runs with equal digests have bitwise-equal weights.
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run_dir.is_dir():
         print(f"hpctrain.inspect: error: {args.run_dir} is not a directory", file=sys.stderr)
         return 2
+    from hpctrain.sweep import format_sweep, is_sweep_dir, summarize_sweep
+
+    if is_sweep_dir(args.run_dir):
+        rows = summarize_sweep(args.run_dir)
+        print(json.dumps(rows, indent=1) if args.json else format_sweep(rows))
+        return 0
     summary = summarize(args.run_dir)
     if args.json:
         print(json.dumps(summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))

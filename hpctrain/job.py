@@ -91,6 +91,7 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
 
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
     stack = ExitStack()
+    clean = False
     try:
         if config.trainer.precision == "fp16" and dist.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -105,10 +106,17 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
                    "best_step": state.best_step, "nonfinite_steps": state.nonfinite_steps}
         if dist.is_main and state.finished:
             (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
+        clean = True
         return summary
     finally:
         stack.close()
-        shutdown_distributed()
+        shutdown_distributed(clean=clean)
+
+
+def configure_rank_logging(rank: int) -> None:
+    """Log lines tagged with the rank; only rank 0 reports progress (INFO), the others warnings and errors."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
 
 
 def _free_port() -> int:
@@ -121,9 +129,7 @@ def _local_rank_main(config: Config, run_dir: Path, rank: int, world_size: int, 
     exit_with_parent()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    configure_rank_logging(rank)
     run_rank(config, run_dir)
 
 

@@ -1,5 +1,7 @@
 """`python -m hpctrain.launch`: the Hydra app over conf/. With no arguments it trains the built-in task in
-debug mode (one local process); `launcher.num_processes=N` runs N local DDP ranks.
+debug mode (one local process); `launcher.num_processes=N` runs N local DDP ranks; `launcher=slurm` submits
+the run to SLURM with submitit and returns at once (`-m` sweeps become one job array, see
+hydra_plugins/hpctrain_launcher).
 
 Bad input is refused by `Preflight`, a Hydra callback that runs after composition and before Hydra creates the
 run directory: the typed config, the run directory, the data file and the model are all checked first, and
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 
 from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.job import absolute_paths, check_run_dir_writable, prepare, remove_launcher_leftovers, run_local
+from hpctrain.slurm import check_resources, follow_instructions, submit_run
 
 log = logging.getLogger("hpctrain")
 
@@ -44,6 +47,8 @@ class Preflight(Callback):
             typed = checked_config(config)
             check_run_dir_writable(Path(config.hydra.run.dir).absolute())
             prepare(typed, generate=True)
+            if typed.launcher.name == "slurm":
+                check_resources(typed.launcher)
         except ConfigError as error:
             fail(str(error))
 
@@ -54,12 +59,25 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         config = checked_config(cfg)
         prepare(config, generate=True)
+        if config.launcher.name == "slurm":
+            return submit(config, run_dir)
         log.info("run directory: %s", run_dir)
         return run_local(config, run_dir)
     except ConfigError as error:
         remove_launcher_leftovers(run_dir)
         fail(str(error))
         raise  # unreachable: fail() exits
+
+
+def submit(config: Config, run_dir: Path) -> dict[str, Any]:
+    check_resources(config.launcher)
+    job = submit_run(config, run_dir)
+    print(follow_instructions(job.job_id, run_dir), flush=True)
+    if not config.launcher.wait:
+        return {"job_id": job.job_id, "run_dir": str(run_dir)}
+    summary = job.results()[0]  # rank 0's summary; raises with the job's error if it failed
+    print(f"job {job.job_id} done: {summary}", flush=True)
+    return summary
 
 
 register_configs()

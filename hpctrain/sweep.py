@@ -1,0 +1,103 @@
+"""Sweeps on SLURM: submit the points of a Hydra multirun as one job array, re-runnable, and summarize them.
+
+A point's run directory is `<sweep dir>/<its overrides>`, the same every time the sweep command runs, so a
+re-run finds each point's state: finished (result.json), queued or running (its recorded job is active in
+SLURM), or to be (re)submitted, in which case it resumes from its own newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpctrain.config import Config, ConfigError
+from hpctrain.job import RESULT_FILENAME, check_run_dir_writable, prepare
+from hpctrain.slurm import (ACTIVE_STATES, SUBMITIT_DIRNAME, TrainingJob, check_resources, job_state,
+                            make_executor, record_job, recorded_job_id)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    index: int
+    overrides: list[str]
+    run_dir: Path
+    config: Config
+
+
+def point_status(run_dir: Path) -> tuple[str, str | None]:
+    """(state, job id): FINISHED, a SLURM state, or NOT_SUBMITTED."""
+    if (run_dir / RESULT_FILENAME).exists():
+        return "FINISHED", recorded_job_id(run_dir)
+    job_id = recorded_job_id(run_dir)
+    if job_id is None:
+        return "NOT_SUBMITTED", None
+    return job_state(job_id), job_id
+
+
+def submit_sweep(points: list[SweepPoint], sweep_dir: Path) -> list[dict[str, Any]]:
+    """Validate every point, then submit the unfinished, inactive ones as one job array."""
+    launchers = {json.dumps(point.config.launcher.__dict__, sort_keys=True, default=str) for point in points}
+    if len(launchers) > 1:
+        raise ConfigError("all points of a SLURM sweep share one job array, so they must request the same "
+                          "resources: do not sweep over launcher.* keys")
+    check_run_dir_writable(sweep_dir)
+    for point in points:
+        prepare(point.config, generate=True)
+    check_resources(points[0].config.launcher)
+
+    outcomes: list[dict[str, Any]] = []
+    to_submit: list[SweepPoint] = []
+    for point in points:
+        state, job_id = point_status(point.run_dir)
+        if state == "FINISHED" or state in ACTIVE_STATES:
+            outcomes.append({"run_dir": str(point.run_dir), "state": state, "job_id": job_id, "submitted": False})
+        else:
+            to_submit.append(point)
+            outcomes.append({})
+    if to_submit:
+        executor = make_executor(sweep_dir / SUBMITIT_DIRNAME, points[0].config.launcher)
+        with executor.batch():
+            jobs = [executor.submit(TrainingJob(point.config, point.run_dir)) for point in to_submit]
+        for point, job in zip(to_submit, jobs):
+            point.run_dir.mkdir(parents=True, exist_ok=True)
+            record_job(point.run_dir, job)
+        submitted = iter(zip(to_submit, jobs))
+        outcomes = [outcome or next({"run_dir": str(p.run_dir), "state": "SUBMITTED", "job_id": j.job_id,
+                                     "submitted": True} for p, j in [next(submitted)]) for outcome in outcomes]
+        array_id = jobs[0].job_id.split("_")[0]
+        print(f"submitted job array {array_id} with {len(jobs)} of the sweep's {len(points)} points")
+    skipped = [o for o in outcomes if not o["submitted"]]
+    for outcome in skipped:
+        print(f"  skipped ({outcome['state'].lower()}): {outcome['run_dir']}")
+    print(f"  sweep directory: {sweep_dir}\n  summary:         python -m hpctrain.inspect {sweep_dir}", flush=True)
+    return outcomes
+
+
+def is_sweep_dir(directory: Path) -> bool:
+    return not (directory / "checkpoints").exists() and any(
+        (child / ".hydra").is_dir() for child in directory.iterdir() if child.is_dir())
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    from hpctrain.inspect import summarize
+
+    rows = []
+    for run_dir in sorted(child for child in sweep_dir.iterdir() if (child / ".hydra").is_dir()):
+        state, job_id = point_status(run_dir)
+        summary = summarize(run_dir)
+        rows.append({"point": run_dir.name, "state": state, "job_id": job_id,
+                     "step": summary.get("latest", {}).get("step", 0),
+                     "best_validation_loss": summary.get("best_validation", {}).get("loss"),
+                     "run_dir": str(run_dir)})
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    width = max([len(row["point"]) for row in rows] + [5])
+    lines = [f"{'point':<{width}}  {'state':<13} {'job':<12} {'step':>6}  best validation loss"]
+    for row in rows:
+        best = "-" if row["best_validation_loss"] is None else f"{row['best_validation_loss']:.5g}"
+        lines.append(f"{row['point']:<{width}}  {row['state']:<13} {row['job_id'] or '-':<12} {row['step']:>6}  {best}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Hydra launcher plugin `hydra/launcher=hpctrain_slurm`: a multirun sweep becomes one SLURM job array."""
