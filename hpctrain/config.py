@@ -259,6 +259,8 @@ class LauncherConfig:
 
     local: on this machine, `num_processes` ranks (1 is plain debug mode).
     slurm: submitted with submitit; the resource keys are those of hydra-submitit-launcher.
+    srun: this process is one task of a job step that srun started (slurm/train.sbatch); the resource keys are
+        ignored, the job script holds them.
     """
 
     name: str = "local"
@@ -288,7 +290,7 @@ class LauncherConfig:
     wait: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("launcher.name", self.name, ("local", "slurm"))
+        _one_of("launcher.name", self.name, ("local", "slurm", "srun"))
         for key in ("num_processes", "nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism"):
             _require(getattr(self, key) > 0, f"launcher.{key} must be > 0, got {getattr(self, key)}")
         _require(self.gpus_per_node >= 0, f"launcher.gpus_per_node must be >= 0, got {self.gpus_per_node}")

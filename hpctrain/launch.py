@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.job import absolute_paths, check_run_dir_writable, prepare, remove_launcher_leftovers, run_local
-from hpctrain.slurm import check_resources, follow_instructions, submit_run
+from hpctrain.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
 log = logging.getLogger("hpctrain")
 
@@ -46,7 +46,8 @@ class Preflight(Callback):
         try:
             typed = checked_config(config)
             check_run_dir_writable(Path(config.hydra.run.dir).absolute())
-            prepare(typed, generate=True)
+            # srun tasks all start at once: they must find the data, not race to generate it.
+            prepare(typed, generate=typed.launcher.name != "srun")
             if typed.launcher.name == "slurm":
                 check_resources(typed.launcher)
         except ConfigError as error:
@@ -58,9 +59,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
     try:
         config = checked_config(cfg)
-        prepare(config, generate=True)
+        prepare(config, generate=config.launcher.name != "srun")
         if config.launcher.name == "slurm":
             return submit(config, run_dir)
+        if config.launcher.name == "srun":
+            return run_srun_task(config, run_dir)
         log.info("run directory: %s", run_dir)
         return run_local(config, run_dir)
     except ConfigError as error:

@@ -199,6 +199,27 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.run_dir))
 
 
+def run_srun_task(config: Config, run_dir: Path) -> dict[str, Any]:
+    """One rank of a job step started by srun from a plain sbatch script (slurm/train.sbatch).
+
+    The same preemption protocol as TrainingJob; rank 0 requeues the job itself with `scontrol requeue`
+    (sbatch --requeue keeps the job id, so the run directory named after it stays the same).
+    """
+    from hpctrain.job import configure_rank_logging, run_rank
+
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
+    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    configure_rank_logging(environment.rank)
+    stop = StopFlag()
+    stop.install()
+    summary = run_rank(config, run_dir, stop_requested=stop.is_set)
+    if stop.is_set() and not summary["finished"] and environment.rank == 0:
+        log.warning("%s received: checkpoint written at step %d; requeueing job %s", stop.signal_name,
+                    summary["step"], os.environ["SLURM_JOB_ID"])
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+    return summary
+
+
 # -- submission ------------------------------------------------------------------------------------------------
 def make_executor(folder: Path, launcher: LauncherConfig) -> submitit.AutoExecutor:
     if shutil.which("sbatch") is None:

@@ -17,7 +17,7 @@ from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 from hpctrain.slurm import ACTIVE_STATES, recorded_job_id
 
-from .conftest import final_weights, launch, tiny_overrides
+from .conftest import REPO, final_weights, launch, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -172,3 +172,14 @@ def test_impossible_sweep_submits_nothing(tmp_path: Path, tiny_data: Path) -> No
                      f"paths.runs_dir={tmp_path}"], check=False)
     assert result.returncode != 0 and "optim.lr must be > 0" in result.stderr, result.stderr
     assert accounted_jobs() == before
+
+
+def test_plain_sbatch_template_trains_the_same_model(tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
+    training = [o for o in tiny_overrides(tiny_data, *TWO_NODES) if not o.startswith("launcher")]
+    job_id = sh("sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
+                str(REPO / "slurm" / "train.sbatch"), *training, f"paths.runs_dir={tmp_path}").strip()
+    wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the sbatch job")
+    assert final_state(job_id) == "COMPLETED", (tmp_path / f"{job_id}.out").read_text()
+    run_dir = tmp_path / f"sbatch-{job_id}"
+    reference, trained = final_weights(two_node_run), final_weights(run_dir)
+    assert all(torch.equal(reference[name], trained[name]) for name in reference)

@@ -1,0 +1,56 @@
+"""`python -m hpctrain.generate [OVERRIDES]`: write a synthetic CBED dataset of any size to `data.path`.
+
+Takes the same Hydra overrides as the launcher, so the file a run expects is the file this makes, e.g.
+    python -m hpctrain.generate data.generator.num_images=200000 data.generator.image_size=128 \\
+        data.path=/scratch/$USER/cbed_128px_200k.h5 --processes 32
+Generation runs in parallel processes, is bit-identical for a given seed whatever their number, and writes to
+a temporary file renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from hpctrain.config import ConfigError, register_configs
+from hpctrain.launch import CONFIG_DIR, checked_config, fail
+from hpctrain.tasks.cbed.generator import generate_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.generator.num_images=200000")
+    parser.add_argument("--processes", type=int, default=0, help="worker processes (default: one per CPU)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    existing.add_argument("--skip-existing", action="store_true", help="do nothing if the file exists")
+    args = parser.parse_args(argv)
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            config = checked_config(compose(config_name="config", overrides=args.overrides))
+    except ConfigError as error:
+        fail(str(error))
+    except Exception as error:  # Hydra's override errors name the key
+        fail(str(error).splitlines()[0])
+    path = Path(config.data.path)
+    if path.exists() and args.skip_existing:
+        print(f"{path} exists: nothing to do")
+        return 0
+    if path.exists() and not args.overwrite:
+        fail(f"data.path={path} exists; pass --overwrite to replace it")
+    generator = config.data.generator
+    started = time.perf_counter()
+    generate_dataset(path, generator, num_processes=args.processes)
+    elapsed = time.perf_counter() - started
+    print(f"wrote {generator.num_images} images of {generator.image_size}x{generator.image_size} to {path} "
+          f"in {elapsed:.1f} s ({generator.num_images / elapsed:.0f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
