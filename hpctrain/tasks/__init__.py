@@ -1,0 +1,1 @@
+"""Built-in training tasks: each subpackage owns one task's data generator, model and loss."""
