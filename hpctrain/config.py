@@ -91,7 +91,7 @@ class ScheduleConfig:
 
     name: str = "warmup_cosine"
     interval: str = "step"
-    warmup: int = 20
+    warmup: int = 50
     warmup_start_factor: float = 0.01
     total: Optional[int] = None
     min_factor: float = 0.02
@@ -136,7 +136,7 @@ class ParamGroupConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adamw"
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
     nesterov: bool = False
@@ -171,13 +171,13 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 400
+    max_steps: int = 1500
     # Stop after this many epochs even when max_steps is not reached.
     max_epochs: Optional[int] = None
     micro_batch_size: int = 32
     # Gradient accumulation: micro-batches per optimizer step (per rank).
     num_microbatches: int = 1
-    val_every_steps: int = 50
+    val_every_steps: int = 100
     precision: str = "fp32"
     device: str = "auto"
     # What to do when the loss or the gradient norm is NaN/Inf: skip the update and count it, or stop.
@@ -209,7 +209,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50
+    every_steps: int = 100
     # The newest `keep_last` checkpoints are kept (at least 2: the newest may be the one a crash interrupted).
     keep_last: int = 2
     keep_best: bool = True

@@ -100,3 +100,11 @@ def test_read_only_run_directory_is_refused(tmp_path: Path, tiny_data: Path) -> 
     result = launch(tiny_overrides(tiny_data), run_dir=Path("/proc/hpctrain-run"), check=False)
     assert result.returncode != 0 and "hydra.run.dir=/proc/hpctrain-run: cannot write in /proc" in result.stderr, \
         result.stderr
+
+
+def test_cluster_presets_compose() -> None:
+    gpu = compose_config("launcher=slurm_gpu")
+    assert gpu.launcher.name == "slurm" and gpu.launcher.tasks_per_node == gpu.launcher.gpus_per_node == 4
+    assert gpu.trainer.precision == "bf16"
+    cluster = compose_config("experiment=cbed_cluster", "launcher=slurm")
+    assert cluster.optim.optimizer == "sgd" and cluster.model.image_size == 128 and cluster.launcher.nodes == 2

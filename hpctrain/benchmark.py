@@ -1,0 +1,98 @@
+"""`python -m hpctrain.benchmark [OVERRIDES] [--steps N] [--workers 0,2,4]`: measure, on your machine and file
+system, what limits training throughput: the data loader alone (samples/s for several worker counts, and the
+cost of one HDF5 read per sample instead of one sorted read per batch) and the training step alone.
+
+It composes the same config as the launcher, so the numbers are for the run you are about to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from hpctrain.config import ConfigError, register_configs
+from hpctrain.data import DistributedBatchSampler, HDF5BatchDataset, make_loader
+from hpctrain.job import prepare
+from hpctrain.launch import CONFIG_DIR, checked_config, fail
+from hpctrain.tasks.base import build_task
+
+
+def loader_samples_per_second(loader, num_batches: int) -> float:
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    started, samples = time.perf_counter(), 0
+    for _ in range(num_batches):
+        samples += next(batches)["inputs"].shape[0]
+    return samples / (time.perf_counter() - started)
+
+
+def per_sample_reads_per_second(path: Path, indices: list[np.ndarray], images_key: str, labels_key: str) -> float:
+    with h5py.File(path, "r") as file:
+        images, labels = file[images_key], file[labels_key]
+        started, samples = time.perf_counter(), 0
+        for batch in indices:
+            for index in batch:
+                images[int(index)], labels[int(index)]
+                samples += 1
+    return samples / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=50, help="batches / training steps to time")
+    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to try")
+    args = parser.parse_args(argv)
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            config = checked_config(compose(config_name="config", overrides=args.overrides))
+        prepared = prepare(config, generate=True)
+    except ConfigError as error:
+        fail(str(error))
+    trainer_cfg, data_cfg = config.trainer, config.data
+    sampler = DistributedBatchSampler(prepared.split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
+                                      num_microbatches=1, rank=0, world_size=1, seed=config.seed)
+    keys = {"images_key": data_cfg.images_key, "labels_key": data_cfg.labels_key}
+    dataset = HDF5BatchDataset(prepared.split.train_path, **keys)
+    steps = min(args.steps, sampler.steps_per_epoch - 1)
+    print(f"data: {prepared.info.path} ({prepared.info.num_samples} x {prepared.info.image_shape}), "
+          f"batch {trainer_cfg.micro_batch_size}, {steps} batches, torch threads {torch.get_num_threads()}")
+    for workers in (int(w) for w in args.workers.split(",")):
+        loader = make_loader(dataset, sampler, config=data_cfg, num_workers=workers, pin_memory=False)
+        print(f"  loader, {workers} workers, one sorted read per batch: "
+              f"{loader_samples_per_second(loader, steps):8.0f} samples/s")
+    order = sampler.epoch_order(0)
+    batches = [sampler.step_microbatches(order, step)[-1] for step in range(steps)]
+    print(f"  one HDF5 read per sample (for comparison), in-process:  "
+          f"{per_sample_reads_per_second(prepared.split.train_path, batches, **keys):8.0f} samples/s")
+
+    task = build_task(config, prepared.info)
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = dataset[batches[0]]
+    timings = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = task.per_sample_loss(model(batch["inputs"]), batch["targets"]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - started)
+    median = float(np.median(timings[2:] or timings))
+    print(f"  training step (forward, backward, AdamW) on CPU: {median * 1e3:.1f} ms median = "
+          f"{trainer_cfg.micro_batch_size / median:.0f} samples/s; "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

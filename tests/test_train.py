@@ -1,0 +1,117 @@
+"""The training loop's policies: NaN/Inf steps, early stopping with the best checkpoint kept, parameter groups
+with their own schedules, frozen parameters, bf16 autocast on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpctrain.config import ScheduleConfig
+from hpctrain.distributed import DistributedContext
+from hpctrain.job import prepare
+from hpctrain.metrics import open_for_reading
+from hpctrain.optim import make_multiplier
+from hpctrain.tasks.base import build_task
+from hpctrain.train import NonFiniteLossError, Trainer
+
+from .conftest import final_weights, launch, tiny_overrides
+from .test_config import compose_config
+
+
+class PoisonedTask:
+    """The real task, whose loss turns NaN for the given (0-based) training forward passes."""
+
+    def __init__(self, task, poisoned_calls: set[int]) -> None:
+        self.task, self.poisoned_calls, self.calls = task, poisoned_calls, 0
+        self.metric_name = task.metric_name
+
+    def build_model(self):
+        return self.task.build_model()
+
+    def per_sample_loss(self, outputs, targets):
+        loss = self.task.per_sample_loss(outputs, targets)
+        if torch.is_grad_enabled():
+            if self.calls in self.poisoned_calls:
+                loss = loss * float("nan")
+            self.calls += 1
+        return loss
+
+
+def poisoned_trainer(tmp_path: Path, tiny_data: Path, *overrides: str, poisoned: set[int]) -> Trainer:
+    config = compose_config(*tiny_overrides(tiny_data, "trainer.max_steps=12",
+                                            "callbacks.early_stopping.enabled=false", *overrides))
+    prepared = prepare(config, generate=False)
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    task = PoisonedTask(build_task(config, prepared.info), poisoned)
+    return Trainer(config=config, run_dir=tmp_path, dist=context, task=task, split=prepared.split)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path, tiny_data: Path) -> None:
+    trainer = poisoned_trainer(tmp_path, tiny_data, poisoned={4, 5})
+    state = trainer.fit()
+    assert state.step == 12 and state.nonfinite_steps == 2
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/nonfinite"][()].tolist() == [0] * 4 + [1, 1] + [0] * 6
+        assert np.isnan(file["train/loss"][4])
+    assert all(torch.isfinite(tensor).all() for tensor in final_weights(tmp_path).values())
+
+
+def test_nonfinite_policy_stop_raises_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
+    trainer = poisoned_trainer(tmp_path, tiny_data, "trainer.nonfinite=stop", poisoned={6})
+    with pytest.raises(NonFiniteLossError, match="at step 7 .*trainer.nonfinite=stop"):
+        trainer.fit()
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 8))
+
+
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path: Path, tiny_data: Path) -> None:
+    launch(tiny_overrides(tiny_data, "trainer.max_steps=200", "trainer.val_every_steps=5",
+                          "callbacks.checkpoint.every_steps=5", "callbacks.early_stopping.patience=2",
+                          "callbacks.early_stopping.min_delta=0.5"), run_dir=tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())
+    # min_delta larger than any possible gain: the first evaluation is the best, two more end the run.
+    assert result["step"] == 15 and result["best_step"] == 5 and result["stop_reason"].startswith("early stopping")
+    kept = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*.json"))
+    assert kept == [5, 10, 15]
+
+
+def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(tmp_path: Path,
+                                                                                  tiny_data: Path) -> None:
+    groups = ("+optim.param_groups=[{name: head, params: ['head.*'], lr: 1e-4, optimizer: sgd, "
+              "schedule: {name: constant}}, {name: stem, params: ['stem.*'], frozen: true}]")
+    launch(tiny_overrides(tiny_data, groups, "trainer.max_steps=10"), run_dir=tmp_path)
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        lr = file["train/lr"][()]
+        assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
+    assert np.allclose(lr[:, 1], 1e-4) and lr[0, 0] < lr[-1, 0] or lr[0, 0] != lr[5, 0]
+    torch.manual_seed(0)
+    config = compose_config(*tiny_overrides(tiny_data))
+    initial = build_task(config, prepare(config, generate=False).info).build_model().state_dict()
+    trained = final_weights(tmp_path)
+    assert torch.equal(initial["stem.0.weight"], trained["stem.0.weight"])
+    assert not torch.equal(initial["head.0.weight"], trained["head.0.weight"])
+
+
+def test_schedules_per_step_and_per_epoch() -> None:
+    cosine = make_multiplier(ScheduleConfig(name="warmup_cosine", warmup=10, warmup_start_factor=0.1,
+                                            min_factor=0.0), max_steps=110, steps_per_epoch=7)
+    assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0, abs=1e-12)
+    per_epoch = make_multiplier(ScheduleConfig(name="warmup_linear", interval="epoch", warmup=0, min_factor=0.0),
+                                max_steps=70, steps_per_epoch=7)
+    assert [per_epoch(step) for step in (0, 6, 7, 13, 14)] == pytest.approx([1.0, 1.0, 0.9, 0.9, 0.8])
+    restarts = make_multiplier(ScheduleConfig(name="cosine_restarts", warmup=0, cycle=10, min_factor=0.0),
+                               max_steps=100, steps_per_epoch=7)
+    assert restarts(0) == restarts(10) == restarts(20) == pytest.approx(1.0) and restarts(5) == pytest.approx(0.5)
+    assert all(math.isfinite(restarts(step)) for step in range(100))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path: Path, tiny_data: Path) -> None:
+    launch(tiny_overrides(tiny_data, "trainer.precision=bf16", "trainer.max_steps=6"), run_dir=tmp_path)
+    assert json.loads((tmp_path / "result.json").read_text())["finished"]
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
