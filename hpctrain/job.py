@@ -3,13 +3,14 @@ machine (`run_local`). The same `run_rank` runs under SLURM, where each task is 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import shutil
 import socket
 import tempfile
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -19,13 +20,14 @@ from multiprocessing.connection import wait
 
 from hpctrain.config import Config, ConfigError
 from hpctrain.data import DatasetInfo, Split, make_split, read_dataset_info
-from hpctrain.distributed import exit_with_parent, init_distributed, run_lock, shutdown_distributed
+from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
+                                  shutdown_distributed)
 
 log = logging.getLogger(__name__)
 
 RESULT_FILENAME = "result.json"
-# Files Hydra creates in a run directory before the job starts; removed again when the job is refused.
-_LAUNCHER_LEFTOVERS = (".hydra", "hpctrain.log")
+# What the launcher (Hydra, the run lock) creates in a run directory before training; removed on refusal.
+_LAUNCHER_LEFTOVERS = (".hydra", "hpctrain.log", ".lock")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,10 @@ def prepare(config: Config, *, generate: bool) -> Prepared:
                               f"{val_info.num_labels} labels, {info.path} {info.image_shape} with {info.num_labels}")
     from hpctrain.tasks.base import build_task
 
-    build_task(config, info)  # checks the model against the data
+    from hpctrain.optim import build_parameter_groups
+
+    task = build_task(config, info)  # checks the model against the data
+    build_parameter_groups(task.build_model(), config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
     if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return Prepared(info=info, split=make_split(config.data, info, val_info))
@@ -86,31 +91,36 @@ def prepare(config: Config, *, generate: bool) -> Prepared:
 
 def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train as one rank of the process group the environment describes; returns the run's summary."""
-    from hpctrain.tasks.base import build_task
-    from hpctrain.train import Trainer
-
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
-    stack = ExitStack()
     clean = False
     try:
-        if config.trainer.precision == "fp16" and dist.device.type != "cuda":
-            raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        prepared = prepare(config, generate=False)
-        if dist.is_main:
-            stack.enter_context(run_lock(run_dir))
-        trainer = Trainer(config=config, run_dir=run_dir, dist=dist, task=build_task(config, prepared.info),
-                          split=prepared.split, stop_requested=stop_requested)
-        state = trainer.fit()
-        summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
-                   "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,
-                   "best_step": state.best_step, "nonfinite_steps": state.nonfinite_steps}
-        if dist.is_main and state.finished:
-            (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
+        with run_lock(run_dir) if dist.is_main else nullcontext():
+            summary = _train(config, run_dir, dist, stop_requested)
         clean = True
         return summary
     finally:
-        stack.close()
+        # _train has returned, so the DDP reducer that used the process group is gone before the group is.
+        gc.collect()
         shutdown_distributed(clean=clean)
+
+
+def _train(config: Config, run_dir: Path, dist: DistributedContext,
+           stop_requested: Callable[[], bool]) -> dict[str, Any]:
+    from hpctrain.tasks.base import build_task
+    from hpctrain.train import Trainer
+
+    if config.trainer.precision == "fp16" and dist.device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    prepared = prepare(config, generate=False)
+    trainer = Trainer(config=config, run_dir=run_dir, dist=dist, task=build_task(config, prepared.info),
+                      split=prepared.split, stop_requested=stop_requested)
+    state = trainer.fit()
+    summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
+               "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,
+               "best_step": state.best_step, "nonfinite_steps": state.nonfinite_steps}
+    if dist.is_main and state.finished:
+        (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def configure_rank_logging(rank: int) -> None:

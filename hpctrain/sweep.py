@@ -48,24 +48,21 @@ def submit_sweep(points: list[SweepPoint], sweep_dir: Path) -> list[dict[str, An
     check_resources(points[0].config.launcher)
 
     outcomes: list[dict[str, Any]] = []
-    to_submit: list[SweepPoint] = []
+    to_submit: list[tuple[SweepPoint, dict[str, Any]]] = []
     for point in points:
         state, job_id = point_status(point.run_dir)
-        if state == "FINISHED" or state in ACTIVE_STATES:
-            outcomes.append({"run_dir": str(point.run_dir), "state": state, "job_id": job_id, "submitted": False})
-        else:
-            to_submit.append(point)
-            outcomes.append({})
+        outcome = {"run_dir": str(point.run_dir), "state": state, "job_id": job_id, "submitted": False}
+        outcomes.append(outcome)
+        if state != "FINISHED" and state not in ACTIVE_STATES:
+            to_submit.append((point, outcome))
     if to_submit:
         executor = make_executor(sweep_dir / SUBMITIT_DIRNAME, points[0].config.launcher)
         with executor.batch():
-            jobs = [executor.submit(TrainingJob(point.config, point.run_dir)) for point in to_submit]
-        for point, job in zip(to_submit, jobs):
+            jobs = [executor.submit(TrainingJob(point.config, point.run_dir)) for point, _ in to_submit]
+        for (point, outcome), job in zip(to_submit, jobs):
             point.run_dir.mkdir(parents=True, exist_ok=True)
             record_job(point.run_dir, job)
-        submitted = iter(zip(to_submit, jobs))
-        outcomes = [outcome or next({"run_dir": str(p.run_dir), "state": "SUBMITTED", "job_id": j.job_id,
-                                     "submitted": True} for p, j in [next(submitted)]) for outcome in outcomes]
+            outcome.update(state="SUBMITTED", job_id=job.job_id, submitted=True)
         array_id = jobs[0].job_id.split("_")[0]
         print(f"submitted job array {array_id} with {len(jobs)} of the sweep's {len(points)} points")
     skipped = [o for o in outcomes if not o["submitted"]]
