@@ -15,12 +15,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from hpctrain.config import ConfigError, register_configs
+from hpctrain.config import ConfigError
 from hpctrain.data import DistributedBatchSampler, HDF5BatchDataset, make_loader
 from hpctrain.job import prepare
-from hpctrain.launch import CONFIG_DIR, checked_config, fail
+from hpctrain.launch import compose_config, fail
 from hpctrain.tasks.base import build_task
 
 
@@ -50,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="batches / training steps to time")
     parser.add_argument("--workers", default="0,1,2", help="loader worker counts to try")
     args = parser.parse_args(argv)
-    register_configs()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            config = checked_config(compose(config_name="config", overrides=args.overrides))
+        config = compose_config(args.overrides)
         prepared = prepare(config, generate=True)
     except ConfigError as error:
         fail(str(error))

@@ -14,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 
-from hpctrain.config import ConfigError, register_configs
-from hpctrain.launch import CONFIG_DIR, checked_config, fail
+from hpctrain.config import ConfigError
+from hpctrain.launch import compose_config, fail
 from hpctrain.tasks.cbed.generator import generate_dataset
 
 
@@ -29,14 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing file")
     existing.add_argument("--skip-existing", action="store_true", help="do nothing if the file exists")
     args = parser.parse_args(argv)
-    register_configs()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            config = checked_config(compose(config_name="config", overrides=args.overrides))
+        config = compose_config(args.overrides)
     except ConfigError as error:
         fail(str(error))
-    except Exception as error:  # Hydra's override errors name the key
-        fail(str(error).splitlines()[0])
     path = Path(config.data.path)
     if path.exists() and args.skip_existing:
         print(f"{path} exists: nothing to do")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -36,6 +38,17 @@ def fail(message: str, *, exit_code: int = 2) -> None:
 
 def checked_config(cfg: DictConfig) -> Config:
     return absolute_paths(to_config(cfg))
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The checked config the launcher would run with these overrides (composed, not run)."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except HydraException as error:  # names the key at fault
+        raise ConfigError(str(error).splitlines()[0]) from None
+    return checked_config(cfg)
 
 
 class Preflight(Callback):

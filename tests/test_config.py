@@ -6,18 +6,14 @@ from pathlib import Path
 
 import h5py
 import pytest
-from hydra import compose, initialize_config_dir
-
-from hpctrain.config import Config, ConfigError, from_json, register_configs, to_config, to_json
-from hpctrain.launch import CONFIG_DIR
+from hpctrain.config import Config, ConfigError, from_json, to_json
+from hpctrain.launch import compose_config as launch_compose
 
 from .conftest import launch, tiny_overrides
 
 
 def compose_config(*overrides: str) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
+    return launch_compose(list(overrides))
 
 
 def test_default_config_is_debug_mode_on_the_builtin_task() -> None:

@@ -89,9 +89,10 @@ def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(
         lr = file["train/lr"][()]
         assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
     assert np.allclose(lr[:, 1], 1e-4) and lr[0, 0] < lr[-1, 0] or lr[0, 0] != lr[5, 0]
-    torch.manual_seed(0)
     config = compose_config(*tiny_overrides(tiny_data))
-    initial = build_task(config, prepare(config, generate=False).info).build_model().state_dict()
+    task = build_task(config, prepare(config, generate=False).info)
+    torch.manual_seed(config.seed)  # as the trainer does before it builds the model
+    initial = task.build_model().state_dict()
     trained = final_weights(tmp_path)
     assert torch.equal(initial["stem.0.weight"], trained["stem.0.weight"])
     assert not torch.equal(initial["head.0.weight"], trained["head.0.weight"])
