@@ -56,15 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(error))
     trainer_cfg, data_cfg = config.trainer, config.data
     sampler = DistributedBatchSampler(prepared.split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
-                                      num_microbatches=1, rank=0, world_size=1, seed=config.seed)
+                                      num_microbatches=1, rank=0, world_size=1, seed=config.seed,
+                                      block_size=data_cfg.block_size if data_cfg.shuffle == "blocks" else 1)
     keys = {"images_key": data_cfg.images_key, "labels_key": data_cfg.labels_key}
     dataset = HDF5BatchDataset(prepared.split.train_path, **keys)
     steps = min(args.steps, sampler.steps_per_epoch - 1)
     print(f"data: {prepared.info.path} ({prepared.info.num_samples} x {prepared.info.image_shape}), "
+          f"shuffle={data_cfg.shuffle}, "
           f"batch {trainer_cfg.micro_batch_size}, {steps} batches, torch threads {torch.get_num_threads()}")
     for workers in (int(w) for w in args.workers.split(",")):
         loader = make_loader(dataset, sampler, config=data_cfg, num_workers=workers, pin_memory=False)
-        print(f"  loader, {workers} workers, one sorted read per batch: "
+        print(f"  loader, {workers} workers, batch reads:              "
               f"{loader_samples_per_second(loader, steps):8.0f} samples/s")
     order = sampler.epoch_order(0)
     batches = [sampler.step_microbatches(order, step)[-1] for step in range(steps)]

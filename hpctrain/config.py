@@ -73,8 +73,16 @@ class DataConfig:
     pin_memory: bool = True
     prefetch_factor: int = 2
     val_batch_size: int = 0  # 0: the training micro-batch size
+    # samples: every epoch a permutation of all samples (batches read with one sorted fancy-index read).
+    # blocks: a permutation of blocks of `block_size` consecutive samples, so a batch is a few contiguous slices
+    # (several times faster to read; right for datasets whose neighbouring samples are independent draws,
+    # like the synthetic CBED files).
+    shuffle: str = "samples"
+    block_size: int = 64
 
     def __post_init__(self) -> None:
+        _one_of("data.shuffle", self.shuffle, ("samples", "blocks"))
+        _require(self.block_size > 0, f"data.block_size must be > 0, got {self.block_size}")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 for automatic), got {self.num_workers}")
         _require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")

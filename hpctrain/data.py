@@ -1,7 +1,8 @@
 """HDF5 data for many loader workers: lazy per-process file handles, one sorted read per batch, and a
 deterministic distributed batch sampler that can start in the middle of an epoch.
 
-Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e). Optimizer step s
+Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e) (with
+`data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices). Optimizer step s
 of the epoch takes the s-th slice of `global_batch_size` samples (the last slice, the epoch's tail, is shorter and
 still stepped). The slice is split evenly over ranks and each rank's share over its micro-batches, so the set of
 samples in an optimizer step does not depend on the number of ranks or micro-batches.
@@ -64,6 +65,16 @@ def read_dataset_info(path: Path, *, images_key: str, labels_key: str, config_ke
                            num_labels=num_labels, normalization_weight=weight, normalization_bias=bias)
 
 
+def _read_rows(dataset: h5py.Dataset, sorted_indices: np.ndarray) -> np.ndarray:
+    """Rows at sorted, unique indices: one slice read per contiguous run when the batch is made of a few runs
+    (data.shuffle=blocks), else one sorted fancy-index read; never one read per sample."""
+    run_starts = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
+    if len(run_starts) + 1 <= max(1, len(sorted_indices) // 8):
+        runs = np.split(sorted_indices, run_starts)
+        return np.concatenate([dataset[int(run[0]):int(run[-1]) + 1] for run in runs])
+    return dataset[sorted_indices]
+
+
 class HDF5BatchDataset(Dataset):
     """Indexed by an array of sample indices; returns the whole batch from one sorted HDF5 read.
 
@@ -92,11 +103,7 @@ class HDF5BatchDataset(Dataset):
                     "targets": torch.empty((0, labels.shape[1])), "index": torch.empty(0, dtype=torch.int64)}
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
-        first, last = int(sorted_indices[0]), int(sorted_indices[-1]) + 1
-        if last - first == len(sorted_indices):  # a contiguous block: plain slice, the fastest read
-            image_block, label_block = images[first:last], labels[first:last]
-        else:  # one sorted fancy-index read per dataset, never one read per sample
-            image_block, label_block = images[sorted_indices], labels[sorted_indices]
+        image_block, label_block = _read_rows(images, sorted_indices), _read_rows(labels, sorted_indices)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return {
@@ -119,8 +126,9 @@ class DistributedBatchSampler(Sampler[np.ndarray]):
     """
 
     def __init__(self, indices: np.ndarray, *, micro_batch_size: int, num_microbatches: int, rank: int,
-                 world_size: int, seed: int) -> None:
+                 world_size: int, seed: int, block_size: int = 1) -> None:
         self.indices = indices
+        self.block_size = block_size
         self.micro_batch_size = micro_batch_size
         self.num_microbatches = num_microbatches
         self.rank = rank
@@ -135,8 +143,13 @@ class DistributedBatchSampler(Sampler[np.ndarray]):
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the samples; with block_size > 1, of blocks of consecutive samples."""
         rng = np.random.default_rng([self.seed, epoch])
-        return self.indices[rng.permutation(len(self.indices))]
+        if self.block_size == 1:
+            return self.indices[rng.permutation(len(self.indices))]
+        blocks = [self.indices[start:start + self.block_size] for start in range(0, len(self.indices),
+                                                                                  self.block_size)]
+        return np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
 
     def samples_in_step(self, step_in_epoch: int) -> int:
         """Global number of samples in an optimizer step of the epoch (all ranks, all micro-batches)."""

@@ -122,7 +122,7 @@ class Trainer:
         self.sampler = DistributedBatchSampler(
             split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
             num_microbatches=trainer_cfg.num_microbatches, rank=dist.rank, world_size=dist.world_size,
-            seed=config.seed)
+            seed=config.seed, block_size=config.data.block_size if config.data.shuffle == "blocks" else 1)
         self.groups = build_parameter_groups(self.model, config.optim, max_steps=trainer_cfg.max_steps,
                                              steps_per_epoch=self.sampler.steps_per_epoch)
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]

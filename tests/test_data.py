@@ -111,3 +111,33 @@ def test_dataset_info_reads_layout_and_normalization(tiny_data: Path) -> None:
     info = read_dataset_info(tiny_data, images_key="images", labels_key="labels")
     assert info.num_samples == 192 and info.image_shape == (32, 32) and info.num_labels == 8
     assert info.normalization_weight.shape == (8,) and np.all(info.normalization_weight > 0)
+
+
+def test_block_shuffle_visits_every_sample_once_in_contiguous_runs() -> None:
+    blocky = DistributedBatchSampler(np.arange(200), micro_batch_size=16, num_microbatches=1, rank=0, world_size=1,
+                                     seed=3, block_size=16)
+    batches = list(blocky)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    # Blocks are permuted whole: a batch is at most two runs of consecutive samples (two slice reads).
+    assert all(np.count_nonzero(np.diff(batch) != 1) <= 1 for batch in batches)
+    blocky.set_position(1, 0)
+    assert [b.tolist() for b in blocky] != [b.tolist() for b in batches]  # a new block order every epoch
+
+
+def test_a_batch_of_a_few_runs_is_read_with_one_slice_per_run(tiny_data: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def counting(self, key, *args, **kwargs):
+        reads.append((self.name, key))
+        return original(self, key, *args, **kwargs)
+
+    indices = np.concatenate([np.arange(64, 80), np.arange(0, 16)])
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    batch = HDF5BatchDataset(tiny_data, images_key="images", labels_key="labels")[indices]
+    monkeypatch.undo()
+    assert sorted(reads, key=str) == sorted([("/images", slice(0, 16)), ("/images", slice(64, 80)),
+                                             ("/labels", slice(0, 16)), ("/labels", slice(64, 80))], key=str)
+    with h5py.File(tiny_data) as file:
+        assert np.array_equal(batch["inputs"][:, 0].numpy(), file["images"][()][indices])
