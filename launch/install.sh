@@ -12,8 +12,12 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${pip[@]}" "torch==${torch_version}"
 else
-    # PEP 440 ranks 2.13.0+cpu above 2.13.0, so the CPU wheel wins over PyPI's CUDA build.
-    "${pip[@]}" "torch==${torch_version}" --extra-index-url https://download.pytorch.org/whl/cpu
+    # PEP 440 ranks 2.13.0+cpu above 2.13.0, so the CPU wheel wins over PyPI's CUDA build. No retries: where the
+    # PyTorch index cannot be reached (an offline mirror), pip goes on with its configured indexes at once.
+    "${pip[@]}" --retries 0 --timeout 15 "torch==${torch_version}" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 "${pip[@]}" -e ".${extras:+[$extras]}"
-.venv/bin/python -c "import torch, hpctrain; print(f'hpctrain ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}')"
+.venv/bin/python - <<'PY'
+import torch, hpctrain
+print(f"hpctrain ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+PY
