@@ -10,8 +10,11 @@ samples in an optimizer step does not depend on the number of ranks or micro-bat
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -214,8 +217,23 @@ def make_split(config: DataConfig, train_info: DatasetInfo, val_info: DatasetInf
 
 def _init_worker(worker_id: int) -> None:
     exit_with_parent()
+    # SLURM signals every process of a job step. A preemption's SIGTERM/USR2 is the training process's to handle
+    # (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # Loader workers only read; one thread each keeps them from fighting the training process for cores.
     torch.set_num_threads(1)
+
+
+def stop_loader_workers() -> None:
+    """SIGKILL this process's loader workers (daemonic children; they only read, so nothing is lost).
+
+    Called when training ends and at exit: an abandoned mid-epoch iterator's polite shutdown waits seconds per
+    worker for workers whose result pipes are full, and multiprocessing's exit handler would terminate() them
+    with SIGTERM, which they ignore (see _init_worker), and then wait forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def resolve_num_workers(config: DataConfig, cpus_per_rank: int) -> int:
@@ -226,6 +244,8 @@ def make_loader(dataset: HDF5BatchDataset, sampler: Sampler, *, config: DataConf
                 pin_memory: bool) -> DataLoader:
     extra = {}
     if num_workers > 0:
+        atexit.unregister(stop_loader_workers)  # registered once, and after multiprocessing's, so it runs first
+        atexit.register(stop_loader_workers)
         extra = {"persistent_workers": config.persistent_workers, "prefetch_factor": config.prefetch_factor,
                  "worker_init_fn": _init_worker}
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.config import Config, ConfigError, to_json
 from hpctrain.data import (DistributedBatchSampler, HDF5BatchDataset, ShardSampler, Split, make_loader,
-                           resolve_num_workers)
+                           resolve_num_workers, stop_loader_workers)
 from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain.optim import build_parameter_groups
@@ -330,6 +330,7 @@ class Trainer:
         try:
             self._loop()
         finally:
+            stop_loader_workers()
             if self.metrics is not None:
                 self.metrics.close()
         if self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
