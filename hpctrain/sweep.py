@@ -27,12 +27,13 @@ class SweepPoint:
 
 
 def point_status(run_dir: Path) -> tuple[str, str | None]:
-    """(state, job id): FINISHED, a SLURM state, or NOT_SUBMITTED."""
-    if (run_dir / RESULT_FILENAME).exists():
-        return "FINISHED", recorded_job_id(run_dir)
+    """(state, job id): FINISHED, the SLURM state of its job, or (never submitted to SLURM) INTERRUPTED or
+    NOT_STARTED."""
     job_id = recorded_job_id(run_dir)
+    if (run_dir / RESULT_FILENAME).exists():
+        return "FINISHED", job_id
     if job_id is None:
-        return "NOT_SUBMITTED", None
+        return ("INTERRUPTED" if (run_dir / "checkpoints").is_dir() else "NOT_STARTED"), None
     return job_state(job_id), job_id
 
 

@@ -95,3 +95,15 @@ def test_corrupt_newest_checkpoint_is_skipped_on_restart(tmp_path: Path, tiny_da
     assert "resumed from" in restarted.stdout and "step_000000010.pt" in restarted.stdout
     reference, resumed = final_weights(reference_dir), final_weights(damaged_dir)
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+
+
+def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tiny_data: Path) -> None:
+    command = ["-m", "optim.lr=1e-3,2e-3", *tiny_overrides(tiny_data, "trainer.max_steps=5"), "run_name=lsweep",
+               f"paths.runs_dir={tmp_path}"]
+    launch(command)
+    rows = inspect_json(tmp_path / "lsweep")
+    assert [row["point"] for row in rows] == [f"data.generate_if_missing=False,optim.lr={lr},trainer.max_steps=5"
+                                              for lr in ("0.001", "0.002")]
+    assert all(row["state"] == "FINISHED" and row["step"] == 5 for row in rows)
+    again = launch(command)
+    assert again.stdout.count("already finished at step 5") == 2
