@@ -17,8 +17,8 @@ from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -74,6 +74,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         config = checked_config(cfg)
         prepare(config, generate=config.launcher.name != "srun")
         if config.launcher.name == "slurm":
+            check_resources(config.launcher)  # again: a multirun's points skip the preflight callback
             return submit(config, run_dir)
         if config.launcher.name == "srun":
             return run_srun_task(config, run_dir)
@@ -86,7 +87,6 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 def submit(config: Config, run_dir: Path) -> dict[str, Any]:
-    check_resources(config.launcher)
     job = submit_run(config, run_dir)
     print(follow_instructions(job.job_id, run_dir), flush=True)
     if not config.launcher.wait:
