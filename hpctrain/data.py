@@ -226,14 +226,19 @@ def _init_worker(worker_id: int) -> None:
 
 
 def stop_loader_workers() -> None:
-    """SIGKILL this process's loader workers (daemonic children; they only read, so nothing is lost).
+    """SIGKILL this process's loader workers (its daemonic children; they only read, so nothing is lost).
 
-    Called when training ends and at exit: an abandoned mid-epoch iterator's polite shutdown waits seconds per
-    worker for workers whose result pipes are full, and multiprocessing's exit handler would terminate() them
-    with SIGTERM, which they ignore (see _init_worker), and then wait forever."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    Called when training ends and at exit: the polite shutdown of an iterator abandoned mid-epoch can wait
+    seconds per worker, and multiprocessing's exit handler would terminate() them with SIGTERM, which they ignore
+    (see _init_worker), and then wait forever. torch's SIGCHLD handler, which reports a worker that died while a
+    loader still needed it, is removed first: these workers are meant to die."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join()
 
 
 def resolve_num_workers(config: DataConfig, cpus_per_rank: int) -> int:
