@@ -115,17 +115,17 @@ class Trainer:
 
         seed_everything(config.seed)  # identical initial weights on every rank, and across restarts
         self.model = task.build_model().to(self.device)
-        self.ddp_model: nn.Module = (DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                                             if self.device.type == "cuda" else None)
-                                     if dist.is_distributed else self.model)
-
         self.sampler = DistributedBatchSampler(
             split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
             num_microbatches=trainer_cfg.num_microbatches, rank=dist.rank, world_size=dist.world_size,
             seed=config.seed, block_size=config.data.block_size if config.data.shuffle == "blocks" else 1)
+        # Before DDP wraps the model: frozen groups must be frozen when DDP records which parameters get gradients.
         self.groups = build_parameter_groups(self.model, config.optim, max_steps=trainer_cfg.max_steps,
                                              steps_per_epoch=self.sampler.steps_per_epoch)
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp_model: nn.Module = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                             if self.device.type == "cuda" else None)
+                                     if dist.is_distributed else self.model)
 
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")

@@ -84,7 +84,9 @@ def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(
                                                                                   tiny_data: Path) -> None:
     groups = ("+optim.param_groups=[{name: head, params: ['head.*'], lr: 1e-4, optimizer: sgd, "
               "schedule: {name: constant}}, {name: stem, params: ['stem.*'], frozen: true}]")
-    launch(tiny_overrides(tiny_data, groups, "trainer.max_steps=10"), run_dir=tmp_path)
+    # Two DDP ranks: frozen parameters must be frozen before DDP decides which gradients to all-reduce.
+    launch(tiny_overrides(tiny_data, groups, "trainer.max_steps=10", "trainer.micro_batch_size=8",
+                          "launcher.num_processes=2"), run_dir=tmp_path)
     with open_for_reading(tmp_path / "metrics.h5") as file:
         lr = file["train/lr"][()]
         assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
