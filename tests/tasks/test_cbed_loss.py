@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import distoptica
 import numpy as np
 import pytest
 import torch
 
 from hpctrain.tasks.cbed import denormalize, epe_of_adjusted_distortion_fields, flow_field, label_normalization
-from hpctrain.tasks.cbed.generator import _sample_labels
+from hpctrain.tasks.cbed.generator import _sample_labels, distortion_model
 
 NUM_PARAMETER_SETS = 20
 
 
 def _distoptica_flow(labels: np.ndarray, grid_size: int) -> np.ndarray:
     """distoptica's flow field of one (8,) label vector, as a (2, N, N) float64 array."""
-    quadratic, spiral, elliptical_x, elliptical_y, parabolic_x, parabolic_y, center_x, center_y = labels.tolist()
-    params = distoptica.StandardCoordTransformParams(
-        center=(center_x, center_y),
-        quadratic_radial_distortion_amplitude=quadratic,
-        elliptical_distortion_vector=(elliptical_x, elliptical_y),
-        spiral_distortion_amplitude=spiral,
-        parabolic_distortion_vector=(parabolic_x, parabolic_y),
-    )
-    model = distoptica.generate_standard_distortion_model(
-        standard_coord_transform_params=params, sampling_grid_dims_in_pixels=(grid_size, grid_size), device_name="cpu"
-    )
+    # The generator's own label -> distoptica mapping: the loss must agree with how the data was made.
+    model = distortion_model(labels, grid_size)
     flow_x, flow_y = model.get_flow_field_of_coord_transform(deep_copy=False)
     return np.stack([flow_x.double().numpy(), flow_y.double().numpy()])
 

@@ -177,7 +177,8 @@ def _sample_labels(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def _distortion_model(labels: np.ndarray, image_size: int) -> distoptica.DistortionModel:
+def distortion_model(labels: np.ndarray, image_size: int) -> distoptica.DistortionModel:
+    """distoptica's model of the distortion a label vector (PARAMETER_NAMES order) describes."""
     quadratic, spiral, elliptical_x, elliptical_y, parabolic_x, parabolic_y, center_x, center_y = labels.tolist()
     params = distoptica.StandardCoordTransformParams(
         center=(center_x, center_y),
@@ -252,7 +253,7 @@ def _distort(
     usable: tuple[np.ndarray, distoptica.DistortionModel] | None = None
     for _ in range(config.max_redraws + 1):
         labels = _sample_labels(rng)
-        model = _distortion_model(labels, size)
+        model = distortion_model(labels, size)
         try:
             # (left, right, bottom, top) pixels where distoptica's inverse did not converge; computing
             # it runs the iterative inverse, which raises RuntimeError when it fails altogether.
