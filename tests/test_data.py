@@ -44,12 +44,14 @@ def test_the_samples_of_a_step_do_not_depend_on_ranks_or_microbatches() -> None:
 
 
 def test_empty_microbatches_come_before_the_last_one() -> None:
-    # The tail step of 103 samples with a global batch of 16 has 7 samples: 4 ranks x 2 micro-batches.
-    for rank in range(4):
-        tail = sampler(micro=2, k=2, rank=rank, world=4).step_microbatches(
-            sampler(micro=2, k=2, rank=rank, world=4).epoch_order(0), 6)
-        if any(len(mb) for mb in tail):
-            assert len(tail[-1]) > 0
+    # 103 samples, global batch 16 (4 ranks x 4 micro-batches of 1): the tail step has 7 samples, shared 2, 2, 2, 1.
+    tails = [sampler(micro=1, k=4, rank=r, world=4).step_microbatches(
+        sampler(micro=1, k=4, rank=r, world=4).epoch_order(0), 6) for r in range(4)]
+    assert [[len(mb) for mb in tail] for tail in tails] == [[0, 0, 1, 1]] * 3 + [[0, 0, 0, 1]]
+    # 97 samples: a tail of 1; ranks 1-3 have no sample at all (the trainer's zero-weight pass).
+    tails = [sampler(97, micro=1, k=4, rank=r, world=4).step_microbatches(
+        sampler(97, micro=1, k=4, rank=r, world=4).epoch_order(0), 6) for r in range(4)]
+    assert [[len(mb) for mb in tail] for tail in tails] == [[0, 0, 0, 1]] + [[0, 0, 0, 0]] * 3
 
 
 def test_order_is_keyed_on_seed_and_epoch_and_resumes_mid_epoch() -> None:

@@ -90,7 +90,8 @@ def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(
     with open_for_reading(tmp_path / "metrics.h5") as file:
         lr = file["train/lr"][()]
         assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
-    assert np.allclose(lr[:, 1], 1e-4) and lr[0, 0] < lr[-1, 0] or lr[0, 0] != lr[5, 0]
+    assert np.allclose(lr[:, 1], 1e-4)  # the head group's own constant schedule
+    assert lr[0, 0] < lr[-1, 0]  # the default group is still warming up (optim.schedule.warmup=50)
     config = compose_config(*tiny_overrides(tiny_data))
     task = build_task(config, prepare(config, generate=False).info)
     torch.manual_seed(config.seed)  # as the trainer does before it builds the model
