@@ -12,15 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from hpctrain.components import check_run_inputs, model_inputs, per_sample_components
 from hpctrain.config import ConfigError
-from hpctrain.data import DistributedBatchSampler, HDF5BatchDataset, make_loader
-from hpctrain.job import prepare
+from hpctrain.data import BatchReader, DistributedBatchSampler, make_loader
 from hpctrain.launch import compose_config, fail
-from hpctrain.tasks.base import build_task
 
 
 def loader_samples_per_second(loader, num_batches: int) -> float:
@@ -28,61 +26,59 @@ def loader_samples_per_second(loader, num_batches: int) -> float:
     next(batches)  # worker start-up is not throughput
     started, samples = time.perf_counter(), 0
     for _ in range(num_batches):
-        samples += next(batches)["inputs"].shape[0]
+        samples += len(next(batches)["index"])
     return samples / (time.perf_counter() - started)
 
 
-def per_sample_reads_per_second(path: Path, indices: list[np.ndarray], images_key: str, labels_key: str) -> float:
-    with h5py.File(path, "r") as file:
-        images, labels = file[images_key], file[labels_key]
-        started, samples = time.perf_counter(), 0
-        for batch in indices:
-            for index in batch:
-                images[int(index)], labels[int(index)]
-                samples += 1
+def per_sample_reads_per_second(dataset, indices: list[np.ndarray]) -> float:
+    started, samples = time.perf_counter(), 0
+    for batch in indices:
+        for index in batch:
+            dataset[int(index)]
+            samples += 1
     return samples / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config-dir", "-cd", help="your own config directory (as Hydra's --config-dir)")
     parser.add_argument("--steps", type=int, default=50, help="batches / training steps to time")
     parser.add_argument("--workers", default="0,1,2", help="loader worker counts to try")
     args = parser.parse_args(argv)
     try:
-        config = compose_config(args.overrides)
-        prepared = prepare(config, generate=True)
+        config = compose_config(args.overrides, config_dir=args.config_dir)
+        components = check_run_inputs(config, prepare=True)
     except ConfigError as error:
         fail(str(error))
     trainer_cfg, data_cfg = config.trainer, config.data
-    sampler = DistributedBatchSampler(prepared.split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
+    split = components.split
+    sampler = DistributedBatchSampler(split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
                                       num_microbatches=1, rank=0, world_size=1, seed=config.seed,
                                       block_size=data_cfg.block_size if data_cfg.shuffle == "blocks" else 1)
-    keys = {"images_key": data_cfg.images_key, "labels_key": data_cfg.labels_key}
-    dataset = HDF5BatchDataset(prepared.split.train_path, **keys)
+    reader = BatchReader(split.train_dataset, transforms=components.transforms)
     steps = min(args.steps, sampler.steps_per_epoch - 1)
-    print(f"data: {prepared.info.path} ({prepared.info.num_samples} x {prepared.info.image_shape}), "
+    print(f"data: {type(split.train_dataset).__name__} of {len(split.train_dataset)} samples, "
           f"shuffle={data_cfg.shuffle}, "
           f"batch {trainer_cfg.micro_batch_size}, {steps} batches, torch threads {torch.get_num_threads()}")
     for workers in (int(w) for w in args.workers.split(",")):
-        loader = make_loader(dataset, sampler, config=data_cfg, num_workers=workers, pin_memory=False)
+        loader = make_loader(reader, sampler, config=data_cfg, num_workers=workers, pin_memory=False)
         print(f"  loader, {workers} workers, batch reads:              "
               f"{loader_samples_per_second(loader, steps):8.0f} samples/s")
     order = sampler.epoch_order(0)
     batches = [sampler.step_microbatches(order, step)[-1] for step in range(steps)]
-    print(f"  one HDF5 read per sample (for comparison), in-process:  "
-          f"{per_sample_reads_per_second(prepared.split.train_path, batches, **keys):8.0f} samples/s")
+    print(f"  one read per sample (for comparison), in-process:  "
+          f"{per_sample_reads_per_second(split.train_dataset, batches):8.0f} samples/s")
 
-    task = build_task(config, prepared.info)
-    torch.manual_seed(config.seed)
-    model = task.build_model()
+    model, loss_function = components.model, components.loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = dataset[batches[0]]
+    batch = reader[batches[0]]
     timings = []
     for _ in range(steps):
         started = time.perf_counter()
-        loss = task.per_sample_loss(model(batch["inputs"]), batch["targets"]).mean()
-        loss.backward()
+        terms = per_sample_components(loss_function(model(*model_inputs(batch, config.task.inputs)), batch),
+                                      len(batch["index"]), key="task.loss")
+        sum(terms.values()).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - started)

@@ -1,8 +1,13 @@
-"""Typed configuration schemas, one dataclass per config group, registered with Hydra's ConfigStore.
+"""Typed configuration schemas of the core, one dataclass per config group, registered with Hydra's ConfigStore.
 
-The YAML files under conf/ are merged onto these schemas, so an unknown key or a value of the wrong type fails
-at composition time with the key named. Range checks that types cannot express live in each schema's
-``__post_init__`` (run by :func:`to_config`, before any work starts) and raise ``ValueError`` naming the key.
+The YAML files under hpctrain/conf/ (and a user's own `--config-dir`) are merged onto these schemas, so an unknown
+key or a value of the wrong type in a core group fails at composition time with the key named. Range checks that
+types cannot express live in each schema's ``__post_init__`` (run by :func:`to_config`, before any work starts)
+and raise ``ValueError`` naming the key.
+
+The user's components (the model, the datasets, the loss, the metrics, a custom optimizer or LR multiplier) are
+free-form `_target_` nodes (typed ``Any`` here): the core never knows a task's fields. They are checked by
+building them (hpctrain.components), which reports a constructor's error with the node's key.
 """
 
 from __future__ import annotations
@@ -10,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig
-from hpctrain.tasks.cbed.model import CBEDModelConfig
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,18 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def is_target_node(value: Any) -> bool:
+    """A config node that names a class or function to build: a mapping with a `_target_` key."""
+    return isinstance(value, dict) and isinstance(value.get("_target_"), str)
+
+
+def _require_target(key: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _require(is_target_node(value), f"{key} must be a config node with a `_target_` (the class or function to "
+                                    f"build), got {value!r}")
+
+
 @dataclass
 class PathsConfig:
     """Where data and runs live. Relative paths are resolved against the directory the launcher runs in."""
@@ -43,37 +59,56 @@ class PathsConfig:
 
 @dataclass
 class TaskConfig:
-    """What is learned. The task builds the model and the per-sample loss."""
+    """What is learned: how a batch reaches the model, and the per-sample loss and metrics (see
+    docs/your-own-model.md). The model itself is the top-level `model` node."""
 
-    name: str = "cbed_distortion"
-    # The EPE is evaluated on a grid of this many pixels per side; 0 means the image size.
-    loss_grid_size: int = 0
+    # A label recorded with the run (metrics.h5, inspect).
+    name: str = "task"
+    # Batch fields passed to the model, positionally and in this order: outputs = model(*[batch[f] for f in inputs]).
+    inputs: List[str] = field(default_factory=list)
+    # `_target_` node of a callable loss(outputs, batch) -> per-sample tensor (batch,) or a dict of named
+    # per-sample components whose sum is the loss.
+    loss: Any = None
+    # name -> `_target_` node of a callable metric(outputs, batch) -> per-sample tensor (batch,), evaluated at
+    # every validation and stored per sample in metrics.h5.
+    metrics: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _one_of("task.name", self.name, ("cbed_distortion",))
-        _require(self.loss_grid_size >= 0, f"task.loss_grid_size must be >= 0, got {self.loss_grid_size}")
+        _require(bool(self.inputs), "task.inputs must name at least one batch field to pass to the model")
+        _require_target("task.loss", self.loss)
+        for name, node in self.metrics.items():
+            _require_target(f"task.metrics.{name}", node)
+            _require(name not in ("loss", "step", "sample_index", "per_sample") and "/" not in name
+                     and not name.startswith("loss."),
+                     f"task.metrics.{name}: the names loss, loss.*, step, sample_index, per_sample and names with "
+                     f"'/' are reserved")
 
 
 @dataclass
 class DataConfig:
-    """The HDF5 file(s) and the DataLoader settings."""
+    """The datasets (any map-style torch Dataset from `_target_`; hpctrain.data.HDF5Dataset is built in) and
+    the DataLoader settings."""
 
-    path: str = "${paths.data_dir}/cbed_${data.generator.image_size}px_${data.generator.num_images}.h5"
-    # A separate validation file; when unset, the last `val_fraction` of `path` is held out.
-    val_path: Optional[str] = None
+    # The training samples (and, with val_dataset null, the validation ones: the last `val_fraction` of them).
+    dataset: Any = None
+    # Validation samples: a node with a `_target_`, or a node without one whose keys override `dataset`'s
+    # (e.g. {path: val.h5}), or null to hold out the last `val_fraction` of `dataset`.
+    val_dataset: Any = None
     val_fraction: float = 0.2
-    # Generate `path` with `generator` when it does not exist (meant for small debug datasets).
-    generate_if_missing: bool = True
-    generator: CBEDGeneratorConfig = field(default_factory=CBEDGeneratorConfig)
-    images_key: str = "images"
-    labels_key: str = "labels"
+    # Test samples, the same forms as val_dataset (null: none).
+    test_dataset: Any = None
+    # A `_target_` called once on the launching machine before the datasets are opened (e.g. to generate a
+    # missing synthetic file); null: nothing.
+    prepare: Any = None
+    # `_target_` nodes of callables transform(batch) -> batch, applied in the loader workers in this order.
+    transforms: List[Any] = field(default_factory=list)
     # -1: one worker per CPU this rank was given, minus one for the training process.
     num_workers: int = -1
     persistent_workers: bool = True
     pin_memory: bool = True
     prefetch_factor: int = 2
     val_batch_size: int = 0  # 0: the training micro-batch size
-    # samples: every epoch a permutation of all samples (batches read with one sorted fancy-index read).
+    # samples: every epoch a permutation of all samples (batches read with one sorted read per field).
     # blocks: a permutation of blocks of `block_size` consecutive samples, so a batch is a few contiguous slices
     # (several times faster to read; right for datasets whose neighbouring samples are independent draws,
     # like the synthetic CBED files).
@@ -81,6 +116,14 @@ class DataConfig:
     block_size: int = 64
 
     def __post_init__(self) -> None:
+        _require_target("data.dataset", self.dataset)
+        for key in ("val_dataset", "test_dataset"):
+            value = getattr(self, key)
+            _require(value is None or isinstance(value, dict),
+                     f"data.{key} must be a config node or null, got {value!r}")
+        _require_target("data.prepare", self.prepare, optional=True)
+        for index, node in enumerate(self.transforms):
+            _require_target(f"data.transforms[{index}]", node)
         _one_of("data.shuffle", self.shuffle, ("samples", "blocks"))
         _require(self.block_size > 0, f"data.block_size must be > 0, got {self.block_size}")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -93,8 +136,11 @@ class DataConfig:
 class ScheduleConfig:
     """A learning-rate multiplier as a function of the optimizer step or of the epoch.
 
-    name: constant | warmup_cosine | warmup_linear | cosine_restarts.
+    name: constant | warmup_cosine | warmup_linear | cosine_restarts | custom.
     All lengths count `interval`s (steps or epochs). `total` defaults to the run's max steps (or max epochs).
+    custom: `function` is a `_target_` node of the user's multiplier f(interval_index) -> float (with
+    `_partial_: true` when it takes more arguments); it must be a pure function of its argument, so a resumed
+    run reproduces the learning rates exactly.
     """
 
     name: str = "warmup_cosine"
@@ -106,9 +152,13 @@ class ScheduleConfig:
     # cosine_restarts: length of the first cycle and the growth of each next one.
     cycle: int = 100
     cycle_multiplier: float = 1.0
+    function: Any = None
 
     def validate(self, key: str) -> None:
-        _one_of(f"{key}.name", self.name, ("constant", "warmup_cosine", "warmup_linear", "cosine_restarts"))
+        _one_of(f"{key}.name", self.name, ("constant", "warmup_cosine", "warmup_linear", "cosine_restarts", "custom"))
+        _require((self.name == "custom") == (self.function is not None),
+                 f"{key}.function (a `_target_` node) is required with, and only with, {key}.name=custom")
+        _require_target(f"{key}.function", self.function, optional=True)
         _one_of(f"{key}.interval", self.interval, ("step", "epoch"))
         _require(self.warmup >= 0, f"{key}.warmup must be >= 0, got {self.warmup}")
         _require(0.0 < self.warmup_start_factor <= 1.0,
@@ -119,7 +169,16 @@ class ScheduleConfig:
         _require(self.cycle_multiplier >= 1.0, f"{key}.cycle_multiplier must be >= 1, got {self.cycle_multiplier}")
 
 
+# Shorthands for torch.optim classes; any other optimizer is a `_target_` node (see OptimConfig.optimizer).
 OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def _check_optimizer(key: str, value: Any) -> None:
+    if isinstance(value, str):
+        _one_of(key, value, OPTIMIZERS)
+    else:
+        _require(is_target_node(value), f"{key} must be one of {', '.join(OPTIMIZERS)} or a `_target_` node "
+                                        f"(e.g. {{_target_: torch.optim.RMSprop, alpha: 0.9}}); got {value!r}")
 
 
 @dataclass
@@ -133,7 +192,7 @@ class ParamGroupConfig:
     name: str = "group"
     # fnmatch patterns over parameter names, e.g. ["stem.*", "stages.0.*"].
     params: List[str] = field(default_factory=list)
-    optimizer: Optional[str] = None
+    optimizer: Any = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     schedule: Optional[ScheduleConfig] = None
@@ -143,7 +202,10 @@ class ParamGroupConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    """The optimizer: a shorthand (adamw, adam, sgd: built with the momentum/betas/eps below) or a `_target_`
+    node of any optimizer class, torch's or the user's, called as cls(params, lr=..., weight_decay=..., **node)."""
+
+    optimizer: Any = "adamw"
     lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -156,7 +218,7 @@ class OptimConfig:
     clip_grad_norm: Optional[float] = 1.0
 
     def __post_init__(self) -> None:
-        _one_of("optim.optimizer", self.optimizer, OPTIMIZERS)
+        _check_optimizer("optim.optimizer", self.optimizer)
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -171,7 +233,7 @@ class OptimConfig:
             key = f"optim.param_groups[{index}]"
             _require(bool(group.params), f"{key}.params must list at least one parameter-name pattern")
             if group.optimizer is not None:
-                _one_of(f"{key}.optimizer", group.optimizer, OPTIMIZERS)
+                _check_optimizer(f"{key}.optimizer", group.optimizer)
             _require(group.lr is None or group.lr > 0, f"{key}.lr must be > 0, got {group.lr}")
             if group.schedule is not None:
                 group.schedule.validate(f"{key}.schedule")
@@ -197,6 +259,9 @@ class TrainerConfig:
     num_threads: int = 0
     progress_bar: bool = True
     distributed_timeout_s: int = 600
+    # Before anything runs or is queued, take one forward + loss + backward on one real micro-batch on CPU (turn
+    # off for a model too large for the login node).
+    dry_step: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
@@ -315,9 +380,10 @@ class Config:
     seed: int = 0
     run_name: str = "debug"
     paths: PathsConfig = field(default_factory=PathsConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: CBEDModelConfig = field(default_factory=CBEDModelConfig)
+    task: TaskConfig = MISSING
+    data: DataConfig = MISSING
+    # The user's model: a `_target_` node of an nn.Module (built after seeding, identically on every rank).
+    model: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -326,7 +392,8 @@ class Config:
 
 # Overrides that do not change what is trained, left out of a sweep point's directory name, so the same sweep
 # run again with another partition, time limit or data location finds its points again.
-_NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.path", "data.val_path", "debug")
+_NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.dataset.path", "data.val_dataset.path",
+                      "data.test_dataset.path", "debug")
 
 
 def sweep_point_dirname(overrides: list[str]) -> str:

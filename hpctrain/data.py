@@ -1,5 +1,7 @@
-"""HDF5 data for many loader workers: lazy per-process file handles, one sorted read per batch, and a
-deterministic distributed batch sampler that can start in the middle of an epoch.
+"""Data for many loader workers: the built-in HDF5 dataset (named fields of any shape and dtype, ragged fields,
+several files; lazy per-process file handles, one sorted read per batch and field), the reader that turns any
+map-style dataset into batches of named tensors, and a deterministic distributed batch sampler that can start in
+the middle of an epoch.
 
 Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e) (with
 `data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices). Optimizer step s
@@ -17,115 +19,263 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from hpctrain.config import ConfigError, DataConfig
 from hpctrain.distributed import exit_with_parent
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the trainer needs to know about an HDF5 file, read once on the launching process."""
+class FieldSpec(NamedTuple):
+    """Where a batch field lives in each file: one dataset (rows along axis 0), or, for a ragged field, a flat
+    `values` dataset and an (n+1,) `offsets` dataset (sample i is values[offsets[i]:offsets[i+1]])."""
 
-    path: Path
-    num_samples: int
-    image_shape: tuple[int, ...]
-    num_labels: int
-    normalization_weight: np.ndarray
-    normalization_bias: np.ndarray
+    name: str
+    values: str
+    offsets: str | None = None
 
 
-def read_dataset_info(path: Path, *, images_key: str, labels_key: str, config_key: str = "data.path") -> DatasetInfo:
-    """Open the file and check its layout; every problem is a ConfigError naming the file and dataset."""
-    if not path.is_file():
-        raise ConfigError(f"{config_key}: data file {path} does not exist")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as error:
-        raise ConfigError(f"{config_key}: {path} is not a readable HDF5 file ({error})") from None
-    with file:
-        for key in (images_key, labels_key):
-            if key not in file or not isinstance(file[key], h5py.Dataset):
-                raise ConfigError(f"{config_key}: {path} has no HDF5 dataset '{key}' "
-                                  f"(it has: {', '.join(sorted(file.keys())) or 'nothing'})")
-        images, labels = file[images_key], file[labels_key]
-        if images.ndim != 3 or images.shape[1] != images.shape[2]:
-            raise ConfigError(f"{config_key}: {path}:/{images_key} must have shape (n, N, N), got {images.shape}")
-        if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
-            raise ConfigError(f"{config_key}: {path}:/{labels_key} must have shape ({images.shape[0]}, k), "
-                              f"got {labels.shape}")
-        if images.shape[0] == 0:
-            raise ConfigError(f"{config_key}: {path}:/{images_key} holds no samples")
-        num_labels = labels.shape[1]
-        weight = np.asarray(labels.attrs.get("normalization_weight", np.ones(num_labels)), dtype=np.float32)
-        bias = np.asarray(labels.attrs.get("normalization_bias", np.zeros(num_labels)), dtype=np.float32)
-        return DatasetInfo(path=path, num_samples=images.shape[0], image_shape=tuple(images.shape[1:]),
-                           num_labels=num_labels, normalization_weight=weight, normalization_bias=bias)
+def _field_specs(fields: Mapping[str, Any]) -> list[FieldSpec]:
+    specs = []
+    if not fields:
+        raise ValueError("fields must map at least one batch field name to an HDF5 dataset")
+    for name, where in fields.items():
+        if name == "index" or name.endswith("_length"):
+            raise ValueError(f"fields.{name}: 'index' and names ending in '_length' are reserved for the sample "
+                             f"index and the lengths of ragged fields")
+        if isinstance(where, str):
+            specs.append(FieldSpec(str(name), where))
+        elif isinstance(where, Mapping) and set(where) == {"values", "offsets"}:
+            specs.append(FieldSpec(str(name), str(where["values"]), str(where["offsets"])))
+        else:
+            raise ValueError(f"fields.{name} must be an HDF5 dataset path, or {{values: PATH, offsets: PATH}} for a "
+                             f"ragged field; got {where!r}")
+    return specs
 
 
-def _read_rows(dataset: h5py.Dataset, sorted_indices: np.ndarray) -> np.ndarray:
-    """Rows at sorted, unique indices: one slice read per contiguous run when the batch is made of a few runs
-    (data.shuffle=blocks), else one sorted fancy-index read; never one read per sample."""
-    run_starts = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
-    if len(run_starts) + 1 <= max(1, len(sorted_indices) // 8):
-        runs = np.split(sorted_indices, run_starts)
-        return np.concatenate([dataset[int(run[0]):int(run[-1]) + 1] for run in runs])
-    return dataset[sorted_indices]
+def _as_paths(path: Any) -> list[Path]:
+    if isinstance(path, (str, os.PathLike)):
+        return [Path(path)]
+    paths = [Path(p) for p in path]
+    if not paths:
+        raise ValueError("path must name at least one HDF5 file")
+    return paths
 
 
-class HDF5BatchDataset(Dataset):
-    """Indexed by an array of sample indices; returns the whole batch from one sorted HDF5 read.
+class HDF5Dataset(Dataset):
+    """Named fields of one or several HDF5 files (samples concatenated in file order), read a batch at a time.
 
-    The file is opened lazily in the process that reads (each DataLoader worker has its own handle; an h5py
-    handle inherited across fork returns garbage), and reopened if the process id changes.
+    `fields` maps each batch field to an HDF5 dataset path inside the files, e.g. {image: images, label: labels},
+    or, for a ragged field, to {values: PATH, offsets: PATH}; a ragged field arrives zero-padded to the longest
+    sample of the batch, with its lengths in `<name>_length`. Fields keep their stored dtype.
+
+    The files are checked when the dataset is built (on the launching machine, before anything is queued) and
+    opened lazily in the process that reads (each DataLoader worker has its own handles; an h5py handle inherited
+    across fork returns garbage). A batch costs one read per field and file, sorted, or one slice per contiguous
+    run (data.shuffle=blocks); never one read per sample.
     """
 
-    def __init__(self, path: Path, *, images_key: str, labels_key: str) -> None:
-        self.path = path
-        self.images_key = images_key
-        self.labels_key = labels_key
-        self._file: h5py.File | None = None
+    def __init__(self, path: Any, fields: Mapping[str, Any]) -> None:
+        self.paths = _as_paths(path)
+        self.specs = _field_specs(fields)
+        self.row_shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        lengths = [self._check_file(file_path) for file_path in self.paths]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._files: list[h5py.File] | None = None
+        self._ragged_offsets: list[dict[str, np.ndarray]] = []
         self._pid: int | None = None
 
-    def _open(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
+    def _check_file(self, path: Path) -> int:
+        """The file's sample count; every problem is a ValueError naming the file and the field."""
+        if not path.is_file():
+            raise ValueError(f"data file {path} does not exist")
+        try:
+            file = h5py.File(path, "r")
+        except OSError as error:
+            raise ValueError(f"{path} is not a readable HDF5 file ({error})") from None
+        with file:
+            num_samples = None
+            for spec in self.specs:
+                for where in filter(None, (spec.values, spec.offsets)):
+                    if not isinstance(file.get(where), h5py.Dataset):
+                        raise ValueError(f"field {spec.name!r}: {path} has no HDF5 dataset {where!r} (it has: "
+                                         f"{', '.join(_dataset_names(file)) or 'nothing'})")
+                values = file[spec.values]
+                if values.ndim == 0 or values.dtype.kind not in "biuf":
+                    raise ValueError(f"field {spec.name!r}: {path}:/{spec.values} holds {values.dtype} "
+                                     f"{'scalars' if values.ndim == 0 else 'rows'}; a field must be an array of "
+                                     f"numbers with the samples (or, ragged, the values) along axis 0")
+                if spec.offsets is None:
+                    rows = values.shape[0]
+                else:
+                    offsets = file[spec.offsets]
+                    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or offsets.shape[0] < 1:
+                        raise ValueError(f"field {spec.name!r}: {path}:/{spec.offsets} must be a 1-D integer dataset "
+                                         f"of n+1 offsets, got {offsets.shape} {offsets.dtype}")
+                    rows = offsets.shape[0] - 1
+                    if offsets[-1] != values.shape[0]:
+                        raise ValueError(f"field {spec.name!r}: the last offset in {path}:/{spec.offsets} is "
+                                         f"{offsets[-1]}, but {spec.values} holds {values.shape[0]} values")
+                shape = tuple(values.shape[1:])
+                if spec.name in self.row_shapes and (self.row_shapes[spec.name], self.dtypes[spec.name]) != (
+                        shape, values.dtype):
+                    raise ValueError(f"field {spec.name!r}: {path}:/{spec.values} has rows {shape} {values.dtype}, "
+                                     f"{self.paths[0]} has {self.row_shapes[spec.name]} {self.dtypes[spec.name]}")
+                self.row_shapes[spec.name], self.dtypes[spec.name] = shape, values.dtype
+                if num_samples is not None and rows != num_samples:
+                    raise ValueError(f"field {spec.name!r}: {path} holds {rows} samples of it but {num_samples} "
+                                     f"of field {self.specs[0].name!r}")
+                num_samples = rows
+        assert num_samples is not None
+        return num_samples
 
-    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        file = self._open()
-        images, labels = file[self.images_key], file[self.labels_key]
-        if len(indices) == 0:
-            return {"inputs": torch.empty((0, 1, *images.shape[1:])),
-                    "targets": torch.empty((0, labels.shape[1])), "index": torch.empty(0, dtype=torch.int64)}
-        order = np.argsort(indices, kind="stable")
-        sorted_indices = indices[order]
-        image_block, label_block = _read_rows(images, sorted_indices), _read_rows(labels, sorted_indices)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return {
-            "inputs": torch.from_numpy(np.ascontiguousarray(image_block[inverse], dtype=np.float32)).unsqueeze(1),
-            "targets": torch.from_numpy(np.ascontiguousarray(label_block[inverse], dtype=np.float32)),
-            "index": torch.from_numpy(indices.astype(np.int64)),
-        }
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _open(self) -> list[h5py.File]:
+        if self._files is None or self._pid != os.getpid():
+            self._files = [h5py.File(path, "r") for path in self.paths]
+            # Offsets of ragged fields are small (n+1 integers): kept in memory, so a batch needs no offset read.
+            self._ragged_offsets = [{spec.name: file[spec.offsets][()].astype(np.int64)
+                                     for spec in self.specs if spec.offsets is not None} for file in self._files]
+            self._pid = os.getpid()
+        return self._files
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
+        files = self._open()
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)}) in {self.paths[0]}")
+        file_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        batch: dict[str, np.ndarray] = {}
+        for spec in self.specs:
+            parts = []
+            for file_index in np.unique(file_of):
+                positions = np.flatnonzero(file_of == file_index)
+                local = indices[positions] - self.offsets[file_index]
+                dataset = files[file_index][spec.values]
+                if spec.offsets is None:
+                    parts.append((positions, _read_rows(dataset, local)))
+                else:
+                    offsets = self._ragged_offsets[file_index][spec.name]
+                    parts.append((positions, _read_ragged(dataset, offsets[local], offsets[local + 1])))
+            if spec.offsets is None:
+                out = np.empty((len(indices), *self.row_shapes[spec.name]), dtype=self.dtypes[spec.name])
+                for positions, rows in parts:
+                    out[positions] = rows
+                batch[spec.name] = out
+            else:
+                samples: list[np.ndarray] = [np.empty(0)] * len(indices)
+                for positions, rows in parts:
+                    for position, row in zip(positions, rows):
+                        samples[position] = row
+                batch[spec.name], batch[f"{spec.name}_length"] = _pad(samples, self.row_shapes[spec.name],
+                                                                      self.dtypes[spec.name])
+        return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([index])
+        return {name: value[0] for name, value in batch.items()}
 
     def __getstate__(self) -> dict:
         # Never send an open handle to another process.
-        return {**self.__dict__, "_file": None, "_pid": None}
+        return {**self.__dict__, "_files": None, "_ragged_offsets": [], "_pid": None}
+
+
+def _dataset_names(file: h5py.File) -> list[str]:
+    names: list[str] = []
+    file.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+    return sorted(names)
+
+
+def _read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:
+    """Rows at any indices: the sorted unique ones are read (one slice per contiguous run when the batch is made
+    of a few runs, as with data.shuffle=blocks, else one sorted fancy-index read), then put in the asked order."""
+    unique, inverse = np.unique(indices, return_inverse=True)
+    if len(unique) == 0:
+        return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+    run_starts = np.flatnonzero(np.diff(unique) != 1) + 1
+    if len(run_starts) + 1 <= max(1, len(unique) // 8):
+        rows = np.concatenate([dataset[int(run[0]):int(run[-1]) + 1] for run in np.split(unique, run_starts)])
+    else:
+        rows = dataset[unique]
+    return rows[inverse]
+
+
+def _read_ragged(values: h5py.Dataset, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+    """values[starts[k]:stops[k]] for every k, reading each maximal contiguous span of the sorted ranges once."""
+    order = np.argsort(starts, kind="stable")
+    result: list[np.ndarray] = [np.empty(0)] * len(starts)
+    span_start = span_stop = None
+    pending: list[int] = []
+
+    def read_span() -> None:
+        block = values[span_start:span_stop]
+        for k in pending:
+            result[k] = block[starts[k] - span_start:stops[k] - span_start]
+
+    for k in order:
+        if span_start is not None and starts[k] <= span_stop:
+            span_stop = max(span_stop, int(stops[k]))
+        else:
+            if span_start is not None:
+                read_span()
+            span_start, span_stop, pending = int(starts[k]), int(stops[k]), []
+        pending.append(int(k))
+    if span_start is not None:
+        read_span()
+    return result
+
+
+def _pad(samples: list[np.ndarray], row_shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(sample) for sample in samples], dtype=np.int64)
+    padded = np.zeros((len(samples), int(lengths.max(initial=0)), *row_shape), dtype=dtype)
+    for position, sample in enumerate(samples):
+        padded[position, :len(sample)] = sample
+    return padded, lengths
+
+
+class BatchReader(Dataset):
+    """What the DataLoader indexes: an array of sample indices -> one batch, a dict of named tensors with the
+    sample indices in `index`, after the configured transforms (run in the loader worker that read it).
+
+    A dataset with `__getitems__` is asked for the whole batch at once (it may return the batch as a dict of
+    stacked tensors, or a list of samples); otherwise samples are read one by one and collated.
+    """
+
+    def __init__(self, dataset: Dataset, *, transforms: Sequence[Callable] = ()) -> None:
+        self.dataset = dataset
+        self.transforms = list(transforms)
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = getitems(list(map(int, indices))) if getitems is not None else [self.dataset[int(i)] for i in
+                                                                                     indices]
+        batch = samples if isinstance(samples, Mapping) else default_collate(list(samples))
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"{type(self.dataset).__name__} must return dicts of named fields, got "
+                            f"{type(batch).__name__}")
+        batch = {name: torch.as_tensor(value) for name, value in batch.items()}
+        batch["index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        for transform in self.transforms:
+            batch = transform(batch)
+        return batch
 
 
 class DistributedBatchSampler(Sampler[np.ndarray]):
-    """Yields this rank's micro-batches (arrays of sample indices), `num_microbatches` per optimizer step.
+    """Yields this rank's micro-batches (arrays of sample indices), up to `num_microbatches` per optimizer step.
 
-    Keyed on (seed, epoch) and resumable at any step: `set_position(epoch, step_in_epoch)`. A micro-batch may
-    be empty in the epoch's tail; empty ones come first, so a rank's last micro-batch (the one that
-    all-reduces gradients) has samples whenever the rank has any in that step.
+    Keyed on (seed, epoch) and resumable at any step: `set_position(epoch, step_in_epoch)`. In the epoch's
+    tail a rank's share may not fill every micro-batch: empty micro-batches are left out, and a rank with no
+    sample at all in the step gets one stand-in micro-batch (the step's first sample) that the trainer weights
+    by zero, so the rank still takes part in the gradient all-reduce. `microbatch_sizes` tells the trainer the
+    layout (0 marks the stand-in) without reading the order.
     """
 
     def __init__(self, indices: np.ndarray, *, micro_batch_size: int, num_microbatches: int, rank: int,
@@ -159,12 +309,19 @@ class DistributedBatchSampler(Sampler[np.ndarray]):
         start = step_in_epoch * self.global_batch_size
         return max(0, min(self.global_batch_size, len(self.indices) - start))
 
+    def _split(self, step_samples: np.ndarray) -> list[np.ndarray]:
+        rank_share = np.array_split(step_samples, self.world_size)[self.rank]
+        return [piece for piece in np.array_split(rank_share, self.num_microbatches) if len(piece)]
+
     def step_microbatches(self, order: np.ndarray, step_in_epoch: int) -> list[np.ndarray]:
         start = step_in_epoch * self.global_batch_size
         step_samples = order[start:start + self.global_batch_size]
-        rank_share = np.array_split(step_samples, self.world_size)[self.rank]
-        # array_split puts the longer pieces first; reversed, empty pieces come first.
-        return np.array_split(rank_share, self.num_microbatches)[::-1]
+        return self._split(step_samples) or [step_samples[:1]]
+
+    def microbatch_sizes(self, step_in_epoch: int) -> list[int]:
+        """Sizes of this rank's micro-batches in a step; [0] when it only has the zero-weighted stand-in."""
+        sizes = [len(piece) for piece in self._split(np.arange(self.samples_in_step(step_in_epoch)))]
+        return sizes or [0]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         order = self.epoch_order(self.epoch)
@@ -172,7 +329,7 @@ class DistributedBatchSampler(Sampler[np.ndarray]):
             yield from self.step_microbatches(order, step)
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.step_in_epoch) * self.num_microbatches
+        return sum(len(self.microbatch_sizes(step)) for step in range(self.step_in_epoch, self.steps_per_epoch))
 
 
 class ShardSampler(Sampler[np.ndarray]):
@@ -192,27 +349,27 @@ class ShardSampler(Sampler[np.ndarray]):
 
 @dataclass(frozen=True)
 class Split:
-    """Where the training and validation samples are: files and index arrays."""
+    """Where the training and validation samples are: datasets and index arrays."""
 
-    train_path: Path
+    train_dataset: Dataset
     train_indices: np.ndarray
-    val_path: Path
+    val_dataset: Dataset
     val_indices: np.ndarray
 
 
-def make_split(config: DataConfig, train_info: DatasetInfo, val_info: DatasetInfo | None) -> Split:
-    """Hold out the last `val_fraction` of the file (contiguous, so validation reads are plain slices), or use
-    the whole of `val_path`. The split does not depend on the seed, so validation never leaks into training."""
-    if val_info is not None:
-        return Split(train_info.path, np.arange(train_info.num_samples), val_info.path,
-                     np.arange(val_info.num_samples))
-    num_val = int(round(train_info.num_samples * config.val_fraction))
-    num_train = train_info.num_samples - num_val
+def make_split(train: Dataset, val: Dataset | None, *, val_fraction: float) -> Split:
+    """Hold out the last `val_fraction` of the training dataset (contiguous, so validation reads are plain
+    slices), or use the whole of a separate validation dataset. The split does not depend on the seed, so
+    validation never leaks into training."""
+    num_samples = len(train)
+    if val is not None:
+        return Split(train, np.arange(num_samples), val, np.arange(len(val)))
+    num_val = int(round(num_samples * val_fraction))
+    num_train = num_samples - num_val
     if num_val < 1 or num_train < 1:
-        raise ConfigError(f"data.val_fraction={config.val_fraction} leaves {num_train} training and {num_val} "
-                          f"validation samples of the {train_info.num_samples} in {train_info.path}")
-    return Split(train_info.path, np.arange(num_train), train_info.path,
-                 np.arange(num_train, train_info.num_samples))
+        raise ConfigError(f"data.val_fraction={val_fraction} leaves {num_train} training and {num_val} validation "
+                          f"samples of the {num_samples} in data.dataset")
+    return Split(train, np.arange(num_train), train, np.arange(num_train, num_samples))
 
 
 def _init_worker(worker_id: int) -> None:
@@ -245,7 +402,7 @@ def resolve_num_workers(config: DataConfig, cpus_per_rank: int) -> int:
     return max(0, cpus_per_rank - 1) if config.num_workers < 0 else config.num_workers
 
 
-def make_loader(dataset: HDF5BatchDataset, sampler: Sampler, *, config: DataConfig, num_workers: int,
+def make_loader(dataset: BatchReader, sampler: Sampler, *, config: DataConfig, num_workers: int,
                 pin_memory: bool) -> DataLoader:
     extra = {}
     if num_workers > 0:

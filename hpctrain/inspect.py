@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
-from hpctrain.metrics import METRICS_FILENAME, open_for_reading
+from hpctrain.metrics import METRICS_FILENAME, open_for_reading, validation_names
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -34,14 +34,19 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                     "lr": [float(v) for v in file["train/lr"][last]],
                 }
                 summary["nonfinite_steps"] = int(file["train/nonfinite"][()].sum())
-            validation_loss = file["validation/loss"][()]
+            summary["task"] = str(file.attrs.get("task", ""))
+            validation_loss = file["validation/loss"][()] if "validation/loss" in file else []
             if len(validation_loss):
                 best = int(validation_loss.argmin())
+                # Every per-sample value's mean at the latest and the best evaluation (loss, components, metrics).
+                means = {name: file[f"validation/{name}"][()] for name in validation_names(file)}
                 summary["evaluations"] = int(len(validation_loss))
                 summary["latest_validation"] = {"step": int(file["validation/step"][-1]),
-                                                "loss": float(validation_loss[-1])}
+                                                "loss": float(validation_loss[-1]),
+                                                "metrics": {name: float(v[-1]) for name, v in means.items()}}
                 summary["best_validation"] = {"step": int(file["validation/step"][best]),
-                                              "loss": float(validation_loss[best])}
+                                              "loss": float(validation_loss[best]),
+                                              "metrics": {name: float(v[best]) for name, v in means.items()}}
     manager = CheckpointManager(run_dir, keep_last=2)
     checkpoints = manager.complete()
     summary["checkpoints"] = [info.step for info in reversed(checkpoints)]
@@ -56,7 +61,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"run        {summary['run_dir']}"]
+    lines = [f"run        {summary['run_dir']}" + (f" (task {summary['task']})" if summary.get("task") else "")]
     newest = summary.get("newest_checkpoint")
     status = "no checkpoint yet" if newest is None else (
         f"finished ({newest['stop_reason']})" if newest["finished"] else "in progress or interrupted")
@@ -73,6 +78,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         best, latest_validation = summary["best_validation"], summary["latest_validation"]
         lines.append(f"validation {summary['evaluations']} evaluations; latest {latest_validation['loss']:.5g} at "
                      f"step {latest_validation['step']}; best {best['loss']:.5g} at step {best['step']}")
+        for name, value in best["metrics"].items():
+            if name != "loss":
+                lines.append(f"  {name:<40} {value:.5g} (at the best step)")
     lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
     if newest is not None:
         lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']})")

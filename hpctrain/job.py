@@ -1,5 +1,6 @@
-"""One training job: check its inputs (`prepare`), run one rank of it (`run_rank`), or start all its ranks on this
-machine (`run_local`). The same `run_rank` runs under SLURM, where each task is one rank."""
+"""One training job: run one rank of it (`run_rank`), or start all its ranks on this machine (`run_local`). The same
+`run_rank` runs under SLURM, where each task is one rank. Its inputs are checked before by the launcher
+(hpctrain.components.check_run_inputs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import shutil
 import socket
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,6 @@ import torch.multiprocessing as mp
 from multiprocessing.connection import wait
 
 from hpctrain.config import Config, ConfigError
-from hpctrain.data import DatasetInfo, Split, make_split, read_dataset_info
 from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
                                   shutdown_distributed)
 
@@ -28,20 +27,6 @@ log = logging.getLogger(__name__)
 RESULT_FILENAME = "result.json"
 # What the launcher (Hydra, the run lock) creates in a run directory before training; removed on refusal.
 _LAUNCHER_LEFTOVERS = (".hydra", "hpctrain.log", ".lock")
-
-
-@dataclass(frozen=True)
-class Prepared:
-    info: DatasetInfo
-    split: Split
-
-
-def absolute_paths(config: Config) -> Config:
-    """Resolve relative data paths against the launching directory, so ranks started elsewhere agree."""
-    data = replace(config.data, path=str(Path(config.data.path).expanduser().absolute()),
-                   val_path=None if config.data.val_path is None
-                   else str(Path(config.data.val_path).expanduser().absolute()))
-    return replace(config, data=data)
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -55,38 +40,6 @@ def check_run_dir_writable(run_dir: Path) -> None:
             pass
     except OSError as error:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write in {existing} ({error.strerror})") from None
-
-
-def prepare(config: Config, *, generate: bool) -> Prepared:
-    """Check every input of the run (data file and datasets, model vs data, precision vs device) and raise one
-    ConfigError naming what is wrong. With `generate`, first create a missing data file if the config says so."""
-    data_path = Path(config.data.path)
-    if generate and config.data.generate_if_missing and not data_path.exists():
-        from hpctrain.tasks.cbed.generator import generate_dataset
-
-        log.info("generating %d synthetic images of %dx%d into %s", config.data.generator.num_images,
-                 config.data.generator.image_size, config.data.generator.image_size, data_path)
-        try:
-            generate_dataset(data_path, config.data.generator)
-        except OSError as error:
-            raise ConfigError(f"data.path={data_path}: cannot generate the data file ({error})") from None
-    keys = {"images_key": config.data.images_key, "labels_key": config.data.labels_key}
-    info = read_dataset_info(data_path, **keys)
-    val_info = None
-    if config.data.val_path is not None:
-        val_info = read_dataset_info(Path(config.data.val_path), config_key="data.val_path", **keys)
-        if val_info.image_shape != info.image_shape or val_info.num_labels != info.num_labels:
-            raise ConfigError(f"data.val_path: {val_info.path} holds {val_info.image_shape} images with "
-                              f"{val_info.num_labels} labels, {info.path} {info.image_shape} with {info.num_labels}")
-    from hpctrain.tasks.base import build_task
-
-    from hpctrain.optim import build_parameter_groups
-
-    task = build_task(config, info)  # checks the model against the data
-    build_parameter_groups(task.build_model(), config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
-    if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
-        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return Prepared(info=info, split=make_split(config.data, info, val_info))
 
 
 def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
@@ -106,14 +59,13 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
 
 def _train(config: Config, run_dir: Path, dist: DistributedContext,
            stop_requested: Callable[[], bool]) -> dict[str, Any]:
-    from hpctrain.tasks.base import build_task
+    from hpctrain.components import build_components
     from hpctrain.train import Trainer
 
     if config.trainer.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    prepared = prepare(config, generate=False)
-    trainer = Trainer(config=config, run_dir=run_dir, dist=dist, task=build_task(config, prepared.info),
-                      split=prepared.split, stop_requested=stop_requested)
+    trainer = Trainer(config=config, run_dir=run_dir, dist=dist, components=build_components(config),
+                      stop_requested=stop_requested)
     state = trainer.fit()
     summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
                "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,

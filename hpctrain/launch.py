@@ -1,11 +1,11 @@
-"""`python -m hpctrain.launch`: the Hydra app over conf/. With no arguments it trains the built-in task in
-debug mode (one local process); `launcher.num_processes=N` runs N local DDP ranks; `launcher=slurm` submits
-the run to SLURM with submitit and returns at once (`-m` sweeps become one job array, see
-hydra_plugins/hpctrain_launcher).
+"""`python -m hpctrain.launch`: the Hydra app over the configs shipped in hpctrain/conf/ (add your own with
+`--config-dir DIR`). With no arguments it trains the built-in task in debug mode (one local process);
+`launcher.num_processes=N` runs N local DDP ranks; `launcher=slurm` submits the run to SLURM with submitit and
+returns at once (`-m` sweeps become one job array, see hydra_plugins/hpctrain_launcher).
 
 Bad input is refused by `Preflight`, a Hydra callback that runs after composition and before Hydra creates the
-run directory: the typed config, the run directory, the data file and the model are all checked first, and
-the one error found is printed without a traceback.
+run directory: the typed config, the run directory, every `_target_`, the datasets, the model, the loss and one
+dry step are all checked first, and the one error found is printed without a traceback.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hpctrain.config import Config, ConfigError, register_configs, to_config
-from hpctrain.job import absolute_paths, check_run_dir_writable, prepare, remove_launcher_leftovers, run_local
+from hpctrain.components import check_run_inputs
+from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
+from hpctrain.job import check_run_dir_writable, remove_launcher_leftovers, run_local
 from hpctrain.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
 log = logging.getLogger("hpctrain")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package, so an installed hpctrain composes them from any directory.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+# The config Preflight checked in this process (JSON), so the task function does not check it a second time.
+_checked_by_preflight: str | None = None
 
 
 def fail(message: str, *, exit_code: int = 2) -> None:
@@ -37,12 +41,22 @@ def fail(message: str, *, exit_code: int = 2) -> None:
 
 
 def checked_config(cfg: DictConfig) -> Config:
-    return absolute_paths(to_config(cfg))
+    return to_config(cfg)
 
 
-def compose_config(overrides: list[str]) -> Config:
-    """The checked config the launcher would run with these overrides (composed, not run)."""
+def check_inputs(config: Config) -> None:
+    """All checks of a run's inputs; srun tasks all start at once: they must find the data, not race to make it."""
+    check_run_inputs(config, prepare=config.launcher.name != "srun")
+    if config.launcher.name == "slurm":
+        check_resources(config.launcher)
+
+
+def compose_config(overrides: list[str], *, config_dir: str | None = None) -> Config:
+    """The typed config the launcher would run with these overrides (composed, not run); `config_dir` adds a
+    user's config directory, like `--config-dir`."""
     register_configs()
+    if config_dir is not None:
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -55,26 +69,25 @@ class Preflight(Callback):
     """Validates a single run completely before anything is written (sweep points are checked per job)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _checked_by_preflight
         HydraConfig.instance().set_config(config)  # lets `${hydra:...}` interpolations resolve this early
         try:
             typed = checked_config(config)
             check_run_dir_writable(Path(config.hydra.run.dir).absolute())
-            # srun tasks all start at once: they must find the data, not race to generate it.
-            prepare(typed, generate=typed.launcher.name != "srun")
-            if typed.launcher.name == "slurm":
-                check_resources(typed.launcher)
+            check_inputs(typed)
         except ConfigError as error:
             fail(str(error))
+        _checked_by_preflight = to_json(typed)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
     try:
         config = checked_config(cfg)
-        prepare(config, generate=config.launcher.name != "srun")
+        if to_json(config) != _checked_by_preflight:  # a multirun point: the preflight callback did not see it
+            check_inputs(config)
         if config.launcher.name == "slurm":
-            check_resources(config.launcher)  # again: a multirun's points skip the preflight callback
             return submit(config, run_dir)
         if config.launcher.name == "srun":
             return run_srun_task(config, run_dir)

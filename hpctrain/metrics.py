@@ -2,17 +2,20 @@
 
 Layout (every dataset carries `dim_i` attributes naming its axes):
   /config                        JSON string: the fully resolved config of the latest (re)start
+  attrs: format, format_version, task (task.name)
   /train/step          (n,)      global optimizer step, 1-based, each exactly once
   /train/epoch         (n,)      epoch the step belongs to (0-based)
   /train/loss          (n,)      mean per-sample training loss of the step, over all ranks
+  /train/loss.<name>   (n,)      mean of each named loss component, when the loss returns a dict of them
   /train/grad_norm     (n,)      global gradient norm before clipping
   /train/samples_per_second (n,) global training throughput of the step
   /train/lr            (n, g)    learning rate of each parameter group (attr `parameter_groups`)
   /train/nonfinite     (n,)      1 where the step was skipped because loss or gradient was NaN/Inf
   /validation/step     (m,)      step after which each evaluation ran
-  /validation/loss     (m,)      mean per-sample validation loss
-  /validation/per_sample_loss (m, v)  the loss (EPE) of every validation sample, gathered from all ranks
-  /validation/sample_index    (v,)    index in the data file of each column above
+  /validation/<name>   (m,)      mean over the validation samples of `loss`, each `loss.<component>` and each
+                                 metric of task.metrics
+  /validation/per_sample/<name> (m, v)  the same, per validation sample, gathered from all ranks
+  /validation/sample_index     (v,)     index in the validation dataset of each column above
 
 Rows are buffered in memory and written in blocks (one resize + write per dataset per flush, not one HDF5 write
 per scalar per step) and the file is flushed, so after a SIGKILL it opens and holds everything up to the last
@@ -33,9 +36,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.h5"
+FORMAT_VERSION = 2
 
 _TRAIN_SCALARS = {"step": np.int64, "epoch": np.int64, "loss": np.float64, "grad_norm": np.float64,
                   "samples_per_second": np.float64, "nonfinite": np.uint8}
+_STEP_ROW = "training step row"
 
 
 @dataclass
@@ -46,15 +51,17 @@ class MetricsCursor:
 
 class MetricsWriter:
     def __init__(self, path: Path, *, parameter_groups: Sequence[str], validation_sample_index: np.ndarray,
-                 config_json: str, metric_name: str, cursor: MetricsCursor | None) -> None:
+                 config_json: str, task_name: str, cursor: MetricsCursor | None) -> None:
         self.path = path
         self.parameter_groups = list(parameter_groups)
-        self._train_buffer: list[tuple] = []
-        self._validation_buffer: list[tuple[int, float, np.ndarray]] = []
+        self._train_buffer: list[dict[str, float]] = []
+        self._lr_buffer: list[Sequence[float]] = []
+        self._validation_buffer: list[tuple[int, dict[str, np.ndarray]]] = []
+        self._num_validation_samples = len(validation_sample_index)
         # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
         # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
-        self._create_layout(validation_sample_index, metric_name)
+        self._create_layout(validation_sample_index, task_name)
         self._write_config(config_json)
         self._truncate(cursor or MetricsCursor())
         self.file.flush()
@@ -70,19 +77,15 @@ class MetricsWriter:
             dataset.attrs[f"dim_{axis}"] = dim
         return dataset
 
-    def _create_layout(self, validation_sample_index: np.ndarray, metric_name: str) -> None:
+    def _create_layout(self, validation_sample_index: np.ndarray, task_name: str) -> None:
         self.file.attrs["format"] = "hpctrain.metrics"
-        self.file.attrs["format_version"] = 1
+        self.file.attrs["format_version"] = FORMAT_VERSION
+        self.file.attrs["task"] = task_name
         for name, dtype in _TRAIN_SCALARS.items():
-            self._dataset(f"train/{name}", (0,), dtype, ["training step row"])
-        lr = self._dataset("train/lr", (0, len(self.parameter_groups)), np.float64,
-                           ["training step row", "parameter group"])
+            self._dataset(f"train/{name}", (0,), dtype, [_STEP_ROW])
+        lr = self._dataset("train/lr", (0, len(self.parameter_groups)), np.float64, [_STEP_ROW, "parameter group"])
         lr.attrs["parameter_groups"] = self.parameter_groups
         self._dataset("validation/step", (0,), np.int64, ["evaluation"])
-        self._dataset("validation/loss", (0,), np.float64, ["evaluation"])
-        per_sample = self._dataset("validation/per_sample_loss", (0, len(validation_sample_index)), np.float32,
-                                   ["evaluation", "validation sample"])
-        per_sample.attrs["metric"] = metric_name
         if "validation/sample_index" not in self.file:
             index = self.file.create_dataset("validation/sample_index", data=validation_sample_index.astype(np.int64))
             index.attrs["dim_0"] = "validation sample"
@@ -95,6 +98,13 @@ class MetricsWriter:
             del self.file["config"]
         self.file.create_dataset("config", data=config_json, dtype=h5py.string_dtype())
 
+    def _row_datasets(self, group: str) -> list[h5py.Dataset]:
+        """Every dataset of /train or /validation that grows by one row per step or evaluation."""
+        found: list[h5py.Dataset] = []
+        self.file[group].visititems(lambda name, item: found.append(item) if isinstance(item, h5py.Dataset)
+                                    and item.maxshape[0] is None else None)
+        return found
+
     def _truncate(self, cursor: MetricsCursor) -> None:
         """Drop rows written after the checkpoint being resumed from (they will be recomputed identically)."""
         train_rows = len(self.file["train/step"])
@@ -103,38 +113,68 @@ class MetricsWriter:
             log.warning("%s holds fewer rows (%d train, %d validation) than the checkpoint recorded (%d, %d); "
                         "earlier rows were lost", self.path, train_rows, validation_rows,
                         cursor.train_rows, cursor.validation_rows)
-        for name in [*(f"train/{n}" for n in _TRAIN_SCALARS), "train/lr"]:
-            self.file[name].resize(min(train_rows, cursor.train_rows), axis=0)
-        for name in ("validation/step", "validation/loss", "validation/per_sample_loss"):
-            self.file[name].resize(min(validation_rows, cursor.validation_rows), axis=0)
+        for dataset in self._row_datasets("train"):
+            dataset.resize(min(dataset.shape[0], cursor.train_rows), axis=0)
+        for dataset in self._row_datasets("validation"):
+            dataset.resize(min(dataset.shape[0], cursor.validation_rows), axis=0)
 
     # -- writing ---------------------------------------------------------------------------------------------
     def log_step(self, *, step: int, epoch: int, loss: float, grad_norm: float, samples_per_second: float,
-                 nonfinite: bool, learning_rates: Sequence[float]) -> None:
-        self._train_buffer.append((step, epoch, loss, grad_norm, samples_per_second, int(nonfinite),
-                                   tuple(learning_rates)))
+                 nonfinite: bool, learning_rates: Sequence[float],
+                 loss_components: dict[str, float] | None = None) -> None:
+        row = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
+               "samples_per_second": samples_per_second, "nonfinite": int(nonfinite)}
+        row.update({f"loss.{name}": value for name, value in (loss_components or {}).items()})
+        self._train_buffer.append(row)
+        self._lr_buffer.append(tuple(learning_rates))
 
-    def log_validation(self, *, step: int, loss: float, per_sample_loss: np.ndarray) -> None:
-        self._validation_buffer.append((step, loss, per_sample_loss.astype(np.float32)))
+    def log_validation(self, *, step: int, per_sample: dict[str, np.ndarray]) -> None:
+        """`per_sample`: name -> values of every validation sample (`loss` is required)."""
+        for name, values in per_sample.items():
+            if values.shape != (self._num_validation_samples,):
+                raise ValueError(f"validation values {name!r} have shape {values.shape}, expected "
+                                 f"({self._num_validation_samples},)")
+        self._validation_buffer.append((step, {name: values.astype(np.float32) for name, values in
+                                               per_sample.items()}))
 
-    @staticmethod
-    def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
+    def _append(self, name: str, rows: np.ndarray, dims: Sequence[str], row_offset: int) -> None:
+        """Append rows; a dataset first seen now (a new loss component or metric) starts at row `row_offset`
+        of its axis, with NaN for the rows before (only possible if the task changed across a restart)."""
+        if name not in self.file:
+            self._dataset(name, (0, *rows.shape[1:]), rows.dtype, dims)
+        dataset = self.file[name]
         start = dataset.shape[0]
+        if start < row_offset:
+            dataset.resize(row_offset, axis=0)
+            dataset[start:row_offset] = np.nan
+            start = row_offset
         dataset.resize(start + len(rows), axis=0)
         dataset[start:] = rows
 
     def flush(self) -> None:
         if self._train_buffer:
-            columns = list(zip(*self._train_buffer))
-            for (name, dtype), column in zip(_TRAIN_SCALARS.items(), columns):
-                self._append(self.file[f"train/{name}"], np.asarray(column, dtype=dtype))
-            self._append(self.file["train/lr"], np.asarray(columns[-1], dtype=np.float64))
+            offset = self.file["train/step"].shape[0]
+            names = list(dict.fromkeys(name for row in self._train_buffer for name in row))
+            for name in names:
+                dtype = _TRAIN_SCALARS.get(name, np.float64)
+                column = np.asarray([row.get(name, np.nan) for row in self._train_buffer], dtype=dtype)
+                self._append(f"train/{name}", column, [_STEP_ROW], offset)
+            self._append("train/lr", np.asarray(self._lr_buffer, dtype=np.float64), [_STEP_ROW, "parameter group"],
+                         offset)
             self._train_buffer.clear()
+            self._lr_buffer.clear()
         if self._validation_buffer:
-            steps, losses, per_sample = zip(*self._validation_buffer)
-            self._append(self.file["validation/step"], np.asarray(steps, dtype=np.int64))
-            self._append(self.file["validation/loss"], np.asarray(losses, dtype=np.float64))
-            self._append(self.file["validation/per_sample_loss"], np.stack(per_sample))
+            offset = self.file["validation/step"].shape[0]
+            steps = np.asarray([step for step, _ in self._validation_buffer], dtype=np.int64)
+            names = list(dict.fromkeys(name for _, values in self._validation_buffer for name in values))
+            empty = np.full(self._num_validation_samples, np.nan, dtype=np.float32)
+            for name in names:
+                per_sample = np.stack([values.get(name, empty) for _, values in self._validation_buffer])
+                self._append(f"validation/per_sample/{name}", per_sample, ["evaluation", "validation sample"],
+                             offset)
+                self._append(f"validation/{name}", per_sample.astype(np.float64).mean(axis=1), ["evaluation"],
+                             offset)
+            self._append("validation/step", steps, ["evaluation"], offset)
             self._validation_buffer.clear()
         self.file.flush()
 
@@ -147,6 +187,14 @@ class MetricsWriter:
         if self.file.id.valid:
             self.flush()
             self.file.close()
+
+
+def validation_names(file: h5py.File) -> list[str]:
+    """Names of the per-sample validation values stored in an open metrics.h5 (loss first)."""
+    if "validation/per_sample" not in file:
+        return []
+    names = sorted(file["validation/per_sample"].keys())
+    return sorted(names, key=lambda name: (name != "loss", not name.startswith("loss"), name))
 
 
 def open_for_reading(path: Path) -> h5py.File:
@@ -166,9 +214,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         loss = file["train/loss"][()]
         lr = file["train/lr"][()]
         groups = [str(g) for g in file["train/lr"].attrs["parameter_groups"]]
-        metric = str(file["validation/per_sample_loss"].attrs.get("metric", "loss"))
+        task = str(file.attrs.get("task", ""))
         validation_steps = file["validation/step"][()]
-        validation_loss = file["validation/loss"][()]
+        validation_loss = file["validation/loss"][()] if "validation/loss" in file else np.empty(0)
+        metrics = {name: file[f"validation/{name}"][()] for name in validation_names(file)
+                   if name != "loss" and not name.startswith("loss.")}
     written = []
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.plot(steps, loss, lw=0.8, alpha=0.6, label="training (per step)")
@@ -177,12 +227,25 @@ def plot_run(run_dir: Path) -> list[Path]:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         axes.plot(steps[window - 1:], smooth, lw=1.5, label=f"training ({window}-step mean)")
     axes.plot(validation_steps, validation_loss, "o-", lw=1.5, label="validation")
-    axes.set(xlabel="optimizer step", ylabel=metric, yscale="log", title="Loss")
+    axes.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=f"Loss ({task})" if task else "Loss")
     axes.legend()
     figure.tight_layout()
     written.append(run_dir / "loss.png")
     figure.savefig(written[-1], dpi=120)
     plt.close(figure)
+
+    if metrics and len(validation_steps):
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for name, values in metrics.items():
+            axes.plot(validation_steps, values, "o-", lw=1.2, label=name)
+        positive = all(np.nanmin(values) > 0 for values in metrics.values())
+        axes.set(xlabel="optimizer step", ylabel="mean over validation samples", title="Validation metrics",
+                 yscale="log" if positive else "linear")
+        axes.legend()
+        figure.tight_layout()
+        written.append(run_dir / "metrics.png")
+        figure.savefig(written[-1], dpi=120)
+        plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(7, 3.5))
     for column, group in enumerate(groups):

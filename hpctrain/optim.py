@@ -1,7 +1,9 @@
 """Optimizers and learning-rate schedules, one optimizer and one scheduler per parameter group.
 
-Every schedule is a pure function of the global optimizer step (epoch-interval schedules divide by the fixed
-number of steps per epoch), so a resumed run reproduces the learning rates of an uninterrupted one exactly.
+An optimizer is a shorthand (adamw, adam, sgd) or a `_target_` node of any optimizer class; a schedule is one of
+the built-in multipliers or the user's own function (`schedule.name=custom`). Every schedule is a pure function
+of the global optimizer step (epoch-interval schedules divide by the fixed number of steps per epoch), so a
+resumed run reproduces the learning rates of an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,9 +31,13 @@ class LRMultiplier:
     min_factor: float
     cycle: int
     cycle_multiplier: float
+    # schedule.name=custom: the user's f(interval index) -> multiplier.
+    function: Callable[[int], float] | None = None
 
     def __call__(self, step: int) -> float:
         t = step // self.steps_per_interval
+        if self.function is not None:
+            return float(self.function(t))
         if self.name == "constant":
             return 1.0
         if t < self.warmup:  # linear warm-up from warmup_start_factor to 1
@@ -51,8 +58,20 @@ class LRMultiplier:
         return self.min_factor + (1.0 - self.min_factor) * shape
 
 
-def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch: int) -> LRMultiplier:
+def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch: int,
+                    key: str = "optim.schedule") -> LRMultiplier:
     per_epoch = schedule.interval == "epoch"
+    function = None
+    if schedule.function is not None:
+        from hpctrain.components import build
+
+        function = build(f"{key}.function", schedule.function)
+        try:
+            first = float(function(0))
+        except Exception as error:
+            raise ConfigError(f"{key}.function(0) failed: {type(error).__name__}: {error}") from None
+        if not math.isfinite(first) or first < 0:
+            raise ConfigError(f"{key}.function(0) returned {first}; a learning-rate multiplier must be >= 0")
     steps_per_interval = steps_per_epoch if per_epoch else 1
     default_total = math.ceil(max_steps / steps_per_epoch) if per_epoch else max_steps
     return LRMultiplier(
@@ -64,6 +83,7 @@ def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch
         min_factor=schedule.min_factor,
         cycle=schedule.cycle,
         cycle_multiplier=schedule.cycle_multiplier,
+        function=function,
     )
 
 
@@ -74,9 +94,15 @@ class ParameterGroup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
-                    config: OptimConfig) -> torch.optim.Optimizer:
-    # foreach=False: the plain per-tensor loop is deterministic and fast enough on CPU for these models.
+def _make_optimizer(name: Any, params: list[nn.Parameter], lr: float, weight_decay: float,
+                    config: OptimConfig, *, key: str) -> torch.optim.Optimizer:
+    if not isinstance(name, str):  # a `_target_` node: any optimizer class, torch's or the user's
+        from hpctrain.components import build
+
+        optimizer = build(key, name, params, lr=lr, weight_decay=weight_decay)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"{key}: {type(optimizer).__name__} is not a torch.optim.Optimizer")
+        return optimizer
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
                                weight_decay=weight_decay)
@@ -102,8 +128,9 @@ def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: 
         assigned["default" if owner is None else owner.name].append(parameter)
 
     groups = []
-    for group in [None, *config.param_groups]:
+    for index, group in enumerate([None, *config.param_groups]):
         name = "default" if group is None else group.name
+        key = "optim" if group is None else f"optim.param_groups[{index - 1}]"
         params = assigned[name]
         if group is not None and group.frozen:
             continue
@@ -117,10 +144,21 @@ def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: 
         lr = (group and group.lr) or config.lr
         weight_decay = config.weight_decay if group is None or group.weight_decay is None else group.weight_decay
         schedule = (group and group.schedule) or config.schedule
-        optimizer = _make_optimizer(optimizer_name, params, lr, weight_decay, config)
-        multiplier = make_multiplier(schedule, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+        optimizer_key = f"{key}.optimizer" if group is not None and group.optimizer else "optim.optimizer"
+        optimizer = _make_optimizer(optimizer_name, params, lr, weight_decay, config, key=optimizer_key)
+        schedule_key = f"{key}.schedule" if group is not None and group.schedule else "optim.schedule"
+        multiplier = make_multiplier(schedule, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
+                                     key=schedule_key)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)
         groups.append(ParameterGroup(name=name, optimizer=optimizer, scheduler=scheduler))
     if not groups:
         raise ConfigError("optim.param_groups freeze every parameter of the model: nothing to train")
     return groups
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+    """The scheduler's position for a checkpoint. Its multiplier is rebuilt from the config, so it is left out:
+    a user's multiplier function could not be loaded with weights_only=True."""
+    state = scheduler.state_dict()
+    state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+    return state

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,13 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hpctrain.checkpoint import CheckpointManager
+from hpctrain.components import Batch, Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError, to_json
-from hpctrain.data import (DistributedBatchSampler, HDF5BatchDataset, ShardSampler, Split, make_loader,
-                           resolve_num_workers, stop_loader_workers)
+from hpctrain.data import (BatchReader, DistributedBatchSampler, ShardSampler, make_loader, resolve_num_workers,
+                           stop_loader_workers)
 from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
-from hpctrain.optim import build_parameter_groups
-from hpctrain.tasks.base import Task
+from hpctrain.optim import build_parameter_groups, scheduler_state
+from hpctrain.seeding import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -59,49 +59,26 @@ class TrainState:
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: float
-    num_samples: int
-    nonfinite: bool
-    stop_requested: bool
-
-
-def capture_rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-        "python": {"version": python_state[0], "state": list(python_state[1]), "gauss": python_state[2]},
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    # Mean of each named per-sample loss component (empty when the loss returns one tensor).
+    loss_components: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    num_samples: int = 0
+    nonfinite: bool = False
+    stop_requested: bool = False
 
 
 class Trainer:
-    def __init__(self, *, config: Config, run_dir: Path, dist: DistributedContext, task: Task, split: Split,
+    """Trains the components built from the config (hpctrain.components) as one rank of `dist`."""
+
+    def __init__(self, *, config: Config, run_dir: Path, dist: DistributedContext, components: Components,
                  stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.config = config
         self.run_dir = run_dir
         self.dist = dist
-        self.task = task
-        self.split = split
+        self.split = split = components.split
+        self.loss = components.loss
+        self.metric_functions = components.metrics
+        self.inputs = list(config.task.inputs)
         self.device = dist.device
         # Polled once per step and all-reduced with the step statistics (the SLURM signal handler sets it).
         self.stop_requested = stop_requested
@@ -113,8 +90,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
 
-        seed_everything(config.seed)  # identical initial weights on every rank, and across restarts
-        self.model = task.build_model().to(self.device)
+        # Built right after seeding (components.build_components): identical initial weights on every rank.
+        self.model = components.model.to(self.device)
         self.sampler = DistributedBatchSampler(
             split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
             num_microbatches=trainer_cfg.num_microbatches, rank=dist.rank, world_size=dist.world_size,
@@ -132,12 +109,12 @@ class Trainer:
 
         num_workers = resolve_num_workers(config.data, cpus_per_rank)
         pin_memory = config.data.pin_memory and self.device.type == "cuda"
-        data_keys = {"images_key": config.data.images_key, "labels_key": config.data.labels_key}
-        self.train_loader = make_loader(HDF5BatchDataset(split.train_path, **data_keys), self.sampler,
-                                        config=config.data, num_workers=num_workers, pin_memory=pin_memory)
+        self.train_loader = make_loader(BatchReader(split.train_dataset, transforms=components.transforms),
+                                        self.sampler, config=config.data, num_workers=num_workers,
+                                        pin_memory=pin_memory)
         val_batch_size = config.data.val_batch_size or trainer_cfg.micro_batch_size
         self.val_loader = make_loader(
-            HDF5BatchDataset(split.val_path, **data_keys),
+            BatchReader(split.val_dataset, transforms=components.transforms),
             ShardSampler(split.val_indices, batch_size=val_batch_size, rank=dist.rank, world_size=dist.world_size),
             config=config.data, num_workers=num_workers, pin_memory=pin_memory)
 
@@ -157,8 +134,15 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, microbatches: list[dict[str, torch.Tensor]], *, num_samples: int) -> StepResult:
-        """One optimizer step over this rank's micro-batches; `num_samples` counts the step's samples on all ranks.
+    def _to_device(self, batch: Batch) -> Batch:
+        return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+
+    def _per_sample_loss(self, outputs: object, batch: Batch) -> dict[str, torch.Tensor]:
+        return per_sample_components(self.loss(outputs, batch), len(batch["index"]), key="task.loss")
+
+    def train_step(self, microbatches: list[Batch], sizes: list[int], *, num_samples: int) -> StepResult:
+        """One optimizer step over this rank's micro-batches; `sizes` are their sample counts (0: a stand-in that
+        only joins the all-reduce), `num_samples` counts the step's samples on all ranks.
 
         Gradients are all-reduced only by the last micro-batch (the others run under DDP's no_sync). Each
         micro-batch's loss is its per-sample loss sum divided by the global sample count (times the world size,
@@ -166,28 +150,22 @@ class Trainer:
         the shorter last step of an epoch.
         """
         loss_scale = self.dist.world_size / num_samples
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         last = len(microbatches) - 1
-        for index, batch in enumerate(microbatches):
-            is_last = index == last
-            empty = batch["inputs"].shape[0] == 0
-            if empty and not is_last:
-                continue  # nothing to add, and no all-reduce to take part in
-            sync = is_last or not self.dist.is_distributed
+        for index, (batch, size) in enumerate(zip(microbatches, sizes)):
+            sync = index == last or not self.dist.is_distributed
             with nullcontext() if sync else self.ddp_model.no_sync():
-                inputs = batch["inputs"].to(self.device, non_blocking=True)
-                targets = batch["targets"].to(self.device, non_blocking=True)
-                if empty:
-                    # This rank has no sample in the step's tail but must join the gradient all-reduce:
-                    # a zero-weighted forward pass contributes exactly zero gradient.
-                    inputs = torch.zeros((1, *inputs.shape[1:]), device=self.device)
-                    targets = torch.zeros((1, *targets.shape[1:]), device=self.device)
+                batch = self._to_device(batch)
                 with self._autocast():
-                    per_sample = self.task.per_sample_loss(self.ddp_model(inputs), targets)
-                weighted = per_sample.sum() * (0.0 if empty else loss_scale)
+                    outputs = self.ddp_model(*model_inputs(batch, self.inputs))
+                    components = self._per_sample_loss(outputs, batch)
+                per_sample = sum(components.values())
+                # A stand-in micro-batch is weighted by zero: exactly no gradient, but the all-reduce happens.
+                weighted = per_sample.sum() * (loss_scale if size else 0.0)
                 self.grad_scaler.scale(weighted).backward()
-            if not empty:
-                loss_sum += per_sample.detach().sum()
+            for name, value in components.items():
+                contribution = value.detach().sum(dtype=torch.float64) * (1.0 if size else 0.0)
+                sums[name] = sums[name] + contribution if name in sums else contribution
 
         for group in self.groups:
             self.grad_scaler.unscale_(group.optimizer)
@@ -196,12 +174,15 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
                                                    max_norm if max_norm is not None else math.inf)
 
-        # One small all-reduce per step: the loss for the metrics, and flags every rank must agree on.
-        stats = torch.stack([loss_sum, torch.tensor(float(self.stop_requested()), dtype=torch.float64,
-                                                    device=self.device)])
+        # One small all-reduce per step: the loss (and its components) for the metrics, and the stop flag.
+        names = sorted(sums)
+        stats = torch.stack([*(sums[name] for name in names),
+                             torch.tensor(float(self.stop_requested()), dtype=torch.float64, device=self.device)])
         self.dist.all_reduce_sum(stats)
-        loss = stats[0].item() / num_samples
-        grad_norm_value = grad_norm.item()
+        *totals, stop, grad_norm_value = torch.cat(  # the step's one host sync
+            [stats, grad_norm.detach().reshape(1).to(torch.float64)]).tolist()
+        means = {name: total / num_samples for name, total in zip(names, totals)}
+        loss = sum(means.values())
         nonfinite = not (math.isfinite(loss) and (math.isfinite(grad_norm_value) or self.grad_scaler.is_enabled()))
 
         if not nonfinite:
@@ -211,23 +192,34 @@ class Trainer:
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
             group.scheduler.step()  # the step counts even when skipped: its data was consumed
-        return StepResult(loss=loss, grad_norm=grad_norm_value, num_samples=num_samples, nonfinite=nonfinite,
-                          stop_requested=stats[1].item() > 0)
+        return StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
+                          grad_norm=grad_norm_value, num_samples=num_samples, nonfinite=nonfinite,
+                          stop_requested=stop > 0)
 
     # -- validation ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self) -> tuple[float, np.ndarray]:
-        """Per-sample validation losses of the whole validation set (all ranks' shards, in index order)."""
+    def validate(self) -> dict[str, np.ndarray]:
+        """Per-sample validation values of the whole validation set (all ranks' shards, in index order): the loss,
+        its named components (`loss.<name>`) and every metric."""
         self.model.eval()
-        losses = []
+        local: dict[str, list[np.ndarray]] = {}
         for batch in self.val_loader:
+            batch = self._to_device(batch)
             with self._autocast():
-                outputs = self.model(batch["inputs"].to(self.device, non_blocking=True))
-            losses.append(self.task.per_sample_loss(outputs, batch["targets"].to(self.device)).float().cpu())
+                outputs = self.model(*model_inputs(batch, self.inputs))
+                components = self._per_sample_loss(outputs, batch)
+                values = {"loss": sum(components.values())}
+                values.update({f"loss.{name}": value for name, value in components.items() if name})
+                for name, metric in self.metric_functions.items():
+                    parts = per_sample_components(metric(outputs, batch), len(batch["index"]),
+                                                  key=f"task.metrics.{name}")
+                    values.update({f"{name}.{part}" if part else name: value for part, value in parts.items()})
+            for name, value in values.items():
+                local.setdefault(name, []).append(value.float().cpu().numpy())
         self.model.train()
-        local = torch.cat(losses).numpy() if losses else np.empty(0, dtype=np.float32)
-        per_sample = np.concatenate(self.dist.all_gather_object(local))
-        return float(np.mean(per_sample, dtype=np.float64)), per_sample
+        shards = self.dist.all_gather_object({name: np.concatenate(parts) for name, parts in local.items()})
+        names = sorted({name for shard in shards for name in shard})
+        return {name: np.concatenate([shard[name] for shard in shards if name in shard]) for name in names}
 
     def _update_early_stopping(self, loss: float) -> bool:
         """Record an evaluation; True if it is the best so far."""
@@ -255,7 +247,7 @@ class Trainer:
             "train_state": asdict(self.state),
             "model": self.model.state_dict(),
             "optimizers": [group.optimizer.state_dict() for group in self.groups],
-            "schedulers": [group.scheduler.state_dict() for group in self.groups],
+            "schedulers": [scheduler_state(group.scheduler) for group in self.groups],
             "parameter_groups": [group.name for group in self.groups],
             "grad_scaler": self.grad_scaler.state_dict(),
             "rng": rng_states,
@@ -326,7 +318,7 @@ class Trainer:
             self.metrics = MetricsWriter(
                 self.run_dir / METRICS_FILENAME, parameter_groups=[group.name for group in self.groups],
                 validation_sample_index=self.split.val_indices, config_json=to_json(self.config),
-                metric_name=self.task.metric_name, cursor=cursor)
+                task_name=self.config.task.name, cursor=cursor)
         try:
             self._loop()
         finally:
@@ -349,9 +341,10 @@ class Trainer:
             if batches is None:
                 self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.train_loader)
-            microbatches = [next(batches) for _ in range(trainer_cfg.num_microbatches)]
+            sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
+            microbatches = [next(batches) for _ in sizes]
             learning_rates = self._learning_rates()
-            result = self.train_step(microbatches,
+            result = self.train_step(microbatches, sizes,
                                      num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
 
             self.state.step += 1
@@ -369,7 +362,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.log_step(step=self.state.step, epoch=epoch, loss=result.loss,
                                       grad_norm=result.grad_norm, samples_per_second=samples_per_second,
-                                      nonfinite=result.nonfinite, learning_rates=learning_rates)
+                                      nonfinite=result.nonfinite, learning_rates=learning_rates,
+                                      loss_components=result.loss_components)
                 if self.state.step % callbacks.metrics.flush_every_steps == 0:
                     self.metrics.flush()
             progress.update(1)
@@ -401,13 +395,15 @@ class Trainer:
         limit = self._limit_reached()
         improved = False
         if step % self.config.trainer.val_every_steps == 0 or limit:
-            loss, per_sample = self.validate()
-            improved = self._update_early_stopping(loss)
+            per_sample = self.validate()
+            means = {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}
+            improved = self._update_early_stopping(means["loss"])
             if self.metrics is not None:
-                self.metrics.log_validation(step=step, loss=loss, per_sample_loss=per_sample)
+                self.metrics.log_validation(step=step, per_sample=per_sample)
             if self.dist.is_main:
-                log.info("step %d: validation %s %.5g (best %.5g at step %d)", step, self.task.metric_name, loss,
-                         self.state.best_loss, self.state.best_step)
+                shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
+                log.info("step %d: validation %s (best loss %.5g at step %d)", step, shown, self.state.best_loss,
+                         self.state.best_step)
             early_stopping = self.config.callbacks.early_stopping
             if (early_stopping.enabled
                     and self.state.evaluations_without_improvement >= early_stopping.patience):

@@ -28,7 +28,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_overrides(data_path: Path, *extra: str) -> list[str]:
     """A run of the real config shrunk to seconds: small images, a small model, no loader workers."""
-    return ["debug=fast", f"data.path={data_path}", "data.generate_if_missing=false", *extra]
+    return ["debug=fast", f"data.dataset.path={data_path}", "data.prepare.generate_if_missing=false",
+            "model.width=8", "model.num_stages=2", *extra]
 
 
 def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, timeout: float = 300,

@@ -20,7 +20,8 @@ def test_default_config_is_debug_mode_on_the_builtin_task() -> None:
     config = compose_config()
     assert config.task.name == "cbed_distortion"
     assert config.launcher.name == "local" and config.launcher.num_processes == 1
-    assert config.model.image_size == config.data.generator.image_size == 64
+    assert config.model["_target_"] == "hpctrain.tasks.cbed.DistopticaNet"
+    assert config.data.prepare["image_size"] == 64 and config.task.inputs == ["image"]
 
 
 def test_config_round_trips_through_json() -> None:
@@ -51,11 +52,11 @@ BAD_INPUTS = [
     (["trainer.max_steps=many"], "trainer.max_steps"),
     (["optim.lr=-1"], "optim.lr must be > 0"),
     (["optim.optimizer=lbfgs"], "optim.optimizer must be one of"),
-    (["model.norm=layer"], "model.norm must be one of"),
+    (["model.norm=layer"], "model: model.norm must be one of"),
     (["trainer.precision=fp8"], "trainer.precision must be one of"),
-    (["data.path=/nonexistent/cbed.h5"], "data file /nonexistent/cbed.h5 does not exist"),
-    (["data.images_key=pictures"], "has no HDF5 dataset 'pictures'"),
-    (["model.image_size=64"], "model.image_size=64 but the data has 32x32 images"),
+    (["data.dataset.path=/nonexistent/cbed.h5"], "data file /nonexistent/cbed.h5 does not exist"),
+    (["data.dataset.fields.image=pictures"], "data.dataset: field 'image': "),
+    (["+model.image_size=64"], "model.image_size=64 but the data has 32x32 images"),
     (["model.num_stages=6"], "must be a positive multiple of 2**model.num_stages"),
     (["trainer.device=cpu", "trainer.precision=fp16"], "fp16 needs a CUDA device"),
     (["+optim.param_groups=[{name: head, params: [nothing.*]}]"], "matches no parameter"),
@@ -79,7 +80,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, tiny_data: Path, o
 def test_broken_data_files_are_refused(tmp_path: Path, broken_files: dict[str, Path], tiny_data: Path, kind: str,
                                        message: str) -> None:
     run_dir = tmp_path / "run"
-    result = launch([*tiny_overrides(tiny_data), f"data.path={broken_files[kind]}"], run_dir=run_dir, check=False)
+    result = launch([*tiny_overrides(tiny_data), f"data.dataset.path={broken_files[kind]}"], run_dir=run_dir,
+                    check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert not run_dir.exists()
 
@@ -103,4 +105,5 @@ def test_cluster_presets_compose() -> None:
     assert gpu.launcher.name == "slurm" and gpu.launcher.tasks_per_node == gpu.launcher.gpus_per_node == 4
     assert gpu.trainer.precision == "bf16"
     cluster = compose_config("experiment=cbed_cluster", "launcher=slurm")
-    assert cluster.optim.optimizer == "sgd" and cluster.model.image_size == 128 and cluster.launcher.nodes == 2
+    assert cluster.optim.optimizer == "sgd" and cluster.data.prepare["image_size"] == 128
+    assert cluster.launcher.nodes == 2 and cluster.data.dataset["path"].endswith("cbed_128px_200000.h5")

@@ -1,4 +1,5 @@
-"""Data loading: the batch sampler's order, splits over ranks and micro-batches, mid-epoch resume; batch reads."""
+"""Data loading: the batch sampler's order, splits over ranks and micro-batches, mid-epoch resume; the built-in
+HDF5 dataset (named fields, ragged fields, several files) and the batch reader for any dataset."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from hpctrain.data import DistributedBatchSampler, HDF5BatchDataset, ShardSampler, read_dataset_info
+from hpctrain.data import BatchReader, DistributedBatchSampler, HDF5Dataset, ShardSampler
+
+CBED_FIELDS = {"image": "images", "labels": "labels"}
 
 
 def sampler(num_samples: int = 103, *, micro: int = 4, k: int = 2, rank: int = 0, world: int = 1,
@@ -18,11 +22,18 @@ def sampler(num_samples: int = 103, *, micro: int = 4, k: int = 2, rank: int = 0
 
 
 def steps_of(samplers: list[DistributedBatchSampler]) -> list[list[np.ndarray]]:
-    """Per optimizer step, the micro-batches of every rank."""
-    per_rank = [list(s) for s in samplers]
-    k = samplers[0].num_microbatches
-    return [[mb for rank in per_rank for mb in rank[step * k:(step + 1) * k]]
-            for step in range(len(per_rank[0]) // k)]
+    """Per optimizer step, the real (not stand-in) micro-batches of every rank."""
+    steps: list[list[np.ndarray]] = [[] for _ in range(samplers[0].steps_per_epoch)]
+    for s in samplers:
+        batches = iter(s)
+        for step in range(s.steps_per_epoch):
+            for size in s.microbatch_sizes(step):
+                batch = next(batches)
+                assert len(batch) == max(size, 1)
+                if size:
+                    steps[step].append(batch)
+        assert next(batches, None) is None and len(s) == sum(len(s.microbatch_sizes(t)) for t in range(len(steps)))
+    return steps
 
 
 @pytest.mark.parametrize("world,micro,k", [(1, 8, 2), (2, 4, 2), (3, 2, 3), (1, 16, 1)])
@@ -43,15 +54,20 @@ def test_the_samples_of_a_step_do_not_depend_on_ranks_or_microbatches() -> None:
         assert [np.sort(np.concatenate(step)).tolist() for step in steps] == [r.tolist() for r in reference]
 
 
-def test_empty_microbatches_come_before_the_last_one() -> None:
+def test_tail_steps_leave_out_empty_microbatches_and_give_a_rank_without_samples_a_stand_in() -> None:
     # 103 samples, global batch 16 (4 ranks x 4 micro-batches of 1): the tail step has 7 samples, shared 2, 2, 2, 1.
-    tails = [sampler(micro=1, k=4, rank=r, world=4).step_microbatches(
-        sampler(micro=1, k=4, rank=r, world=4).epoch_order(0), 6) for r in range(4)]
-    assert [[len(mb) for mb in tail] for tail in tails] == [[0, 0, 1, 1]] * 3 + [[0, 0, 0, 1]]
-    # 97 samples: a tail of 1; ranks 1-3 have no sample at all (the trainer's zero-weight pass).
-    tails = [sampler(97, micro=1, k=4, rank=r, world=4).step_microbatches(
-        sampler(97, micro=1, k=4, rank=r, world=4).epoch_order(0), 6) for r in range(4)]
-    assert [[len(mb) for mb in tail] for tail in tails] == [[0, 0, 0, 1]] + [[0, 0, 0, 0]] * 3
+    samplers = [sampler(micro=1, k=4, rank=r, world=4) for r in range(4)]
+    tails = [s.step_microbatches(s.epoch_order(0), 6) for s in samplers]
+    assert [[len(mb) for mb in tail] for tail in tails] == [[1, 1]] * 3 + [[1]]
+    assert [s.microbatch_sizes(6) for s in samplers] == [[1, 1]] * 3 + [[1]]
+    assert [s.microbatch_sizes(0) for s in samplers] == [[1, 1, 1, 1]] * 4
+    # 97 samples: a tail of 1; ranks 1-3 have no sample at all: one stand-in (the step's first sample, weighted
+    # zero by the trainer) so they still join the gradient all-reduce.
+    samplers = [sampler(97, micro=1, k=4, rank=r, world=4) for r in range(4)]
+    order = samplers[0].epoch_order(0)
+    tails = [s.step_microbatches(order, 6) for s in samplers]
+    assert [mb.tolist() for tail in tails for mb in tail] == [[order[96]]] * 4
+    assert [s.microbatch_sizes(6) for s in samplers] == [[1], [0], [0], [0]]
 
 
 def test_order_is_keyed_on_seed_and_epoch_and_resumes_mid_epoch() -> None:
@@ -60,7 +76,7 @@ def test_order_is_keyed_on_seed_and_epoch_and_resumes_mid_epoch() -> None:
     whole_epoch = list(full)
     resumed = sampler()
     resumed.set_position(3, 5)
-    assert [mb.tolist() for mb in resumed] == [mb.tolist() for mb in whole_epoch[5 * 2:]]
+    assert [mb.tolist() for mb in resumed] == [mb.tolist() for mb in whole_epoch[5 * 2:]]  # 2 per full step
     other_epoch, other_seed = sampler(), sampler(seed=8)
     other_epoch.set_position(4, 0)
     other_seed.set_position(3, 0)
@@ -75,14 +91,16 @@ def test_validation_shards_cover_the_set_in_order() -> None:
 
 
 def test_batch_read_returns_the_requested_rows_in_order(tiny_data: Path) -> None:
-    dataset = HDF5BatchDataset(tiny_data, images_key="images", labels_key="labels")
+    dataset = HDF5Dataset(tiny_data, CBED_FIELDS)
     with h5py.File(tiny_data) as file:
         images, labels = file["images"][()], file["labels"][()]
-    for indices in (np.array([17, 3, 150, 4, 90]), np.arange(40, 56), np.array([], dtype=np.int64)):
-        batch = dataset[indices]
-        assert batch["inputs"].shape == (len(indices), 1, 32, 32)
-        assert np.array_equal(batch["inputs"][:, 0].numpy(), images[indices])
-        assert np.array_equal(batch["targets"].numpy(), labels[indices])
+    assert len(dataset) == 192
+    for indices in (np.array([17, 3, 150, 4, 90]), np.arange(40, 56), np.array([5, 5, 2]),
+                    np.array([], dtype=np.int64)):
+        batch = BatchReader(dataset)[indices]
+        assert batch["image"].shape == (len(indices), 32, 32) and batch["image"].dtype == torch.float32
+        assert np.array_equal(batch["image"].numpy(), images[indices])
+        assert np.array_equal(batch["labels"].numpy(), labels[indices])
         assert batch["index"].tolist() == indices.tolist()
 
 
@@ -94,25 +112,71 @@ def test_batch_read_is_one_hdf5_read_per_dataset(tiny_data: Path, monkeypatch: p
         reads.append(self.name)
         return original(self, key, *args, **kwargs)
 
+    dataset = HDF5Dataset(tiny_data, CBED_FIELDS)
     monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
-    HDF5BatchDataset(tiny_data, images_key="images", labels_key="labels")[np.array([90, 3, 17, 120, 5, 61])]
+    dataset.__getitems__([90, 3, 17, 120, 5, 61])
     assert sorted(reads) == ["/images", "/labels"]
 
 
 def test_dataset_handle_is_not_pickled_and_reopens_per_process(tiny_data: Path) -> None:
     import pickle
 
-    dataset = HDF5BatchDataset(tiny_data, images_key="images", labels_key="labels")
-    dataset[np.array([1])]
+    dataset = HDF5Dataset(tiny_data, CBED_FIELDS)
+    dataset.__getitems__([1])
     clone = pickle.loads(pickle.dumps(dataset))
-    assert clone._file is None
-    assert clone[np.array([1])]["inputs"].shape == (1, 1, 32, 32)
+    assert clone._files is None
+    assert clone[1]["image"].shape == (32, 32)
 
 
-def test_dataset_info_reads_layout_and_normalization(tiny_data: Path) -> None:
-    info = read_dataset_info(tiny_data, images_key="images", labels_key="labels")
-    assert info.num_samples == 192 and info.image_shape == (32, 32) and info.num_labels == 8
-    assert info.normalization_weight.shape == (8,) and np.all(info.normalization_weight > 0)
+def ragged_file(path: Path, counts: list[int], *, first: int = 0) -> tuple[Path, list[np.ndarray]]:
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    values = (np.arange(offsets[-1] * 3, dtype=np.float64).reshape(-1, 3) + 1000 * first)
+    with h5py.File(path, "w") as file:
+        file["atoms/xyz"] = values
+        file["atoms/offsets"] = offsets
+        file["energy"] = np.arange(first, first + len(counts), dtype=np.int32)
+    return path, [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_ragged_fields_arrive_padded_with_their_lengths_from_several_files(tmp_path: Path) -> None:
+    path_a, samples_a = ragged_file(tmp_path / "a.h5", [2, 0, 3, 1])
+    path_b, samples_b = ragged_file(tmp_path / "b.h5", [4, 1], first=4)
+    dataset = HDF5Dataset([str(path_a), str(path_b)],
+                          {"atoms": {"values": "atoms/xyz", "offsets": "atoms/offsets"}, "energy": "energy"})
+    samples = samples_a + samples_b
+    assert len(dataset) == 6
+    indices = np.array([4, 1, 2, 0, 5, 2])
+    batch = BatchReader(dataset)[indices]
+    assert batch["atoms"].shape == (6, 4, 3) and batch["atoms"].dtype == torch.float64
+    assert batch["atoms_length"].tolist() == [len(samples[i]) for i in indices]
+    assert batch["energy"].tolist() == indices.tolist() and batch["energy"].dtype == torch.int32
+    for row, index in enumerate(indices):
+        length = len(samples[index])
+        assert np.array_equal(batch["atoms"][row, :length].numpy(), samples[index])
+        assert not batch["atoms"][row, length:].any()  # zero padding
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"image": "pictures"}, "field 'image': .* has no HDF5 dataset 'pictures' \\(it has: images, labels\\)"),
+    ({"index": "images"}, "reserved"),
+    ({"image": {"values": "images"}}, "fields.image must be"),
+])
+def test_bad_fields_are_refused_with_the_field_named(tiny_data: Path, fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HDF5Dataset(tiny_data, fields)
+
+
+def test_any_map_style_dataset_is_read_through_the_same_reader() -> None:
+    class PerSample(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+            return {"x": torch.full((2,), float(index)), "y": torch.tensor(index * 2)}
+
+    batch = BatchReader(PerSample(), transforms=[lambda b: {**b, "x": b["x"] * 10}])[np.array([3, 1])]
+    assert batch["x"].tolist() == [[30.0, 30.0], [10.0, 10.0]] and batch["y"].tolist() == [6, 2]
+    assert batch["index"].tolist() == [3, 1]
 
 
 def test_block_shuffle_visits_every_sample_once_in_contiguous_runs() -> None:
@@ -136,10 +200,11 @@ def test_a_batch_of_a_few_runs_is_read_with_one_slice_per_run(tiny_data: Path,
         return original(self, key, *args, **kwargs)
 
     indices = np.concatenate([np.arange(64, 80), np.arange(0, 16)])
+    dataset = HDF5Dataset(tiny_data, CBED_FIELDS)
     monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
-    batch = HDF5BatchDataset(tiny_data, images_key="images", labels_key="labels")[indices]
+    batch = dataset.__getitems__(indices)
     monkeypatch.undo()
     assert sorted(reads, key=str) == sorted([("/images", slice(0, 16)), ("/images", slice(64, 80)),
                                              ("/labels", slice(0, 16)), ("/labels", slice(64, 80))], key=str)
     with h5py.File(tiny_data) as file:
-        assert np.array_equal(batch["inputs"][:, 0].numpy(), file["images"][()][indices])
+        assert np.array_equal(batch["image"].numpy(), file["images"][()][indices])

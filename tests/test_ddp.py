@@ -14,9 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from hpctrain.components import build_components
 from hpctrain.config import Config
-from hpctrain.job import prepare
-from hpctrain.tasks.base import build_task
 
 from .conftest import final_weights, launch, tiny_overrides
 from .test_config import compose_config
@@ -81,22 +80,22 @@ def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, result
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist = init_distributed(device_preference="cpu", timeout_s=120)
-    prepared = prepare(config, generate=False)
     counts = []
     for num_microbatches in (1, 3):
         trainer_config = config.trainer.__class__(**{**config.trainer.__dict__,
                                                      "num_microbatches": num_microbatches})
         trainer = Trainer(config=config.__class__(**{**config.__dict__, "trainer": trainer_config}),
                           run_dir=Path(run_dir) / str(num_microbatches), dist=dist,
-                          task=build_task(config, prepared.info), split=prepared.split)
+                          components=build_components(config))
         counter = AllReduceCounter()
         trainer.ddp_model.register_comm_hook(counter, AllReduceCounter.hook)
         batches = iter(trainer.train_loader)
         backward_passes = 0
         for step in range(4):
-            microbatches = [next(batches) for _ in range(num_microbatches)]
+            sizes = trainer.sampler.microbatch_sizes(step)
+            microbatches = [next(batches) for _ in sizes]
             backward_passes += len(microbatches)
-            trainer.train_step(microbatches, num_samples=trainer.sampler.samples_in_step(step))
+            trainer.train_step(microbatches, sizes, num_samples=trainer.sampler.samples_in_step(step))
         counts.append((num_microbatches, backward_passes, counter.calls))
     results.put((rank, counts))
     shutdown_distributed()

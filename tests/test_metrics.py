@@ -18,28 +18,38 @@ from hpctrain.metrics import MetricsCursor, MetricsWriter, open_for_reading
 
 def writer(path: Path, cursor: MetricsCursor | None = None) -> MetricsWriter:
     return MetricsWriter(path, parameter_groups=["default", "head"], validation_sample_index=np.arange(10, 15),
-                         config_json='{"seed": 0}', metric_name="epe", cursor=cursor)
+                         config_json='{"seed": 0}', task_name="toy", cursor=cursor)
 
 
 def log_steps(metrics: MetricsWriter, steps: range) -> None:
     for step in steps:
         metrics.log_step(step=step, epoch=0, loss=1.0 / step, grad_norm=0.5, samples_per_second=100.0,
-                         nonfinite=False, learning_rates=[1e-3, 1e-4])
+                         nonfinite=False, learning_rates=[1e-3, 1e-4], loss_components={"a": 0.25 / step})
+
+
+def validation(loss: float, **metrics: np.ndarray) -> dict[str, np.ndarray]:
+    return {"loss": np.full(5, loss, dtype=np.float32), **metrics}
 
 
 def test_layout_and_dims(tmp_path: Path) -> None:
     metrics = writer(tmp_path / "metrics.h5")
     log_steps(metrics, range(1, 6))
-    metrics.log_validation(step=5, loss=0.3, per_sample_loss=np.arange(5, dtype=np.float32))
+    metrics.log_validation(step=5, per_sample=validation(0.3, epe=np.arange(5, dtype=np.float32)))
     metrics.close()
     with open_for_reading(tmp_path / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == [1, 2, 3, 4, 5]
         assert file["train/lr"].shape == (5, 2)
         assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
         assert file["train/lr"].attrs["dim_1"] == "parameter group"
-        assert file["validation/per_sample_loss"].shape == (1, 5)
+        assert file["train/loss.a"][()].tolist() == [0.25 / step for step in range(1, 6)]
+        assert file["validation/per_sample/loss"].shape == (1, 5)
+        assert file["validation/per_sample/epe"][()].tolist() == [[0, 1, 2, 3, 4]]
+        assert file["validation/per_sample/epe"].attrs["dim_1"] == "validation sample"
+        assert file["validation/epe"][()].tolist() == [2.0]
+        assert np.allclose(file["validation/loss"][()], [0.3])
         assert file["validation/sample_index"][()].tolist() == [10, 11, 12, 13, 14]
         assert file["config"][()].decode() == '{"seed": 0}'
+        assert file.attrs["task"] == "toy"
 
 
 def test_rows_are_buffered_until_flush(tmp_path: Path) -> None:
@@ -55,15 +65,17 @@ def test_rows_are_buffered_until_flush(tmp_path: Path) -> None:
 def test_resume_truncates_to_the_checkpoint_cursor(tmp_path: Path) -> None:
     metrics = writer(tmp_path / "metrics.h5")
     log_steps(metrics, range(1, 11))
-    metrics.log_validation(step=5, loss=0.3, per_sample_loss=np.zeros(5, np.float32))
-    metrics.log_validation(step=10, loss=0.2, per_sample_loss=np.zeros(5, np.float32))
+    metrics.log_validation(step=5, per_sample=validation(0.3, epe=np.zeros(5, np.float32)))
+    metrics.log_validation(step=10, per_sample=validation(0.2, epe=np.zeros(5, np.float32)))
     metrics.close()
     metrics = writer(tmp_path / "metrics.h5", cursor=MetricsCursor(train_rows=6, validation_rows=1))
     log_steps(metrics, range(7, 9))
     metrics.close()
     with open_for_reading(tmp_path / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert len(file["train/loss.a"]) == 8  # every per-step dataset, also the task's own
         assert file["validation/step"][()].tolist() == [5]
+        assert file["validation/per_sample/epe"].shape == (1, 5) and file["validation/epe"].shape == (1,)
 
 
 KILLED_WRITER = textwrap.dedent("""
@@ -71,7 +83,7 @@ KILLED_WRITER = textwrap.dedent("""
     from pathlib import Path
     from hpctrain.metrics import MetricsWriter
     metrics = MetricsWriter(Path(sys.argv[1]), parameter_groups=["default"], validation_sample_index=np.arange(3),
-                            config_json="{}", metric_name="epe", cursor=None)
+                            config_json="{}", task_name="toy", cursor=None)
     for step in range(1, 1_000_000):
         metrics.log_step(step=step, epoch=0, loss=1.0, grad_norm=1.0, samples_per_second=1.0, nonfinite=False,
                          learning_rates=[0.1])

@@ -69,7 +69,7 @@ def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, ti
         assert res["validation/step"][()].tolist() == [6, 12, 18, 24, 30, 36]
         np.testing.assert_array_equal(res["train/loss"][()], ref["train/loss"][()])
         np.testing.assert_array_equal(res["train/lr"][()], ref["train/lr"][()])
-        np.testing.assert_array_equal(res["validation/per_sample_loss"][()], ref["validation/per_sample_loss"][()])
+        np.testing.assert_array_equal(res["validation/per_sample/loss"][()], ref["validation/per_sample/loss"][()])
 
 
 def test_finished_run_is_not_trained_again(tmp_path: Path, tiny_data: Path) -> None:
@@ -102,8 +102,9 @@ def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tin
                f"paths.runs_dir={tmp_path}"]
     launch(command)
     rows = inspect_json(tmp_path / "lsweep")
-    assert [row["point"] for row in rows] == [f"data.generate_if_missing=False,optim.lr={lr},trainer.max_steps=5"
-                                              for lr in ("0.001", "0.002")]
+    assert [row["point"] for row in rows] == [
+        f"data.prepare.generate_if_missing=False,model.num_stages=2,model.width=8,optim.lr={lr},trainer.max_steps=5"
+        for lr in ("0.001", "0.002")]
     assert all(row["state"] == "FINISHED" and row["step"] == 5 for row in rows)
     again = launch(command)
     assert again.stdout.count("already finished at step 5") == 2

@@ -78,7 +78,7 @@ def test_two_node_gloo_job_trains_and_completes(two_node_run: Path) -> None:
     assert "hostname=node1" in logs and "hostname=node2" in logs and "global_rank=1(2)" in logs
     with open_for_reading(two_node_run / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == list(range(1, 101))
-        per_sample = file["validation/per_sample_loss"][()]
+        per_sample = file["validation/per_sample/loss"][()]
         index = file["validation/sample_index"][()]
     # 38 validation images, 19 per rank: every one has its own EPE, gathered from both ranks.
     assert per_sample.shape == (5, 38) and index.tolist() == list(range(154, 192))
@@ -126,7 +126,7 @@ def test_sweep_is_one_job_array_and_a_rerun_completes_only_the_cancelled_point(t
     assert "submitted job array" in first.stdout and "with 3 of the sweep's 3 points" in first.stdout
     points = sorted((tmp_path / "sweep").glob("*optim.lr=*"))
     assert [p.name.split("optim.lr=")[1].split(",")[0] for p in points] == ["0.001", "0.002", "0.003"]
-    assert "launcher" not in points[0].name and "data.path" not in points[0].name
+    assert "launcher" not in points[0].name and "data.dataset.path" not in points[0].name
     job_ids = [recorded_job_id(p) for p in points]
     array_id = job_ids[0].split("_")[0]
     assert job_ids == [f"{array_id}_{i}" for i in range(3)]

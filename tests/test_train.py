@@ -11,30 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+from hpctrain.components import build_components
 from hpctrain.config import ScheduleConfig
 from hpctrain.distributed import DistributedContext
-from hpctrain.job import prepare
 from hpctrain.metrics import open_for_reading
 from hpctrain.optim import make_multiplier
-from hpctrain.tasks.base import build_task
 from hpctrain.train import NonFiniteLossError, Trainer
 
 from .conftest import final_weights, launch, tiny_overrides
 from .test_config import compose_config
 
 
-class PoisonedTask:
-    """The real task, whose loss turns NaN for the given (0-based) training forward passes."""
+class PoisonedLoss:
+    """The task's real loss, turned NaN for the given (0-based) training forward passes."""
 
-    def __init__(self, task, poisoned_calls: set[int]) -> None:
-        self.task, self.poisoned_calls, self.calls = task, poisoned_calls, 0
-        self.metric_name = task.metric_name
+    def __init__(self, loss, poisoned_calls: set[int]) -> None:
+        self.loss, self.poisoned_calls, self.calls = loss, poisoned_calls, 0
 
-    def build_model(self):
-        return self.task.build_model()
-
-    def per_sample_loss(self, outputs, targets):
-        loss = self.task.per_sample_loss(outputs, targets)
+    def __call__(self, outputs, batch):
+        loss = self.loss(outputs, batch)
         if torch.is_grad_enabled():
             if self.calls in self.poisoned_calls:
                 loss = loss * float("nan")
@@ -45,10 +40,10 @@ class PoisonedTask:
 def poisoned_trainer(tmp_path: Path, tiny_data: Path, *overrides: str, poisoned: set[int]) -> Trainer:
     config = compose_config(*tiny_overrides(tiny_data, "trainer.max_steps=12",
                                             "callbacks.early_stopping.enabled=false", *overrides))
-    prepared = prepare(config, generate=False)
+    components = build_components(config)
+    components.loss = PoisonedLoss(components.loss, poisoned)
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    task = PoisonedTask(build_task(config, prepared.info), poisoned)
-    return Trainer(config=config, run_dir=tmp_path, dist=context, task=task, split=prepared.split)
+    return Trainer(config=config, run_dir=tmp_path, dist=context, components=components)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path, tiny_data: Path) -> None:
@@ -92,10 +87,7 @@ def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(
         assert list(file["train/lr"].attrs["parameter_groups"]) == ["default", "head"]
     assert np.allclose(lr[:, 1], 1e-4)  # the head group's own constant schedule
     assert lr[0, 0] < lr[-1, 0]  # the default group is still warming up (optim.schedule.warmup=50)
-    config = compose_config(*tiny_overrides(tiny_data))
-    task = build_task(config, prepare(config, generate=False).info)
-    torch.manual_seed(config.seed)  # as the trainer does before it builds the model
-    initial = task.build_model().state_dict()
+    initial = build_components(compose_config(*tiny_overrides(tiny_data))).model.state_dict()
     trained = final_weights(tmp_path)
     assert torch.equal(initial["stem.0.weight"], trained["stem.0.weight"])
     assert not torch.equal(initial["head.0.weight"], trained["head.0.weight"])

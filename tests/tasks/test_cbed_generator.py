@@ -154,15 +154,15 @@ def test_a_failed_regeneration_keeps_the_previous_file(tmp_path: Path, monkeypat
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"image_size": 8}, "data.generator.image_size must be >= 16, got 8"),
-        ({"num_images": 0}, "data.generator.num_images must be >= 1, got 0"),
+        ({"image_size": 8}, "image_size must be >= 16, got 8"),
+        ({"num_images": 0}, "num_images must be >= 1, got 0"),
         (
             {"min_disk_radius": 0.2, "max_disk_radius": 0.1},
-            r"data.generator.max_disk_radius must be >= data.generator.min_disk_radius \(0.2\), got 0.1",
+            r"max_disk_radius must be >= min_disk_radius \(0.2\), got 0.1",
         ),
-        ({"min_lattice_spacing_in_disk_radii": 1.5}, "data.generator.min_lattice_spacing_in_disk_radii must be > 2"),
-        ({"max_blank_frame_fraction": 0.0}, r"data.generator.max_blank_frame_fraction must be in \(0, 0.5\]"),
-        ({"seed": -1}, "data.generator.seed must be >= 0"),
+        ({"min_lattice_spacing_in_disk_radii": 1.5}, "min_lattice_spacing_in_disk_radii must be > 2"),
+        ({"max_blank_frame_fraction": 0.0}, r"max_blank_frame_fraction must be in \(0, 0.5\]"),
+        ({"seed": -1}, "seed must be >= 0"),
     ],
 )
 def test_bad_config_raises(overrides: dict[str, object], message: str) -> None:

@@ -47,7 +47,8 @@ def test_bad_config_raises(overrides: dict[str, object], message: str) -> None:
 
 
 def test_check_image_size_names_the_sizes() -> None:
-    config = CBEDModelConfig()
+    check_image_size(CBEDModelConfig(), 128)  # no image_size: any size the stages can halve
+    config = CBEDModelConfig(image_size=64)
     check_image_size(config, 64)
     with pytest.raises(ValueError, match="model.image_size=64 but the data has 128x128 images"):
         check_image_size(config, 128)
@@ -86,3 +87,12 @@ def test_contrast_enhancement_ignores_offset_and_scale() -> None:
     model = DistopticaNet(_small_config())
     images = torch.rand(2, 32, 32)
     torch.testing.assert_close(model(images), model(3.0 * images + 7.0), atol=1e-5, rtol=0)
+
+
+def test_forward_refuses_images_of_the_wrong_size_or_shape() -> None:
+    model = DistopticaNet(image_size=32, width=4, num_stages=2)  # keyword arguments, as the Hydra node gives them
+    assert model(torch.rand(2, 32, 32)).shape == (2, 8)
+    with pytest.raises(ValueError, match="model.image_size=32 but the data has 16x16 images"):
+        model(torch.rand(2, 16, 16))
+    with pytest.raises(ValueError, match="square single-channel images"):
+        model(torch.rand(2, 3, 32, 32))

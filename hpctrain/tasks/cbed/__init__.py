@@ -1,7 +1,9 @@
-"""The built-in demo task: estimate the 8 distortion parameters of a synthetic distorted CBED pattern.
+"""The built-in demo task, a plug-in like a user's own: estimate the 8 distortion parameters of a synthetic
+distorted CBED pattern (after emicroml). Selected with `task=cbed_distortion` (hpctrain/conf/task/).
 
-``generator`` writes the images and labels to HDF5, ``model`` holds the network, ``loss`` the
-differentiable end-point error of the adjusted distortion fields.
+``generator`` writes the images and labels to HDF5 (``python -m hpctrain.tasks.cbed.generate``), ``model``
+holds the network, ``loss`` the differentiable end-point error of the adjusted distortion fields, and
+``objectives`` the task's loss and metrics on hpctrain's contract.
 """
 
 from hpctrain.tasks.cbed.generator import (
@@ -14,6 +16,7 @@ from hpctrain.tasks.cbed.generator import (
 )
 from hpctrain.tasks.cbed.loss import denormalize, epe_of_adjusted_distortion_fields, flow_field
 from hpctrain.tasks.cbed.model import CBEDModelConfig, DistopticaNet, check_image_size
+from hpctrain.tasks.cbed.objectives import EndPointErrorLoss, NoDistortionEPE, ParameterErrors
 
 __all__ = [
     "PARAMETER_NAMES",
@@ -21,6 +24,9 @@ __all__ = [
     "CBEDGeneratorConfig",
     "CBEDModelConfig",
     "DistopticaNet",
+    "EndPointErrorLoss",
+    "NoDistortionEPE",
+    "ParameterErrors",
     "check_image_size",
     "denormalize",
     "epe_of_adjusted_distortion_fields",

@@ -87,7 +87,8 @@ def label_normalization() -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class CBEDGeneratorConfig:
-    """How to generate a CBED distortion dataset (the Hydra node ``data.generator``).
+    """How to generate a CBED distortion dataset (the keyword arguments of ``ensure_dataset``, the Hydra node
+    ``data.prepare`` of the cbed_distortion task).
 
     Lengths are fractions of the image width unless the name says pixels.
 
@@ -127,11 +128,11 @@ class CBEDGeneratorConfig:
     def __post_init__(self) -> None:
         def require(condition: bool, field: str, requirement: str) -> None:
             if not condition:
-                raise ValueError(f"data.generator.{field} must be {requirement}, got {getattr(self, field)!r}")
+                raise ValueError(f"{field} must be {requirement}, got {getattr(self, field)!r}")
 
         def require_ordered(low_field: str, high_field: str) -> None:
             low = getattr(self, low_field)
-            require(getattr(self, high_field) >= low, high_field, f">= data.generator.{low_field} ({low!r})")
+            require(getattr(self, high_field) >= low, high_field, f">= {low_field} ({low!r})")
 
         require(self.num_images >= 1, "num_images", ">= 1")
         require(self.image_size >= 16, "image_size", ">= 16")
@@ -399,3 +400,21 @@ def generate_dataset(
             os.unlink(temporary_name)
         raise
     return path
+
+
+def ensure_dataset(path: str, *, generate_if_missing: bool = True, num_processes: int = 0,
+                   **generator: object) -> None:
+    """The cbed_distortion task's `data.prepare` hook: generate the file at `path` when it does not exist
+    (meant for small debug datasets; generate large ones with `python -m hpctrain.tasks.cbed.generate`)."""
+    config = CBEDGeneratorConfig(**generator)  # type: ignore[arg-type]  # its checks name the bad key
+    target = Path(path)
+    if target.exists():
+        return
+    if not generate_if_missing:
+        raise ValueError(f"data file {target} does not exist; generate it first with `python -m "
+                         f"hpctrain.tasks.cbed.generate` and the same overrides")
+    import logging
+
+    logging.getLogger(__name__).info("generating %d synthetic images of %dx%d into %s", config.num_images,
+                                     config.image_size, config.image_size, target)
+    generate_dataset(target, config, num_processes=num_processes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,8 @@ class CBEDModelConfig:
     """Shape of a ``DistopticaNet`` (the Hydra node ``model``).
 
     Attributes:
-        image_size: N of the N x N input images; must be divisible by 2**num_stages.
+        image_size: N of the N x N input images, checked against the data in the forward pass; null accepts
+            any size divisible by 2**num_stages.
         width: channels of the stem and the first stage; each later stage doubles them.
         num_stages: residual stages, each starting with a stride-2 block, so the total downsampling
             is 2**num_stages.
@@ -35,7 +37,7 @@ class CBEDModelConfig:
         num_outputs: outputs of the last layer (the 8 distortion parameters).
     """
 
-    image_size: int = 64
+    image_size: Optional[int] = None
     width: int = 16
     num_stages: int = 3
     blocks_per_stage: int = 1
@@ -51,7 +53,8 @@ class CBEDModelConfig:
                 raise ValueError(f"model.{field} must be >= 1, got {getattr(self, field)!r}")
         if self.norm not in _NORMS:
             raise ValueError(f"model.norm must be one of {', '.join(_NORMS)}, got {self.norm!r}")
-        _check_divisible(self.image_size, self.num_stages, what=f"model.image_size={self.image_size}")
+        if self.image_size is not None:
+            _check_divisible(self.image_size, self.num_stages, what=f"model.image_size={self.image_size}")
 
 
 def _check_divisible(image_size: int, num_stages: int, *, what: str) -> None:
@@ -66,7 +69,7 @@ def _check_divisible(image_size: int, num_stages: int, *, what: str) -> None:
 def check_image_size(config: CBEDModelConfig, image_size: int) -> None:
     """Raise ValueError unless images of ``image_size`` x ``image_size`` fit the model ``config`` describes."""
     _check_divisible(image_size, config.num_stages, what=f"image size {image_size}")
-    if image_size != config.image_size:
+    if config.image_size is not None and image_size != config.image_size:
         raise ValueError(
             f"model.image_size={config.image_size} but the data has {image_size}x{image_size} images; "
             f"set model.image_size={image_size} or regenerate the data"
@@ -116,9 +119,10 @@ class DistopticaNet(nn.Module):
     the two FC layers; it is left out here because a micro-batch of one must train.
     """
 
-    def __init__(self, config: CBEDModelConfig) -> None:
+    def __init__(self, config: CBEDModelConfig | None = None, **kwargs: Any) -> None:
+        """Built from a CBEDModelConfig or from its fields as keyword arguments (the Hydra node `model`)."""
         super().__init__()
-        check_image_size(config, config.image_size)
+        config = config if config is not None else CBEDModelConfig(**kwargs)
         self.config = config
         width = config.width
         self.stem = nn.Sequential(_conv3x3(1, width), _norm(config.norm, width), nn.ReLU())
@@ -161,6 +165,10 @@ class DistopticaNet(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() == 3:
             images = images.unsqueeze(1)
+        if images.dim() != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"DistopticaNet takes square single-channel images (B, N, N) or (B, 1, N, N), got "
+                             f"{tuple(images.shape)}")
+        check_image_size(self.config, images.shape[-1])
         if self.config.contrast_enhancement:
             images = self.enhance_contrast(images)
         features = self.stages(self.stem(images))

@@ -1,0 +1,277 @@
+"""Building the user's components from their `_target_` nodes: the one place where the model, the datasets, the
+loss, the metrics and the batch transforms are constructed (the composition root), and the checks that run
+before anything is queued: every `_target_` imports, every constructor accepts its arguments, and one dry step
+(forward, loss, backward on one real micro-batch, on CPU) shows that data, model and loss fit together.
+
+The task contract (docs/your-own-model.md): a batch is a dict of named tensors (the core adds `index`, the sample
+indices); `outputs = model(*[batch[name] for name in task.inputs])`; `loss(outputs, batch)` returns a per-sample
+tensor of shape (batch,) or a dict of named per-sample components whose sum is the loss; each metric
+`metric(outputs, batch)` returns a per-sample tensor (batch,).
+
+Every error is a ConfigError whose message starts with the config key of the node at fault.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import Dataset
+
+from hpctrain.config import Config, ConfigError, DataConfig, is_target_node
+from hpctrain.data import BatchReader, Split, make_split
+from hpctrain.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+PerSampleFunction = Callable[[Any, Batch], Any]
+
+
+@dataclass
+class Components:
+    """Everything a rank trains with, built once from the config."""
+
+    model: nn.Module
+    loss: PerSampleFunction
+    metrics: dict[str, PerSampleFunction]
+    split: Split
+    transforms: list[Callable[[Batch], Batch]]
+
+
+# -- building --------------------------------------------------------------------------------------------------
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0] if "\n" in text else text
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def build(key: str, node: Any, *args: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, *args, **kwargs)`; any error becomes one ConfigError naming `key`."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except Exception as error:  # a user's constructor may raise anything: report it with the key, no traceback
+        cause = _root_cause(error)
+        message = _first_line(cause)
+        if not isinstance(cause, (ValueError, TypeError, KeyError, OSError, ConfigError)):
+            message = f"{type(cause).__name__}: {message}"
+        raise ConfigError(f"{key}: {message}") from None
+
+
+def _target_nodes(value: Any, key: str) -> list[tuple[str, str]]:
+    """(key, dotted path) of every `_target_` in a resolved config tree."""
+    found = []
+    if isinstance(value, Mapping):
+        if isinstance(value.get("_target_"), str):
+            found.append((key, value["_target_"]))
+        for child_key, child in value.items():
+            found += _target_nodes(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(value, (list, tuple)):
+        for index, child in enumerate(value):
+            found += _target_nodes(child, f"{key}[{index}]")
+    return found
+
+
+def _importable(path: str) -> str:
+    """'' if the dotted path names an importable attribute, else why not."""
+    module_path, _, attribute = path.rpartition(".")
+    while module_path:
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as error:
+            if error.name and module_path.startswith(error.name) and "." in module_path:
+                # maybe a class nested in a module (pkg.module.Class.method): try one level up
+                module_path, _, parent = module_path.rpartition(".")
+                attribute = f"{parent}.{attribute}"
+                continue
+            return f"cannot import {path!r} ({error})"
+        except Exception as error:  # the user's module failed while importing
+            return f"importing {module_path!r} for {path!r} failed: {type(error).__name__}: {_first_line(error)}"
+        target: Any = module
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                return f"cannot import {path!r}: module {module_path!r} has no attribute {part!r}"
+            target = getattr(target, part)
+        return ""
+    return f"{path!r} is not a dotted path (package.module.Name)"
+
+
+def check_targets(config: Config) -> None:
+    """Every `_target_` in the config imports (the user's package is installed in this environment)."""
+    from hpctrain.config import to_dict
+
+    for key, path in _target_nodes(to_dict(config), ""):
+        problem = _importable(path)
+        if problem:
+            raise ConfigError(f"{key}._target_: {problem}; is the package that defines it installed in this "
+                              f"environment (or on PYTHONPATH), also on the compute nodes (launcher.setup)?")
+
+
+def _dataset_node(data: DataConfig, key: str) -> Any:
+    """A validation/test node: a full `_target_` node, or keys that override the training dataset's node."""
+    node = getattr(data, key)
+    if node is None or is_target_node(node):
+        return node
+    return {**data.dataset, **node}
+
+
+def build_dataset(data: DataConfig, key: str) -> Dataset | None:
+    node = data.dataset if key == "dataset" else _dataset_node(data, key)
+    if node is None:
+        return None
+    dataset = build(f"data.{key}", node)
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ConfigError(f"data.{key}: {type(dataset).__name__} is not a map-style dataset (it needs "
+                          f"__len__ and __getitem__)")
+    if len(dataset) == 0:
+        raise ConfigError(f"data.{key}: {type(dataset).__name__} holds no samples")
+    return dataset
+
+
+def prepare_data(config: Config) -> None:
+    """Run the data preparation hook (e.g. generate a missing synthetic file); on the launching machine only."""
+    if config.data.prepare is not None:
+        build("data.prepare", config.data.prepare)
+
+
+def build_components(config: Config) -> Components:
+    """The model (after seeding, so every rank and every restart starts from the same weights), the datasets and
+    their split, the loss, the metrics and the transforms."""
+    check_targets(config)
+    train = build_dataset(config.data, "dataset")
+    val = build_dataset(config.data, "val_dataset")
+    assert train is not None
+    split = make_split(train, val, val_fraction=config.data.val_fraction)
+    loss = build("task.loss", config.task.loss)
+    metrics = {name: build(f"task.metrics.{name}", node) for name, node in config.task.metrics.items()}
+    transforms = [build(f"data.transforms[{index}]", node) for index, node in enumerate(config.data.transforms)]
+    for key, function in [("task.loss", loss), *((f"task.metrics.{n}", f) for n, f in metrics.items()),
+                          *((f"data.transforms[{i}]", t) for i, t in enumerate(transforms))]:
+        if not callable(function):
+            raise ConfigError(f"{key}: {type(function).__name__} is not callable; use `_partial_: true` for a "
+                              f"function that takes more arguments than (outputs, batch)")
+    seed_everything(config.seed)
+    model = build("model", config.model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {type(model).__name__} is not a torch.nn.Module")
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError(f"model: {type(model).__name__} has no trainable parameter")
+    return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms)
+
+
+# -- the contract, checked --------------------------------------------------------------------------------------
+def model_inputs(batch: Batch, inputs: list[str]) -> list[torch.Tensor]:
+    return [batch[name] for name in inputs]
+
+
+def per_sample_components(value: Any, batch_size: int, *, key: str) -> dict[str, torch.Tensor]:
+    """A loss's or metric's result as named per-sample tensors; raises ValueError naming `key` on a bad shape."""
+    items = value.items() if isinstance(value, Mapping) else [("", value)]
+    components = {}
+    for name, tensor in items:
+        where = f"{key}[{name!r}]" if name else key
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where} returned {type(tensor).__name__}, not a per-sample tensor of shape "
+                             f"({batch_size},)")
+        if tuple(tensor.shape) != (batch_size,):
+            raise ValueError(f"{where} returned shape {tuple(tensor.shape)}; it must return one value per sample, "
+                             f"shape ({batch_size},) (reduce every other axis, e.g. .mean(dim=1))")
+        components[name] = tensor
+    if not components:
+        raise ValueError(f"{key} returned an empty dict")
+    return components
+
+
+def describe(batch: Batch, names: list[str] | None = None) -> str:
+    shown = names if names is not None else [name for name in batch if name != "index"]
+    return ", ".join(f"{name} {tuple(batch[name].shape)} {str(batch[name].dtype).replace('torch.', '')}"
+                     for name in shown if name in batch)
+
+
+def dry_step(config: Config, components: Components) -> None:
+    """Forward, loss, backward and metrics on one real micro-batch, on CPU, so a mismatch between data, model
+    and loss is refused now with the fields and shapes named, not after hours in a queue."""
+    split = components.split
+    size = min(config.trainer.micro_batch_size, len(split.train_indices))
+    reader = BatchReader(split.train_dataset, transforms=components.transforms)
+    try:
+        batch = reader[split.train_indices[:size]]
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"data.dataset: reading samples {split.train_indices[:size].tolist()[:4]}... failed: "
+                          f"{type(error).__name__}: {_first_line(error)}") from None
+    missing = [name for name in config.task.inputs if name not in batch]
+    if missing:
+        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
+                          f"{describe(batch)}")
+    model = components.model
+    model.train()
+    try:
+        outputs = model(*model_inputs(batch, config.task.inputs))
+    except Exception as error:
+        raise ConfigError(f"model: the dry step's forward pass model({describe(batch, config.task.inputs)}) "
+                          f"failed: {type(error).__name__}: {_first_line(error)}") from None
+    try:
+        terms = per_sample_components(components.loss(outputs, batch), size, key="task.loss")
+    except Exception as error:
+        raise ConfigError(f"task.loss: the dry step failed on outputs {_shape_of(outputs)} and batch "
+                          f"{describe(batch)}: {type(error).__name__}: {_first_line(error)}") from None
+    total = sum(terms.values())
+    if not torch.is_floating_point(total):
+        raise ConfigError(f"task.loss returned {total.dtype}, not a floating-point tensor")
+    try:
+        total.sum().backward()
+    except RuntimeError as error:
+        raise ConfigError(f"task.loss: backward through the loss failed ({_first_line(error)}); the loss must be "
+                          f"differentiable in the model's outputs") from None
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(*model_inputs(batch, config.task.inputs))
+        for name, metric in components.metrics.items():
+            try:
+                per_sample_components(metric(outputs, batch), size, key=f"task.metrics.{name}")
+            except Exception as error:
+                raise ConfigError(f"task.metrics.{name}: the dry step failed on outputs {_shape_of(outputs)} "
+                                  f"and batch {describe(batch)}: {type(error).__name__}: "
+                                  f"{_first_line(error)}") from None
+    model.train()
+    log.info("dry step passed: model(%s) -> %s, loss components %s", describe(batch, config.task.inputs),
+             _shape_of(outputs), sorted(name or "loss" for name in terms))
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_shape_of(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def check_run_inputs(config: Config, *, prepare: bool) -> Components:
+    """Everything the launcher checks before a run starts or is queued; returns the built components."""
+    if prepare:
+        prepare_data(config)
+    components = build_components(config)
+    if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    from hpctrain.optim import build_parameter_groups
+
+    build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
+    if config.trainer.dry_step:
+        dry_step(config, components)
+    return components
