@@ -1,0 +1,204 @@
+"""A user's own model, data and loss, trained through hpctrain as a new user would: an outside package
+(tests/outside, copied out of the repository) with its own configs, `python -m hpctrain.launch --config-dir conf
+task=molecules` run from that directory against a non-editable install of hpctrain (`pip install --target`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpctrain.checkpoint import CheckpointManager
+from hpctrain.metrics import open_for_reading
+
+from .conftest import PYTHON, REPO, final_weights
+
+OUTSIDE = Path(__file__).resolve().parent / "outside"
+SHORT = ["trainer.max_steps=24", "trainer.micro_batch_size=8", "trainer.val_every_steps=6",
+         "callbacks.checkpoint.every_steps=4", "callbacks.early_stopping.enabled=false", "data.num_workers=0",
+         "trainer.progress_bar=false", "callbacks.metrics.flush_every_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hpctrain built and installed as a wheel (not editable) into a directory of its own."""
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    shutil.copytree(REPO, build / "src", ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "*.egg-info",
+                                                                       "__pycache__", "build", "tests"))
+    subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(build / "src")],
+                   check=True, capture_output=True, text=True, timeout=600)
+    assert (target / "hpctrain" / "conf" / "task" / "cbed_distortion.yaml").is_file(), "configs not packaged"
+    assert not list(target.glob("__editable__*")), "the install must not be editable"
+    return target
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The user's project directory: their package, their configs and their data file, outside the repository."""
+    directory = tmp_path / "project"
+    shutil.copytree(OUTSIDE, directory, ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(directory))
+    try:
+        import molecules
+
+        molecules.make_file(directory / "molecules.h5")
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("molecules", None)
+    return directory
+
+
+def user_env(installed: Path, project: Path) -> dict[str, str]:
+    # The installed hpctrain first; the user's package from their project (as on their PYTHONPATH).
+    return {**os.environ, "PYTHONPATH": f"{installed}{os.pathsep}{project}", "HYDRA_FULL_ERROR": "0"}
+
+
+def user_launch(installed: Path, project: Path, *overrides: str, run_dir: Path, check: bool = True,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *overrides,
+               f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, cwd=project, env=user_env(installed, project), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def user_inspect(installed: Path, project: Path, run_dir: Path) -> dict:
+    result = subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], cwd=project, check=True,
+                            env=user_env(installed, project), capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+def test_the_installed_package_is_the_one_that_runs(installed: Path, project: Path) -> None:
+    result = subprocess.run([PYTHON, "-c", "import hpctrain, molecules; print(hpctrain.__file__, "
+                                           "hpctrain.__version__, molecules.__file__)"],
+                            cwd=project, env=user_env(installed, project), capture_output=True, text=True, check=True)
+    hpctrain_file, version, molecules_file = result.stdout.split()
+    assert hpctrain_file.startswith(str(installed)) and version != "0.0.0+unknown"
+    assert molecules_file.startswith(str(project))
+
+
+def test_own_task_trains_with_its_named_fields_components_and_metrics(installed: Path, project: Path,
+                                                                      tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = user_launch(installed, project, *SHORT, run_dir=run_dir)
+    output = result.stdout + result.stderr
+    assert "dry step passed: model(positions (8, " in output  # padded to the longest molecule of the batch
+    assert "3) float32, positions_length (8,) int64, descriptors (8, 4) float32)" in output
+    summary = user_inspect(installed, project, run_dir)
+    assert summary["task"] == "molecules" and summary["newest_checkpoint"]["finished"]
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 25))
+        squared, absolute, loss = (file[f"train/{name}"][()] for name in ("loss.squared", "loss.absolute", "loss"))
+        np.testing.assert_allclose(squared + absolute, loss, rtol=1e-12)  # the components sum to the loss
+        per_sample = file["validation/per_sample/absolute_error"][()]
+        assert per_sample.shape == (4, 40) and file["validation/sample_index"][()].tolist() == list(range(120, 160))
+        np.testing.assert_allclose(file["validation/absolute_error"][()], per_sample.mean(axis=1), rtol=1e-5)
+        assert file["validation/per_sample/loss.squared"].shape == (4, 40)
+        # The user's LR multiplier (halving every 10 steps) and optimizer class (RMSprop) were used.
+        lr = file["train/lr"][()][:, 0]
+        np.testing.assert_allclose(lr[[0, 9, 10, 20]], [3e-3, 3e-3, 1.5e-3, 7.5e-4])
+        assert file["validation/loss"][-1] < file["validation/loss"][0]  # it learns
+    state = CheckpointManager.load(CheckpointManager(run_dir, keep_last=2).newest_valid())
+    assert "alpha" in state["optimizers"][0]["param_groups"][0]  # RMSprop's own hyperparameter
+
+
+def test_own_task_on_two_ranks_equals_one_rank(installed: Path, project: Path, tmp_path: Path) -> None:
+    sgd = [*SHORT, "optim.optimizer=sgd", "optim.lr=0.02"]
+    user_launch(installed, project, *sgd, run_dir=tmp_path / "one")
+    user_launch(installed, project, *sgd, "trainer.micro_batch_size=2", "trainer.num_microbatches=2",
+                "launcher.num_processes=2", run_dir=tmp_path / "two")
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_own_task_killed_and_restarted_is_bit_exact(installed: Path, project: Path, tmp_path: Path) -> None:
+    run = [*SHORT, "trainer.max_steps=40", "data.num_workers=1"]
+    user_launch(installed, project, *run, run_dir=tmp_path / "reference")
+    command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *run,
+               f"hydra.run.dir={tmp_path / 'resumed'}"]
+    process = subprocess.Popen(command, cwd=project, env=user_env(installed, project), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    manager = CheckpointManager(tmp_path / "resumed", keep_last=2)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(info.step >= 13 for info in manager.complete()):
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed; make it longer"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    restarted = user_launch(installed, project, *run, run_dir=tmp_path / "resumed")
+    assert "resumed from" in restarted.stdout + restarted.stderr
+    reference = user_inspect(installed, project, tmp_path / "reference")
+    resumed = user_inspect(installed, project, tmp_path / "resumed")
+    assert reference["newest_checkpoint"]["model_sha256"] == resumed["newest_checkpoint"]["model_sha256"]
+    with open_for_reading(tmp_path / "resumed" / "metrics.h5") as res, \
+            open_for_reading(tmp_path / "reference" / "metrics.h5") as ref:
+        assert res["train/step"][()].tolist() == list(range(1, 41))
+        for name in ("train/loss.squared", "validation/per_sample/absolute_error"):
+            np.testing.assert_array_equal(res[name][()], ref[name][()])
+
+
+# (overrides, text the one error message must contain)
+BAD_COMPONENTS = [
+    (["model._target_=molecules.EnergyNett"], "model._target_: cannot import 'molecules.EnergyNett'"),
+    (["model._target_=no_such_package.Model"], "model._target_: cannot import 'no_such_package.Model'"),
+    (["model.hidden=0"], "model: hidden must be >= 1, got 0"),
+    (["+model.depth=3"], "model: EnergyNet.__init__() got an unexpected keyword argument 'depth'"),
+    (["task.loss._target_=molecules.WrongShapeLoss", "~task.loss.absolute_weight"],
+     "task.loss: the dry step failed on outputs (8,) and batch"),
+    (["task.inputs=[descriptors,positions_length,positions]"], "model: the dry step's forward pass model("
+                                                               "descriptors (8, 4) float32"),
+    (["data.dataset.fields.energy=targets/enrgy"], "data.dataset: field 'energy': "),
+    (["task.inputs=[positions,atoms]"], "task.inputs: the batch has no field 'atoms'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_COMPONENTS, ids=[" ".join(o) for o, _ in BAD_COMPONENTS])
+def test_bad_user_components_are_refused_with_the_key_named(installed: Path, project: Path, tmp_path: Path,
+                                                            overrides: list[str], message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = user_launch(installed, project, *SHORT, *overrides, run_dir=run_dir, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hpctrain: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists(), "a refused run must leave no run directory behind"
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_own_task_trains_as_a_slurm_job_and_a_bad_one_queues_nothing(installed: Path, project: Path,
+                                                                     tmp_path: Path) -> None:
+    from .test_slurm import accounted_jobs
+
+    slurm = ["launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
+             "launcher.timeout_min=10"]
+    before = accounted_jobs()
+    refused = user_launch(installed, project, *SHORT, *slurm, "model._target_=molecules.Missing",
+                          run_dir=tmp_path / "refused", check=False)
+    assert refused.returncode == 2 and "model._target_: cannot import 'molecules.Missing'" in refused.stderr
+    assert accounted_jobs() == before and not (tmp_path / "refused").exists()
+
+    run_dir = tmp_path / "job"
+    result = user_launch(installed, project, *SHORT, *slurm, "launcher.wait=true", run_dir=run_dir, timeout=600)
+    assert "submitted SLURM job" in result.stdout
+    summary = user_inspect(installed, project, run_dir)
+    assert summary["task"] == "molecules" and summary["newest_checkpoint"]["finished"]
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 25))
+        assert file["validation/per_sample/absolute_error"].shape == (4, 40)
