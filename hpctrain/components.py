@@ -43,6 +43,8 @@ class Components:
     metrics: dict[str, PerSampleFunction]
     split: Split
     transforms: list[Callable[[Batch], Batch]]
+    # data.test_dataset, built (and so checked) with the others; None when the config names none.
+    test_dataset: Dataset | None = None
 
 
 # -- building --------------------------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ def build_components(config: Config) -> Components:
     check_targets(config)
     train = build_dataset(config.data, "dataset")
     val = build_dataset(config.data, "val_dataset")
+    test = build_dataset(config.data, "test_dataset")
     assert train is not None
     split = make_split(train, val, val_fraction=config.data.val_fraction)
     loss = build("task.loss", config.task.loss)
@@ -167,7 +170,8 @@ def build_components(config: Config) -> Components:
         raise ConfigError(f"model: {type(model).__name__} is not a torch.nn.Module")
     if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError(f"model: {type(model).__name__} has no trainable parameter")
-    return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms)
+    return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms,
+                      test_dataset=test)
 
 
 # -- the contract, checked --------------------------------------------------------------------------------------

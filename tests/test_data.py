@@ -208,3 +208,17 @@ def test_a_batch_of_a_few_runs_is_read_with_one_slice_per_run(tiny_data: Path,
                                              ("/labels", slice(0, 16)), ("/labels", slice(64, 80))], key=str)
     with h5py.File(tiny_data) as file:
         assert np.array_equal(batch["image"].numpy(), file["images"][()][indices])
+
+
+def test_built_in_transforms_apply_to_their_field_in_the_reader(tiny_data: Path) -> None:
+    from hpctrain.transforms import Cast, Normalize
+
+    reader = BatchReader(HDF5Dataset(tiny_data, CBED_FIELDS),
+                         transforms=[Normalize(field="image", mean=0.5, std=0.25), Cast(field="labels", dtype="float64")])
+    batch = reader[np.array([3, 7])]
+    with h5py.File(tiny_data) as file:
+        expected = (file["images"][[3, 7]] - 0.5) / 0.25
+    np.testing.assert_allclose(batch["image"].numpy(), expected, rtol=1e-6)
+    assert batch["labels"].dtype == torch.float64
+    with pytest.raises(ValueError, match="std must be > 0"):
+        Normalize(field="image", std=0.0)

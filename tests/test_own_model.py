@@ -202,3 +202,24 @@ def test_own_task_trains_as_a_slurm_job_and_a_bad_one_queues_nothing(installed: 
     with open_for_reading(run_dir / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == list(range(1, 25))
         assert file["validation/per_sample/absolute_error"].shape == (4, 40)
+
+
+def test_separate_validation_and_test_files_are_read_and_checked(installed: Path, project: Path,
+                                                                tmp_path: Path) -> None:
+    sys.path.insert(0, str(project))
+    try:
+        import molecules
+
+        molecules.make_file(project / "val.h5", num_molecules=24, seed=1)
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("molecules", None)
+    run_dir = tmp_path / "run"
+    refused = user_launch(installed, project, *SHORT, "data.val_dataset={path: val.h5}",
+                          "data.test_dataset={path: missing.h5}", run_dir=run_dir, check=False)
+    assert refused.returncode == 2 and "data.test_dataset: data file missing.h5 does not exist" in refused.stderr
+    user_launch(installed, project, *SHORT, "trainer.max_steps=6", "data.val_dataset={path: val.h5}",
+                "data.test_dataset={path: val.h5}", run_dir=run_dir)
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        assert file["validation/sample_index"][()].tolist() == list(range(24))  # all of val.h5
+        assert file["validation/per_sample/absolute_error"].shape == (1, 24)
