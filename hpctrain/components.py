@@ -208,7 +208,7 @@ def dry_step(config: Config, components: Components) -> None:
     and loss is refused now with the fields and shapes named, not after hours in a queue."""
     split = components.split
     size = min(config.trainer.micro_batch_size, len(split.train_indices))
-    reader = BatchReader(split.train_dataset, transforms=components.transforms)
+    reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed)
     try:
         batch = reader[split.train_indices[:size]]
     except ConfigError:

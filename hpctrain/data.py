@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from hpctrain.config import ConfigError, DataConfig
 from hpctrain.distributed import exit_with_parent
+from hpctrain.transforms import TransformContext, takes_context
 
 
 class FieldSpec(NamedTuple):
@@ -241,19 +242,31 @@ def _pad(samples: list[np.ndarray], row_shape: tuple[int, ...], dtype: np.dtype)
     return padded, lengths
 
 
+class BatchRequest(NamedTuple):
+    """What the training sampler yields: the sample indices of a micro-batch and the epoch they belong to (random
+    transforms are keyed on it)."""
+
+    epoch: int
+    indices: np.ndarray
+
+
 class BatchReader(Dataset):
-    """What the DataLoader indexes: an array of sample indices -> one batch, a dict of named tensors with the
-    sample indices in `index`, after the configured transforms (run in the loader worker that read it).
+    """What the DataLoader indexes: a BatchRequest (or a plain index array, epoch 0) -> one batch, a dict of named
+    tensors with the sample indices in `index`, after the configured transforms (run in the loader worker that read
+    it; random ones draw from generators keyed on (seed, stage, epoch, sample index, transform)).
 
     A dataset with `__getitems__` is asked for the whole batch at once (it may return the batch as a dict of
     stacked tensors, or a list of samples); otherwise samples are read one by one and collated.
     """
 
-    def __init__(self, dataset: Dataset, *, transforms: Sequence[Callable] = ()) -> None:
+    def __init__(self, dataset: Dataset, *, transforms: Sequence[Callable] = (), seed: int = 0,
+                 stage: str = "train") -> None:
         self.dataset = dataset
-        self.transforms = list(transforms)
+        self.transforms = [(transform, takes_context(transform)) for transform in transforms]
+        self.seed, self.stage = seed, stage
 
-    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    def __getitem__(self, request: BatchRequest | np.ndarray) -> dict[str, torch.Tensor]:
+        epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
         getitems = getattr(self.dataset, "__getitems__", None)
         samples = getitems(list(map(int, indices))) if getitems is not None else [self.dataset[int(i)] for i in
                                                                                      indices]
@@ -263,13 +276,17 @@ class BatchReader(Dataset):
                             f"{type(batch).__name__}")
         batch = {name: torch.as_tensor(value) for name, value in batch.items()}
         batch["index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        for transform in self.transforms:
-            batch = transform(batch)
+        for position, (transform, with_context) in enumerate(self.transforms):
+            if with_context:
+                batch = transform(batch, TransformContext(seed=self.seed, stage=self.stage, epoch=epoch,
+                                                          indices=np.asarray(indices), position=position))
+            else:
+                batch = transform(batch)
         return batch
 
 
-class DistributedBatchSampler(Sampler[np.ndarray]):
-    """Yields this rank's micro-batches (arrays of sample indices), up to `num_microbatches` per optimizer step.
+class DistributedBatchSampler(Sampler[BatchRequest]):
+    """Yields this rank's micro-batches (requests for sample indices), up to `num_microbatches` per optimizer step.
 
     Keyed on (seed, epoch) and resumable at any step: `set_position(epoch, step_in_epoch)`. In the epoch's
     tail a rank's share may not fill every micro-batch: empty micro-batches are left out, and a rank with no
@@ -323,10 +340,11 @@ class DistributedBatchSampler(Sampler[np.ndarray]):
         sizes = [len(piece) for piece in self._split(np.arange(self.samples_in_step(step_in_epoch)))]
         return sizes or [0]
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[BatchRequest]:
         order = self.epoch_order(self.epoch)
         for step in range(self.step_in_epoch, self.steps_per_epoch):
-            yield from self.step_microbatches(order, step)
+            for indices in self.step_microbatches(order, step):
+                yield BatchRequest(self.epoch, indices)
 
     def __len__(self) -> int:
         return sum(len(self.microbatch_sizes(step)) for step in range(self.step_in_epoch, self.steps_per_epoch))

@@ -80,7 +80,7 @@ class Preflight(Callback):
         _checked_by_preflight = to_json(typed)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
     try:
@@ -112,4 +112,8 @@ def submit(config: Config, run_dir: Path) -> dict[str, Any]:
 register_configs()
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy: Hydra instantiates the Preflight callback from
+    # `hpctrain.launch`, and both must share its record of what was checked.
+    from hpctrain.launch import main as imported_main
+
+    imported_main()

@@ -109,12 +109,12 @@ class Trainer:
 
         num_workers = resolve_num_workers(config.data, cpus_per_rank)
         pin_memory = config.data.pin_memory and self.device.type == "cuda"
-        self.train_loader = make_loader(BatchReader(split.train_dataset, transforms=components.transforms),
-                                        self.sampler, config=config.data, num_workers=num_workers,
-                                        pin_memory=pin_memory)
+        self.train_loader = make_loader(
+            BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed, stage="train"),
+            self.sampler, config=config.data, num_workers=num_workers, pin_memory=pin_memory)
         val_batch_size = config.data.val_batch_size or trainer_cfg.micro_batch_size
         self.val_loader = make_loader(
-            BatchReader(split.val_dataset, transforms=components.transforms),
+            BatchReader(split.val_dataset, transforms=components.transforms, seed=config.seed, stage="validation"),
             ShardSampler(split.val_indices, batch_size=val_batch_size, rank=dist.rank, world_size=dist.world_size),
             config=config.data, num_workers=num_workers, pin_memory=pin_memory)
 

@@ -25,7 +25,7 @@ def steps_of(samplers: list[DistributedBatchSampler]) -> list[list[np.ndarray]]:
     """Per optimizer step, the real (not stand-in) micro-batches of every rank."""
     steps: list[list[np.ndarray]] = [[] for _ in range(samplers[0].steps_per_epoch)]
     for s in samplers:
-        batches = iter(s)
+        batches = (request.indices for request in s)
         for step in range(s.steps_per_epoch):
             for size in s.microbatch_sizes(step):
                 batch = next(batches)
@@ -73,15 +73,16 @@ def test_tail_steps_leave_out_empty_microbatches_and_give_a_rank_without_samples
 def test_order_is_keyed_on_seed_and_epoch_and_resumes_mid_epoch() -> None:
     full = sampler()
     full.set_position(3, 0)
-    whole_epoch = list(full)
+    whole_epoch = [request.indices for request in full]
     resumed = sampler()
     resumed.set_position(3, 5)
-    assert [mb.tolist() for mb in resumed] == [mb.tolist() for mb in whole_epoch[5 * 2:]]  # 2 per full step
+    assert all(request.epoch == 3 for request in resumed)
+    assert [r.indices.tolist() for r in resumed] == [mb.tolist() for mb in whole_epoch[5 * 2:]]  # 2 per full step
     other_epoch, other_seed = sampler(), sampler(seed=8)
     other_epoch.set_position(4, 0)
     other_seed.set_position(3, 0)
-    assert list(other_epoch)[0].tolist() != whole_epoch[0].tolist()
-    assert list(other_seed)[0].tolist() != whole_epoch[0].tolist()
+    assert list(other_epoch)[0].indices.tolist() != whole_epoch[0].tolist()
+    assert list(other_seed)[0].indices.tolist() != whole_epoch[0].tolist()
 
 
 def test_validation_shards_cover_the_set_in_order() -> None:
@@ -182,12 +183,12 @@ def test_any_map_style_dataset_is_read_through_the_same_reader() -> None:
 def test_block_shuffle_visits_every_sample_once_in_contiguous_runs() -> None:
     blocky = DistributedBatchSampler(np.arange(200), micro_batch_size=16, num_microbatches=1, rank=0, world_size=1,
                                      seed=3, block_size=16)
-    batches = list(blocky)
+    batches = [request.indices for request in blocky]
     assert sorted(np.concatenate(batches).tolist()) == list(range(200))
     # Blocks are permuted whole: a batch is at most two runs of consecutive samples (two slice reads).
     assert all(np.count_nonzero(np.diff(batch) != 1) <= 1 for batch in batches)
     blocky.set_position(1, 0)
-    assert [b.tolist() for b in blocky] != [b.tolist() for b in batches]  # a new block order every epoch
+    assert [r.indices.tolist() for r in blocky] != [b.tolist() for b in batches]  # a new block order every epoch
 
 
 def test_a_batch_of_a_few_runs_is_read_with_one_slice_per_run(tiny_data: Path,
