@@ -45,6 +45,8 @@ class Components:
     transforms: list[Callable[[Batch], Batch]]
     # data.test_dataset, built (and so checked) with the others; None when the config names none.
     test_dataset: Dataset | None = None
+    # task.plot, the plot hook (hpctrain.evaluate); None when the config names none.
+    plot: Callable[..., Any] | None = None
 
 
 # -- building --------------------------------------------------------------------------------------------------
@@ -159,7 +161,9 @@ def build_components(config: Config) -> Components:
     loss = build("task.loss", config.task.loss)
     metrics = {name: build(f"task.metrics.{name}", node) for name, node in config.task.metrics.items()}
     transforms = [build(f"data.transforms[{index}]", node) for index, node in enumerate(config.data.transforms)]
+    plot = build("task.plot", config.task.plot) if config.task.plot is not None else None
     for key, function in [("task.loss", loss), *((f"task.metrics.{n}", f) for n, f in metrics.items()),
+                          *([("task.plot", plot)] if plot is not None else []),
                           *((f"data.transforms[{i}]", t) for i, t in enumerate(transforms))]:
         if not callable(function):
             raise ConfigError(f"{key}: {type(function).__name__} is not callable; use `_partial_: true` for a "
@@ -171,7 +175,7 @@ def build_components(config: Config) -> Components:
     if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError(f"model: {type(model).__name__} has no trainable parameter")
     return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms,
-                      test_dataset=test)
+                      test_dataset=test, plot=plot)
 
 
 # -- the contract, checked --------------------------------------------------------------------------------------

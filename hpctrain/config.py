@@ -72,9 +72,18 @@ class TaskConfig:
     # name -> `_target_` node of a callable metric(outputs, batch) -> per-sample tensor (batch,), evaluated at
     # every validation and stored per sample in metrics.h5.
     metrics: Dict[str, Any] = field(default_factory=dict)
+    # `_target_` node of a plot hook plot(evaluation, directory) -> PNG paths, run by rank 0 in a background
+    # thread after every evaluation and at the end (hpctrain.evaluate); null: none.
+    plot: Any = None
+    # Batch fields (and `outputs`) of every validation sample to gather for the plot hook (Evaluation.gathered).
+    gather: List[str] = field(default_factory=list)
+    # Move each validation batch's outputs to the CPU and compute the loss and metrics there (hippynn's default:
+    # large validation sets stay off the GPU's memory).
+    evaluate_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.inputs), "task.inputs must name at least one batch field to pass to the model")
+        _require_target("task.plot", self.plot, optional=True)
         _require_target("task.loss", self.loss)
         for name, node in self.metrics.items():
             _require_target(f"task.metrics.{name}", node)
@@ -312,11 +321,16 @@ class EarlyStoppingConfig:
 class MetricsConfig:
     # Buffered rows are written to metrics.h5 every this many steps (and at every evaluation and checkpoint).
     flush_every_steps: int = 20
+    # loss.png, metrics.png, lr.png at the end of the run.
     plots: bool = True
+    # Run the task's plot hook (task.plot) after every this many evaluations (0: only at the end).
+    task_plot_every_evaluations: int = 1
 
     def __post_init__(self) -> None:
         _require(self.flush_every_steps > 0,
                  f"callbacks.metrics.flush_every_steps must be > 0, got {self.flush_every_steps}")
+        _require(self.task_plot_every_evaluations >= 0,
+                 f"callbacks.metrics.task_plot_every_evaluations must be >= 0, got {self.task_plot_every_evaluations}")
 
 
 @dataclass

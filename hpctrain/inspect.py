@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
-from hpctrain.metrics import METRICS_FILENAME, open_for_reading, validation_names
+from hpctrain.metrics import METRICS_FILENAME, baseline_ratios, open_for_reading, validation_names
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -47,6 +47,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                 summary["best_validation"] = {"step": int(file["validation/step"][best]),
                                               "loss": float(validation_loss[best]),
                                               "metrics": {name: float(v[best]) for name, v in means.items()}}
+                summary["best_validation"]["baseline_ratios"] = baseline_ratios(
+                    float(validation_loss[best]), summary["best_validation"]["metrics"])
     manager = CheckpointManager(run_dir, keep_last=2)
     checkpoints = manager.complete()
     summary["checkpoints"] = [info.step for info in reversed(checkpoints)]
@@ -78,8 +80,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         best, latest_validation = summary["best_validation"], summary["latest_validation"]
         lines.append(f"validation {summary['evaluations']} evaluations; latest {latest_validation['loss']:.5g} at "
                      f"step {latest_validation['step']}; best {best['loss']:.5g} at step {best['step']}")
+        for name, ratio in best["baseline_ratios"].items():
+            lines.append(f"  best loss / {name} = {ratio:.3f} ({best['metrics'][name]:.5g})")
         for name, value in best["metrics"].items():
-            if name != "loss":
+            if name != "loss" and not name.startswith("baseline_"):
                 lines.append(f"  {name:<40} {value:.5g} (at the best step)")
     lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
     if newest is not None:

@@ -189,6 +189,11 @@ class MetricsWriter:
             self.file.close()
 
 
+def baseline_ratios(loss: float, metrics: dict[str, float]) -> dict[str, float]:
+    """The loss divided by each baseline metric (a task's `baseline_*` metrics: what a trivial predictor scores)."""
+    return {name: loss / value for name, value in metrics.items() if name.startswith("baseline_") and value > 0}
+
+
 def validation_names(file: h5py.File) -> list[str]:
     """Names of the per-sample validation values stored in an open metrics.h5 (loss first)."""
     if "validation/per_sample" not in file:
@@ -219,6 +224,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         validation_loss = file["validation/loss"][()] if "validation/loss" in file else np.empty(0)
         metrics = {name: file[f"validation/{name}"][()] for name in validation_names(file)
                    if name != "loss" and not name.startswith("loss.")}
+        baselines = {name: values for name, values in metrics.items() if name.startswith("baseline_")}
     written = []
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.plot(steps, loss, lw=0.8, alpha=0.6, label="training (per step)")
@@ -227,6 +233,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         axes.plot(steps[window - 1:], smooth, lw=1.5, label=f"training ({window}-step mean)")
     axes.plot(validation_steps, validation_loss, "o-", lw=1.5, label="validation")
+    for index, (name, values) in enumerate(baselines.items()):  # a task's reference predictors, e.g. a constant
+        axes.axhline(float(np.mean(values)), ls="--", lw=1, color=f"C{index + 3}", label=f"{name} (validation)")
     axes.set(xlabel="optimizer step", ylabel="loss", yscale="log", title=f"Loss ({task})" if task else "Loss")
     axes.legend()
     figure.tight_layout()

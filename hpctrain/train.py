@@ -29,6 +29,7 @@ from hpctrain.config import Config, ConfigError, to_json
 from hpctrain.data import (BatchReader, DistributedBatchSampler, ShardSampler, make_loader, resolve_num_workers,
                            stop_loader_workers)
 from hpctrain.distributed import DistributedContext, available_cpus
+from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain.optim import build_parameter_groups, scheduler_state
 from hpctrain.seeding import capture_rng_state, restore_rng_state
@@ -77,7 +78,6 @@ class Trainer:
         self.dist = dist
         self.split = split = components.split
         self.loss = components.loss
-        self.metric_functions = components.metrics
         self.inputs = list(config.task.inputs)
         self.device = dist.device
         # Polled once per step and all-reduced with the step statistics (the SLURM signal handler sets it).
@@ -118,6 +118,12 @@ class Trainer:
             ShardSampler(split.val_indices, batch_size=val_batch_size, rank=dist.rank, world_size=dist.world_size),
             config=config.data, num_workers=num_workers, pin_memory=pin_memory)
 
+        self.evaluator = Evaluator(inputs=self.inputs, loss=self.loss, metrics=components.metrics, dist=dist,
+                                   device=self.device, autocast=self._autocast, gather=config.task.gather,
+                                   on_cpu=config.task.evaluate_on_cpu)
+        # The task's plot hook, on rank 0, in a background thread (started in fit).
+        self.plot = components.plot if dist.is_main else None
+        self.plots: PlotWorker | None = None
         self.checkpoints = CheckpointManager(run_dir, keep_last=config.callbacks.checkpoint.keep_last,
                                              keep_steps=config.callbacks.checkpoint.keep_steps)
         self.state = TrainState()
@@ -197,29 +203,10 @@ class Trainer:
                           stop_requested=stop > 0)
 
     # -- validation ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self) -> dict[str, np.ndarray]:
+    def validate(self) -> Evaluation:
         """Per-sample validation values of the whole validation set (all ranks' shards, in index order): the loss,
         its named components (`loss.<name>`) and every metric."""
-        self.model.eval()
-        local: dict[str, list[np.ndarray]] = {}
-        for batch in self.val_loader:
-            batch = self._to_device(batch)
-            with self._autocast():
-                outputs = self.model(*model_inputs(batch, self.inputs))
-                components = self._per_sample_loss(outputs, batch)
-                values = {"loss": sum(components.values())}
-                values.update({f"loss.{name}": value for name, value in components.items() if name})
-                for name, metric in self.metric_functions.items():
-                    parts = per_sample_components(metric(outputs, batch), len(batch["index"]),
-                                                  key=f"task.metrics.{name}")
-                    values.update({f"{name}.{part}" if part else name: value for part, value in parts.items()})
-            for name, value in values.items():
-                local.setdefault(name, []).append(value.float().cpu().numpy())
-        self.model.train()
-        shards = self.dist.all_gather_object({name: np.concatenate(parts) for name, parts in local.items()})
-        names = sorted({name for shard in shards for name in shard})
-        return {name: np.concatenate([shard[name] for shard in shards if name in shard]) for name in names}
+        return self.evaluator(self.model, self.val_loader, step=self.state.step)
 
     def _update_early_stopping(self, loss: float) -> bool:
         """Record an evaluation; True if it is the best so far."""
@@ -319,12 +306,16 @@ class Trainer:
                 self.run_dir / METRICS_FILENAME, parameter_groups=[group.name for group in self.groups],
                 validation_sample_index=self.split.val_indices, config_json=to_json(self.config),
                 task_name=self.config.task.name, cursor=cursor)
+        if self.plot is not None:
+            self.plots = PlotWorker(self.plot, self.run_dir / "plots")
         try:
             self._loop()
         finally:
             stop_loader_workers()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.plots is not None:
+                self.plots.close()
         if self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
             plot_run(self.run_dir)
         return self.state
@@ -395,7 +386,8 @@ class Trainer:
         limit = self._limit_reached()
         improved = False
         if step % self.config.trainer.val_every_steps == 0 or limit:
-            per_sample = self.validate()
+            evaluation = self.validate()
+            per_sample = evaluation.per_sample
             means = {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}
             improved = self._update_early_stopping(means["loss"])
             if self.metrics is not None:
@@ -409,6 +401,11 @@ class Trainer:
                     and self.state.evaluations_without_improvement >= early_stopping.patience):
                 limit = (f"early stopping: no improvement over {early_stopping.patience} evaluations "
                          f"(best {self.state.best_loss:.5g} at step {self.state.best_step})")
+            every = self.config.callbacks.metrics.task_plot_every_evaluations
+            evaluation.final = bool(limit)
+            if self.plots is not None and (evaluation.final or (every and step // self.config.trainer.val_every_steps
+                                                                % every == 0)):
+                self.plots.submit(evaluation)
         if limit:
             self.state.finished, self.state.stop_reason = True, limit
             if self.dist.is_main:

@@ -16,7 +16,9 @@ from hpctrain.tasks.cbed.generator import (
 )
 from hpctrain.tasks.cbed.loss import denormalize, epe_of_adjusted_distortion_fields, flow_field
 from hpctrain.tasks.cbed.model import CBEDModelConfig, DistopticaNet, check_image_size
-from hpctrain.tasks.cbed.objectives import EndPointErrorLoss, NoDistortionEPE, ParameterErrors
+from hpctrain.tasks.cbed.objectives import (EndPointErrorLoss, LabelMeanEPE, NoDistortionEPE, ParameterErrors,
+                                            ParameterPredictions)
+from hpctrain.tasks.cbed.plots import CBEDPlots
 
 __all__ = [
     "PARAMETER_NAMES",
@@ -24,7 +26,10 @@ __all__ = [
     "CBEDGeneratorConfig",
     "CBEDModelConfig",
     "DistopticaNet",
+    "CBEDPlots",
     "EndPointErrorLoss",
+    "LabelMeanEPE",
+    "ParameterPredictions",
     "NoDistortionEPE",
     "ParameterErrors",
     "check_image_size",

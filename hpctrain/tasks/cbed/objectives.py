@@ -39,7 +39,8 @@ class EndPointErrorLoss(_PhysicalParameters):
 
 class NoDistortionEPE(_PhysicalParameters):
     """Baseline: the EPE of predicting "no distortion" (every amplitude 0) for the same samples; the model's EPE
-    divided by this says how much of the distortion it has learned."""
+    divided by this says how much of the distortion it has learned. (Metrics named baseline_* are drawn as
+    reference lines on loss.png, and `inspect` prints the loss's ratio to them.)"""
 
     def __call__(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         target = batch[self.labels].float()
@@ -49,8 +50,43 @@ class NoDistortionEPE(_PhysicalParameters):
 
 
 class ParameterErrors(_PhysicalParameters):
-    """The absolute error of each of the 8 distortion parameters, in physical units, named as PARAMETER_NAMES."""
+    """The absolute error of each of the 8 distortion parameters, in physical units, named as PARAMETER_NAMES
+    (its mean over the validation samples is the parameter's mean absolute error)."""
 
     def __call__(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         errors = (self.predicted(outputs) - batch[self.labels].float()).abs()
         return {name: errors[:, index] for index, name in enumerate(PARAMETER_NAMES)}
+
+
+class LabelMeanEPE(_PhysicalParameters):
+    """Baseline: the EPE of always predicting the mean training label (a constant predictor), for the same samples.
+
+    The mean is taken over the training part of the file at `path`: the first samples, without the last
+    `holdout_fraction` that hpctrain holds out for validation (0 when validation has a file of its own)."""
+
+    def __init__(self, *, path: str, holdout_fraction: float = 0.0, labels: str = "labels", dataset: str = "labels",
+                 image: str = "image", grid_size: int = 0) -> None:
+        super().__init__(labels=labels, image=image, grid_size=grid_size)
+        import h5py
+
+        with h5py.File(path, "r") as file:
+            if dataset not in file:
+                raise ValueError(f"{path} has no HDF5 dataset {dataset!r}")
+            values = file[dataset][()]
+        num_train = len(values) - int(round(len(values) * holdout_fraction))
+        if num_train < 1:
+            raise ValueError(f"holdout_fraction={holdout_fraction} leaves no training label in {path}")
+        self.mean = torch.from_numpy(values[:num_train].astype("float64").mean(axis=0)).float()
+
+    def __call__(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        target = batch[self.labels].float()
+        constant = self.mean.to(target.device).expand_as(target)
+        return epe_of_adjusted_distortion_fields(constant, target, self.grid(batch))
+
+
+class ParameterPredictions(_PhysicalParameters):
+    """The predicted value of each of the 8 distortion parameters, in physical units (for plots and analysis)."""
+
+    def __call__(self, outputs: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        predicted = self.predicted(outputs)
+        return {name: predicted[:, index] for index, name in enumerate(PARAMETER_NAMES)}

@@ -1,0 +1,61 @@
+"""Evaluation and the task's plot hook: per-sample values for every validation sample, baselines, plots drawn in
+the background on rank 0, a failing plot that does not stop training, statistics computed on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from hpctrain.metrics import open_for_reading
+
+from .conftest import PYTHON, REPO, launch, tiny_overrides
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class FailingPlot:
+    """A plot hook that always raises (the run must go on)."""
+
+    def __call__(self, evaluation, directory: Path) -> list[Path]:
+        raise RuntimeError("this plot is broken")
+
+
+def test_task_plots_are_valid_pngs_and_baselines_are_reported(tmp_path: Path, tiny_data: Path) -> None:
+    launch(tiny_overrides(tiny_data, "callbacks.metrics.task_plot_every_evaluations=2"), run_dir=tmp_path)
+    plots = tmp_path / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["final", "step_000000020"]  # evaluations 2 and the last
+    for directory in plots.iterdir():
+        for name in ("parameters.png", "epe_histogram.png"):
+            assert (directory / name).read_bytes().startswith(PNG_SIGNATURE)
+    for name in ("loss.png", "metrics.png", "lr.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tmp_path), "--json"], cwd=REPO,
+                                        check=True, capture_output=True, text=True).stdout)
+    best = summary["best_validation"]
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        row = int(np.argmin(file["validation/loss"][()]))
+        epe = file["validation/per_sample/loss"][row].astype(np.float64)
+        no_distortion = file["validation/per_sample/baseline_no_distortion"][row].astype(np.float64)
+        assert file["validation/per_sample/predicted.distortion_center_x"].shape == (3, 38)
+    assert abs(best["baseline_ratios"]["baseline_no_distortion"] - epe.mean() / no_distortion.mean()) < 1e-6
+
+
+def test_a_failing_plot_is_logged_and_training_goes_on(tmp_path: Path, tiny_data: Path) -> None:
+    result = launch(tiny_overrides(tiny_data, "task.plot._target_=tests.test_evaluate.FailingPlot",
+                                   "callbacks.metrics.task_plot_every_evaluations=1"), run_dir=tmp_path)
+    assert "task.plot failed at step 10 (training goes on): RuntimeError: this plot is broken" in result.stderr + \
+        result.stdout
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 30
+
+
+def test_statistics_on_the_cpu_equal_those_on_the_device(tmp_path: Path, tiny_data: Path) -> None:
+    launch(tiny_overrides(tiny_data, "trainer.max_steps=10"), run_dir=tmp_path / "device")
+    launch(tiny_overrides(tiny_data, "trainer.max_steps=10", "task.evaluate_on_cpu=true"), run_dir=tmp_path / "cpu")
+    with open_for_reading(tmp_path / "device" / "metrics.h5") as device, \
+            open_for_reading(tmp_path / "cpu" / "metrics.h5") as cpu:
+        for name in ("loss", "abs_error.spiral_distortion_amplitude", "baseline_label_mean"):
+            np.testing.assert_array_equal(cpu[f"validation/per_sample/{name}"][()],
+                                          device[f"validation/per_sample/{name}"][()])
