@@ -71,6 +71,9 @@ MAX_BAND_BYTES = 256 << 20
 # How often a read is retried when the file changes while it runs, before giving up with an error.
 _MAX_ATTEMPTS = 3
 _MEMMAP_DRIVERS = (None, "sec2", "stdio", "direct")
+# Datasets with up to this many rows get a per-row file-offset table (8 bytes a row) in memmap mode; longer
+# ones compute offsets from the per-chunk table on each read.
+_ROW_TABLE_MAX_ROWS = 1 << 21
 
 _T = TypeVar("_T")
 _Signature = tuple[int, int, int, int, int]
@@ -300,8 +303,8 @@ class RowReader:
             raise TypeError(f"RowReader.read needs integer indices, got dtype {index.dtype}")
 
         def op(layout: _Layout) -> np.ndarray:
-            flat = self._checked(index.reshape(-1).astype(np.int64, copy=False), layout.shape[0])
-            return self._gather(layout, flat).reshape(index.shape + layout.row_shape)
+            flat = index.reshape(-1).astype(np.int64, copy=False)
+            return self._read_rows(layout, flat).reshape(index.shape + layout.row_shape)
 
         return self._run(op)
 
@@ -327,9 +330,9 @@ class RowReader:
             raise ValueError(f"read_ranges: {lo.size} starts but {hi.size} stops")
 
         def op(layout: _Layout) -> np.ndarray:
-            bad = np.flatnonzero((lo < 0) | (hi < lo) | (hi > layout.shape[0]))
-            if bad.size:
-                k = int(bad[0])
+            n = layout.shape[0]
+            if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
+                k = int(np.flatnonzero((lo < 0) | (hi < lo) | (hi > n))[0])
                 raise IndexError(f"range [{lo[k]}, {hi[k]}) is not within the {layout.shape[0]} rows of "
                                  f"{self.path}:{self.name}")
             return self._spans(layout, lo, hi)
@@ -367,6 +370,7 @@ class RowReader:
         self._mm: mmap.mmap | None = None
         self._rows: np.ndarray | None = None
         self._bytes: np.ndarray | None = None
+        self._row_offsets: np.ndarray | None = None
         # Closes this process's own h5py handle and its file object (see _close_handle).
         self._close_handle: weakref.finalize | None = None
         self._dataset: h5py.Dataset | None = None
@@ -382,9 +386,9 @@ class RowReader:
             return
         if self._close_handle is not None:
             self._close_handle()  # read-only handle: closing the inherited copy writes nothing
-        mapping = (self._mm, self._rows, self._bytes)
+        mapping = (self._mm, self._rows, self._bytes, self._row_offsets)
         self._init_process_state()
-        self._mm, self._rows, self._bytes = mapping
+        self._mm, self._rows, self._bytes, self._row_offsets = mapping
         self._last_check = -math.inf
         if self._caller_dataset is not None:
             self._caller_dataset = None  # the parent's handle (possibly writable) must not be used here
@@ -470,6 +474,13 @@ class RowReader:
         # Element k of this view is the `width` bytes at file offset k: one fancy index gathers any rows.
         self._rows = np.ndarray((max(len(mapped) - width + 1, 0),), dtype=np.dtype((np.void, width)),
                                 buffer=mapped, strides=(1,))
+        n = layout.shape[0]
+        if n <= _ROW_TABLE_MAX_ROWS:
+            # File offset of every row: a batch's offsets are then one lookup (which also checks bounds).
+            assert layout.chunk_offsets is not None
+            band, within = np.divmod(np.arange(n, dtype=np.int64), layout.chunk_rows)
+            band_offsets = layout.chunk_offsets[band]
+            self._row_offsets = np.where(band_offsets < 0, -1, band_offsets + within * width)
 
     @staticmethod
     def _self_check(layout: _Layout, mapped: mmap.mmap, dataset: h5py.Dataset) -> str | None:
@@ -495,7 +506,7 @@ class RowReader:
         return None
 
     def _release(self) -> None:
-        self._mm = self._rows = self._bytes = None  # unmapped once no view is left
+        self._mm = self._rows = self._bytes = self._row_offsets = None  # unmapped once no view is left
         self._cache.clear()
         self._cached_bytes = 0
         self._dataset = None
@@ -586,6 +597,7 @@ class RowReader:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def _checked(self, flat: np.ndarray, n: int) -> np.ndarray:
+        """`flat` with negative indices counted from the end; out of range -> IndexError naming the data."""
         if flat.size == 0:
             return flat
         low, high = int(flat.min()), int(flat.max())
@@ -594,25 +606,44 @@ class RowReader:
             raise IndexError(f"index {bad} is out of range for the {n} rows of {self.path}:{self.name}")
         return np.where(flat < 0, flat + n, flat) if low < 0 else flat
 
+    def _read_rows(self, layout: _Layout, flat: np.ndarray) -> np.ndarray:
+        """Rows at unchecked indices `flat`."""
+        if flat.size and self._row_offsets is not None and layout.mode == "memmap":
+            try:  # the lookup checks bounds and counts negative indices from the end, as numpy does
+                offsets = self._row_offsets[flat]
+            except IndexError:
+                self._checked(flat, layout.shape[0])  # raises with the dataset's name
+                raise
+            return self._gather_offsets(layout, offsets)
+        return self._gather(layout, self._checked(flat, layout.shape[0]))
+
     def _gather(self, layout: _Layout, flat: np.ndarray) -> np.ndarray:
+        """Rows at valid, non-negative indices `flat`."""
         if flat.size == 0 or layout.row_bytes == 0:
             return np.empty((flat.size, *layout.row_shape), dtype=layout.dtype)
         if layout.mode == "memmap":
-            return self._gather_memmap(layout, flat)
+            if self._row_offsets is not None:
+                return self._gather_offsets(layout, self._row_offsets[flat])
+            assert layout.chunk_offsets is not None
+            band, within = np.divmod(flat, layout.chunk_rows)
+            band_offsets = layout.chunk_offsets[band]
+            offsets = band_offsets + within * layout.row_bytes
+            if layout.fill_row is not None:
+                offsets[band_offsets < 0] = -1
+            return self._gather_offsets(layout, offsets)
         if layout.mode == "chunks":
             return self._gather_chunks(layout, flat)
         unique, inverse = np.unique(flat, return_inverse=True)
         return self._h5py_sorted(unique)[inverse]
 
-    def _gather_memmap(self, layout: _Layout, flat: np.ndarray) -> np.ndarray:
-        assert layout.chunk_offsets is not None and self._rows is not None
-        band, within = np.divmod(flat, layout.chunk_rows)
-        band_offsets = layout.chunk_offsets[band]
-        offsets = band_offsets + within * layout.row_bytes
-        holes = band_offsets < 0 if layout.fill_row is not None else None
-        if holes is not None:
-            offsets[holes] = 0
-        out = self._rows[offsets].view(layout.dtype).reshape((flat.size, *layout.row_shape))
+    def _gather_offsets(self, layout: _Layout, offsets: np.ndarray) -> np.ndarray:
+        """Rows starting at file byte `offsets` (-1: a never-written row, read as the fill value)."""
+        assert self._rows is not None
+        holes = None
+        if layout.fill_row is not None:
+            holes = offsets < 0
+            offsets = np.where(holes, 0, offsets)
+        out = self._rows[offsets].view(layout.dtype).reshape((offsets.size, *layout.row_shape))
         if holes is not None:
             out[holes] = layout.fill_row
         return out
@@ -673,8 +704,8 @@ class RowReader:
         total = int(lengths.sum())
         if total == 0 or layout.row_bytes == 0:
             return np.empty((total, *layout.row_shape), dtype=layout.dtype)
-        if layout.mode == "memmap" and lo.size * 16 <= total:
-            return self._copy_spans_memmap(layout, lo, hi, total)  # long spans: memcpy each
+        if layout.mode == "memmap" and total >= 8 * lo.size:
+            return self._copy_spans_memmap(layout, lo, hi, total)  # long spans: one copy per span and chunk
         if layout.mode == "h5py" and lo.size == 1:
             return self._h5py_dataset()[int(lo[0]):int(hi[0])]
         # Many short spans: one vectorised gather of all their rows.
@@ -683,22 +714,30 @@ class RowReader:
         return self._gather(layout, rows)
 
     def _copy_spans_memmap(self, layout: _Layout, lo: np.ndarray, hi: np.ndarray, total: int) -> np.ndarray:
+        """Spans cut at chunk boundaries into pieces that are contiguous in the file, computed vectorised, then
+        one concatenation of the pieces' bytes."""
         assert layout.chunk_offsets is not None and self._bytes is not None
-        out = np.empty((total, *layout.row_shape), dtype=layout.dtype)
-        out_bytes = out.reshape(-1).view(np.uint8)
-        width, per_band = layout.row_bytes, layout.chunk_rows
-        at = 0
-        for start, stop in zip(lo.tolist(), hi.tolist()):
-            row = start
-            while row < stop:  # one copy per chunk band the span touches
-                band, within = divmod(row, per_band)
-                end = min(stop, (band + 1) * per_band)
-                offset = int(layout.chunk_offsets[band])
-                if offset < 0:
-                    out[at:at + end - row] = layout.fill_row
-                else:
-                    source = offset + within * width
-                    out_bytes[at * width:(at + end - row) * width] = self._bytes[source:source + (end - row) * width]
-                at += end - row
-                row = end
-        return out
+        per_band, width = layout.chunk_rows, layout.row_bytes
+        band = lo // per_band
+        if (band == (hi - 1) // per_band).all():  # every span within one chunk (always so when contiguous)
+            piece_lo, piece_hi = lo, hi
+        else:
+            keep = hi > lo
+            lo, hi = lo[keep], hi[keep]
+            first, last = lo // per_band, (hi - 1) // per_band
+            count = last - first + 1
+            span = np.repeat(np.arange(lo.size), count)
+            band = first[span] + np.arange(span.size) - np.repeat(np.cumsum(count) - count, count)
+            piece_lo = np.maximum(lo[span], band * per_band)
+            piece_hi = np.minimum(hi[span], (band + 1) * per_band)
+        band_offsets = layout.chunk_offsets[band]
+        source = band_offsets + (piece_lo - band * per_band) * width
+        end = source + (piece_hi - piece_lo) * width
+        data = self._bytes
+        if layout.fill_row is None:
+            pieces = [data[a:b] for a, b in zip(source.tolist(), end.tolist())]
+        else:
+            fill = layout.fill_row.reshape(-1).view(np.uint8)
+            pieces = [data[a:b] if o >= 0 else np.tile(fill, (b - a) // width)
+                      for a, b, o in zip(source.tolist(), end.tolist(), band_offsets.tolist())]
+        return np.concatenate(pieces).view(layout.dtype).reshape((total, *layout.row_shape))

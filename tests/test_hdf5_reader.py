@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hpctrain import hdf5_reader
 from hpctrain.hdf5_reader import RowReader
 
 N = 203  # not a multiple of any chunk size below: every chunked case has a partial last chunk
@@ -123,9 +124,13 @@ def _same(got: np.ndarray, expected: np.ndarray) -> None:
     assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_read_equals_h5py(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "row_table"), [(case, True) for case in sorted(CASES)] + [
+    pytest.param(case, False, id=f"{case}-no-row-table") for case in sorted(CASES) if CASES[case][1] == "memmap"])
+def test_read_equals_h5py(tmp_path: Path, case: str, row_table: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     writer, expected_mode = CASES[case]
+    if not row_table:
+        # memmap datasets longer than this compute row offsets from the per-chunk table on each read.
+        monkeypatch.setattr(hdf5_reader, "_ROW_TABLE_MAX_ROWS", 0)
     path = _make(tmp_path, writer, libver="latest" if "latest" in case else "earliest")
     with h5py.File(path, "r") as f:
         ds = f["x"]
@@ -133,6 +138,8 @@ def test_read_equals_h5py(tmp_path: Path, case: str) -> None:
         reader = RowReader(ds)
         assert reader.mode == expected_mode, reader.reason
         assert reader.reason
+        if expected_mode == "memmap":
+            assert (reader._row_offsets is not None) == row_table
         assert reader.shape == ds.shape and reader.dtype == ds.dtype
         for label, index in _index_sets(len(ds)).items():
             got = reader.read(index)
@@ -163,7 +170,7 @@ def test_out_of_range_and_bad_indices_name_the_dataset(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["chunked-1d-int16", "contiguous-1d-f8", "lzf-1d", "chunked-partial-last-f4",
-                                  "compact"])
+                                  "compact", "unallocated-chunks", "unallocated-contiguous", "unallocated-gzip"])
 def test_read_ranges_ragged(tmp_path: Path, case: str) -> None:
     """Ragged field: flat values plus (n+1,) offsets; short ranges, empty ones, long ones, unsorted."""
     path = _make(tmp_path, CASES[case][0])
@@ -396,6 +403,7 @@ def test_process_exit_with_a_reader_still_open(tmp_path: Path) -> None:
     path = _make(tmp_path, CASES["gzip"][0])
     script = f"""
 import ctypes, h5py, numpy as np
+from hpctrain import hdf5_reader
 from hpctrain.hdf5_reader import RowReader
 with h5py.File({str(path)!r}, "r") as f:
     reader = RowReader(f["x"])
