@@ -670,15 +670,24 @@ class RowReader:
         return block
 
     def _gather_chunks(self, layout: _Layout, flat: np.ndarray) -> np.ndarray:
-        bands = flat // layout.chunk_rows
+        """Group the rows by chunk band, get each band once, copy its rows out."""
+        per_band = layout.chunk_rows
+        bands = flat // per_band
         order = np.argsort(bands, kind="stable")
         sorted_bands = bands[order]
+        within = flat[order] - sorted_bands * per_band
         edges = np.flatnonzero(np.diff(sorted_bands)) + 1
         out = np.empty((flat.size, *layout.row_shape), dtype=layout.dtype)
-        for first, last in zip(np.r_[0, edges].tolist(), np.r_[edges, flat.size].tolist()):
-            band = int(sorted_bands[first])
-            targets = order[first:last]
-            out[targets] = self._band(layout, band)[flat[targets] - band * layout.chunk_rows]
+        order_list, within_list, band_list = order.tolist(), within.tolist(), sorted_bands.tolist()
+        bounds = [0, *edges.tolist(), flat.size]
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            block = self._band(layout, band_list[first])
+            if last - first <= 4:
+                # A few rows (random batches): plain row copies beat numpy's per-call cost of fancy indexing.
+                for k in range(first, last):
+                    out[order_list[k]] = block[within_list[k]]
+            else:
+                out[order[first:last]] = block[within[first:last]]
         return out
 
     def _h5py_dataset(self) -> h5py.Dataset:
