@@ -235,6 +235,10 @@ class RowReader:
     multi-dimensional, empty), ``read_range(start, stop)`` equals ``dataset[start:stop]``, ``read_ranges``
     concatenates ``dataset[starts[k]:stops[k]]``. Results are new, writable arrays of ``dtype``. See the module
     docstring for modes, file changes and processes.
+
+    ``chunk_cache_bytes`` bounds the decoded-chunk cache of "chunks" mode per process (each DataLoader worker
+    has its own). ``revalidate_interval_s`` (default 0: before and after every call) is the least time between
+    two checks of the file for changes. ``stats`` counts chunk reads, cache hits and re-locations.
     """
 
     def __init__(self, dataset: h5py.Dataset, *, chunk_cache_bytes: int = 64 << 20,

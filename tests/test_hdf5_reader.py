@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +90,22 @@ CASES["unallocated-chunks"] = (_unallocated, "memmap")
 CASES["unallocated-contiguous"] = (lambda f: f.create_dataset("x", shape=(N, 2), dtype="f4", fillvalue=1.5),
                                    "memmap")
 CASES["unallocated-gzip"] = (lambda f: _unallocated_gzip(f), "chunks")
+
+
+def _external(f: h5py.File) -> None:
+    f.create_dataset("x", data=_values((N, 2), "i4"), external=[(f.filename + ".raw", 0, h5py.h5f.UNLIMITED)])
+
+
+def _virtual(f: h5py.File) -> None:
+    f["a"], f["b"] = _values((100, 3), "f4", seed=1), _values((N - 100, 3), "f4", seed=2)
+    layout = h5py.VirtualLayout(shape=(N, 3), dtype="f4")
+    layout[:100] = h5py.VirtualSource(f["a"])
+    layout[100:] = h5py.VirtualSource(f["b"])
+    f.create_virtual_dataset("x", layout)
+
+
+CASES["external"] = (_external, "h5py")
+CASES["virtual"] = (_virtual, "h5py")
 
 
 def _unallocated_gzip(f: h5py.File) -> None:
@@ -230,6 +247,31 @@ def test_vlen_falls_back_to_h5py(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         assert list(strings.read(index)) == list(f["s"][()][index])
         assert reader.read(np.array([], int)).shape == (0,)
     assert any("mode h5py" in r.getMessage() and "/x" in r.getMessage() for r in caplog.records)
+
+
+def test_chunk_bands_too_large_for_chunks_mode_fall_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hdf5_reader, "MAX_BAND_BYTES", 1000)  # a gzip chunk here holds 16*6*7*4 = 2688 bytes
+    path = _make(tmp_path, CASES["gzip"][0])
+    with h5py.File(path, "r") as f:
+        reader = RowReader(f["x"])
+        assert reader.mode == "h5py" and "2688 bytes" in reader.reason
+        index = np.array([200, 3, 3, 90])
+        _same(reader.read(index), f["x"][()][index])
+
+
+def test_empty_dataset_then_rows_appended(tmp_path: Path) -> None:
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", shape=(0, 2), dtype="u2", chunks=(4, 2), maxshape=(None, 2))
+    with h5py.File(path, "r") as f:
+        reader = RowReader(f["x"], revalidate_interval_s=0.05)
+    assert reader.mode == "memmap" and reader.shape == (0, 2)
+    assert reader.read(np.array([], int)).shape == (0, 2) and reader.read_range(0, 5).shape == (0, 2)
+    with pytest.raises(IndexError):
+        reader.read(np.array([0]))
+    _run_writer(path, "d = f['x']; d.resize((10, 2)); d[:] = np.arange(20).reshape(10, 2)")
+    time.sleep(0.1)  # checks at most every 0.05 s
+    _same(reader.read(np.array([9, 0])), np.array([[18, 19], [0, 1]], dtype="u2"))
 
 
 def test_writable_handle_reads_through_it(tmp_path: Path) -> None:
