@@ -13,8 +13,10 @@ Modes, chosen once per dataset (``reader.mode``, with the why in ``reader.reason
   Chunks never written read as the dataset's fill value. About the speed of a gather from RAM once pages are
   cached.
 * ``"chunks"``: filtered (gzip, lzf, shuffle, ...) chunked data, or uncompressed chunks that split rows. A read
-  finds the distinct row bands of chunks it needs, reads (and so decompresses, through HDF5) each once, and keeps
-  decoded bands in an LRU cache bounded by ``chunk_cache_bytes`` (0 disables it).
+  finds the distinct row bands of chunks it needs, reads and decodes each once, and keeps decoded bands in an
+  LRU cache bounded by ``chunk_cache_bytes`` (0 disables it). Chunks holding whole rows with only deflate
+  and/or shuffle are read raw (``read_direct_chunk``) and decoded here (zlib, unshuffle), honouring each
+  chunk's filter mask; everything else (lzf, fletcher32, plugins, unwritten chunks) is decoded by HDF5.
 * ``"h5py"``: everything else (variable-length, string or object dtypes, types h5py converts, compact, virtual
   or external storage, in-memory or multi-file drivers, a file this process has open for writing, SWMR):
   one sorted, de-duplicated h5py read per call, then a gather.
@@ -54,13 +56,14 @@ import os
 import threading
 import time
 import weakref
+import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Callable, TypeVar
 
 import h5py
 import numpy as np
-from h5py import h5d, h5t
+from h5py import h5d, h5t, h5z
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ MODES = ("memmap", "chunks", "h5py")
 # A chunk row band (rows [k*chunk_rows, (k+1)*chunk_rows) over all chunks they touch) is the unit "chunks" mode
 # reads; bigger bands would make one random row cost a huge read, so such datasets go to "h5py" mode.
 MAX_BAND_BYTES = 256 << 20
+# Filters "chunks" mode decodes itself (read_direct_chunk + zlib/unshuffle): HDF5's read path costs tens of
+# microseconds more per chunk, which is most of the time for small chunks. Others go through HDF5.
+_OWN_FILTERS = {h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE}
 # How often a read is retried when the file changes while it runs, before giving up with an error.
 _MAX_ATTEMPTS = 3
 _MEMMAP_DRIVERS = (None, "sec2", "stdio", "direct")
@@ -97,6 +103,16 @@ class _Layout:
     # memmap: file byte offset of each band, -1 where never written (rows read as `fill_row`).
     chunk_offsets: np.ndarray | None = None
     fill_row: np.ndarray | None = None
+    # chunks decoded here: stored size and filter mask of each chunk (offsets above), and the filter pipeline
+    # (HDF5 filter ids in write order); None when HDF5 decodes.
+    chunk_sizes: np.ndarray | None = None
+    chunk_masks: np.ndarray | None = None
+    pipeline: tuple[int, ...] | None = None
+
+    @property
+    def maps_file(self) -> bool:
+        """Reads come from an mmap of the file rather than an h5py handle."""
+        return self.mode == "memmap" or self.pipeline is not None
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -165,19 +181,43 @@ def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
                          chunk_offsets=table, **base)
     else:
         chunks = ds.chunks
-        band_bytes = chunks[0] * row_bytes
-        if dcpl.get_nfilters() > 0 or tuple(chunks[1:]) != row_shape:
-            filters = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(dcpl.get_nfilters())]
-            why = (f"compressed/filtered chunks ({', '.join(filters)})" if filters else
+        chunk_rows, whole_rows = chunks[0], tuple(chunks[1:]) == row_shape
+        pipeline = tuple(dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters()))
+        if pipeline or not whole_rows:
+            names = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(len(pipeline))]
+            why = (f"compressed/filtered chunks ({', '.join(names)})" if pipeline else
                    f"uncompressed chunks {chunks} that do not hold whole rows of shape {row_shape}")
+            band_bytes = chunk_rows * row_bytes
             if band_bytes > MAX_BAND_BYTES:
-                return _Layout("h5py", f"{why}; a band of chunks holding {chunks[0]} rows is {band_bytes} bytes, "
+                return _Layout("h5py", f"{why}; a band of chunks holding {chunk_rows} rows is {band_bytes} bytes, "
                                        f"over {MAX_BAND_BYTES}", **base)
-            return _Layout("chunks", f"{why}: each needed chunk is read and decoded once per read, "
-                                     f"decoded chunks are cached", chunk_rows=chunks[0], **base)
-        result = _locate_chunks(ds, chunks[0], row_bytes, file_size, base)
-        if isinstance(result, str):
-            return _Layout("h5py", result, **base)
+            through_hdf5 = _Layout("chunks", f"{why}: each needed chunk is read and decoded through HDF5 once per "
+                                             f"read, decoded chunks are cached", chunk_rows=chunk_rows, **base)
+            if not whole_rows or not set(pipeline) <= _OWN_FILTERS:
+                return through_hdf5
+            table = _chunk_table(ds, chunk_rows, file_size)
+            if isinstance(table, str):
+                return through_hdf5
+            result = _Layout("chunks", f"{why}: each needed chunk is read from the mapped file and decoded here "
+                                       f"(zlib, unshuffle) once per read, decoded chunks are cached",
+                             chunk_rows=chunk_rows, chunk_offsets=table[0], chunk_sizes=table[1],
+                             chunk_masks=table[2], pipeline=pipeline, **base)
+            if (result.chunk_offsets < 0).any() and isinstance(_fill_row(ds, row_shape), str):
+                return through_hdf5  # HDF5 decides what unwritten chunks read as
+        else:
+            table = _chunk_table(ds, chunk_rows, file_size)
+            chunk_bytes = chunk_rows * row_bytes  # edge chunks are stored full-size too
+            if not isinstance(table, str):
+                odd = np.flatnonzero((table[0] >= 0) & ((table[1] != chunk_bytes) | (table[2] != 0)))
+                if odd.size:
+                    k = int(odd[0])
+                    table = f"chunk {k} has {table[1][k]} bytes, filter mask {table[2][k]} (expected {chunk_bytes})"
+            if isinstance(table, str):
+                return _Layout("h5py", f"unexpected chunk storage: {table}", **base)
+            written = int((table[0] >= 0).sum())
+            reason = (f"uncompressed chunked dataset: {written} of {table[0].size} chunks of {chunk_rows} rows "
+                      f"located" + ("" if written == table[0].size else "; the others read as the fill value"))
+            result = _Layout("memmap", reason, chunk_rows=chunk_rows, chunk_offsets=table[0], **base)
 
     if (result.chunk_offsets < 0).any():
         fill = _fill_row(ds, row_shape)
@@ -187,34 +227,58 @@ def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
     return result
 
 
-def _locate_chunks(ds: h5py.Dataset, chunk_rows: int, row_bytes: int, file_size: int,
-                   base: dict[str, Any]) -> _Layout | str:
-    """Uncompressed chunks holding whole rows: the file offset of each chunk, or why they are unusable."""
+def _chunk_table(ds: h5py.Dataset, chunk_rows: int,
+                 file_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """For chunks holding whole rows: file offset (-1: never written), stored size and filter mask of each chunk
+    along axis 0, or why they cannot be used."""
     num_chunks = -(-ds.shape[0] // chunk_rows)
     offsets = np.full(num_chunks, -1, dtype=np.int64)
-    chunk_bytes = chunk_rows * row_bytes  # edge chunks are stored full-size too
+    sizes = np.zeros(num_chunks, dtype=np.int64)
+    masks = np.zeros(num_chunks, dtype=np.int64)
     problems: list[str] = []
 
     def visit(info: Any) -> None:
         k = info.chunk_offset[0] // chunk_rows
         if k >= num_chunks:  # left over from a larger extent; HDF5 never reads it
             return
-        if info.size != chunk_bytes or info.filter_mask != 0 or info.byte_offset + chunk_bytes > file_size:
-            problems.append(f"chunk {info.chunk_offset} has {info.size} bytes at {info.byte_offset} "
-                            f"(expected {chunk_bytes}, file has {file_size})")
-        offsets[k] = info.byte_offset
+        if info.byte_offset + info.size > file_size:
+            problems.append(f"chunk {info.chunk_offset} ends past the end of the file ({file_size} bytes)")
+        offsets[k], sizes[k], masks[k] = info.byte_offset, info.size, info.filter_mask
 
     if hasattr(ds.id, "chunk_iter"):
         ds.id.chunk_iter(visit)  # one pass over the chunk index (get_chunk_info(i) is O(i) each)
     else:
         for i in range(ds.id.get_num_chunks()):
             visit(ds.id.get_chunk_info(i))
-    if problems:
-        return f"unexpected chunk storage: {problems[0]}"
-    written = int((offsets >= 0).sum())
-    reason = (f"uncompressed chunked dataset: {written} of {num_chunks} chunks of {chunk_rows} rows located"
-              + ("" if written == num_chunks else "; the others read as the fill value"))
-    return _Layout("memmap", reason, chunk_rows=chunk_rows, chunk_offsets=offsets, **base)
+    return problems[0] if problems else (offsets, sizes, masks)
+
+
+def _decode_band(layout: _Layout, data: np.ndarray, band: int) -> np.ndarray:
+    """Rows of chunk `band` of a "chunks" layout decoded here, from `data` (the file's bytes): undo the filter
+    pipeline in reverse, skipping filters the chunk's filter mask says were not applied."""
+    assert layout.chunk_offsets is not None and layout.chunk_sizes is not None and layout.chunk_masks is not None
+    assert layout.pipeline is not None
+    start = band * layout.chunk_rows
+    num_rows = min(layout.chunk_rows, layout.shape[0] - start)
+    offset = int(layout.chunk_offsets[band])
+    if offset < 0:
+        block = np.empty((num_rows, *layout.row_shape), dtype=layout.dtype)
+        block[...] = layout.fill_row
+        return block
+    raw: Any = bytes(data[offset:offset + int(layout.chunk_sizes[band])])  # a copy: never keep mapped pages
+    mask, itemsize = int(layout.chunk_masks[band]), layout.dtype.itemsize
+    for position in reversed(range(len(layout.pipeline))):
+        if mask >> position & 1:
+            continue
+        if layout.pipeline[position] == h5z.FILTER_DEFLATE:
+            raw = zlib.decompress(raw)
+        elif itemsize > 1:  # shuffle stored byte k of every element together, for k = 0 .. itemsize-1
+            raw = np.ascontiguousarray(np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T)
+    expected = layout.chunk_rows * layout.row_bytes  # edge chunks are stored full-size too
+    got = raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
+    if got != expected:
+        raise OSError(f"chunk {band} decodes to {got} bytes, expected {expected}")
+    return np.frombuffer(raw, dtype=layout.dtype).reshape((layout.chunk_rows, *layout.row_shape))[:num_rows]
 
 
 def _close_handle(h5file: h5py.File, fileobj: BinaryIO) -> None:
@@ -424,19 +488,22 @@ class RowReader:
                 before = _file_signature(os.fstat(fileobj.fileno()))
                 if reuse is not None and reuse.signature == before:
                     layout = reuse
-                    if layout.mode != "memmap":
+                    if not layout.maps_file:
                         h5file, dataset = self._open_dataset(fileobj)
                 else:
                     h5file, dataset = self._open_dataset(fileobj)
                     layout = _locate(dataset, before, before[2])
                 mapped = None
-                if layout.mode == "memmap":
+                if layout.maps_file:
                     mapped = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
                     problem = None if layout is reuse else self._self_check(layout, mapped, dataset)
-                    if problem:
+                    if problem and layout.mode == "memmap":
                         layout = _Layout("h5py", f"memmap self-check failed ({problem})", layout.shape,
                                          layout.dtype, before)
-                        mapped = None
+                    elif problem:
+                        layout = replace(layout, pipeline=None, reason=f"{layout.reason}; but decoding here failed "
+                                         f"a self-check ({problem}), so chunks are decoded through HDF5")
+                    mapped = None if problem else mapped
                 unchanged = _file_signature(os.stat(self.path)) == before
             except BaseException:
                 if h5file is not None:
@@ -474,6 +541,8 @@ class RowReader:
     def _map(self, mapped: mmap.mmap, layout: _Layout) -> None:
         self._mm = mapped
         self._bytes = np.frombuffer(mapped, dtype=np.uint8)
+        if layout.mode != "memmap":
+            return
         width = layout.row_bytes
         # Element k of this view is the `width` bytes at file offset k: one fancy index gathers any rows.
         self._rows = np.ndarray((max(len(mapped) - width + 1, 0),), dtype=np.dtype((np.void, width)),
@@ -489,23 +558,30 @@ class RowReader:
     @staticmethod
     def _self_check(layout: _Layout, mapped: mmap.mmap, dataset: h5py.Dataset) -> str | None:
         """Compare a few rows read via the mapping with HDF5's own reads (cheap insurance against a wrong
-        offset table)."""
+        chunk table or decoder)."""
         n = layout.shape[0]
         if n == 0:
             return None
+        assert layout.chunk_offsets is not None
         probe = {0, n - 1, n // 2}
         holes = np.flatnonzero(layout.chunk_offsets < 0)
         if holes.size:
             probe.add(int(holes[0]) * layout.chunk_rows)
+        data = np.frombuffer(mapped, dtype=np.uint8)
         width = layout.row_bytes
         for row in sorted(probe):
-            offset = layout.chunk_offsets[row // layout.chunk_rows]
-            if offset < 0:
-                mine = layout.fill_row
-            else:
-                start = int(offset) + (row % layout.chunk_rows) * width
-                mine = np.frombuffer(mapped, np.uint8, width, start).view(layout.dtype).reshape(layout.row_shape)
-            if mine.tobytes() != np.ascontiguousarray(dataset[row], dtype=layout.dtype).tobytes():
+            band, within = divmod(row, layout.chunk_rows)
+            offset = int(layout.chunk_offsets[band])
+            try:
+                if layout.mode == "chunks":
+                    mine = _decode_band(layout, data, band)[within]
+                elif offset < 0:
+                    mine = layout.fill_row
+                else:
+                    mine = data[offset + within * width:offset + (within + 1) * width].view(layout.dtype)
+            except (OSError, ValueError, zlib.error) as error:
+                return f"row {row}: {error}"
+            if np.ascontiguousarray(mine).tobytes() != np.ascontiguousarray(dataset[row], layout.dtype).tobytes():
                 return f"row {row} differs from HDF5's"
         return None
 
@@ -531,8 +607,8 @@ class RowReader:
     def _is_open(self) -> bool:
         if self._layout is None:
             return False
-        if self._layout.mode == "memmap":
-            return self._rows is not None
+        if self._layout.maps_file:
+            return self._bytes is not None
         return self._dataset is not None or self._caller_dataset is not None
 
     def _open(self) -> None:
@@ -653,17 +729,22 @@ class RowReader:
         return out
 
     def _band(self, layout: _Layout, band: int) -> np.ndarray:
-        """Decoded rows of chunk band `band`, from the LRU cache or read (and decompressed by HDF5) now."""
+        """Decoded rows of chunk band `band`, from the LRU cache or read and decoded now."""
         cached = self._cache.get(band)
         if cached is not None:
             self._cache.move_to_end(band)
             self.stats["cache_hits"] += 1
             return cached
-        assert self._dataset is not None
-        start = band * layout.chunk_rows
-        stop = min(start + layout.chunk_rows, layout.shape[0])
-        block = np.empty((stop - start, *layout.row_shape), dtype=layout.dtype)
-        self._dataset.read_direct(block, np.s_[start:stop])
+        if layout.pipeline is not None:
+            assert self._bytes is not None
+            try:
+                block = _decode_band(layout, self._bytes, band)
+            except (OSError, zlib.error) as error:
+                raise OSError(f"{self.path}:{self.name}: chunk {band} cannot be decoded ({error})") from None
+        else:
+            assert self._dataset is not None
+            start = band * layout.chunk_rows
+            block = self._dataset[start:min(start + layout.chunk_rows, layout.shape[0])]
         self.stats["chunk_reads"] += 1
         if 0 < block.nbytes <= self.chunk_cache_bytes:
             self._cache[band] = block

@@ -60,6 +60,10 @@ CASES: dict[str, tuple[Writer, str]] = {
                "chunks"),
     "shuffle-gzip-u1": (lambda f: f.create_dataset("x", data=_values((N, 9), "u1"), chunks=(16, 9), shuffle=True,
                                                    compression="gzip", compression_opts=1), "chunks"),
+    "shuffle-gzip-f8": (lambda f: f.create_dataset("x", data=_values((N, 2, 3), "f8"), chunks=(16, 2, 3),
+                                                   shuffle=True, compression="gzip"), "chunks"),
+    "gzip-split-rows": (lambda f: f.create_dataset("x", data=_values((N, 6), "i8"), chunks=(16, 4),
+                                                   compression="gzip"), "chunks"),
     "fletcher32": (lambda f: f.create_dataset("x", data=_values((N, 3), "f8"), chunks=(16, 3), fletcher32=True),
                    "chunks"),
     "chunks-split-rows": (lambda f: f.create_dataset("x", data=_values((N, 6, 7), "f4"), chunks=(16, 3, 7)),
@@ -247,6 +251,60 @@ def test_vlen_falls_back_to_h5py(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         assert list(strings.read(index)) == list(f["s"][()][index])
         assert reader.read(np.array([], int)).shape == (0,)
     assert any("mode h5py" in r.getMessage() and "/x" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("case", "decoded_here"), [("gzip", True), ("shuffle-gzip-f8", True),
+                                                    ("shuffle-gzip-u1", True), ("unallocated-gzip", True),
+                                                    ("lzf-1d", False), ("fletcher32", False),
+                                                    ("gzip-split-rows", False), ("chunks-split-rows", False)])
+def test_who_decodes_chunks(tmp_path: Path, case: str, decoded_here: bool) -> None:
+    path = _make(tmp_path, CASES[case][0])
+    with h5py.File(path, "r") as f:
+        reader = RowReader(f["x"])
+    assert reader.mode == "chunks"
+    assert ("decoded here" in reader.reason) == decoded_here, reader.reason
+    assert ("through HDF5" in reader.reason) != decoded_here
+    assert (reader._dataset is None) == decoded_here  # decoded here: from the mapping, no h5py handle kept
+
+
+def test_chunk_with_a_skipped_filter(tmp_path: Path) -> None:
+    """A chunk written with deflate skipped (filter mask bit 1) holds shuffled but uncompressed bytes."""
+    values = _values((48, 3), "f4")
+    path = tmp_path / "mask.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("x", data=values, chunks=(16, 3), shuffle=True, compression="gzip")
+        shuffled = values[16:32].reshape(-1).view(np.uint8).reshape(-1, 4).T.tobytes()
+        ds.id.write_direct_chunk((16, 0), shuffled, filter_mask=0b10)
+    with h5py.File(path, "r") as f:
+        assert f["x"].id.read_direct_chunk((16, 0))[0] == 0b10
+        whole = f["x"][()]
+        reader = RowReader(f["x"])
+    np.testing.assert_array_equal(whole, values)
+    assert "decoded here" in reader.reason
+    _same(reader.read(np.arange(48)[::-1]), values[::-1])
+
+
+def test_corrupt_chunk_is_an_error_naming_the_dataset(tmp_path: Path) -> None:
+    path = _make(tmp_path, CASES["gzip"][0])
+    with h5py.File(path, "r+") as f:
+        f["x"].id.write_direct_chunk((48, 0, 0), b"not deflate data")  # chunk 3, rows 48-63
+    with h5py.File(path, "r") as f:
+        reader = RowReader(f["x"])
+        assert "decoded here" in reader.reason  # the self-check probes rows 0, 101 and 202 only
+        _same(reader.read(np.array([5, 200])), f["x"][[5, 200]])
+        with pytest.raises(OSError, match=f"{path}:/x: chunk 3"):
+            reader.read(np.array([50]))
+
+
+def test_failed_self_check_hands_decoding_to_hdf5(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _make(tmp_path, CASES["gzip"][0])
+    with h5py.File(path, "r+") as f:
+        f["x"].id.write_direct_chunk((0, 0, 0), b"not deflate data")  # chunk 0 holds probed row 0
+    with h5py.File(path, "r") as f, caplog.at_level(logging.INFO, logger="hpctrain.hdf5_reader"):
+        reader = RowReader(f["x"])
+        assert reader.mode == "chunks" and "self-check" in reader.reason and "through HDF5" in reader.reason
+        _same(reader.read(np.array([100, 20])), f["x"][[20, 100]][::-1])
+    assert any("self-check" in r.getMessage() for r in caplog.records)
 
 
 def test_chunk_bands_too_large_for_chunks_mode_fall_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
