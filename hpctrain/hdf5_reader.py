@@ -71,8 +71,8 @@ MODES = ("memmap", "chunks", "h5py")
 # A chunk row band (rows [k*chunk_rows, (k+1)*chunk_rows) over all chunks they touch) is the unit "chunks" mode
 # reads; bigger bands would make one random row cost a huge read, so such datasets go to "h5py" mode.
 MAX_BAND_BYTES = 256 << 20
-# Filters "chunks" mode decodes itself (read_direct_chunk + zlib/unshuffle): HDF5's read path costs tens of
-# microseconds more per chunk, which is most of the time for small chunks. Others go through HDF5.
+# Filters "chunks" mode undoes itself (zlib, unshuffle) on a chunk's bytes in the mapped file: HDF5's read path
+# costs tens of microseconds more per chunk, most of the time for small chunks. Others go through HDF5.
 _OWN_FILTERS = {h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE}
 # How often a read is retried when the file changes while it runs, before giving up with an error.
 _MAX_ATTEMPTS = 3
@@ -100,7 +100,8 @@ class _Layout:
     signature: _Signature | None
     # Rows are grouped in bands of `chunk_rows` (contiguous storage: one band holding all rows).
     chunk_rows: int = 1
-    # memmap: file byte offset of each band, -1 where never written (rows read as `fill_row`).
+    # memmap, and chunks decoded here: file byte offset of each band, -1 where never written (rows read as
+    # `fill_row`).
     chunk_offsets: np.ndarray | None = None
     fill_row: np.ndarray | None = None
     # chunks decoded here: stored size and filter mask of each chunk (offsets above), and the filter pipeline
@@ -409,6 +410,7 @@ class RowReader:
 
     def close(self) -> None:
         """Drop the mmap, handles and cached chunks; a later call re-opens what it needs."""
+        self._enter_process()
         with self._lock:
             self._release()
 
@@ -659,7 +661,14 @@ class RowReader:
                 assert layout is not None
                 if self._caller_dataset is not None:  # the caller may resize it through its (writable) handle
                     layout.shape = tuple(self._caller_dataset.shape)
-                result = op(layout)
+                try:
+                    result = op(layout)
+                except OSError:
+                    # A chunk that does not decode may just have been rewritten: retry if the file changed.
+                    if layout.signature is None or _file_signature(os.stat(self.path)) == layout.signature:
+                        raise
+                    self._last_check = -math.inf  # re-locate now, whatever revalidate_interval_s says
+                    continue
                 if not self._file_changed(layout, after=True):
                     return result
             raise OSError(f"{self.path} kept changing during reads of {self.name}; no consistent result")
