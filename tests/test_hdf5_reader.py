@@ -406,15 +406,16 @@ def test_dataloader_workers(tmp_path: Path, context: str) -> None:
     def writer(f: h5py.File) -> None:
         CASES["chunked-partial-last-f4"][0](f)
         f["g"] = f["x"][()] * 2
-        f.create_dataset("z", data=f["x"][()] + 1, chunks=(16, 6, 7), compression="gzip")
+        f.create_dataset("z", data=f["x"][()] + 1, chunks=(16, 6, 7), compression="gzip")  # decoded here
+        f.create_dataset("l", data=f["x"][()] - 1, chunks=(16, 6, 7), compression="lzf")  # decoded by HDF5
         f.create_dataset("v", data=[f"s{i}".encode() for i in range(N)], dtype=h5py.string_dtype("ascii"))
 
     path = _make(tmp_path, writer)
     rng = np.random.default_rng(4)
     batches = [rng.integers(0, N, 8) for _ in range(12)]
     with h5py.File(path, "r") as f:
-        readers = {name: RowReader(f[name]) for name in ("x", "g", "z", "v")}
-        assert [r.mode for r in readers.values()] == ["memmap", "memmap", "chunks", "h5py"]
+        readers = {name: RowReader(f[name]) for name in ("x", "g", "z", "l", "v")}
+        assert [r.mode for r in readers.values()] == ["memmap", "memmap", "chunks", "chunks", "h5py"]
         whole = {name: f[name][()] for name in readers}
         for reader in readers.values():  # used in the parent first: workers inherit open mappings and handles
             reader.read(batches[0])
@@ -500,7 +501,7 @@ def test_file_changed_between_pickle_and_use(tmp_path: Path) -> None:
 def test_process_exit_with_a_reader_still_open(tmp_path: Path) -> None:
     """A reader alive at interpreter exit closes its own HDF5 handle while Python still runs (HDF5 closing it
     from its C exit handler called into the finalized interpreter: a segfault, seen in DataLoader workers)."""
-    path = _make(tmp_path, CASES["gzip"][0])
+    path = _make(tmp_path, CASES["lzf-1d"][0])  # decoded through HDF5: the reader keeps an h5py handle
     script = f"""
 import ctypes, h5py, numpy as np
 from hpctrain import hdf5_reader
