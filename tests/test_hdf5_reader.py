@@ -56,6 +56,8 @@ CASES: dict[str, tuple[Writer, str]] = {
                                                            maxshape=(None, 3)), "memmap"),
     "gzip": (lambda f: f.create_dataset("x", data=_values((N, 6, 7), "f4"), chunks=(16, 6, 7),
                                         compression="gzip"), "chunks"),
+    "gzip-resizable-libver-latest": (lambda f: f.create_dataset("x", data=_values((N, 4), "i4"), chunks=(16, 4),
+                                                                maxshape=(None, 4), compression="gzip"), "chunks"),
     "lzf-1d": (lambda f: f.create_dataset("x", data=_values((N,), "i4"), chunks=(32,), compression="lzf"),
                "chunks"),
     "shuffle-gzip-u1": (lambda f: f.create_dataset("x", data=_values((N, 9), "u1"), chunks=(16, 9), shuffle=True,
