@@ -36,9 +36,12 @@ keeps size and both timestamps within the file system's timestamp granularity (a
 invisible, and a file truncated *while* a read touches its pages raises SIGBUS (an mmap property): replace
 files by writing a new one and renaming it over the old (the reader keeps the old inode mapped and then
 switches), not by re-creating them in place. ``revalidate_interval_s`` > 0 trades this for fewer stats (one
-``stat`` is an MDS round trip on Lustre) by checking at most that often. Reads never go through the caller's
-``h5py.File``: HDF5 shares one metadata cache between all handles of a file in a process (a writer's appends
-stay invisible to them), so the reader opens its own, independent handle (h5py's file-object driver).
+``stat`` is an MDS round trip on Lustre) by checking at most that often. The reader does not read through the
+caller's ``h5py.File``: HDF5 shares one metadata cache between all handles of a file in a process (another
+process's appends stay invisible to them), so it locates data through its own handle on h5py's file-object
+driver, which HDF5 never shares. Exceptions ("h5py" mode through the caller's handle, without checks or
+caching): a file this process has open for writing (only that handle sees unflushed data), SWMR, and files
+that are not one file on disk.
 
 Processes: a reader can be created in a parent and used in a forked DataLoader worker (on first use in a new
 process id it drops inherited h5py handles and re-opens by (file path, dataset name); the mmap stays valid
