@@ -155,7 +155,7 @@ def _fill_row(ds: h5py.Dataset, row_shape: tuple[int, ...]) -> np.ndarray | str:
 
 
 def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
-    """Choose the mode for `ds` and, for memmap, find its bytes. Never reads raw data."""
+    """Choose the mode for `ds` and, where rows come from the mapped file, locate its chunks. Reads no raw data."""
     shape, dtype = tuple(ds.shape), ds.dtype
     base = dict(shape=shape, dtype=dtype, signature=signature)
     row_shape = shape[1:]
