@@ -280,6 +280,9 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     from hpctrain.optim import build_parameter_groups
 
     build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
+    from hpctrain.freeze import check_schedule
+
+    check_schedule(components.model, config.optim.freeze)
     if config.trainer.dry_step:
         dry_step(config, components)
     return components

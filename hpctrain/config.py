@@ -210,6 +210,51 @@ class ParamGroupConfig:
 
 
 @dataclass
+class FreezePhaseConfig:
+    """One phase of an explicit freeze schedule: from `start` (steps or epochs) until the next phase starts."""
+
+    start: int = 0
+    # fnmatch patterns of the parameters frozen in this phase (e.g. ["stem.*", "stages.0.*"]).
+    freeze: List[str] = field(default_factory=list)
+    # Multiplies every parameter group's learning rate during the phase.
+    lr_factor: Optional[float] = None
+
+
+@dataclass
+class FreezeScheduleConfig:
+    """VirtuaLearn3D's freeze training (hpctrain.freeze): none | explicit | round_robin | random."""
+
+    strategy: str = "none"
+    interval: str = "step"
+    phases: List[FreezePhaseConfig] = field(default_factory=list)
+    # round_robin / random: the layer groups (each a list of patterns) of which `num_trainable` are trainable at a
+    # time, changing every `every` intervals (random: drawn with `seed`).
+    layer_groups: List[List[str]] = field(default_factory=list)
+    num_trainable: int = 1
+    every: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        key = "optim.freeze"
+        _one_of(f"{key}.strategy", self.strategy, ("none", "explicit", "round_robin", "random"))
+        _one_of(f"{key}.interval", self.interval, ("step", "epoch"))
+        if self.strategy == "explicit":
+            starts = [phase.start for phase in self.phases]
+            _require(bool(starts) and starts == sorted(set(starts)) and starts[0] >= 0,
+                     f"{key}.phases must be a non-empty list with increasing, distinct starts >= 0; got {starts}")
+            for index, phase in enumerate(self.phases):
+                _require(phase.lr_factor is None or phase.lr_factor > 0,
+                         f"{key}.phases[{index}].lr_factor must be > 0, got {phase.lr_factor}")
+        if self.strategy in ("round_robin", "random"):
+            _require(len(self.layer_groups) >= 2 and all(self.layer_groups),
+                     f"{key}.layer_groups must list at least two groups of parameter-name patterns for "
+                     f"{self.strategy}")
+            _require(1 <= self.num_trainable < len(self.layer_groups),
+                     f"{key}.num_trainable must be in [1, {len(self.layer_groups) - 1}], got {self.num_trainable}")
+            _require(self.every >= 1, f"{key}.every must be >= 1, got {self.every}")
+
+
+@dataclass
 class OptimConfig:
     """The optimizer: a shorthand (adamw, adam, sgd: built with the momentum/betas/eps below) or a `_target_`
     node of any optimizer class, torch's or the user's, called as cls(params, lr=..., weight_decay=..., **node)."""
@@ -223,6 +268,8 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     param_groups: List[ParamGroupConfig] = field(default_factory=list)
+    # Phases that freeze and unfreeze parameters by name pattern (VirtuaLearn3D's freeze training).
+    freeze: FreezeScheduleConfig = field(default_factory=FreezeScheduleConfig)
     # Clip the global gradient norm to this value; null records the norm without clipping.
     clip_grad_norm: Optional[float] = 1.0
 
@@ -235,6 +282,7 @@ class OptimConfig:
         _require(self.clip_grad_norm is None or self.clip_grad_norm > 0,
                  f"optim.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
         self.schedule.validate("optim.schedule")
+        self.freeze.validate()
         names = [group.name for group in self.param_groups]
         _require(len(set(names)) == len(names) and "default" not in names,
                  f"optim.param_groups names must be unique and not 'default', got {names}")

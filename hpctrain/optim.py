@@ -33,8 +33,14 @@ class LRMultiplier:
     cycle_multiplier: float
     # schedule.name=custom: the user's f(interval index) -> multiplier.
     function: Callable[[int], float] | None = None
+    # A factor of the current freeze-training phase (hpctrain.freeze), a function of the step.
+    phase_factor: Callable[[int], float] | None = None
 
     def __call__(self, step: int) -> float:
+        factor = 1.0 if self.phase_factor is None else self.phase_factor(step)
+        return factor * self._schedule(step)
+
+    def _schedule(self, step: int) -> float:
         t = step // self.steps_per_interval
         if self.function is not None:
             return float(self.function(t))
@@ -110,8 +116,8 @@ def _make_optimizer(name: Any, params: list[nn.Parameter], lr: float, weight_dec
     return optimizer_class(params, lr=lr, betas=tuple(config.betas), eps=config.eps, weight_decay=weight_decay)
 
 
-def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: int,
-                           steps_per_epoch: int) -> list[ParameterGroup]:
+def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: int, steps_per_epoch: int,
+                           phase_factor: Callable[[int], float] | None = None) -> list[ParameterGroup]:
     """Split the model's parameters by name patterns and build one optimizer + scheduler per group.
 
     The first group, "default", holds every parameter no configured group matches.
@@ -149,6 +155,7 @@ def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: 
         schedule_key = f"{key}.schedule" if group is not None and group.schedule else "optim.schedule"
         multiplier = make_multiplier(schedule, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                                      key=schedule_key)
+        multiplier.phase_factor = phase_factor
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)
         groups.append(ParameterGroup(name=name, optimizer=optimizer, scheduler=scheduler))
     if not groups:

@@ -8,6 +8,7 @@ losses), so the ranks never disagree about what happens next and never deadlock 
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import sys
@@ -30,6 +31,7 @@ from hpctrain.data import (BatchReader, DistributedBatchSampler, ShardSampler, m
                            stop_loader_workers)
 from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker
+from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain.optim import build_parameter_groups, scheduler_state
 from hpctrain.seeding import capture_rng_state, restore_rng_state
@@ -97,12 +99,14 @@ class Trainer:
             num_microbatches=trainer_cfg.num_microbatches, rank=dist.rank, world_size=dist.world_size,
             seed=config.seed, block_size=config.data.block_size if config.data.shuffle == "blocks" else 1)
         # Before DDP wraps the model: frozen groups must be frozen when DDP records which parameters get gradients.
+        self.freeze = FreezeSchedule(config.optim.freeze, steps_per_epoch=self.sampler.steps_per_epoch)
         self.groups = build_parameter_groups(self.model, config.optim, max_steps=trainer_cfg.max_steps,
-                                             steps_per_epoch=self.sampler.steps_per_epoch)
-        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.ddp_model: nn.Module = (DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                                             if self.device.type == "cuda" else None)
-                                     if dist.is_distributed else self.model)
+                                             steps_per_epoch=self.sampler.steps_per_epoch,
+                                             phase_factor=self.freeze.lr_factor if self.freeze.enabled else None)
+        self.always_frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        self.phase: Phase | None = None
+        self.ddp_model: nn.Module = self.model
+        self._enter_phase(self.freeze.phase(0))
 
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
@@ -133,6 +137,21 @@ class Trainer:
                  len(split.val_indices), self.sampler.global_batch_size, trainer_cfg.micro_batch_size,
                  trainer_cfg.num_microbatches, dist.world_size, self.sampler.steps_per_epoch, num_workers,
                  torch.get_num_threads())
+
+    def _enter_phase(self, phase: Phase) -> None:
+        """Freeze the phase's parameters and (re)wrap the model in DDP, which must know which parameters get
+        gradients: every rank changes phase at the same step, so the new wrapper's set-up collectives match."""
+        frozen = apply_phase(self.model, phase, always_frozen=self.always_frozen)
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dist.is_distributed:
+            self.ddp_model = self.model  # the old wrapper's reducer (and its autograd hooks) go first
+            gc.collect()
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                     if self.device.type == "cuda" else None)
+        if self.phase is not None and self.dist.is_main:
+            log.info("step %d: freeze phase %d, %d parameter tensors frozen, LR factor %g", self.state.step,
+                     phase.index, len(frozen), phase.lr_factor)
+        self.phase = phase
 
     # -- the optimizer step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -332,6 +351,10 @@ class Trainer:
             if batches is None:
                 self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.train_loader)
+            if self.freeze.enabled:
+                phase = self.freeze.phase(self.state.step)
+                if self.phase is None or phase.index != self.phase.index:
+                    self._enter_phase(phase)
             sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
             microbatches = [next(batches) for _ in sizes]
             learning_rates = self._learning_rates()
