@@ -87,22 +87,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _local_rank_main(config: Config, run_dir: Path, rank: int, world_size: int, port: int) -> None:
+def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, rank: int, world_size: int, port: int,
+                     args: tuple) -> None:
     exit_with_parent()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     configure_rank_logging(rank)
-    run_rank(config, run_dir)
+    work(config, run_dir, *args)
 
 
-def run_local(config: Config, run_dir: Path) -> dict[str, Any]:
-    """Debug mode (one process, in this one) or `launcher.num_processes` ranks on this machine."""
+def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None = None,
+              args: tuple = ()) -> dict[str, Any]:
+    """Debug mode (one process, in this one) or `launcher.num_processes` ranks on this machine, each running
+    `work(config, run_dir, *args)` (by default: train, `run_rank`)."""
+    work = work or run_rank
     world_size = config.launcher.num_processes
     if world_size == 1:
-        return run_rank(config, run_dir)
+        return work(config, run_dir, *args)
     port = _free_port()
     context = mp.get_context("spawn")
-    processes = [context.Process(target=_local_rank_main, args=(config, run_dir, rank, world_size, port),
+    processes = [context.Process(target=_local_rank_main, args=(work, config, run_dir, rank, world_size, port, args),
                                  name=f"hpctrain-rank-{rank}") for rank in range(world_size)]
     for process in processes:
         process.start()

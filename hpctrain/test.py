@@ -1,0 +1,224 @@
+"""`python -m hpctrain.test RUN_DIR [--checkpoint best|latest|STEP] [--num-processes N] [--slurm] [OVERRIDES]`:
+the test phase (IRIS's test_reverter, hippynn's test evaluation). It evaluates one checkpoint of a run over the
+whole test set with the run's own config: its model, loss, metrics and transforms (noise, litter, drawn with the
+test stage's own keys and `--seed`), on 1 or N local ranks or as a SLURM job with the run's launcher settings.
+
+Overrides are `key=value` pairs on the run's resolved config, e.g. `data.test_dataset={path: other.h5}`.
+Each sample is evaluated exactly once; the per-sample values go to `RUN_DIR/test/<name>.h5` (written to a
+temporary file and renamed), and a summary is printed. The run's checkpoints and metrics.h5 are never touched.
+
+Layout of a test file: `/test/per_sample/<name>` (v,) and `/test/<name>` (scalar mean) for the loss, its
+components and every metric; `/test/sample_index` (v,); attributes `checkpoint_step`, `checkpoint`,
+`model_sha256`, `seed`, `task`, `config` (the JSON of the config used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hpctrain.checkpoint import CheckpointInfo, CheckpointManager, state_dict_digest
+from hpctrain.config import Config, ConfigError, to_config, to_dict, to_json
+from hpctrain.metrics import baseline_ratios
+
+log = logging.getLogger(__name__)
+
+TEST_DIRNAME = "test"
+
+
+def choose_checkpoint(run_dir: Path, which: str) -> CheckpointInfo:
+    manager = CheckpointManager(run_dir, keep_last=2)
+    complete = manager.complete()
+    if not complete:
+        raise ConfigError(f"{run_dir} holds no complete checkpoint")
+    if which == "latest":
+        info = manager.newest_valid()
+        assert info is not None
+        return info
+    if which == "best":
+        result = run_dir / "result.json"
+        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
+        if best_step is None:
+            state = CheckpointManager.load(complete[0])
+            best_step = state["train_state"]["best_step"]
+        which = str(best_step)
+    try:
+        step = int(which)
+    except ValueError:
+        raise ConfigError(f"--checkpoint must be best, latest or a step, got {which!r}") from None
+    for info in complete:
+        if info.step == step:
+            return info
+    raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
+                      f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
+
+
+def config_for_test(info: CheckpointInfo, overrides: list[str]) -> Config:
+    """The run's own config (from the checkpoint) with the overrides applied, checked."""
+    state = CheckpointManager.load(info)
+    config = to_dict(to_config(OmegaConf.create(json.loads(state["config"]))))
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
+    typed = to_config(merged)
+    if typed.data.test_dataset is None:
+        raise ConfigError("the run has no data.test_dataset; name one, e.g. data.test_dataset={path: test.h5} "
+                          "(keys missing from it are taken from data.dataset)")
+    return typed
+
+
+def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, seed: int) -> None:
+    """One rank of the test phase: evaluate this rank's shard of the test set; rank 0 writes the file."""
+    from hpctrain.components import build_components
+    from hpctrain.data import BatchReader, ShardSampler, make_loader, resolve_num_workers, stop_loader_workers
+    from hpctrain.distributed import available_cpus, init_distributed, shutdown_distributed
+    from hpctrain.evaluate import Evaluator
+
+    dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
+    clean = False
+    try:
+        components = build_components(config)
+        assert components.test_dataset is not None
+        info = next(i for i in CheckpointManager(run_dir, keep_last=2).complete() if str(i.path) == checkpoint)
+        state = CheckpointManager.load(info, map_location=dist.device)
+        model = components.model.to(dist.device)
+        model.load_state_dict(state["model"])
+        indices = np.arange(len(components.test_dataset))
+        batch_size = config.data.val_batch_size or config.trainer.micro_batch_size
+        num_workers = resolve_num_workers(config.data, max(1, available_cpus() // dist.local_world_size))
+        loader = make_loader(
+            BatchReader(components.test_dataset, transforms=components.transforms, seed=seed, stage="test"),
+            ShardSampler(indices, batch_size=batch_size, rank=dist.rank, world_size=dist.world_size),
+            config=config.data, num_workers=num_workers, pin_memory=False)
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.trainer.precision)
+        evaluator = Evaluator(inputs=config.task.inputs, loss=components.loss, metrics=components.metrics, dist=dist,
+                              device=dist.device, on_cpu=config.task.evaluate_on_cpu,
+                              autocast=lambda: nullcontext() if dtype is None else torch.autocast(
+                                  device_type=dist.device.type, dtype=dtype))
+        evaluation = evaluator(model, loader, step=info.step)
+        stop_loader_workers()
+        if dist.is_main:
+            write_test_file(Path(output), evaluation.per_sample, evaluation.sample_index, config=config, info=info,
+                            model_sha256=state_dict_digest(state["model"]), seed=seed)
+        clean = True
+    finally:
+        shutdown_distributed(clean=clean)
+
+
+def write_test_file(path: Path, per_sample: dict[str, np.ndarray], sample_index: np.ndarray, *, config: Config,
+                    info: CheckpointInfo, model_sha256: str, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with h5py.File(temporary, "w") as file:
+        group = file.create_group("test")
+        for name, values in per_sample.items():
+            dataset = group.create_dataset(f"per_sample/{name}", data=values.astype(np.float32))
+            dataset.attrs["dim_0"] = "test sample"
+            group.create_dataset(name, data=float(np.mean(values, dtype=np.float64)))
+        index = group.create_dataset("sample_index", data=sample_index.astype(np.int64))
+        index.attrs["dim_0"] = "test sample"
+        file.attrs.update({"format": "hpctrain.test", "format_version": 1, "checkpoint_step": info.step,
+                           "checkpoint": str(info.path), "model_sha256": model_sha256, "seed": seed,
+                           "task": config.task.name, "config": to_json(config)})
+        file.flush()
+        os.fsync(file.id.get_vfd_handle())
+    os.replace(temporary, path)
+
+
+def summarize(path: Path) -> str:
+    with h5py.File(path, "r") as file:
+        means = {name: float(file[f"test/{name}"][()]) for name in file["test/per_sample"]}
+        count = len(file["test/sample_index"])
+        step = int(file.attrs["checkpoint_step"])
+    lines = [f"test of step {step}: {count} samples -> {path}", f"  loss {means['loss']:.6g}"]
+    lines += [f"  loss / {name} = {ratio:.3f}" for name, ratio in baseline_ratios(means["loss"], means).items()]
+    lines += [f"  {name:<40} {value:.6g}" for name, value in means.items() if name != "loss" and "." not in name]
+    return "\n".join(lines)
+
+
+class TestJob:
+    """The callable submitit runs on every task of a test job: one rank each."""
+
+    def __init__(self, config: Config, run_dir: Path, checkpoint: str, output: str, seed: int) -> None:
+        self.args = (config, run_dir, checkpoint, output, seed)
+
+    def __call__(self) -> None:
+        import submitit
+
+        from hpctrain.job import configure_rank_logging
+
+        environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        configure_rank_logging(environment.rank)
+        evaluate_rank(*self.args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpctrain.launch import fail
+
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.test", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step")
+    parser.add_argument("--num-processes", type=int, default=1, help="local ranks (default 1)")
+    parser.add_argument("--slurm", action="store_true", help="run as a SLURM job with the run's launcher settings")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the test stage's random transforms "
+                                                               "(default: the run's seed)")
+    parser.add_argument("--name", default=None, help="test file name (default: step_<checkpoint step>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    run_dir = args.run_dir.absolute()
+    try:
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir} is not a run directory")
+        if args.num_processes < 1:
+            raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
+        info = choose_checkpoint(run_dir, args.checkpoint)
+        config = config_for_test(info, list(args.overrides))
+        from hpctrain.components import check_run_inputs
+
+        check_run_inputs(config, prepare=False)
+    except ConfigError as error:
+        fail(str(error))
+    seed = config.seed if args.seed is None else args.seed
+    output = run_dir / TEST_DIRNAME / f"{args.name or f'step_{info.step:09d}'}.h5"
+    work_args = (str(info.path), str(output), seed)
+    if args.slurm:
+        from hpctrain.slurm import check_resources, make_executor
+
+        try:
+            check_resources(config.launcher)
+            executor = make_executor(run_dir / TEST_DIRNAME / "submitit", config.launcher)
+        except ConfigError as error:
+            fail(str(error))
+        job = executor.submit(TestJob(config, run_dir, *work_args))
+        print(f"submitted SLURM test job {job.job_id}; waiting for it", flush=True)
+        job.results()
+    else:
+        from dataclasses import replace
+
+        from hpctrain.job import run_local
+
+        local = replace(config, launcher=replace(config.launcher, name="local", num_processes=args.num_processes))
+        run_local(local, run_dir, work=evaluate_rank, args=work_args)
+    print(summarize(output), flush=True)
+    return 0
+
+
+TestJob.__test__ = False  # type: ignore[attr-defined]  # not a pytest test class
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The test phase, `python -m hpctrain.test RUN_DIR`: the best checkpoint over the whole test set with the run's
+own config (noise included), every test sample exactly once, the same from 1 and 2 ranks and from a SLURM job,
+and the training state untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from .conftest import PYTHON, REPO, launch, tiny_overrides
+
+NOISE = "data.transforms=[{_target_: hpctrain.transforms.AddNoise, field: image, std: 0.05}]"
+
+
+def run_test(run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([PYTHON, "-m", "hpctrain.test", str(run_dir), *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hpctrain.test failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def fingerprint(run_dir: Path) -> dict[str, str]:
+    files = [*sorted((run_dir / "checkpoints").iterdir()), run_dir / "metrics.h5", run_dir / "result.json"]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("test_phase") / "run"
+    launch(tiny_overrides(tiny_data, NOISE, "trainer.max_steps=20", f"+data.test_dataset={{path: {tiny_data}}}"),
+           run_dir=run_dir)
+    return run_dir
+
+
+def per_sample(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path) as file:
+        return {name: file[f"test/per_sample/{name}"][()] for name in file["test/per_sample"]} | {
+            "_index": file["test/sample_index"][()], "_step": np.array(file.attrs["checkpoint_step"])}
+
+
+def test_best_checkpoint_on_one_and_two_ranks_evaluates_every_sample_once(finished_run: Path) -> None:
+    before = fingerprint(finished_run)
+    one = run_test(finished_run, "--name", "one")
+    assert "test of step 20: 192 samples" in one.stdout and "loss / baseline_no_distortion" in one.stdout
+    run_test(finished_run, "--name", "two", "--num-processes", "2")
+    first, second = per_sample(finished_run / "test" / "one.h5"), per_sample(finished_run / "test" / "two.h5")
+    assert first["_index"].tolist() == second["_index"].tolist() == list(range(192))  # each sample exactly once
+    assert first.keys() == second.keys() and "baseline_label_mean" in first
+    for name in first:
+        np.testing.assert_allclose(second[name], first[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert fingerprint(finished_run) == before  # the training state is never touched
+
+
+def test_noise_uses_the_test_seed_and_another_file_can_be_named(finished_run: Path, tiny_data: Path,
+                                                               tmp_path: Path) -> None:
+    run_test(finished_run, "--name", "seed0", "--seed", "0")
+    run_test(finished_run, "--name", "seed1", "--seed", "1")
+    assert not np.array_equal(per_sample(finished_run / "test" / "seed0.h5")["loss"],
+                              per_sample(finished_run / "test" / "seed1.h5")["loss"])
+    small = tmp_path / "small.h5"
+    with h5py.File(tiny_data) as source, h5py.File(small, "w") as target:
+        for name in ("images", "labels"):
+            target[name] = source[name][:40]
+    run_test(finished_run, f"data.test_dataset.path={small}", "--name", "small", "--checkpoint", "latest")
+    assert per_sample(finished_run / "test" / "small.h5")["_index"].tolist() == list(range(40))
+    refused = run_test(finished_run, "data.test_dataset.path=/nope.h5", check=False)
+    assert refused.returncode == 2 and "data.test_dataset: data file /nope.h5 does not exist" in refused.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_the_test_phase_runs_as_a_slurm_job(finished_run: Path) -> None:
+    result = run_test(finished_run, "--name", "slurm", "--slurm", "launcher.nodes=2", "launcher.tasks_per_node=1",
+                      "launcher.cpus_per_task=1", "launcher.timeout_min=10")
+    assert "submitted SLURM test job" in result.stdout
+    run_test(finished_run, "--name", "local")
+    slurm, local = per_sample(finished_run / "test" / "slurm.h5"), per_sample(finished_run / "test" / "local.h5")
+    assert slurm["_index"].tolist() == list(range(192))
+    for name in local:
+        np.testing.assert_allclose(slurm[name], local[name], rtol=1e-5, atol=1e-7, err_msg=name)
