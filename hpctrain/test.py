@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the test stage's random transforms "
                                                                "(default: the run's seed)")
     parser.add_argument("--name", default=None, help="test file name (default: step_<checkpoint step>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     run_dir = args.run_dir.absolute()
     try:
