@@ -72,7 +72,8 @@ class DensityUNet(nn.Module):
         if image_size is not None:
             _check_image_size(image_size, depth, what=f"image_size={image_size}")
         self.width, self.depth, self.image_size = width, depth, image_size
-        self.output_scale, self.input_offset, self.input_scale = float(output_scale), float(input_offset), float(input_scale)
+        self.output_scale = float(output_scale)
+        self.input_offset, self.input_scale = float(input_offset), float(input_scale)
 
         channels = [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList(
