@@ -367,6 +367,9 @@ def test_task_trains_through_the_launcher_and_learns(runs: dict[str, Path], rank
             assert file[f"validation/per_sample/{name}"].shape == (3, 32)
         np.testing.assert_allclose(file["validation/loss"][()], file["validation/per_sample/loss"][()].mean(axis=1),
                                    rtol=1e-5)
+    # The task's plot hook ran on rank 0 at the end: observation / true / predicted images, as valid PNGs.
+    final = sorted((runs[ranks] / "plots" / "final").glob("*.png"))
+    assert final and all(path.read_bytes()[:8] == PNG_SIGNATURE for path in final)
 
 
 def test_two_ranks_learn_as_one_rank(runs: dict[str, Path]) -> None:
