@@ -373,6 +373,9 @@ class MetricsConfig:
     plots: bool = True
     # Run the task's plot hook (task.plot) after every this many evaluations (0: only at the end).
     task_plot_every_evaluations: int = 1
+    # Record the loss of every training sample at every step, with its index (emicroml): /train_samples in
+    # metrics.h5. Costs one gather per step; off by default.
+    per_sample_train: bool = False
 
     def __post_init__(self) -> None:
         _require(self.flush_every_steps > 0,

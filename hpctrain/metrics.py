@@ -16,6 +16,9 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
                                  metric of task.metrics
   /validation/per_sample/<name> (m, v)  the same, per validation sample, gathered from all ranks
   /validation/sample_index     (v,)     index in the validation dataset of each column above
+  /train_samples/{step,index,loss} (s,)  with callbacks.metrics.per_sample_train: the loss of every training
+                                 sample (one row per sample and step, its index in the training dataset)
+  attrs train_batches_per_epoch, validation_batches_per_epoch (global, all ranks)
 
 Rows are buffered in memory and written in blocks (one resize + write per dataset per flush, not one HDF5 write
 per scalar per step) and the file is flushed, so after a SIGKILL it opens and holds everything up to the last
@@ -47,14 +50,17 @@ _STEP_ROW = "training step row"
 class MetricsCursor:
     train_rows: int = 0
     validation_rows: int = 0
+    train_sample_rows: int = 0
 
 
 class MetricsWriter:
     def __init__(self, path: Path, *, parameter_groups: Sequence[str], validation_sample_index: np.ndarray,
-                 config_json: str, task_name: str, cursor: MetricsCursor | None) -> None:
+                 config_json: str, task_name: str, cursor: MetricsCursor | None,
+                 batches_per_epoch: tuple[int, int] | None = None) -> None:
         self.path = path
         self.parameter_groups = list(parameter_groups)
         self._train_buffer: list[dict[str, float]] = []
+        self._sample_buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._lr_buffer: list[Sequence[float]] = []
         self._validation_buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._num_validation_samples = len(validation_sample_index)
@@ -62,6 +68,9 @@ class MetricsWriter:
         # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
         self._create_layout(validation_sample_index, task_name)
+        if batches_per_epoch is not None:
+            self.file.attrs["train_batches_per_epoch"], self.file.attrs["validation_batches_per_epoch"] = \
+                batches_per_epoch
         self._write_config(config_json)
         self._truncate(cursor or MetricsCursor())
         self.file.flush()
@@ -86,6 +95,7 @@ class MetricsWriter:
         lr = self._dataset("train/lr", (0, len(self.parameter_groups)), np.float64, [_STEP_ROW, "parameter group"])
         lr.attrs["parameter_groups"] = self.parameter_groups
         self._dataset("validation/step", (0,), np.int64, ["evaluation"])
+        self.file.require_group("train_samples")
         if "validation/sample_index" not in self.file:
             index = self.file.create_dataset("validation/sample_index", data=validation_sample_index.astype(np.int64))
             index.attrs["dim_0"] = "validation sample"
@@ -117,6 +127,8 @@ class MetricsWriter:
             dataset.resize(min(dataset.shape[0], cursor.train_rows), axis=0)
         for dataset in self._row_datasets("validation"):
             dataset.resize(min(dataset.shape[0], cursor.validation_rows), axis=0)
+        for dataset in self._row_datasets("train_samples"):
+            dataset.resize(min(dataset.shape[0], cursor.train_sample_rows), axis=0)
 
     # -- writing ---------------------------------------------------------------------------------------------
     def log_step(self, *, step: int, epoch: int, loss: float, grad_norm: float, samples_per_second: float,
@@ -127,6 +139,10 @@ class MetricsWriter:
         row.update({f"loss.{name}": value for name, value in (loss_components or {}).items()})
         self._train_buffer.append(row)
         self._lr_buffer.append(tuple(learning_rates))
+
+    def log_train_samples(self, *, step: int, index: np.ndarray, loss: np.ndarray) -> None:
+        """The per-sample loss of every training sample of a step (emicroml's per-sample training metrics)."""
+        self._sample_buffer.append((step, index.astype(np.int64), loss.astype(np.float32)))
 
     def log_validation(self, *, step: int, per_sample: dict[str, np.ndarray]) -> None:
         """`per_sample`: name -> values of every validation sample (`loss` is required)."""
@@ -176,12 +192,21 @@ class MetricsWriter:
                              offset)
             self._append("validation/step", steps, ["evaluation"], offset)
             self._validation_buffer.clear()
+        if self._sample_buffer:
+            dims = ["training sample row"]
+            steps = np.concatenate([np.full(len(index), step, dtype=np.int64) for step, index, _ in self._sample_buffer])
+            self._append("train_samples/step", steps, dims, 0)
+            self._append("train_samples/index", np.concatenate([i for _, i, _ in self._sample_buffer]), dims, 0)
+            self._append("train_samples/loss", np.concatenate([v for _, _, v in self._sample_buffer]), dims, 0)
+            self._sample_buffer.clear()
         self.file.flush()
 
     def cursor(self) -> MetricsCursor:
         """Row counts including buffered rows; call `flush` before recording it in a checkpoint."""
+        samples = self.file["train_samples/step"].shape[0] if "train_samples/step" in self.file else 0
         return MetricsCursor(train_rows=self.file["train/step"].shape[0] + len(self._train_buffer),
-                             validation_rows=self.file["validation/step"].shape[0] + len(self._validation_buffer))
+                             validation_rows=self.file["validation/step"].shape[0] + len(self._validation_buffer),
+                             train_sample_rows=samples + sum(len(index) for _, index, _ in self._sample_buffer))
 
     def close(self) -> None:
         if self.file.id.valid:

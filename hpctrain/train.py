@@ -64,6 +64,9 @@ class StepResult:
     loss: float
     # Mean of each named per-sample loss component (empty when the loss returns one tensor).
     loss_components: dict[str, float] = field(default_factory=dict)
+    # With callbacks.metrics.per_sample_train, on rank 0: the step's sample indices and their losses (all ranks).
+    sample_index: np.ndarray | None = None
+    sample_loss: np.ndarray | None = None
     grad_norm: float = 0.0
     num_samples: int = 0
     nonfinite: bool = False
@@ -176,6 +179,8 @@ class Trainer:
         """
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
+        record = self.config.callbacks.metrics.per_sample_train
+        recorded: list[tuple[np.ndarray, np.ndarray]] = []
         last = len(microbatches) - 1
         for index, (batch, size) in enumerate(zip(microbatches, sizes)):
             sync = index == last or not self.dist.is_distributed
@@ -191,6 +196,8 @@ class Trainer:
             for name, value in components.items():
                 contribution = value.detach().sum(dtype=torch.float64) * (1.0 if size else 0.0)
                 sums[name] = sums[name] + contribution if name in sums else contribution
+            if record and size:
+                recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
 
         for group in self.groups:
             self.grad_scaler.unscale_(group.optimizer)
@@ -217,9 +224,14 @@ class Trainer:
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
             group.scheduler.step()  # the step counts even when skipped: its data was consumed
-        return StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
-                          grad_norm=grad_norm_value, num_samples=num_samples, nonfinite=nonfinite,
-                          stop_requested=stop > 0)
+        result = StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
+                            grad_norm=grad_norm_value, num_samples=num_samples, nonfinite=nonfinite,
+                            stop_requested=stop > 0)
+        if record:
+            gathered = [pair for rank_pairs in self.dist.all_gather_object(recorded) for pair in rank_pairs]
+            result.sample_index = np.concatenate([index for index, _ in gathered])
+            result.sample_loss = np.concatenate([values for _, values in gathered])
+        return result
 
     # -- validation ------------------------------------------------------------------------------------------
     def validate(self) -> Evaluation:
@@ -324,7 +336,10 @@ class Trainer:
             self.metrics = MetricsWriter(
                 self.run_dir / METRICS_FILENAME, parameter_groups=[group.name for group in self.groups],
                 validation_sample_index=self.split.val_indices, config_json=to_json(self.config),
-                task_name=self.config.task.name, cursor=cursor)
+                task_name=self.config.task.name, cursor=cursor,
+                # global batches: optimizer steps per epoch, and validation batches of the whole set
+                batches_per_epoch=(self.sampler.steps_per_epoch, math.ceil(len(self.split.val_indices) / (
+                    self.config.data.val_batch_size or self.config.trainer.micro_batch_size))))
         if self.plot is not None:
             self.plots = PlotWorker(self.plot, self.run_dir / "plots")
         try:
@@ -378,6 +393,9 @@ class Trainer:
                                       grad_norm=result.grad_norm, samples_per_second=samples_per_second,
                                       nonfinite=result.nonfinite, learning_rates=learning_rates,
                                       loss_components=result.loss_components)
+                if result.sample_index is not None:
+                    self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
+                                                   loss=result.sample_loss)
                 if self.state.step % callbacks.metrics.flush_every_steps == 0:
                     self.metrics.flush()
             progress.update(1)

@@ -107,3 +107,22 @@ def test_file_opens_after_sigkill_and_holds_everything_up_to_the_last_flush(tmp_
         steps = file["train/step"][()]
     assert len(steps) >= 400 and len(steps) % 50 == 0
     assert steps.tolist() == list(range(1, len(steps) + 1))
+
+
+def test_per_sample_training_losses_cover_every_sample_once_per_epoch_on_two_ranks(tmp_path: Path,
+                                                                                   tiny_data: Path) -> None:
+    from .conftest import launch, tiny_overrides
+
+    # 154 training samples, global batch 16 (2 ranks x 8): 10 steps per epoch, 20 steps = 2 epochs.
+    launch(tiny_overrides(tiny_data, "callbacks.metrics.per_sample_train=true", "trainer.max_steps=20",
+                          "trainer.micro_batch_size=8", "launcher.num_processes=2"), run_dir=tmp_path)
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        steps, index, loss = (file[f"train_samples/{name}"][()] for name in ("step", "index", "loss"))
+        train_loss = file["train/loss"][()]
+        assert file.attrs["train_batches_per_epoch"] == 10 and file.attrs["validation_batches_per_epoch"] == 5  # 38 / 8
+        assert file["train_samples/loss"].attrs["dim_0"] == "training sample row"
+    for epoch in (0, 1):
+        in_epoch = (steps > 10 * epoch) & (steps <= 10 * (epoch + 1))
+        assert sorted(index[in_epoch].tolist()) == list(range(154))  # every sample once per epoch
+    for step in (1, 10, 20):
+        np.testing.assert_allclose(loss[steps == step].astype(np.float64).mean(), train_loss[step - 1], rtol=1e-5)
