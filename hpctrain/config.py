@@ -111,7 +111,8 @@ class DataConfig:
     prepare: Any = None
     # `_target_` nodes of callables transform(batch) -> batch, applied in the loader workers in this order.
     transforms: List[Any] = field(default_factory=list)
-    # -1: one worker per CPU this rank was given, minus one for the training process.
+    # -1: automatic: none when the training process reads a batch faster than a worker could hand it over
+    # (measured at start), else one worker per CPU this rank was given, minus one for the training process.
     num_workers: int = -1
     persistent_workers: bool = True
     pin_memory: bool = True

@@ -13,10 +13,12 @@ samples in an optimizer step does not depend on the number of ranks or micro-bat
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
@@ -30,6 +32,8 @@ from hpctrain.config import ConfigError, DataConfig
 from hpctrain.distributed import exit_with_parent
 from hpctrain.hdf5_reader import RowReader
 from hpctrain.transforms import TransformContext, takes_context
+
+log = logging.getLogger(__name__)
 
 
 class FieldSpec(NamedTuple):
@@ -388,8 +392,33 @@ def stop_loader_workers() -> None:
         child.join()
 
 
-def resolve_num_workers(config: DataConfig, cpus_per_rank: int) -> int:
-    return max(0, cpus_per_rank - 1) if config.num_workers < 0 else config.num_workers
+# Below this much reading + transforming per batch in the training process, loader workers cannot win: handing
+# a batch over from a worker process costs about this much on its own (queue, pickling, shared-memory mapping).
+WORKER_BREAK_EVEN_S = 2e-3
+
+
+def resolve_num_workers(config: DataConfig, cpus_per_rank: int, *, reader: BatchReader | None = None,
+                        indices: np.ndarray | None = None, batch_size: int = 1) -> int:
+    """`data.num_workers`, or with -1 (automatic): 0 when a batch is produced faster in the training process than
+    a worker could hand it over (measured on a few real batches), else one worker per CPU of the rank minus one.
+    The sample order and every random draw are keyed on samples, so the choice never changes the result."""
+    if config.num_workers >= 0:
+        return config.num_workers
+    workers = max(0, cpus_per_rank - 1)
+    if workers == 0 or reader is None or indices is None or len(indices) == 0:
+        return workers
+    # A few batches of random samples, as training reads them (a generator of its own: no global RNG is touched).
+    sample = indices[np.random.default_rng(0).permutation(len(indices))[:4 * batch_size]]
+    probe = [sample[start:start + batch_size] for start in range(0, len(sample), batch_size)]
+    reader[probe[0]]  # the first read opens files and maps them: not what a batch costs
+    started = time.perf_counter()
+    for batch in probe:
+        reader[batch]
+    per_batch = (time.perf_counter() - started) / len(probe)
+    chosen = 0 if per_batch < WORKER_BREAK_EVEN_S else workers
+    log.info("data.num_workers=-1: a batch takes %.2f ms to read in the training process -> %d loader workers",
+             per_batch * 1e3, chosen)
+    return chosen
 
 
 def make_loader(dataset: BatchReader, sampler: Sampler, *, config: DataConfig, num_workers: int,

@@ -114,11 +114,13 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
 
-        num_workers = resolve_num_workers(config.data, cpus_per_rank)
+        train_reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed,
+                                   stage="train")
+        num_workers = resolve_num_workers(config.data, cpus_per_rank, reader=train_reader,
+                                          indices=split.train_indices, batch_size=trainer_cfg.micro_batch_size)
         pin_memory = config.data.pin_memory and self.device.type == "cuda"
-        self.train_loader = make_loader(
-            BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed, stage="train"),
-            self.sampler, config=config.data, num_workers=num_workers, pin_memory=pin_memory)
+        self.train_loader = make_loader(train_reader, self.sampler, config=config.data, num_workers=num_workers,
+                                        pin_memory=pin_memory)
         val_batch_size = config.data.val_batch_size or trainer_cfg.micro_batch_size
         self.val_loader = make_loader(
             BatchReader(split.val_dataset, transforms=components.transforms, seed=config.seed, stage="validation"),
