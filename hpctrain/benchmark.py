@@ -1,27 +1,53 @@
-"""`python -m hpctrain.benchmark [OVERRIDES] [--steps N] [--workers 0,2,4]`: measure, on your machine and file
-system, what limits training throughput: the data loader alone (samples/s for several worker counts, and the
-cost of one HDF5 read per sample instead of one sorted read per batch) and the training step alone.
+"""`python -m hpctrain.benchmark [loader|step|checkpoint|all] [--rounds N] [OVERRIDES]`: measure, on your machine
+and file system, hpctrain against the reference that bounds it, side by side in alternating rounds (A, B, A, B, ...)
+so a busy machine slows both alike; each line prints hpctrain / reference as the median and min-max of the
+per-round ratios.
 
-It composes the same config as the launcher, so the numbers are for the run you are about to start.
+  loader      the loader's samples/s for each shuffle mode and worker count vs a random gather from the whole
+              training set held in RAM (the ceiling: no file system, no HDF5, no processes)
+  step        the training loop's time per step vs a raw PyTorch loop (the same model, loss, batch size and
+              optimizer over batches gathered from RAM), on the run's model and on a tiny model
+  checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
+  (compressed vs uncompressed reads: benchmarks/reader.py)
+
+It composes the same config as the launcher (`--config-dir` for yours), so the numbers are for the run you are
+about to start. The numbers measured on the development machine are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-from hpctrain.components import check_run_inputs, model_inputs, per_sample_components
-from hpctrain.config import ConfigError
+from hpctrain.components import Components, build_components, check_run_inputs, model_inputs, per_sample_components
+from hpctrain.config import Config, ConfigError
 from hpctrain.data import BatchReader, DistributedBatchSampler, make_loader
 from hpctrain.launch import compose_config, fail
 
 
-def loader_samples_per_second(loader, num_batches: int) -> float:
+def ratio_line(label: str, ours: list[float], reference: list[float], unit: str, *, higher_is_better: bool) -> str:
+    """Per-round ratios ours/reference: median (min-max), and the medians of both."""
+    ratios = [a / b for a, b in zip(ours, reference)]
+    return (f"  {label:<46} {statistics.median(ratios):6.3f}x ({min(ratios):.3f}-{max(ratios):.3f})   "
+            f"hpctrain {statistics.median(ours):10.4g} {unit}, reference {statistics.median(reference):10.4g} {unit}"
+            f"{'' if higher_is_better else '  (lower is better)'}")
+
+
+# -- loader -----------------------------------------------------------------------------------------------------
+def loader_rate(loader, num_batches: int) -> float:
     batches = iter(loader)
     next(batches)  # worker start-up is not throughput
     started, samples = time.perf_counter(), 0
@@ -30,62 +56,184 @@ def loader_samples_per_second(loader, num_batches: int) -> float:
     return samples / (time.perf_counter() - started)
 
 
-def per_sample_reads_per_second(dataset, indices: list[np.ndarray]) -> float:
+def ram_gather_rate(arrays: dict[str, np.ndarray], batches: list[np.ndarray]) -> float:
     started, samples = time.perf_counter(), 0
-    for batch in indices:
-        for index in batch:
-            dataset[int(index)]
-            samples += 1
+    for indices in batches:
+        for array in arrays.values():
+            torch.from_numpy(array[indices])
+        samples += len(indices)
     return samples / (time.perf_counter() - started)
+
+
+def bench_loader(config: Config, components: Components, *, rounds: int, num_batches: int, workers: list[int]) -> None:
+    split = components.split
+    batch_size = config.trainer.micro_batch_size
+    reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed)
+    everything = reader[split.train_indices]  # the whole training set in RAM: the ceiling's source
+    arrays = {name: value.numpy() for name, value in everything.items() if name != "index"}
+    print(f"loader: {len(split.train_indices)} training samples, batch {batch_size}, {num_batches} batches per round, "
+          f"{rounds} rounds; reference: a random gather from RAM")
+    for shuffle in ("samples", "blocks"):
+        data = replace(config.data, shuffle=shuffle)
+        sampler = DistributedBatchSampler(np.arange(len(split.train_indices)), micro_batch_size=batch_size,
+                                          num_microbatches=1, rank=0, world_size=1, seed=config.seed,
+                                          block_size=data.block_size if shuffle == "blocks" else 1)
+        num = min(num_batches, sampler.steps_per_epoch - 1)
+        order = sampler.epoch_order(0)
+        ram_batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(num)]
+        for count in workers:
+            loader = make_loader(reader, sampler, config=replace(data, persistent_workers=False), num_workers=count,
+                                 pin_memory=False)
+            ours, reference = [], []
+            for _ in range(rounds):
+                ours.append(loader_rate(loader, num))
+                reference.append(ram_gather_rate(arrays, ram_batches))
+            print(ratio_line(f"shuffle={shuffle}, {count} workers", ours, reference, "samples/s",
+                             higher_is_better=True))
+
+
+# -- the training step ------------------------------------------------------------------------------------------
+class TinyModel(nn.Module):
+    """A model whose step costs almost nothing, so the loop's own bookkeeping shows."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(inputs, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+def raw_loop_seconds(model: nn.Module, loss_function, batches: list[dict[str, torch.Tensor]], inputs: list[str],
+                     lr: float) -> float:
+    """The reference: a plain PyTorch loop over batches already in RAM (forward, per-sample loss, mean, backward,
+    AdamW, zero_grad)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    started = time.perf_counter()
+    for batch in batches:
+        terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch), len(batch["index"]),
+                                      key="task.loss")
+        sum(terms.values()).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> float:
+    """hpctrain's loop for `steps` steps (no evaluation, checkpoint or plot inside the timed steps)."""
+    from hpctrain.distributed import DistributedContext
+    from hpctrain.train import Trainer
+
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    run_dir.mkdir(parents=True)
+    trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
+    trainer._after_step = lambda result: None  # type: ignore[method-assign]  # time the steps alone
+    started = time.perf_counter()
+    trainer.fit()  # metrics.h5 written as in a real run; no evaluation or checkpoint inside
+    return time.perf_counter() - started
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
+    base = replace(config, trainer=replace(config.trainer, max_steps=steps, max_epochs=None, progress_bar=False,
+                                           val_every_steps=10**9),
+                   data=replace(config.data, num_workers=0),
+                   optim=replace(config.optim, clip_grad_norm=None,
+                                 schedule=replace(config.optim.schedule, name="constant")),
+                   callbacks=replace(config.callbacks, checkpoint=replace(config.callbacks.checkpoint,
+                                                                          every_steps=10**9)))
+    components = build_components(base)
+    if tiny:
+        sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]
+        width = int(np.prod(sample[base.task.inputs[0]].shape[1:]))
+        outputs = components.model(*model_inputs(sample, base.task.inputs)).shape[-1]
+        components.model = TinyModel(width, outputs)
+        base = replace(base, task=replace(base.task, inputs=base.task.inputs[:1]))
+    initial = copy.deepcopy(components.model.state_dict())
+    reader = BatchReader(components.split.train_dataset, transforms=components.transforms, seed=base.seed)
+    sampler = DistributedBatchSampler(components.split.train_indices, micro_batch_size=base.trainer.micro_batch_size,
+                                      num_microbatches=1, rank=0, world_size=1, seed=base.seed)
+    batches = [reader[request.indices] for request, _ in zip(sampler, range(steps))]
+    while len(batches) < steps:
+        batches += batches[:steps - len(batches)]
+    ours, reference = [], []
+    with tempfile.TemporaryDirectory() as directory, _quiet():
+        for index in range(rounds):
+            components.model.load_state_dict(initial)
+            reference.append(raw_loop_seconds(components.model, components.loss, batches, base.task.inputs,
+                                              base.optim.lr) / steps)
+            components.model.load_state_dict(initial)
+            ours.append(hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}") / steps)
+    label = "tiny model" if tiny else f"{type(components.model).__name__}"
+    print(ratio_line(f"step, {label}", ours, reference, "s/step", higher_is_better=False))
+    overhead = [a - b for a, b in zip(ours, reference)]
+    print(f"  {'':<46} per-step overhead {statistics.median(overhead) * 1e3:+.3f} ms "
+          f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f})")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
+    from hpctrain.checkpoint import CheckpointManager
+
+    state = {"model": {f"w{i}": torch.randn(megabytes * (1 << 20) // 4 // 16) for i in range(16)}, "step": 1}
+    ours, reference = [], []
+    with tempfile.TemporaryDirectory() as directory:
+        manager = CheckpointManager(Path(directory) / "run", keep_last=2)
+        plain = Path(directory) / "plain.pt"
+        with _quiet():
+            for step in range(1, rounds + 1):
+                started = time.perf_counter()
+                with open(plain, "wb") as file:
+                    torch.save(state, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                reference.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                manager.save(step, state)
+                ours.append(time.perf_counter() - started)
+    print(f"checkpoint: a {megabytes} MB state; reference: torch.save + fsync")
+    print(ratio_line("checkpoint stall (synchronous)", ours, reference, "s", higher_is_better=False))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("what", nargs="?", default="all", choices=["loader", "step", "checkpoint", "all"])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hpctrain.launch")
     parser.add_argument("--config-dir", "-cd", help="your own config directory (as Hydra's --config-dir)")
-    parser.add_argument("--steps", type=int, default=50, help="batches / training steps to time")
-    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to try")
-    args = parser.parse_args(argv)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison")
+    parser.add_argument("--batches", type=int, default=60, help="batches per loader round")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per round (model step)")
+    parser.add_argument("--tiny-steps", type=int, default=400, help="training steps per round (tiny model)")
+    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to compare")
+    parser.add_argument("--checkpoint-mb", type=int, default=62, help="size of the checkpointed state")
+    args = parser.parse_intermixed_args(argv)
     try:
         config = compose_config(args.overrides, config_dir=args.config_dir)
-        components = check_run_inputs(config, prepare=True)
+        components = check_run_inputs(config, prepare=True) if args.what != "checkpoint" else None
     except ConfigError as error:
         fail(str(error))
-    trainer_cfg, data_cfg = config.trainer, config.data
-    split = components.split
-    sampler = DistributedBatchSampler(split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
-                                      num_microbatches=1, rank=0, world_size=1, seed=config.seed,
-                                      block_size=data_cfg.block_size if data_cfg.shuffle == "blocks" else 1)
-    reader = BatchReader(split.train_dataset, transforms=components.transforms)
-    steps = min(args.steps, sampler.steps_per_epoch - 1)
-    print(f"data: {type(split.train_dataset).__name__} of {len(split.train_dataset)} samples, "
-          f"shuffle={data_cfg.shuffle}, "
-          f"batch {trainer_cfg.micro_batch_size}, {steps} batches, torch threads {torch.get_num_threads()}")
-    for workers in (int(w) for w in args.workers.split(",")):
-        loader = make_loader(reader, sampler, config=data_cfg, num_workers=workers, pin_memory=False)
-        print(f"  loader, {workers} workers, batch reads:              "
-              f"{loader_samples_per_second(loader, steps):8.0f} samples/s")
-    order = sampler.epoch_order(0)
-    batches = [sampler.step_microbatches(order, step)[-1] for step in range(steps)]
-    print(f"  one read per sample (for comparison), in-process:  "
-          f"{per_sample_reads_per_second(split.train_dataset, batches):8.0f} samples/s")
-
-    model, loss_function = components.model, components.loss
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = reader[batches[0]]
-    timings = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        terms = per_sample_components(loss_function(model(*model_inputs(batch, config.task.inputs)), batch),
-                                      len(batch["index"]), key="task.loss")
-        sum(terms.values()).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timings.append(time.perf_counter() - started)
-    median = float(np.median(timings[2:] or timings))
-    print(f"  training step (forward, backward, AdamW) on CPU: {median * 1e3:.1f} ms median = "
-          f"{trainer_cfg.micro_batch_size / median:.0f} samples/s; "
-          f"{sum(p.numel() for p in model.parameters())} parameters")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if args.what in ("loader", "all"):
+        assert components is not None
+        bench_loader(config, components, rounds=args.rounds, num_batches=args.batches,
+                     workers=[int(w) for w in args.workers.split(",")])
+    if args.what in ("step", "all"):
+        print(f"step: {args.rounds} rounds; reference: a raw PyTorch loop over the same batches held in RAM")
+        bench_step(config, rounds=args.rounds, steps=args.steps, tiny=False)
+        bench_step(config, rounds=args.rounds, steps=args.tiny_steps, tiny=True)
+    if args.what in ("checkpoint", "all"):
+        bench_checkpoint(rounds=args.rounds, megabytes=args.checkpoint_mb)
     return 0
 
 
