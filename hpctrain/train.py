@@ -32,6 +32,7 @@ from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain.optim import build_parameter_groups
 from hpctrain.tasks.base import Task
+from hpctrain import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ class Trainer:
                 validation_sample_index=self.split.val_indices, config_json=to_json(self.config),
                 metric_name=self.task.metric_name, cursor=cursor)
         try:
-            self._loop()
+            with watchdog.stepping():
+                self._loop()
         finally:
             stop_loader_workers()
             if self.metrics is not None:
@@ -356,6 +358,7 @@ class Trainer:
 
             self.state.step += 1
             self.state.step_in_epoch += 1
+            watchdog.beat(self.state.step)
             epoch = self.state.epoch
             if self.state.step_in_epoch == self.sampler.steps_per_epoch:
                 self.state.epoch, self.state.step_in_epoch, batches = self.state.epoch + 1, 0, None
@@ -389,7 +392,8 @@ class Trainer:
                         f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
                         f"{self.checkpoints.directory}")
 
-            self._after_step(result)
+            with watchdog.paused("evaluation and checkpoint"):
+                self._after_step(result)
             if self.state.finished or result.stop_requested:
                 break
         progress.close()
