@@ -223,7 +223,7 @@ def run_task(config: Config, run_dir: Path) -> dict[str, Any]:
         if rank == 0:
             history.record_end(run_dir, "completed", step=summary["step"], message=summary.get("stop_reason", ""))
         return summary
-    if rank != 0 or not STOP.is_set():
+    if rank != 0 or not STOP.is_set() or watchdog.has_fired():  # a hung rank has acted already
         return summary
     return _after_stop(config, run_dir, summary)
 

@@ -40,6 +40,12 @@ CHECK_EVERY_S = 5.0
 _hang_actions: list[Callable[[dict[str, Any]], None]] = []
 _periodic_checks: list[Callable[[], None]] = []
 _active: "Watchdog | None" = None
+_fired = threading.Event()
+
+
+def has_fired() -> bool:
+    """This process found itself hung (its record is written; it exits after the grace)."""
+    return _fired.is_set()
 
 
 def add_hang_action(action: Callable[[dict[str, Any]], None]) -> None:
@@ -135,6 +141,7 @@ class Watchdog:
                 return
 
     def _fire(self, idle: float, limit: float) -> None:
+        _fired.set()
         where = "before the first step" if self._last_step is None else f"after step {self._last_step}"
         report = {"rank": self.rank, "idle_s": round(idle, 1), "limit_s": round(limit, 1), "step": self._last_step,
                   "message": f"rank {self.rank} made no progress for {idle:.0f} s {where} (watchdog limit "

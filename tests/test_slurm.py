@@ -246,12 +246,61 @@ def test_a_stopped_rank_is_found_by_the_watchdog_and_the_job_resumes(tmp_path: P
     assert elapsed < 60, elapsed  # the watchdog's 10 s plus its grace, not the 600 s process-group timeout
     logs = job_logs(run_dir, job_id)
     assert "rank 0 made no progress" in logs and "hpctrain watchdog: Python stacks of rank 0" in logs
-    assert "File " in logs.split("Python stacks of rank 0")[1]  # faulthandler's frames
+    stacks = logs.split("--- hpctrain watchdog: Python stacks of rank 0")[1]
+    assert 'in train_step' in stacks.split("hpctrain.slurm")[0]  # faulthandler's frames of the training thread
     sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the resumed job")
     assert final_state(job_id) == "COMPLETED"
     assert history_reasons(run_dir) == ["hung", "completed"]
     assert_same_weights(two_node_run, run_dir)
+
+
+# Jobs of two minutes whose training takes longer: SLURM sends USR2 60 s before the limit (up to 30 s earlier
+# still, by its periodic check), i.e. 30-60 s after the start.
+TIME_LIMITED = ["launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
+                "launcher.timeout_min=2", "launcher.signal_delay_s=60", "trainer.max_steps=1200",
+                "trainer.val_every_steps=400", "callbacks.checkpoint.every_steps=50",
+                "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
+
+
+def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its_message(tmp_path: Path,
+                                                                                         tiny_data: Path) -> None:
+    runs = {name: tmp_path / name for name in ("reference", "limited", "exhausted")}
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.timeout_min=20"), run_dir=runs["reference"])
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.max_num_timeout=10"), run_dir=runs["limited"])
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.max_num_timeout=0"), run_dir=runs["exhausted"])
+    ids = {name: recorded_job_id(run_dir) for name, run_dir in runs.items()}
+    deadline = time.monotonic() + 900
+    while True:
+        states = {name: sh("squeue", "--noheader", "--jobs", job_id, "--format", "%T %r").strip()
+                  for name, job_id in ids.items()}
+        if not any(states.values()):
+            break
+        assert time.monotonic() < deadline, states
+        if states["limited"] == "PENDING BeginTime":  # requeued: start it again without the two-minute wait
+            sh("scontrol", "update", f"JobId={ids['limited']}", "StartTime=now+2")
+        time.sleep(1)
+
+    assert final_state(ids["reference"]) == "COMPLETED" and allocations(ids["reference"]) == ["COMPLETED"]
+    limited = allocations(ids["limited"])
+    assert len(limited) >= 2 and limited[-1] == "COMPLETED" and set(limited[:-1]) == {"REQUEUED"}, limited
+    reasons = history_reasons(runs["limited"])
+    assert reasons == ["requeued_time_limit"] * (len(limited) - 1) + ["completed"], reasons
+    logs = job_logs(runs["limited"], ids["limited"])
+    assert "SIGUSR2 received: time limit" in logs and "time-limit requeue 1 of launcher.max_num_timeout=10" in logs
+    assert "Traceback" not in logs
+    assert_same_weights(runs["reference"], runs["limited"])
+    with open_for_reading(runs["limited"] / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 1201))
+
+    assert allocations(ids["exhausted"]) == ["FAILED"]  # ended by itself, not requeued, not killed at the limit
+    logs = job_logs(runs["exhausted"], ids["exhausted"])
+    assert "launcher.max_num_timeout=0: not requeued, the job ends here" in logs and "Traceback" not in logs
+    assert history_reasons(runs["exhausted"]) == ["time_limit_exhausted"]
+    inspect = subprocess.run(launch_inspect(runs["exhausted"])[:-1], capture_output=True, text=True,
+                             check=True).stdout
+    assert "ended: time limit, launcher.max_num_timeout used up" in inspect
+    assert CheckpointManager(runs["exhausted"], keep_last=2).complete()  # it checkpointed before ending
 
 
 SWEEP = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=60",
