@@ -378,10 +378,14 @@ def test_impossible_sweep_submits_nothing(tmp_path: Path, tiny_data: Path) -> No
 
 def test_plain_sbatch_template_trains_the_same_model(tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     training = [o for o in tiny_overrides(tiny_data, *TWO_NODES) if not o.startswith("launcher")]
+    from .conftest import PYTHON
+
     job_id = sh("sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
+                f"--export=ALL,HPCTRAIN_PYTHON={PYTHON}",
                 str(REPO / "slurm" / "train.sbatch"), *training, f"paths.runs_dir={tmp_path}").strip()
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the sbatch job")
     assert final_state(job_id) == "COMPLETED", (tmp_path / f"{job_id}.out").read_text()
     run_dir = tmp_path / f"sbatch-{job_id}"
     reference, trained = final_weights(two_node_run), final_weights(run_dir)
     assert all(torch.equal(reference[name], trained[name]) for name in reference)
+    assert history_reasons(run_dir) == ["completed"]  # the same job routine as under submitit
