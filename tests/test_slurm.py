@@ -271,6 +271,7 @@ def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its
     launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.max_num_timeout=0"), run_dir=runs["exhausted"])
     ids = {name: recorded_job_id(run_dir) for name, run_dir in runs.items()}
     deadline = time.monotonic() + 900
+    released: set[str] = set()
     while True:
         states = {name: sh("squeue", "--noheader", "--jobs", job_id, "--format", "%T %r").strip()
                   for name, job_id in ids.items()}
@@ -278,7 +279,11 @@ def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its
             break
         assert time.monotonic() < deadline, states
         if states["limited"] == "PENDING BeginTime":  # requeued: start it again without the two-minute wait
-            sh("scontrol", "update", f"JobId={ids['limited']}", "StartTime=now+2")
+            restarts = sh("squeue", "--noheader", "--jobs", ids["limited"], "--format", "%T").strip() and sh(
+                "scontrol", "show", "job", "--oneliner", ids["limited"]).split("Restarts=")[1].split()[0]
+            if restarts not in released:  # once per requeue: each update moves StartTime to now+2 again
+                released.add(restarts)
+                sh("scontrol", "update", f"JobId={ids['limited']}", "StartTime=now+2")
         time.sleep(1)
 
     assert final_state(ids["reference"]) == "COMPLETED" and allocations(ids["reference"]) == ["COMPLETED"]
