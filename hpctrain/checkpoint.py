@@ -4,6 +4,10 @@ A checkpoint is two files: `step_<n>.pt` (torch.save of plain containers and ten
 `weights_only=True`) and `step_<n>.json`, its manifest (step, size, SHA-256 of the .pt). Both are written to a
 temporary name, fsynced and renamed; the manifest goes last, so it marks the checkpoint complete. At start the
 newest checkpoint whose file matches its manifest is used; a truncated or corrupt one is skipped with a warning.
+
+Only the owner commits: before writing and before each rename, `save` checks that this process still holds the
+run directory's lock (`hpctrain.distributed.check_run_owner`), so a lingering rank of an old job cannot commit a
+checkpoint into a run directory another job has taken over.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from hpctrain.distributed import check_run_owner
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +66,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def _checkpoint_name(step: int) -> str:
     return f"step_{step:09d}"
 
@@ -77,6 +74,7 @@ class CheckpointManager:
     """Writes (rank 0 only), prunes and finds checkpoints of one run."""
 
     def __init__(self, run_dir: Path, *, keep_last: int, keep_steps: Iterable[int] = ()) -> None:
+        self.run_dir = run_dir
         self.directory = run_dir / CHECKPOINT_DIRNAME
         self.keep_last = keep_last
         self.keep_steps = set(keep_steps)
@@ -88,7 +86,9 @@ class CheckpointManager:
                 stale.unlink(missing_ok=True)
 
     def save(self, step: int, state: dict[str, Any], *, protected_steps: Iterable[int] = ()) -> Path:
-        """Write the checkpoint of `step` atomically, then prune old ones (keeping `protected_steps`)."""
+        """Write the checkpoint of `step` atomically, then prune old ones (keeping `protected_steps`).
+        Raises RunDirectoryTakenOver, having committed nothing, if this process no longer owns the run."""
+        check_run_owner(self.run_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
         name = _checkpoint_name(step)
         path = self.directory / f"{name}.pt"
@@ -99,15 +99,29 @@ class CheckpointManager:
             torch.save(state, writer)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        self._commit(temporary, path)
         manifest = {"step": step, "file": path.name, "size": writer.size, "sha256": writer.sha256.hexdigest(),
                     "finished": bool(state.get("finished", False)), "written_at": time.time()}
-        _atomic_write_bytes(self.directory / f"{name}.json", json.dumps(manifest, indent=1).encode())
+        manifest_path = self.directory / f"{name}.json"
+        temporary = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
+        with open(temporary, "wb") as file:
+            file.write(json.dumps(manifest, indent=1).encode())
+            file.flush()
+            os.fsync(file.fileno())
+        self._commit(temporary, manifest_path)
         _fsync_directory(self.directory)
         log.info("checkpoint step %d written to %s (%.1f MB, %.2f s)", step, path, writer.size / 1e6,
                  time.perf_counter() - started)
         self.prune(protected_steps)
         return path
+
+    def _commit(self, temporary: Path, path: Path) -> None:
+        try:
+            check_run_owner(self.run_dir)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        os.replace(temporary, path)
 
     def complete(self) -> list[CheckpointInfo]:
         """Checkpoints with a manifest, newest first (their content is verified by `load`)."""

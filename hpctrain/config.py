@@ -320,6 +320,10 @@ class TrainerConfig:
     # Before anything runs or is queued, take one forward + loss + backward on one real micro-batch on CPU (turn
     # off for a model too large for the login node).
     dry_step: bool = True
+    # Forming the process group (a rank dead at launch fails the others after this long); see docs/signals.md.
+    rendezvous_timeout_s: int = 120
+    # Hang watchdog: a rank without a step for this long dumps its stacks and exits; 0: from the step time; <0: off.
+    watchdog_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
@@ -336,6 +340,7 @@ class TrainerConfig:
         _require(self.num_threads >= 0, f"trainer.num_threads must be >= 0, got {self.num_threads}")
         _require(self.distributed_timeout_s > 0,
                  f"trainer.distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+        _require(self.rendezvous_timeout_s > 0, f"trainer.rendezvous_timeout_s must be > 0, got {self.rendezvous_timeout_s}")
 
 
 @dataclass
@@ -427,6 +432,10 @@ class LauncherConfig:
     additional_parameters: Dict[str, Any] = field(default_factory=dict)
     # Block until the job ends and print its result (submission alone returns at once).
     wait: bool = False
+    # What SIGTERM means: auto (ask SLURM: scancel ends the job, a preemption requeues it), requeue, or cancel.
+    sigterm: str = "auto"
+    # Requeues after a hang found by the watchdog (trainer.watchdog_s); then the job ends.
+    max_num_hang: int = 2
 
     def __post_init__(self) -> None:
         _one_of("launcher.name", self.name, ("local", "slurm", "srun"))
@@ -436,6 +445,8 @@ class LauncherConfig:
         _require(self.mem_gb is None or self.mem_gb > 0, f"launcher.mem_gb must be > 0 or null, got {self.mem_gb}")
         _require(self.signal_delay_s >= 0, f"launcher.signal_delay_s must be >= 0, got {self.signal_delay_s}")
         _require(self.max_num_timeout >= 0, f"launcher.max_num_timeout must be >= 0, got {self.max_num_timeout}")
+        _one_of("launcher.sigterm", self.sigterm, ("auto", "requeue", "cancel"))
+        _require(self.max_num_hang >= 0, f"launcher.max_num_hang must be >= 0, got {self.max_num_hang}")
         _require(self.gpus_per_node == 0 or self.tasks_per_node == self.gpus_per_node,
                  f"launcher.tasks_per_node={self.tasks_per_node} must equal launcher.gpus_per_node="
                  f"{self.gpus_per_node}: one rank per GPU")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from hpctrain import watchdog
 from hpctrain.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,15 @@ log = logging.getLogger(__name__)
 
 class RunDirectoryInUse(ConfigError):
     """Another live process is training in this run directory."""
+
+
+class RunDirectoryTakenOver(RuntimeError):
+    """This process held the run lock, but the run directory now belongs to another job (it was deleted and
+    re-created, or its lock file replaced): this process must not write into it."""
+
+
+class RendezvousError(RuntimeError):
+    """The process group did not form in time."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,13 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(*, device_preference: str, timeout_s: int) -> DistributedContext:
-    """Join the process group described by the environment (or run alone), with an explicit timeout."""
+def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeout_s: int | None = None
+                     ) -> DistributedContext:
+    """Join the process group described by the environment (or run alone).
+
+    Two timeouts: `rendezvous_timeout_s` bounds forming the group (a rank that died at launch, before it joined,
+    makes the others fail after this long instead of after the collective timeout), `timeout_s` bounds each
+    collective afterwards."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -101,13 +117,25 @@ def init_distributed(*, device_preference: str, timeout_s: int) -> DistributedCo
     device = select_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        rendezvous = datetime.timedelta(seconds=rendezvous_timeout_s or timeout_s)
+        try:
+            # The master waits for every rank to connect (wait_for_workers), the others for the master.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=rank == 0, timeout=rendezvous, wait_for_workers=True)
+            dist.init_process_group(
+                backend=backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        except (RuntimeError, dist.DistStoreError) as error:
+            raise RendezvousError(
+                f"rank {rank}/{world_size}: the process group did not form within trainer.rendezvous_timeout_s="
+                f"{rendezvous.total_seconds():g} s (master {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}): another rank died or never started ({error})") from None
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group (master %s:%s)", rank, world_size, backend,
                  os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
@@ -125,24 +153,89 @@ def exit_with_parent() -> None:
         pass
 
 
+LOCK_FILENAME = ".lock"
+# Run directories whose lock this process holds: resolved path -> (device, inode) of the lock file it locked.
+_held_locks: dict[Path, tuple[int, int]] = {}
+
+
+def lock_owner() -> dict[str, Any]:
+    """Who takes a run lock: the SLURM job (or 'local'), host and pid."""
+    job = os.environ.get("SLURM_JOB_ID", "local")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return {"job_id": job, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _describe(holder_text: str) -> str:
+    try:
+        holder = json.loads(holder_text)
+        return f"job {holder['job_id']} (host {holder['host']}, pid {holder['pid']})"
+    except (ValueError, KeyError, TypeError):
+        return holder_text or "another process"
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Held by rank 0 while it trains: a second job on the same run directory is refused instead of corrupting
-    it. A POSIX record lock: released when the process dies, and never inherited by forked loader workers."""
+    it. A POSIX record lock: released when the process dies, and never inherited by forked loader workers.
+
+    The lock file records its owner (job id, host, pid). `check_run_owner` (called before every checkpoint
+    commit, and periodically by the watchdog) verifies that the run directory's lock file is still the one this
+    process locked: after the directory was deleted and re-created for another job, a lingering process of the
+    old job holds a lock on a file that is no longer there, and must not write."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as file:
+    path = run_dir / LOCK_FILENAME
+    with open(path, "a+") as file:
         try:
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             file.seek(0)
-            holder = file.read().strip() or "another process"
+            holder = _describe(file.read().strip())
             raise RunDirectoryInUse(f"run directory {run_dir} is in use by {holder}; wait for it to end or "
                                     f"choose another run_name / hydra.run.dir") from None
         file.seek(0)
         file.truncate()
-        file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        file.write(json.dumps(lock_owner()) + "\n")
         file.flush()
-        yield
+        stat = os.fstat(file.fileno())
+        key = run_dir.resolve()
+        _held_locks[key] = (stat.st_dev, stat.st_ino)
+
+        def still_owner() -> None:
+            check_run_owner(key)
+
+        watchdog.add_periodic_check(still_owner)  # ends this process soon after a take-over, metrics unwritten
+        try:
+            yield
+        finally:
+            watchdog.remove_periodic_check(still_owner)
+            _held_locks.pop(key, None)
+
+
+def check_run_owner(run_dir: Path) -> None:
+    """Raise RunDirectoryTakenOver if this process took the run lock of `run_dir` and the directory's lock file is
+    no longer the one it locked. A no-op where this process never took the lock (other ranks, tools)."""
+    key = run_dir.resolve()
+    held = _held_locks.get(key)
+    if held is None:
+        return
+    try:
+        stat = os.stat(key / LOCK_FILENAME)
+        current = (stat.st_dev, stat.st_ino)
+    except OSError:
+        current = None
+    if current != held:
+        try:
+            holder = _describe((key / LOCK_FILENAME).read_text().strip())
+        except OSError:
+            holder = "nobody (the lock file is gone)"
+        raise RunDirectoryTakenOver(
+            f"run directory {run_dir} was taken over (its lock is now held by {holder}); this process "
+            f"({json.dumps(lock_owner())}) no longer owns it and writes nothing more into it")
+
+
+def holds_run_lock(run_dir: Path) -> bool:
+    return run_dir.resolve() in _held_locks
 
 
 def shutdown_distributed(*, clean: bool = True) -> None:

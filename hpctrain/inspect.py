@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.history import attempts, format_history, read as read_history
 from hpctrain.metrics import METRICS_FILENAME, baseline_ratios, open_for_reading, validation_names
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "jobs": attempts(read_history(run_dir))}
     metrics_path = run_dir / METRICS_FILENAME
     if metrics_path.exists():
         with open_for_reading(metrics_path) as file:
@@ -88,6 +89,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
     if newest is not None:
         lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']})")
+    lines += format_history(Path(summary["run_dir"]))
     return "\n".join(lines)
 
 

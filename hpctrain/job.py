@@ -21,6 +21,7 @@ from multiprocessing.connection import wait
 from hpctrain.config import Config, ConfigError
 from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
                                   shutdown_distributed)
+from hpctrain.watchdog import watching
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ def check_run_dir_writable(run_dir: Path) -> None:
 
 def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train as one rank of the process group the environment describes; returns the run's summary."""
-    dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
+    dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s,
+                            rendezvous_timeout_s=config.trainer.rendezvous_timeout_s)
     clean = False
     try:
-        with run_lock(run_dir) if dist.is_main else nullcontext():
+        with run_lock(run_dir) if dist.is_main else nullcontext(), watching(config, dist.rank):
             summary = _train(config, run_dir, dist, stop_requested)
         clean = True
         return summary

@@ -1,30 +1,42 @@
 """SLURM: check a request against the cluster (login-node preflight), submit runs and sweeps with submitit, and
-the job callable that runs on the nodes, requeueing itself on preemption or time limit.
+the job routine that runs on the nodes (`run_task`, the same under submitit and under srun).
 
-Preemption: USR2 (sent `signal_delay_s` before the time limit, or by the scheduler on preemption) and SIGTERM
-only set a flag. The trainer all-reduces the flag with its step statistics, so all ranks stop at the same step
-boundary; rank 0 writes a checkpoint; then submitit's own handler is called, which pickles the fresh callable
-returned by `TrainingJob.checkpoint` and requeues the job. The requeued job resumes from the run directory's
-newest checkpoint: state lives on disk, never in the pickle.
+Signals (the full table is in docs/signals.md): USR2 and SIGTERM only set a flag; rank 0 asks SLURM why
+(hpctrain.signals). The trainer all-reduces the flag with its step statistics, so all ranks stop at the same step
+boundary; rank 0 writes a checkpoint and then acts on the cause: a user's `scancel` ends the job, a time limit
+requeues it (counted against launcher.max_num_timeout), a preemption requeues it (not counted), and a requeue
+SLURM already does is left to SLURM. The requeued job resumes from the run directory's newest checkpoint: state
+lives on disk, never in the pickle. A hung rank is found by hpctrain.watchdog; a dead one ends the job step
+(srun --kill-on-bad-exit).
 """
 
 from __future__ import annotations
 
-import json
-import logging
+# Before anything slow (submitit, torch): a USR2 that SLURM sends early must find a handler, never the default
+# action (which kills the process). Only inside a job step that runs hpctrain (a submitit job or launcher=srun).
 import os
-import re
-import shutil
-import signal
-import subprocess
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import sys
 
-import submitit
+from hpctrain.signals import STOP, in_job_step
 
-from hpctrain.config import Config, ConfigError, LauncherConfig
+if in_job_step() and ("SUBMITIT_FOLDER" in os.environ or "launcher=srun" in sys.argv):
+    STOP.install()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import submitit  # noqa: E402
+
+from hpctrain import history, watchdog  # noqa: E402
+from hpctrain.config import Config, ConfigError, LauncherConfig  # noqa: E402
+from hpctrain.distributed import RunDirectoryTakenOver  # noqa: E402
+from hpctrain.signals import Cause, classify, combine, query_job, requeue  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -130,94 +142,172 @@ def check_resources(launcher: LauncherConfig, partitions: dict[str, Partition] |
 
 
 # -- inside the job --------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by USR2/SIGTERM; read by the trainer at step boundaries (a signal handler must not do more)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for signum in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
+EXIT_TIME_LIMIT = 77  # the time limit came back after launcher.max_num_timeout requeues
 
 
-def seconds_left_in_job() -> float | None:
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id is None:
-        return None
-    result = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%L"], capture_output=True,
-                            text=True, timeout=60)
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def classify_now(signal_names: list[str], launcher: LauncherConfig) -> tuple[Cause, str]:
+    """Ask SLURM why this job was signalled (rank 0, outside any signal handler)."""
+    job_id = os.environ["SLURM_JOB_ID"]
     try:
-        return parse_slurm_minutes(result.stdout.strip()) * 60
-    except ValueError:
-        return None
+        view = query_job(job_id)
+    except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as error:
+        log.warning("cannot ask SLURM about job %s: %s", job_id, error)
+        view = None
+    return classify(signal_names, view, restart_count=_restart_count(), signal_delay_s=launcher.signal_delay_s,
+                    sigterm=launcher.sigterm)
+
+
+def _newest_checkpoint_step(run_dir: Path) -> int:
+    from hpctrain.checkpoint import CheckpointManager
+
+    complete = CheckpointManager(run_dir, keep_last=2).complete()
+    return complete[0].step if complete else 0
+
+
+def _hang_action(config: Config, run_dir: Path) -> Any:
+    """Under SLURM, a rank that finds the job hung records it and requeues the job (bounded by max_num_hang)."""
+
+    def act(report: dict[str, Any]) -> None:
+        job, restart = history.job_identity()
+        history.record_end(run_dir, "hung", step=report["step"] or 0, message=report["message"])
+        hangs = history.count_ends(history.read(run_dir), job, "hung")
+        limit = config.launcher.max_num_hang
+        if hangs > limit:
+            log.error("job %s hung %d times, more than launcher.max_num_hang=%d: not requeued; the job ends. "
+                      "Look at the stacks above; the same command resumes from the last checkpoint", job, hangs,
+                      limit)
+            return
+        requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
+        log.error("job %s hung (%d of launcher.max_num_hang=%d): %s; it resumes from the last checkpoint", job,
+                  hangs, limit, what)
+
+    return act
+
+
+def run_task(config: Config, run_dir: Path) -> dict[str, Any]:
+    """One rank of a SLURM job, under submitit (TrainingJob) or srun (slurm/train.sbatch): one protocol.
+
+    USR2/SIGTERM only set the stop flag; rank 0 asks SLURM why in a helper thread. The ranks stop together at the
+    next step boundary (the flag travels with the step's all-reduce) and write a checkpoint. Then rank 0 acts on
+    the cause (docs/signals.md): cancelled -> end; SLURM already requeueing -> end, no second requeue; time limit
+    -> requeue, counted against launcher.max_num_timeout (then end with EXIT_TIME_LIMIT and a message);
+    preemption -> requeue. Every attempt's start and end go to the run's history (jobs.jsonl)."""
+    import hpctrain
+    from hpctrain.job import configure_rank_logging, run_rank
+
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
+    STOP.install()  # again: submitit replaced the early handlers with its own
+    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    rank = environment.rank
+    configure_rank_logging(rank)
+    job, restart = history.job_identity()
+    launcher = config.launcher
+    if rank == 0:
+        log.info("job %s (restart %d), hpctrain from %s", job, restart, list(hpctrain.__path__))
+        STOP.start_classifier(lambda names: classify_now(names, launcher))
+        history.record_start(run_dir, resume_step=_newest_checkpoint_step(run_dir))
+    watchdog.add_hang_action(_hang_action(config, run_dir))
+    try:
+        summary = run_rank(config, run_dir, stop_requested=STOP.is_set)
+    except BaseException as error:
+        if rank == 0 and not isinstance(error, RunDirectoryTakenOver):  # a taken-over run is not ours to record
+            history.record_end(run_dir, "failed", step=0, message=f"{type(error).__name__}: {error}"[:500])
+        raise
+    finally:
+        watchdog.clear_actions()
+    if summary["finished"]:
+        if rank == 0:
+            history.record_end(run_dir, "completed", step=summary["step"], message=summary.get("stop_reason", ""))
+        return summary
+    if rank != 0 or not STOP.is_set() or watchdog.has_fired():  # a hung rank has acted already
+        return summary
+    return _after_stop(config, run_dir, summary)
+
+
+def _after_stop(config: Config, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after the checkpoint of a signalled run: act on why SLURM signalled the job."""
+    job, restart = history.job_identity()
+    step, names = summary["step"], STOP.signal_names()
+    final = classify_now(names, config.launcher)  # SLURM's view now, after the checkpoint
+    causes = [cause for cause, _ in STOP.classified()] + [final[0]]
+    cause = combine(causes)
+    why = next((text for c, text in STOP.classified() + [final] if c == cause), final[1])
+    summary = {**summary, "stop_cause": cause.value}
+    signals = "/".join(dict.fromkeys(names))
+    if cause is Cause.CANCELLED:
+        log.warning("%s received: job %s is cancelled (%s): checkpoint written at step %d; not requeueing. The same "
+                    "command resumes the run", signals, job, why, step)
+        history.record_end(run_dir, "cancelled", step=step, message=why)
+        return summary
+    if cause is Cause.REQUEUE_UNDER_WAY:
+        log.warning("%s received: %s; checkpoint written at step %d; exiting without a second requeue", signals,
+                    why, step)
+        history.record_end(run_dir, "requeued_by_slurm", step=step, message=why)
+        return summary
+    launcher = config.launcher
+    if cause is Cause.TIME_LIMIT:
+        used = history.count_ends(history.read(run_dir), job, "requeued_time_limit")
+        if used >= launcher.max_num_timeout:
+            message = (f"job {job} reached its time limit again after {used} time-limit requeue(s), "
+                       f"launcher.max_num_timeout={launcher.max_num_timeout}: not requeued, the job ends here with "
+                       f"a checkpoint at step {step}. Run the same command to continue, with a larger "
+                       f"launcher.timeout_min or launcher.max_num_timeout")
+            log.error("%s received: %s", signals, message)
+            history.record_end(run_dir, "time_limit_exhausted", step=step, message=message)
+            _record_submitit_error(message)
+            logging.shutdown()
+            sys.exit(EXIT_TIME_LIMIT)
+        requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
+        count = f"time-limit requeue {used + 1} of launcher.max_num_timeout={launcher.max_num_timeout}"
+        log.warning("%s received: time limit (%s): checkpoint written at step %d; %s (%s)", signals, why, step,
+                    what, count)
+        history.record_end(run_dir, "requeued_time_limit" if requeued else "requeued_by_slurm", step=step,
+                           message=f"{why}; {count}" if requeued else what)
+        return summary
+    requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
+    log.warning("%s received: preemption (%s): checkpoint written at step %d; %s (not counted against "
+                "launcher.max_num_timeout)", signals, why, step, what)
+    history.record_end(run_dir, "requeued_preemption" if requeued else "requeued_by_slurm", step=step,
+                       message=why if requeued else what)
+    return summary
+
+
+def _record_submitit_error(message: str) -> None:
+    """Under submitit, leave the job's result as this error (what `job.results()` raises on the login node)."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    try:
+        paths = submitit.JobEnvironment().paths
+        with submitit.core.utils.temporary_save_path(paths.result_pickle) as temporary:
+            submitit.core.utils.cloudpickle_dump(("error", message), temporary)
+    except Exception as error:  # the history and the log have the message anyway
+        log.warning("could not record the job's result for submitit: %s", error)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
-    """The callable submitit runs on every task of the job: one DDP rank each."""
+    """The callable submitit runs on every task of the job: one DDP rank each (see `run_task`)."""
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.config = config
         self.run_dir = run_dir
 
     def __call__(self) -> dict[str, Any]:
-        from hpctrain.job import configure_rank_logging, run_rank
-
-        environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        configure_rank_logging(environment.rank)
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        stop = StopFlag()
-        stop.install()
-        summary = run_rank(self.config, self.run_dir, stop_requested=stop.is_set)
-        if stop.is_set() and not summary["finished"]:
-            log.warning("%s received: checkpoint written at step %d; requeueing", stop.signal_name, summary["step"])
-            handler = getattr(requeue, "__self__", None)
-            if handler is not None and hasattr(handler, "has_timed_out"):
-                # submitit guesses "timed out" from the elapsed time (always, for limits under 10 min); ask
-                # SLURM instead, so only real time limits count against max_num_timeout.
-                handler.has_timed_out = lambda: self._near_time_limit()
-            if callable(requeue):
-                requeue(signal.SIGUSR2, None)  # rank 0: calls checkpoint(), requeues and exits; others return
-        return summary
-
-    def _near_time_limit(self) -> bool:
-        left = seconds_left_in_job()
-        timed_out = left is not None and left <= self.config.launcher.signal_delay_s + 60
-        log.info("%s s left in the job's time limit: %s", left, "time limit" if timed_out else "preemption")
-        return timed_out
+        return run_task(self.config, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # A fresh callable: everything needed to resume is in the run directory, not in this pickle.
+        # Only reached if a signal arrives in the instant between submitit installing its handler and run_task
+        # installing ours. A fresh callable: everything needed to resume is in the run directory.
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.run_dir))
 
 
 def run_srun_task(config: Config, run_dir: Path) -> dict[str, Any]:
-    """One rank of a job step started by srun from a plain sbatch script (slurm/train.sbatch).
-
-    The same preemption protocol as TrainingJob; rank 0 requeues the job itself with `scontrol requeue`
-    (sbatch --requeue keeps the job id, so the run directory named after it stays the same).
-    """
-    from hpctrain.job import configure_rank_logging, run_rank
-
-    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
-    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    configure_rank_logging(environment.rank)
-    stop = StopFlag()
-    stop.install()
-    summary = run_rank(config, run_dir, stop_requested=stop.is_set)
-    if stop.is_set() and not summary["finished"] and environment.rank == 0:
-        log.warning("%s received: checkpoint written at step %d; requeueing job %s", stop.signal_name,
-                    summary["step"], os.environ["SLURM_JOB_ID"])
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
-    return summary
+    """One rank of a job step started by srun from a plain sbatch script (slurm/train.sbatch): the same protocol
+    as TrainingJob (sbatch --requeue keeps the job id, so the run directory named after it stays the same)."""
+    return run_task(config, run_dir)
 
 
 # -- submission ------------------------------------------------------------------------------------------------
@@ -232,6 +322,8 @@ def make_executor(folder: Path, launcher: LauncherConfig) -> submitit.AutoExecut
         "slurm_signal_delay_s": launcher.signal_delay_s,
         "slurm_array_parallelism": launcher.array_parallelism, "slurm_setup": list(launcher.setup),
         "slurm_additional_parameters": {"requeue": True, **dict(launcher.additional_parameters)},
+        # A task that dies (also before the process group forms) ends the job step at once.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if launcher.gpus_per_node:
         parameters["gpus_per_node"] = launcher.gpus_per_node

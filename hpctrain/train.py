@@ -33,6 +33,7 @@ from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
+from hpctrain import watchdog
 from hpctrain.optim import build_parameter_groups, scheduler_state
 from hpctrain.seeding import capture_rng_state, restore_rng_state
 
@@ -345,7 +346,8 @@ class Trainer:
         if self.plot is not None:
             self.plots = PlotWorker(self.plot, self.run_dir / "plots")
         try:
-            self._loop()
+            with watchdog.stepping():
+                self._loop()
         finally:
             stop_loader_workers()
             if self.metrics is not None:
@@ -380,6 +382,7 @@ class Trainer:
 
             self.state.step += 1
             self.state.step_in_epoch += 1
+            watchdog.beat(self.state.step)
             epoch = self.state.epoch
             if self.state.step_in_epoch == self.sampler.steps_per_epoch:
                 self.state.epoch, self.state.step_in_epoch, batches = self.state.epoch + 1, 0, None
@@ -417,7 +420,8 @@ class Trainer:
                         f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
                         f"{self.checkpoints.directory}")
 
-            self._after_step(result)
+            with watchdog.paused("evaluation and checkpoint"):
+                self._after_step(result)
             if self.state.finished or result.stop_requested:
                 break
         progress.close()

@@ -4,7 +4,9 @@ does, with `python -m hpctrain.launch launcher=slurm ...`."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -61,6 +63,52 @@ def final_state(job_id: str) -> str:
     return state
 
 
+def allocations(job_id: str) -> list[str]:
+    """The states of every allocation the job had (a requeue starts a new one), oldest first."""
+    return [line.split()[0] for line in sh("sacct", "--noheader", "--allocations", "--duplicates", "--jobs", job_id,
+                                           "--format", "State", "--parsable2").splitlines() if line.strip()]
+
+
+def job_logs(run_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "submitit" / job_id).glob("*_log.*")))
+
+
+def release_when_requeued(job_id: str, *, timeout: float = 120) -> None:
+    """A requeued job waits two minutes for its BeginTime: start it as soon as it is PENDING (a few s later)."""
+    wait_until(lambda: queue_state(job_id) == "PENDING", timeout=timeout, what=f"job {job_id} requeued")
+    sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """The pid of the job's training process of this rank (all nodes share this machine's /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
+                and b"submitit.core._submit" in cmdline and b"srun" not in cmdline.split(b"\0")[0]):
+            return int(entry.name)
+    return None
+
+
+def history_reasons(run_dir: Path) -> list[str]:
+    from hpctrain.history import attempts, read
+
+    return [row["reason"] for row in attempts(read(run_dir))]
+
+
+def assert_same_weights(reference_dir: Path, run_dir: Path) -> None:
+    reference, resumed = final_weights(reference_dir), final_weights(run_dir)
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        steps = file["train/step"][()].tolist()
+    assert steps == list(range(1, len(steps) + 1))
+
+
 @pytest.fixture(scope="module")
 def two_node_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("slurm") / "two_nodes"
@@ -86,10 +134,11 @@ def test_two_node_gloo_job_trains_and_completes(two_node_run: Path) -> None:
 
 
 # USR2 is what submitit asks SLURM to send; some clusters send only SIGTERM. With a loader worker, the signal
-# also reaches the worker process, which must leave it to the training process.
-@pytest.mark.parametrize("signal_name,workers", [("USR2", 0), ("TERM", 1)])
-def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(
-        tmp_path: Path, tiny_data: Path, two_node_run: Path, signal_name: str, workers: int) -> None:
+# also reaches the worker process, which must leave it to the training process. `scontrol requeue` (an operator,
+# or PreemptMode=REQUEUE) requeues the job itself: the job checkpoints and leaves the requeue to SLURM.
+@pytest.mark.parametrize("action,workers", [("USR2", 0), ("TERM", 1), ("requeue", 0)])
+def test_preempted_job_requeues_once_and_ends_bitwise_equal_to_an_uninterrupted_run(
+        tmp_path: Path, tiny_data: Path, two_node_run: Path, action: str, workers: int) -> None:
     run_dir = tmp_path / "preempted"
     launch(tiny_overrides(tiny_data, *TWO_NODES, f"data.num_workers={workers}"), run_dir=run_dir)
     job_id = recorded_job_id(run_dir)
@@ -98,28 +147,173 @@ def test_preempted_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(
     wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
                what=f"a checkpoint at step >= {target}", interval=0.05)
     time.sleep(random.uniform(0.0, 0.2))
-    sh("scancel", f"--signal={signal_name}", job_id)
-    wait_until(lambda: queue_state(job_id) == "PENDING", timeout=120, what="the requeue")
-    time.sleep(2)  # a restart in the same second as the kill is refused by slurmd
-    sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip the requeue's two-minute BeginTime
+    if action == "requeue":
+        sh("scontrol", "requeue", job_id)
+    else:
+        sh("scancel", f"--signal={action}", job_id)
+    release_when_requeued(job_id)
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the requeued job to end")
     assert final_state(job_id) == "COMPLETED"
-    logs = "".join(p.read_text() for p in (run_dir / "submitit" / job_id).glob("*_log.*"))
-    assert f"SIG{signal_name} received: checkpoint written" in logs and "this job is preempted" in logs
+    assert allocations(job_id) == ["REQUEUED", "COMPLETED"]  # requeued exactly once
+    logs = job_logs(run_dir, job_id)
+    assert "Traceback" not in logs and "CalledProcessError" not in logs
+    if action == "requeue":
+        assert "SLURM is requeueing the job itself" in logs and "without a second requeue" in logs
+        assert history_reasons(run_dir) == ["requeued_by_slurm", "completed"]
+    else:
+        assert f"SIG{action} received: preemption" in logs and "not counted" in logs
+        assert history_reasons(run_dir) == ["requeued_preemption", "completed"]
     assert "resumed from" in logs
-
-    reference, resumed = final_weights(two_node_run), final_weights(run_dir)
-    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
-    with open_for_reading(run_dir / "metrics.h5") as file:
-        assert file["train/step"][()].tolist() == list(range(1, 101))
+    assert_same_weights(two_node_run, run_dir)
 
 
-SWEEP = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=12",
-         "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=6"]
+def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
+        tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
+    run_dir = tmp_path / "cancelled"
+    command = tiny_overrides(tiny_data, *TWO_NODES)
+    launch(command, run_dir=run_dir)
+    job_id = recorded_job_id(run_dir)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    target = random.Random().randint(4, 40)
+    wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
+               what=f"a checkpoint at step >= {target}", interval=0.05)
+    time.sleep(random.uniform(0.0, 0.2))
+    sh("scancel", job_id)
+    wait_until(lambda: queue_state(job_id) == "", timeout=120, what="the cancelled job to end")
+    time.sleep(5)  # a requeue (the old behaviour) would show up as PENDING by now
+    assert queue_state(job_id) == "" and final_state(job_id) == "CANCELLED"
+    assert allocations(job_id) == ["CANCELLED"]  # nothing requeued it
+    logs = job_logs(run_dir, job_id)
+    assert "is cancelled" in logs and "not requeueing" in logs and "Traceback" not in logs
+    assert manager.complete(), "no checkpoint"
+    assert history_reasons(run_dir) == ["cancelled"]
+
+    launch(command, run_dir=run_dir)  # the same command, later: resumes
+    new_id = recorded_job_id(run_dir)
+    assert new_id != job_id
+    wait_until(lambda: queue_state(new_id) == "", timeout=300, what="the resumed job")
+    assert final_state(new_id) == "COMPLETED"
+    assert "resumed from" in job_logs(run_dir, new_id)
+    assert history_reasons(run_dir) == ["cancelled", "completed"]
+    assert_same_weights(two_node_run, run_dir)
+    inspect = subprocess.run([*launch_inspect(run_dir)[:-1]], capture_output=True, text=True, check=True).stdout
+    assert f"job {job_id} (restart 0)" in inspect and "cancelled" in inspect
 
 
-def test_sweep_is_one_job_array_and_a_rerun_completes_only_the_cancelled_point(tmp_path: Path,
-                                                                              tiny_data: Path) -> None:
+@pytest.mark.parametrize("moment", ["launch", "training"])
+def test_a_killed_rank_ends_the_job(tmp_path: Path, tiny_data: Path, moment: str) -> None:
+    """SIGKILL of rank 1 right after it starts (before the process group forms) or while training: srun
+    --kill-on-bad-exit ends the step, the rendezvous timeout bounds the rest."""
+    run_dir = tmp_path / "killed"
+    launch(tiny_overrides(tiny_data, *TWO_NODES), run_dir=run_dir)
+    job_id = recorded_job_id(run_dir)
+    pid: list[int] = []
+
+    def found() -> bool:
+        pid[:] = [p for p in [rank_pid(job_id, 1)] if p]
+        return bool(pid)
+
+    wait_until(found, timeout=300, what="rank 1's process", interval=0.02)
+    if moment == "training":
+        manager = CheckpointManager(run_dir, keep_last=2)
+        wait_until(lambda: bool(manager.complete()), timeout=300, what="a checkpoint", interval=0.05)
+    os.kill(pid[0], signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: queue_state(job_id) in ("", "COMPLETING"), timeout=90, what="the job to end",
+               interval=0.1)
+    elapsed = time.monotonic() - killed
+    print(f"job {job_id}: ended {elapsed:.1f} s after rank 1 was killed ({moment})")
+    assert elapsed < (60 if moment == "launch" else 15), elapsed
+    assert final_state(job_id) == "FAILED"
+    assert allocations(job_id) == ["FAILED"]
+
+
+def test_a_stopped_rank_is_found_by_the_watchdog_and_the_job_resumes(tmp_path: Path, tiny_data: Path,
+                                                                     two_node_run: Path) -> None:
+    run_dir = tmp_path / "stopped"
+    launch(tiny_overrides(tiny_data, *TWO_NODES, "trainer.watchdog_s=10"), run_dir=run_dir)
+    job_id = recorded_job_id(run_dir)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    wait_until(lambda: any(info.step >= 8 for info in manager.complete()), timeout=300, what="step 8",
+               interval=0.05)
+    pid = rank_pid(job_id, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait_until(lambda: queue_state(job_id) == "PENDING", timeout=120, what="the hung job to be requeued")
+    elapsed = time.monotonic() - stopped
+    print(f"job {job_id}: requeued {elapsed:.1f} s after rank 1 was stopped (watchdog_s=10)")
+    assert elapsed < 60, elapsed  # the watchdog's 10 s plus its grace, not the 600 s process-group timeout
+    logs = job_logs(run_dir, job_id)
+    assert "rank 0 made no progress" in logs and "hpctrain watchdog: Python stacks of rank 0" in logs
+    stacks = logs.split("--- hpctrain watchdog: Python stacks of rank 0")[1]
+    assert 'in train_step' in stacks.split("hpctrain.slurm")[0]  # faulthandler's frames of the training thread
+    sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
+    wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the resumed job")
+    assert final_state(job_id) == "COMPLETED"
+    assert history_reasons(run_dir) == ["hung", "completed"]
+    assert_same_weights(two_node_run, run_dir)
+
+
+# Jobs of two minutes whose training takes longer: SLURM sends USR2 60 s before the limit (up to 30 s earlier
+# still, by its periodic check), i.e. 30-60 s after the start.
+TIME_LIMITED = ["launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
+                "launcher.timeout_min=2", "launcher.signal_delay_s=60", "trainer.max_steps=1200",
+                "trainer.val_every_steps=400", "callbacks.checkpoint.every_steps=50",
+                "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
+
+
+def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its_message(tmp_path: Path,
+                                                                                         tiny_data: Path) -> None:
+    runs = {name: tmp_path / name for name in ("reference", "limited", "exhausted")}
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.timeout_min=20"), run_dir=runs["reference"])
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.max_num_timeout=10"), run_dir=runs["limited"])
+    launch(tiny_overrides(tiny_data, *TIME_LIMITED, "launcher.max_num_timeout=0"), run_dir=runs["exhausted"])
+    ids = {name: recorded_job_id(run_dir) for name, run_dir in runs.items()}
+    deadline = time.monotonic() + 900
+    released: set[str] = set()
+    while True:
+        states = {name: sh("squeue", "--noheader", "--jobs", job_id, "--format", "%T %r").strip()
+                  for name, job_id in ids.items()}
+        if not any(states.values()):
+            break
+        assert time.monotonic() < deadline, states
+        if states["limited"] == "PENDING BeginTime":  # requeued: start it again without the two-minute wait
+            restarts = sh("squeue", "--noheader", "--jobs", ids["limited"], "--format", "%T").strip() and sh(
+                "scontrol", "show", "job", "--oneliner", ids["limited"]).split("Restarts=")[1].split()[0]
+            if restarts not in released:  # once per requeue: each update moves StartTime to now+2 again
+                released.add(restarts)
+                sh("scontrol", "update", f"JobId={ids['limited']}", "StartTime=now+2")
+        time.sleep(1)
+
+    assert final_state(ids["reference"]) == "COMPLETED" and allocations(ids["reference"]) == ["COMPLETED"]
+    limited = allocations(ids["limited"])
+    assert len(limited) >= 2 and limited[-1] == "COMPLETED" and set(limited[:-1]) == {"REQUEUED"}, limited
+    reasons = history_reasons(runs["limited"])
+    assert reasons == ["requeued_time_limit"] * (len(limited) - 1) + ["completed"], reasons
+    logs = job_logs(runs["limited"], ids["limited"])
+    assert "SIGUSR2 received: time limit" in logs and "time-limit requeue 1 of launcher.max_num_timeout=10" in logs
+    assert "Traceback" not in logs
+    assert_same_weights(runs["reference"], runs["limited"])
+    with open_for_reading(runs["limited"] / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 1201))
+
+    assert allocations(ids["exhausted"]) == ["FAILED"]  # ended by itself, not requeued, not killed at the limit
+    logs = job_logs(runs["exhausted"], ids["exhausted"])
+    assert "launcher.max_num_timeout=0: not requeued, the job ends here" in logs and "Traceback" not in logs
+    assert history_reasons(runs["exhausted"]) == ["time_limit_exhausted"]
+    inspect = subprocess.run(launch_inspect(runs["exhausted"])[:-1], capture_output=True, text=True,
+                             check=True).stdout
+    assert "ended: time limit, launcher.max_num_timeout used up" in inspect
+    assert CheckpointManager(runs["exhausted"], keep_last=2).complete()  # it checkpointed before ending
+
+
+SWEEP = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=60",
+         "trainer.val_every_steps=30", "callbacks.checkpoint.every_steps=6", "callbacks.early_stopping.enabled=false"]
+
+
+def test_sweep_is_one_job_array_and_a_cancelled_point_ends_while_the_others_go_on(tmp_path: Path,
+                                                                                  tiny_data: Path) -> None:
     command = ["-m", "optim.lr=1e-3,2e-3,3e-3", *tiny_overrides(tiny_data, *SWEEP), "run_name=sweep",
                f"paths.runs_dir={tmp_path}"]
     first = launch(command, timeout=120)
@@ -130,10 +324,14 @@ def test_sweep_is_one_job_array_and_a_rerun_completes_only_the_cancelled_point(t
     job_ids = [recorded_job_id(p) for p in points]
     array_id = job_ids[0].split("_")[0]
     assert job_ids == [f"{array_id}_{i}" for i in range(3)]
+    manager = CheckpointManager(points[1], keep_last=2)
+    wait_until(lambda: bool(manager.complete()), timeout=300, what="a checkpoint of point 1", interval=0.05)
     sh("scancel", job_ids[1])
     wait_until(lambda: sh("squeue", "--noheader", "--jobs", array_id) == "", timeout=300, what="the array")
     assert final_state(job_ids[0]) == final_state(job_ids[2]) == "COMPLETED"
+    assert final_state(job_ids[1]) == "CANCELLED" and allocations(job_ids[1]) == ["CANCELLED"]
     assert not (points[1] / "result.json").exists()  # the cancelled point did not finish
+    assert manager.complete() and history_reasons(points[1]) == ["cancelled"]
 
     second = launch(command, timeout=120)
     assert "with 1 of the sweep's 3 points" in second.stdout
@@ -143,7 +341,11 @@ def test_sweep_is_one_job_array_and_a_rerun_completes_only_the_cancelled_point(t
     wait_until(lambda: queue_state(new_id) == "", timeout=300, what="the resubmitted point")
     summary = subprocess.run([*launch_inspect(tmp_path / "sweep")], capture_output=True, text=True, check=True)
     rows = json.loads(summary.stdout)
-    assert [row["state"] for row in rows] == ["FINISHED"] * 3 and all(row["step"] == 12 for row in rows)
+    assert [row["state"] for row in rows] == ["FINISHED"] * 3 and all(row["step"] == 60 for row in rows)
+    assert history_reasons(points[1]) == ["cancelled", "completed"]
+    from hpctrain.history import attempts, read
+
+    assert attempts(read(points[1]))[1]["resume_step"] >= 6  # resumed from the cancelled point's checkpoint
 
 
 def launch_inspect(path: Path) -> list[str]:
@@ -176,14 +378,19 @@ def test_impossible_sweep_submits_nothing(tmp_path: Path, tiny_data: Path) -> No
                      f"paths.runs_dir={tmp_path}"], check=False)
     assert result.returncode != 0 and "optim.lr must be > 0" in result.stderr, result.stderr
     assert accounted_jobs() == before
+    assert list(tmp_path.iterdir()) == []  # no multirun.yaml, no sweep directory
 
 
 def test_plain_sbatch_template_trains_the_same_model(tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     training = [o for o in tiny_overrides(tiny_data, *TWO_NODES) if not o.startswith("launcher")]
+    from .conftest import PYTHON
+
     job_id = sh("sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
+                f"--export=ALL,HPCTRAIN_PYTHON={PYTHON}",
                 str(REPO / "slurm" / "train.sbatch"), *training, f"paths.runs_dir={tmp_path}").strip()
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the sbatch job")
     assert final_state(job_id) == "COMPLETED", (tmp_path / f"{job_id}.out").read_text()
     run_dir = tmp_path / f"sbatch-{job_id}"
     reference, trained = final_weights(two_node_run), final_weights(run_dir)
     assert all(torch.equal(reference[name], trained[name]) for name in reference)
+    assert history_reasons(run_dir) == ["completed"]  # the same job routine as under submitit

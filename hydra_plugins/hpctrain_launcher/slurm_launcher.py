@@ -49,6 +49,7 @@ class HpctrainSlurmLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         points, configs = [], []
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         try:
             for index, overrides in enumerate(job_overrides, start=initial_job_idx):
                 sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -62,9 +63,9 @@ class HpctrainSlurmLauncher(Launcher):
                     raise ConfigError("hydra/launcher=hpctrain_slurm submits to SLURM: use launcher=slurm")
                 points.append(SweepPoint(index=index, overrides=list(overrides), run_dir=run_dir, config=config))
                 configs.append(sweep_config)
-            sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
             outcomes = submit_sweep(points, sweep_dir)
         except ConfigError as error:
+            _remove_sweep_leftovers(sweep_dir)
             fail(str(error))
             raise  # unreachable
 
@@ -81,3 +82,13 @@ class HpctrainSlurmLauncher(Launcher):
             job_return.return_value = outcome
             returns.append(job_return)
         return returns
+
+
+def _remove_sweep_leftovers(sweep_dir: Path) -> None:
+    """A refused sweep submits nothing and leaves nothing: Hydra wrote multirun.yaml into the sweep directory
+    before calling the launcher; remove it, and the directory if that leaves it empty."""
+    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+    try:
+        sweep_dir.rmdir()  # only if empty: a re-run sweep keeps its points
+    except OSError:
+        pass

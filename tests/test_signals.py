@@ -1,0 +1,252 @@
+"""The signal protocol's logic, run everywhere: classification of recorded SLURM views, the job history, the hang
+watchdog, the rendezvous timeout and run-directory ownership, with real processes where it matters.
+
+The SLURM views in tests/data/slurm_signal_views.json were recorded on the project's test cluster (Slurm 22.05.8):
+a job step that, on each signal, ran `scontrol show job --oneliner $SLURM_JOB_ID` and
+`sacct --noheader --parsable2 --allocations --jobs $SLURM_JOB_ID --format JobID,State,Reason`, while the job was
+cancelled (`scancel`), signalled (`scancel --signal=TERM|USR2`), requeued (`scontrol requeue`), or reached its time
+limit (with `--signal=USR2@60`, and without a signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hpctrain import history
+from hpctrain.signals import Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state
+from hpctrain.watchdog import Watchdog
+
+from .conftest import PYTHON, REPO, launch, tiny_overrides
+
+VIEWS = json.loads((Path(__file__).parent / "data" / "slurm_signal_views.json").read_text())["views"]
+
+
+def recorded_view(name: str) -> dict:
+    return next(view for view in VIEWS if view["name"] == name)
+
+
+@pytest.mark.parametrize("name", [view["name"] for view in VIEWS])
+def test_recorded_slurm_views_are_classified_as_the_cluster_meant(name: str) -> None:
+    recorded = recorded_view(name)
+    view = JobView.parse(recorded["scontrol"], accounting_state=parse_sacct_state(recorded["sacct"]))
+    cause, why = classify([recorded["signal"]], view, restart_count=recorded["restart_count"],
+                          signal_delay_s=recorded["signal_delay_s"])
+    assert cause.value == recorded["expected"], why
+
+
+def test_what_the_recorded_views_hold() -> None:
+    cancel = JobView.parse(recorded_view("scancel")["scontrol"])
+    assert cancel.job_state == "COMPLETING" and cancel.restarts == 0  # COMPLETING hides the cancel: sacct tells
+    assert parse_sacct_state(recorded_view("scancel")["sacct"]) == "CANCELLED"
+    requeue = JobView.parse(recorded_view("scontrol_requeue_sacct_lagging")["scontrol"])
+    assert requeue.job_state == "COMPLETING" and requeue.restarts == 1  # Restarts already counts the requeue
+    limit = JobView.parse(recorded_view("time_limit_usr2")["scontrol"])
+    assert limit.time_limit_s == 120 and limit.run_time_s == 35 and limit.time_left_s == 85
+
+
+def test_an_ending_job_is_never_requeued_by_a_sigterm_unless_configured() -> None:
+    recorded = recorded_view("scancel")
+    # sacct not updated yet: COMPLETING, no requeue under way, time to spare -> the job is being ended.
+    view = JobView.parse(recorded["scontrol"], accounting_state="RUNNING")
+    assert classify(["SIGTERM"], view, restart_count=0, signal_delay_s=120)[0] is Cause.CANCELLED
+    # Clusters where SLURM's view does not tell: launcher.sigterm decides.
+    assert classify(["SIGTERM"], view, restart_count=0, signal_delay_s=120, sigterm="requeue")[0] is Cause.PREEMPTED
+    running = JobView.parse(recorded_view("scancel_signal_term")["scontrol"])
+    assert classify(["SIGTERM"], running, restart_count=0, signal_delay_s=120, sigterm="cancel")[0] is Cause.CANCELLED
+    # USR2 is never a cancel; a requeue already under way always wins over the setting.
+    assert classify(["SIGUSR2"], running, restart_count=0, signal_delay_s=120, sigterm="cancel")[0] is Cause.PREEMPTED
+    requeue = JobView.parse(recorded_view("scontrol_requeue")["scontrol"], accounting_state="REQUEUED")
+    assert classify(["SIGTERM"], requeue, restart_count=0, signal_delay_s=120,
+                    sigterm="requeue")[0] is Cause.REQUEUE_UNDER_WAY
+
+
+def test_preemption_time_and_restarts() -> None:
+    line = recorded_view("time_limit_usr2")["scontrol"]
+    # Constructed from the recorded line: a preemption with GraceTime sets PreemptTime and shortens the time left.
+    preempted = JobView.parse(line.replace("Restarts=0", "Restarts=0 PreemptTime=2026-11-23T20:25:30"))
+    assert classify(["SIGTERM"], preempted, restart_count=0, signal_delay_s=60)[0] is Cause.PREEMPTED
+    assert classify(["SIGUSR2"], preempted, restart_count=0, signal_delay_s=60)[0] is Cause.PREEMPTED
+    # The same USR2 in the second attempt of a requeued job (SLURM_RESTART_COUNT=1, Restarts=1) is a time limit.
+    second = JobView.parse(line.replace("Restarts=0", "Restarts=1"))
+    assert classify(["SIGUSR2"], second, restart_count=1, signal_delay_s=60)[0] is Cause.TIME_LIMIT
+    assert classify(["SIGUSR2"], second, restart_count=0, signal_delay_s=60)[0] is Cause.REQUEUE_UNDER_WAY
+    assert classify(["SIGUSR2"], None, restart_count=0, signal_delay_s=60)[0] is Cause.PREEMPTED
+    assert combine([Cause.TIME_LIMIT, Cause.CANCELLED]) is Cause.CANCELLED
+    assert combine([Cause.PREEMPTED, Cause.REQUEUE_UNDER_WAY]) is Cause.REQUEUE_UNDER_WAY
+    assert combine([Cause.PREEMPTED, Cause.TIME_LIMIT]) is Cause.TIME_LIMIT
+    assert parse_duration_s("1-02:03:04") == 93784 and parse_duration_s("05:00") == 300
+    assert parse_duration_s("UNLIMITED") is None and parse_duration_s("INVALID") is None
+
+
+def test_history_counts_each_attempt_once_and_lists_redone_steps(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    history.record_start(tmp_path, resume_step=0)
+    history.record_end(tmp_path, "requeued_time_limit", step=84, message="85 s left")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    history.record_start(tmp_path, resume_step=84)
+    history.record_end(tmp_path, "hung", step=90, message="rank 0 stuck")
+    history.record_end(tmp_path, "hung", step=90, message="rank 1 stuck")  # two ranks report the same hang
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    history.record_start(tmp_path, resume_step=80)  # the hang left step 80 as the newest checkpoint
+    events = history.read(tmp_path)
+    assert history.count_ends(events, "41", "hung") == 1
+    assert history.count_ends(events, "41", "requeued_time_limit") == 1
+    assert history.count_ends(events, "42", "requeued_time_limit") == 0
+    rows = history.attempts(events)
+    assert [(r["restart"], r["reason"], r["redone"]) for r in rows] == [(0, "requeued_time_limit", 0),
+                                                                       (1, "hung", 0), (2, None, 10)]
+    text = "\n".join(history.format_history(tmp_path))
+    assert "3 attempt(s)" in text and "requeued: time limit" in text and "10 redone" in text
+
+
+def test_a_start_after_an_attempt_that_died_closes_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    history.record_start(tmp_path, resume_step=0)
+    history.record_start(tmp_path, resume_step=20)  # the first one was SIGKILLed
+    rows = history.attempts(history.read(tmp_path))
+    assert [r["reason"] for r in rows] == ["lost", None]
+
+
+def test_watchdog_fires_on_a_stalled_rank_and_not_while_paused_or_stepping() -> None:
+    exits: list[int] = []
+    dog = Watchdog(limit_s=0.6, rank=3, startup_limit_s=0.6, exit=exits.append)
+    dog.start()
+    for step in range(1, 8):  # steps well under the limit: no alarm
+        dog.beat(step)
+        time.sleep(0.1)
+    with dog.paused("evaluation and checkpoint"):
+        time.sleep(1.5)  # longer than the limit, but not timed
+    assert exits == []
+    deadline = time.monotonic() + 15  # now stop beating: it fires (then waits its 2 s grace)
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exits == [75]
+
+
+def test_auto_limit_follows_the_step_time() -> None:
+    dog = Watchdog(limit_s=0, rank=0, exit=lambda code: None)
+    assert dog.limit_s() == 300  # start-up
+    dog.beat(1)
+    dog._intervals.extend([4.0, 4.0, 4.0])
+    assert dog.limit_s() == 120  # 30 x 4 s
+    dog._intervals.extend([0.01] * 10)
+    assert dog.limit_s() == 60  # never under a minute
+
+
+def test_a_hung_rank_logs_its_stack_and_exits(tmp_path: Path) -> None:
+    """A real process whose training loop stops beating: stacks on stderr, exit code 75, within the limit."""
+    script = textwrap.dedent("""
+        import logging, time
+        from types import SimpleNamespace
+        from hpctrain import watchdog
+        logging.basicConfig(level=logging.INFO)
+        config = SimpleNamespace(trainer=SimpleNamespace(watchdog_s=1.0))
+        def stuck_in_a_collective():
+            time.sleep(60)
+        with watchdog.watching(config, rank=1):
+            for step in range(1, 4):
+                watchdog.beat(step)
+                time.sleep(0.05)
+            stuck_in_a_collective()
+    """)
+    started = time.monotonic()
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 75, result.stderr
+    assert time.monotonic() - started < 40
+    assert "rank 1 made no progress" in result.stderr and "after step 3" in result.stderr
+    assert "stuck_in_a_collective" in result.stderr  # the stack of the stuck thread
+
+
+def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> None:
+    """Rank 0 of 2 with no rank 1 (it died at launch): fails after trainer.rendezvous_timeout_s, not 600 s."""
+    script = textwrap.dedent("""
+        from hpctrain.distributed import init_distributed, RendezvousError
+        try:
+            init_distributed(device_preference="cpu", timeout_s=600, rendezvous_timeout_s=5)
+        except RendezvousError as error:
+            print("REFUSED", error)
+    """)
+    for rank in (0, 1):  # rank 0 waits for its workers, rank 1 for a master that never listens
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29000 + os.getpid() % 1000 + rank)}
+        started = time.monotonic()
+        result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        elapsed = time.monotonic() - started
+        assert "REFUSED" in result.stdout and "rendezvous_timeout_s=5" in result.stdout, result.stderr[-2000:]
+        assert elapsed < 120, elapsed
+
+
+LINGER = ["trainer.max_steps=400", "trainer.val_every_steps=1000", "callbacks.checkpoint.every_steps=5",
+          "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
+
+
+def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_one(tmp_path: Path,
+                                                                                  tiny_data: Path) -> None:
+    """Old run stopped (SIGSTOP) mid-training; its directory deleted and re-created by a new run; the old one
+    continued: it writes no checkpoint into the new run and ends with its reason."""
+    from hpctrain.checkpoint import CheckpointManager
+
+    run_dir = tmp_path / "run"
+    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER), f"hydra.run.dir={run_dir}"]
+    old = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    deadline = time.monotonic() + 300
+    while not manager.complete() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(old.pid, signal.SIGSTOP)
+    try:
+        assert manager.complete(), "the old run wrote no checkpoint"
+        shutil.rmtree(run_dir)
+        launch(tiny_overrides(tiny_data, *LINGER[1:], "trainer.max_steps=10"), run_dir=run_dir)
+        new_files = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+        owner = json.loads((run_dir / ".lock").read_text())
+        assert owner["pid"] != old.pid and set(owner) == {"job_id", "host", "pid"}
+    finally:
+        os.kill(old.pid, signal.SIGCONT)
+    output, _ = old.communicate(timeout=300)
+    assert old.returncode != 0
+    assert "was taken over" in output and f"\"pid\": {old.pid}" in output, output[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == new_files
+    assert [info.step for info in manager.complete()] == [10, 5]
+
+
+def test_a_checkpoint_commit_checks_the_lock_it_holds(tmp_path: Path) -> None:
+    import torch
+
+    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.distributed import RunDirectoryTakenOver, run_lock
+
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir):
+        manager = CheckpointManager(run_dir, keep_last=2)
+        manager.save(1, {"w": torch.zeros(2)})
+        shutil.rmtree(run_dir)
+        run_dir.mkdir()
+        (run_dir / ".lock").write_text('{"job_id": "99", "host": "other", "pid": 1}')  # the new job's lock
+        with pytest.raises(RunDirectoryTakenOver, match="job 99"):
+            manager.save(2, {"w": torch.ones(2)})
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_a_refused_sweep_leaves_nothing(tmp_path: Path, tiny_data: Path) -> None:
+    result = launch(["-m", "optim.lr=1e-3,-1", *tiny_overrides(tiny_data, "launcher=slurm"), "run_name=bad",
+                     f"paths.runs_dir={tmp_path}"], check=False)
+    assert result.returncode != 0 and "optim.lr must be > 0" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
