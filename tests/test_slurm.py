@@ -255,11 +255,23 @@ def test_a_stopped_rank_is_found_by_the_watchdog_and_the_job_resumes(tmp_path: P
     assert_same_weights(two_node_run, run_dir)
 
 
-# Jobs of two minutes whose training takes longer: SLURM sends USR2 60 s before the limit (up to 30 s earlier
-# still, by its periodic check), i.e. 30-60 s after the start.
+class SlowSteps:
+    """A batch transform that only waits, so every step takes at least `seconds` however fast the machine is."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, batch: dict) -> dict:
+        time.sleep(self.seconds)
+        return batch
+
+
+# Jobs of two minutes whose training takes longer (500 steps of at least 0.25 s): SLURM sends USR2 60 s before the
+# limit (up to 30 s earlier still, by its periodic check), i.e. 30-60 s after the start.
 TIME_LIMITED = ["launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
-                "launcher.timeout_min=2", "launcher.signal_delay_s=60", "trainer.max_steps=1200",
-                "trainer.val_every_steps=400", "callbacks.checkpoint.every_steps=50",
+                "launcher.timeout_min=2", "launcher.signal_delay_s=60", "trainer.max_steps=500",
+                "trainer.val_every_steps=250", "callbacks.checkpoint.every_steps=50", "data.num_workers=0",
+                "data.transforms=[{_target_: tests.test_slurm.SlowSteps, seconds: 0.25}]",
                 "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
 
 
@@ -296,7 +308,7 @@ def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its
     assert "Traceback" not in logs
     assert_same_weights(runs["reference"], runs["limited"])
     with open_for_reading(runs["limited"] / "metrics.h5") as file:
-        assert file["train/step"][()].tolist() == list(range(1, 1201))
+        assert file["train/step"][()].tolist() == list(range(1, 501))
 
     assert allocations(ids["exhausted"]) == ["FAILED"]  # ended by itself, not requeued, not killed at the limit
     logs = job_logs(runs["exhausted"], ids["exhausted"])
