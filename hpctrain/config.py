@@ -351,6 +351,10 @@ class CheckpointConfig:
     keep_best: bool = True
     # Global steps whose checkpoints are kept for good (emicroml's `checkpoints`).
     keep_steps: List[int] = field(default_factory=list)
+    # Write checkpoints in a background thread: the loop waits only for a copy of the state in host memory (the
+    # next checkpoint, and the end of the run, wait for the previous write). Costs one more copy of the state in
+    # host memory while it is written. (The key is not `async`: that is a Python keyword.)
+    asynchronous: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, f"callbacks.checkpoint.every_steps must be > 0, got {self.every_steps}")

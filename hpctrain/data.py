@@ -167,13 +167,18 @@ class HDF5Dataset(Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)}) in {self.paths[0]}")
-        file_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        if len(self.paths) == 1:  # the common case: no bookkeeping of which file holds which sample
+            groups = [(0, slice(None), indices)]
+        else:
+            file_of = np.searchsorted(self.offsets, indices, side="right") - 1
+            groups = []
+            for file_index in np.unique(file_of):
+                positions = np.flatnonzero(file_of == file_index)
+                groups.append((int(file_index), positions, indices[positions] - self.offsets[file_index]))
         batch: dict[str, np.ndarray] = {}
         for spec in self.specs:
             parts = []
-            for file_index in np.unique(file_of):
-                positions = np.flatnonzero(file_of == file_index)
-                local = indices[positions] - self.offsets[file_index]
+            for file_index, positions, local in groups:
                 reader, offsets = readers[file_index][spec.name]
                 if offsets is None:
                     parts.append((positions, reader.read(local)))
@@ -181,7 +186,9 @@ class HDF5Dataset(Dataset):
                     starts, stops = offsets[local], offsets[local + 1]
                     values = reader.read_ranges(starts, stops)
                     parts.append((positions, np.split(values, np.cumsum(stops - starts)[:-1])))
-            if spec.offsets is None:
+            if spec.offsets is None and len(parts) == 1:
+                batch[spec.name] = parts[0][1]  # already in the asked order: no second copy
+            elif spec.offsets is None:
                 out = np.empty((len(indices), *self.row_shapes[spec.name]), dtype=self.dtypes[spec.name])
                 for positions, rows in parts:
                     out[positions] = rows
@@ -189,7 +196,7 @@ class HDF5Dataset(Dataset):
             else:
                 samples: list[np.ndarray] = [np.empty(0)] * len(indices)
                 for positions, rows in parts:
-                    for position, row in zip(positions, rows):
+                    for position, row in zip(np.arange(len(indices))[positions], rows):
                         samples[position] = row
                 batch[spec.name], batch[f"{spec.name}_length"] = _pad(samples, self.row_shapes[spec.name],
                                                                       self.dtypes[spec.name])

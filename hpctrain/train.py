@@ -279,7 +279,10 @@ class Trainer:
             "config": to_json(self.config),
         }
         protected = {self.state.best_step} if self.config.callbacks.checkpoint.keep_best else set()
-        self.checkpoints.save(self.state.step, state, protected_steps=protected)
+        if self.config.callbacks.checkpoint.asynchronous:
+            self.checkpoints.save_async(self.state.step, state, protected_steps=protected)
+        else:
+            self.checkpoints.save(self.state.step, state, protected_steps=protected)
 
     def resume(self) -> MetricsCursor | None:
         """Load the newest intact checkpoint of the run directory, if any; returns its metrics cursor."""
@@ -354,6 +357,8 @@ class Trainer:
                 self.metrics.close()
             if self.plots is not None:
                 self.plots.close()
+            # The run (or a preemption's requeue) ends only once its last checkpoint is complete.
+            self.checkpoints.close()
         if self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
             plot_run(self.run_dir)
         return self.state

@@ -92,3 +92,40 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert torch.equal(CheckpointManager.load(info)["model"]["weight"], state(1)["model"]["weight"])
     manager.remove_stale_temporaries()
     assert list(manager.directory.glob(".*tmp*")) == []
+
+
+ASYNC_WRITER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from pathlib import Path
+    from hpctrain.checkpoint import CheckpointManager
+    manager = CheckpointManager(Path(sys.argv[1]), keep_last=2)
+    manager.save_async(2, {"model": {"weight": torch.ones(64 << 20 // 4)}, "step": 2})
+    os.kill(os.getpid(), signal.SIGKILL)  # the loop went on; the process dies while the thread writes
+""")
+
+
+def test_sigkill_during_a_background_write_leaves_the_previous_one_newest(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save_async(1, state(1))
+    manager.close()  # a finished background write is complete
+    assert [info.step for info in manager.complete()] == [1]
+    writer = subprocess.run([sys.executable, "-c", ASYNC_WRITER, str(tmp_path)], timeout=120)
+    assert writer.returncode == -signal.SIGKILL
+    assert not (manager.directory / "step_000000002.json").exists()
+    info = manager.newest_valid()
+    assert info is not None and info.step == 1
+    assert torch.equal(CheckpointManager.load(info)["model"]["weight"], state(1)["model"]["weight"])
+
+
+def test_async_writes_keep_the_state_of_their_step_and_commit_in_order(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    live = {"model": {"weight": torch.zeros(1000)}, "step": 0}
+    for step in (1, 2, 3):
+        live["model"]["weight"].fill_(step)  # the loop changes the weights in place right after saving
+        live["step"] = step
+        manager.save_async(step, live)
+        live["model"]["weight"].fill_(-1)
+    manager.close()
+    for info in manager.complete():
+        loaded = CheckpointManager.load(info)
+        assert loaded["step"] == info.step and torch.all(loaded["model"]["weight"] == info.step)

@@ -108,3 +108,15 @@ def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tin
     assert all(row["state"] == "FINISHED" and row["step"] == 5 for row in rows)
     again = launch(command)
     assert again.stdout.count("already finished at step 5") == 2
+
+
+def test_run_with_background_checkpoints_killed_and_restarted_is_bit_exact(tmp_path: Path, tiny_data: Path) -> None:
+    args = tiny_overrides(tiny_data, *RUN)
+    launch(args, run_dir=tmp_path / "reference")  # synchronous checkpoints
+    background = [*args, "callbacks.checkpoint.asynchronous=true"]
+    kill_at_random_step(background, tmp_path / "resumed", random.Random())
+    launch(background, run_dir=tmp_path / "resumed")
+    assert inspect_json(tmp_path / "reference")["newest_checkpoint"]["model_sha256"] == \
+        inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"]
+    with open_for_reading(tmp_path / "resumed" / "metrics.h5") as res:
+        assert res["train/step"][()].tolist() == list(range(1, 37))
