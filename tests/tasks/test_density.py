@@ -122,21 +122,17 @@ def test_generate_command_in_two_processes_writes_the_same_data(generated: dict[
 def test_interrupted_generation_leaves_no_file(tmp_path: Path) -> None:
     target = tmp_path / "big.h5"
     process = subprocess.Popen(
-        [PYTHON, "-m", "hpctrain.tasks.density.generate", "data.prepare.num_samples=200000",
+        [PYTHON, "-m", "hpctrain.tasks.density.generate", "data.prepare.num_samples=2000000",
          "data.prepare.image_size=16", f"data.dataset.path={target}", "--processes", "1"],
         cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def written_bytes() -> int:
-        return sum(p.stat().st_size for p in tmp_path.glob(".big.h5.*.partial"))
-
-    # Interrupt inside the generation loop, once samples are being written (not inside one long HDF5 call, where
-    # Python only sees the signal when the call returns).
-    deadline = time.monotonic() + 240
-    while process.poll() is None and written_bytes() < (1 << 20) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not list(tmp_path.glob(".big.h5.*.partial")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the generation ended before it could be interrupted"
+    time.sleep(0.5)  # well inside the generation loop
     process.send_signal(signal.SIGINT)  # Ctrl-C
-    process.wait(timeout=120)
+    # Python acts on the signal when the current HDF5 call returns, which a loaded machine can delay a while.
+    process.wait(timeout=300)
     assert list(tmp_path.iterdir()) == []
 
 
