@@ -124,7 +124,10 @@ def test_interrupted_generation_leaves_no_file(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [PYTHON, "-m", "hpctrain.tasks.density.generate", "data.prepare.num_samples=2000000",
          "data.prepare.image_size=16", f"data.dataset.path={target}", "--processes", "1"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the child Ctrl-C's default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while process.poll() is None and not list(tmp_path.glob(".big.h5.*.partial")) and time.monotonic() < deadline:
         time.sleep(0.05)
