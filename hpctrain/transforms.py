@@ -49,7 +49,7 @@ def takes_context(transform: Callable[..., Any]) -> bool:
     return True
 
 
-def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:
+def check_stages(stages: Sequence[str]) -> tuple[str, ...]:
     stages = tuple(stages)
     if not stages or any(stage not in STAGES for stage in stages):
         raise ValueError(f"stages must name some of {', '.join(STAGES)}, got {list(stages)}")
@@ -95,7 +95,7 @@ class AddNoise:
             raise ValueError(f"need std >= 0, counts > 0 and probability in [0, 1]; got std={std}, counts={counts}, "
                              f"probability={probability}")
         self.field, self.kind, self.std, self.counts, self.probability = field, kind, std, counts, probability
-        self.stages = _check_stages(stages)
+        self.stages = check_stages(stages)
 
     def __call__(self, batch: Batch, context: TransformContext) -> Batch:
         if context.stage not in self.stages:
@@ -128,7 +128,7 @@ class AddLitter:
             self.row_shape = file[dataset].shape[1:]
         self.field, self.path, self.dataset = field, path, dataset
         self.probability, self.scale = probability, scale
-        self.stages = _check_stages(stages)
+        self.stages = check_stages(stages)
         self._file: h5py.File | None = None
         self._pid: int | None = None
 

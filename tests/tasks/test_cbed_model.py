@@ -39,6 +39,9 @@ def test_total_downsampling_is_two_to_the_number_of_stages() -> None:
         ({"norm": "layer"}, "model.norm must be one of group, batch, none, got 'layer'"),
         ({"width": 0}, "model.width must be >= 1, got 0"),
         ({"num_stages": 0}, "model.num_stages must be >= 1"),
+        ({"head": "attention"}, "model.head must be one of pool, spatial, got 'attention'"),
+        ({"head": "spatial", "image_size": None}, "model.head=spatial needs model.image_size"),
+        ({"hidden": 0}, "model.hidden must be >= 1 or null, got 0"),
     ],
 )
 def test_bad_config_raises(overrides: dict[str, object], message: str) -> None:
@@ -96,3 +99,31 @@ def test_forward_refuses_images_of_the_wrong_size_or_shape() -> None:
         model(torch.rand(2, 16, 16))
     with pytest.raises(ValueError, match="square single-channel images"):
         model(torch.rand(2, 3, 32, 32))
+
+
+def _coordinate_model(**overrides: object) -> DistopticaNet:
+    config = dict(image_size=32, width=8, num_stages=2, coord_channels=True, head="spatial", head_channels=4,
+                  hidden=16)
+    return DistopticaNet(**{**config, **overrides})
+
+
+def test_coordinate_model_shapes_and_head_size() -> None:
+    model = _coordinate_model()
+    assert model.stem[0].in_channels == 3  # the image and its x/y coordinate channels
+    assert model.head[0].in_features == 4 * 8 * 8  # head_channels x (32 / 2**2)^2 positions
+    assert model(torch.rand(5, 32, 32)).shape == (5, 8)
+    assert "coordinates" not in model.state_dict()  # rebuilt from the config, not checkpointed
+
+
+def test_coordinate_channels_follow_the_loss_grid() -> None:
+    """The x/y channels are the loss's pixel-centre coordinates (x right, y up), mapped onto [-1, 1]."""
+    model = _coordinate_model()
+    pixel_centres = (torch.arange(32, dtype=torch.float32) + 0.5) / 32
+    x, y = model.coordinates[0]
+    torch.testing.assert_close(x[5], 2 * pixel_centres - 1)  # every row: x grows along the columns
+    torch.testing.assert_close(y[:, 7], 2 * (1 - pixel_centres) - 1)  # y is largest in row 0, the top
+
+
+def test_coordinate_model_without_image_size_pools_any_size() -> None:
+    model = DistopticaNet(width=8, num_stages=2, coord_channels=True)
+    assert model(torch.rand(2, 16, 16)).shape == model(torch.rand(2, 32, 32)).shape == (2, 8)

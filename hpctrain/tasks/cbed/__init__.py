@@ -2,10 +2,11 @@
 distorted CBED pattern (after emicroml). Selected with `task=cbed_distortion` (hpctrain/conf/task/).
 
 ``generator`` writes the images and labels to HDF5 (``python -m hpctrain.tasks.cbed.generate``), ``model``
-holds the network, ``loss`` the differentiable end-point error of the adjusted distortion fields, and
-``objectives`` the task's loss and metrics on hpctrain's contract.
+holds the network, ``augment`` the symmetry augmentation, ``loss`` the differentiable end-point error of the
+adjusted distortion fields, and ``objectives`` the task's loss and metrics on hpctrain's contract.
 """
 
+from hpctrain.tasks.cbed.augment import SymmetryAugmentation
 from hpctrain.tasks.cbed.generator import (
     PARAMETER_NAMES,
     PARAMETER_RANGES,
@@ -32,6 +33,7 @@ __all__ = [
     "ParameterPredictions",
     "NoDistortionEPE",
     "ParameterErrors",
+    "SymmetryAugmentation",
     "check_image_size",
     "denormalize",
     "epe_of_adjusted_distortion_fields",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 _NORMS = ("group", "batch", "none")
+_HEADS = ("pool", "spatial")
 # GroupNorm splits channels into groups of this many at most.
 _MAX_GROUPS = 8
 # Contrast enhancement exponent (emicroml's): lifts faint disk edges against the bright central disk.
@@ -34,6 +35,12 @@ class CBEDModelConfig:
         blocks_per_stage: basic residual blocks per stage.
         norm: "group", "batch" or "none", the normalisation after each convolution.
         contrast_enhancement: rescale each image to [0, 1] and raise it to the power 0.3 on the way in.
+        coord_channels: append two channels holding each pixel's x and y (CoordConv), so the filters can tell
+            where in the image a feature is: the distortion centre is a position.
+        head: "pool" averages the last feature map over space (emicroml's DistopticaNet); "spatial" reduces it
+            to ``head_channels`` by a 1x1 convolution and flattens it, keeping where the features are.
+        head_channels: channels of the "spatial" head's reduced map.
+        hidden: units of the head's hidden layer; null takes the channels of the last stage.
         num_outputs: outputs of the last layer (the 8 distortion parameters).
     """
 
@@ -45,14 +52,24 @@ class CBEDModelConfig:
     # batch is split across ranks and micro-batches, and a micro-batch of one is fine (BatchNorm is neither).
     norm: str = "group"
     contrast_enhancement: bool = True
+    coord_channels: bool = False
+    head: str = "pool"
+    head_channels: int = 16
+    hidden: Optional[int] = None
     num_outputs: int = 8
 
     def __post_init__(self) -> None:
-        for field in ("width", "num_stages", "blocks_per_stage", "num_outputs"):
+        for field in ("width", "num_stages", "blocks_per_stage", "head_channels", "num_outputs"):
             if getattr(self, field) < 1:
                 raise ValueError(f"model.{field} must be >= 1, got {getattr(self, field)!r}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(f"model.hidden must be >= 1 or null, got {self.hidden!r}")
         if self.norm not in _NORMS:
             raise ValueError(f"model.norm must be one of {', '.join(_NORMS)}, got {self.norm!r}")
+        if self.head not in _HEADS:
+            raise ValueError(f"model.head must be one of {', '.join(_HEADS)}, got {self.head!r}")
+        if self.head == "spatial" and self.image_size is None:
+            raise ValueError("model.head=spatial needs model.image_size: the head's input size depends on it")
         if self.image_size is not None:
             _check_divisible(self.image_size, self.num_stages, what=f"model.image_size={self.image_size}")
 
@@ -114,9 +131,10 @@ class _BasicBlock(nn.Module):
 class DistopticaNet(nn.Module):
     """Distorted CBED image (B, N, N) or (B, 1, N, N) -> min-max normalised distortion parameters (B, 8).
 
-    contrast enhancement -> 3x3 conv stem -> ``num_stages`` residual stages (stride 2 at the start of
-    each) -> global average pool -> FC -> ReLU -> FC. emicroml's head normalises with BatchNorm1d between
-    the two FC layers; it is left out here because a micro-batch of one must train.
+    contrast enhancement -> [x/y coordinate channels] -> 3x3 conv stem -> ``num_stages`` residual stages
+    (stride 2 at the start of each) -> head: global average pool ("pool") or a 1x1 convolution flattened with
+    its positions ("spatial") -> FC -> ReLU -> FC. emicroml's head normalises with BatchNorm1d between the two
+    FC layers; it is left out here because a micro-batch of one must train.
     """
 
     def __init__(self, config: CBEDModelConfig | None = None, **kwargs: Any) -> None:
@@ -125,7 +143,8 @@ class DistopticaNet(nn.Module):
         config = config if config is not None else CBEDModelConfig(**kwargs)
         self.config = config
         width = config.width
-        self.stem = nn.Sequential(_conv3x3(1, width), _norm(config.norm, width), nn.ReLU())
+        in_channels = 3 if config.coord_channels else 1
+        self.stem = nn.Sequential(_conv3x3(in_channels, width), _norm(config.norm, width), nn.ReLU())
         blocks: list[nn.Module] = []
         in_channels = width
         for stage in range(config.num_stages):
@@ -134,9 +153,21 @@ class DistopticaNet(nn.Module):
                 blocks.append(_BasicBlock(in_channels, out_channels, 2 if block == 0 else 1, config.norm))
                 in_channels = out_channels
         self.stages = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.Linear(in_channels, in_channels), nn.ReLU(), nn.Linear(in_channels, config.num_outputs)
-        )
+        features = in_channels
+        self.reduce: nn.Module = nn.Identity()
+        if config.head == "spatial":
+            assert config.image_size is not None  # checked by CBEDModelConfig
+            side = config.image_size // 2**config.num_stages
+            self.reduce = nn.Sequential(nn.Conv2d(in_channels, config.head_channels, kernel_size=1, bias=False),
+                                        _norm(config.norm, config.head_channels), nn.ReLU())
+            features = config.head_channels * side * side
+        hidden = config.hidden if config.hidden is not None else in_channels
+        self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, config.num_outputs))
+        if config.coord_channels:
+            # x and y of each pixel centre in [-1, 1], y up like distoptica's grid; rebuilt, not checkpointed.
+            size = config.image_size
+            self.register_buffer("coordinates", None if size is None else _coordinate_channels(size),
+                                 persistent=False)
         self._initialize()
 
     def _initialize(self) -> None:
@@ -171,7 +202,22 @@ class DistopticaNet(nn.Module):
         check_image_size(self.config, images.shape[-1])
         if self.config.contrast_enhancement:
             images = self.enhance_contrast(images)
-        features = self.stages(self.stem(images))
+        if self.config.coord_channels:
+            coordinates = self.coordinates
+            if coordinates is None or coordinates.shape[-1] != images.shape[-1]:
+                coordinates = _coordinate_channels(images.shape[-1]).to(images.device)
+            coordinates = coordinates.to(images.dtype).expand(images.shape[0], -1, -1, -1)
+            images = torch.cat([images, coordinates], dim=1)
+        features = self.reduce(self.stages(self.stem(images)))
+        features = features.flatten(1) if self.config.head == "spatial" else features.mean(dim=(2, 3))
         # No output activation: the labels fill [0, 1], and a sigmoid would flatten the gradient exactly
         # for the labels near the ends of their ranges; the EPE loss is finite for any output.
-        return self.head(features.mean(dim=(2, 3)))
+        return self.head(features)
+
+
+def _coordinate_channels(image_size: int) -> Tensor:
+    """(1, 2, N, N): the x and the y of each pixel centre in [-1, 1], x to the right, y up (row 0 at the top)."""
+    centres = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size * 2 - 1
+    x = centres[None, :].expand(image_size, -1)
+    y = -centres[:, None].expand(-1, image_size)
+    return torch.stack([x, y])[None].contiguous()
