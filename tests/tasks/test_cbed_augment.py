@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.tasks.cbed import PARAMETER_RANGES, SymmetryAugmentation, flow_field, label_normalization
+from hpctrain.tasks.cbed import PARAMETER_RANGES, SymmetryAugmentation, flow_field
 from hpctrain.tasks.cbed.augment import apply_element, mirror_parameters, quarter_turn_parameters
 from hpctrain.tasks.cbed.generator import distortion_model
 from hpctrain.tasks.cbed.loss import epe_of_adjusted_distortion_fields
@@ -92,13 +92,12 @@ def test_transformed_labels_describe_the_transformed_image(element: int) -> None
 
 
 def batch_of(indices: list[int], size: int = 8) -> dict[str, torch.Tensor]:
-    """Images with one bright pixel at each sample's distortion centre, and its normalised labels."""
-    weight, bias = label_normalization()
+    """Images with one bright pixel at each sample's distortion centre, and its labels (physical units)."""
     params = random_parameters(100, seed=4)[indices]
     images = np.zeros((len(indices), size, size), dtype=np.float32)
     for row, (cx, cy) in enumerate(params[:, 6:]):
         images[row, int((1 - cy) * size), int(cx * size)] = 1.0
-    labels = (params * weight + bias).astype(np.float32)
+    labels = params.astype(np.float32)
     return {"image": torch.from_numpy(images), "labels": torch.from_numpy(labels),
             "index": torch.tensor(indices)}
 
@@ -111,13 +110,13 @@ def test_augmentation_moves_image_and_labels_together() -> None:
     indices = list(range(64))
     batch = batch_of(indices)
     augmented = SymmetryAugmentation()(batch, context(indices))
-    weight, bias = label_normalization()
-    centres = (augmented["labels"].numpy()[:, 6:] - bias[6:]) / weight[6:]
+    centres = augmented["labels"].numpy()[:, 6:]
     for row, (cx, cy) in enumerate(centres):
         assert augmented["image"][row, int((1 - cy) * 8), int(cx * 8)] == 1.0, row  # the marker moved with (cx, cy)
     moved = (augmented["image"] != batch["image"]).flatten(1).any(1)
     assert 0 < int(moved.sum()) < 64  # most samples move, the identity element leaves some in place
-    assert ((augmented["labels"] >= -1e-6) & (augmented["labels"] <= 1 + 1e-6)).all()
+    low, high = torch.tensor(PARAMETER_RANGES, dtype=torch.float32).T
+    assert ((augmented["labels"] >= low - 1e-6) & (augmented["labels"] <= high + 1e-6)).all()
 
 
 def test_augmentation_draws_are_keyed_on_the_sample_and_epoch() -> None:
@@ -154,3 +153,15 @@ def test_cbed_learns_experiment_trains_the_same_with_or_without_loader_workers(t
     assert "reduce.0.weight" in weights[0]  # the spatial head of coord_distoptica_net
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_augmented_labels_of_the_generated_file_stay_in_their_ranges(tiny_data: Path) -> None:
+    """On the generator's own file (labels in physical units, as the loss reads them)."""
+    import h5py
+
+    with h5py.File(tiny_data) as file:
+        batch = {"image": torch.from_numpy(file["images"][:64]), "labels": torch.from_numpy(file["labels"][:64])}
+    augmented = SymmetryAugmentation()(batch, context(list(range(64))))
+    low, high = torch.tensor(PARAMETER_RANGES, dtype=torch.float32).T
+    assert ((augmented["labels"] >= low - 1e-6) & (augmented["labels"] <= high + 1e-6)).all()
+    assert not torch.equal(augmented["labels"], batch["labels"])

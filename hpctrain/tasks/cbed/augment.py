@@ -11,8 +11,8 @@ coordinates of ``loss.py`` (x right, y up, fractions of the image width) a point
 
 (The radial and spiral terms are invariant under rotation, the spiral changes sign under a mirror; the elliptical
 term rotates at twice the angle, the parabolic term with it.) Eight symmetric versions of every image multiply the
-data the model sees; tests check the parameter maps against the flow field itself. Every ``PARAMETER_RANGES`` entry
-maps onto itself, so the labels stay in [0, 1] after normalisation.
+data the model sees; tests check the parameter maps against the flow field and distoptica's images. Every
+``PARAMETER_RANGES`` entry maps onto itself, so augmented labels stay in their ranges.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hpctrain.tasks.cbed.generator import label_normalization
 from hpctrain.transforms import Batch, TransformContext, check_stages
 
 # The dihedral group of the square: element g mirrors when g >= 4, then turns (g % 4) quarter turns.
@@ -53,7 +52,7 @@ def apply_element(image: np.ndarray, params: np.ndarray, element: int) -> tuple[
 class SymmetryAugmentation:
     """Turn each sample by a random multiple of 90 degrees and, with `mirror`, mirror it, with its labels.
 
-    `image` and `labels` name the batch's fields: (B, N, N) images and (B, 8) min-max normalised parameters as the
+    `image` and `labels` name the batch's fields: (B, N, N) images and (B, 8) physical parameters as the
     generator writes them. The group element is drawn per sample from the TransformContext, keyed on (seed, stage,
     epoch, sample), so any number of loader workers and ranks, and a resumed run, see the same augmented data.
     Training stage only by default: validation stays comparable with the baselines.
@@ -63,8 +62,6 @@ class SymmetryAugmentation:
                  stages: Sequence[str] = ("train",)) -> None:
         self.image, self.labels, self.mirror = image, labels, mirror
         self.stages = check_stages(stages)
-        weight, bias = label_normalization()
-        self.weight, self.bias = weight.astype(np.float64), bias.astype(np.float64)
 
     def __call__(self, batch: Batch, context: TransformContext) -> Batch:
         if context.stage not in self.stages:
@@ -76,10 +73,7 @@ class SymmetryAugmentation:
                              f"(B, 8) labels in {self.labels!r}, got {images.shape} and {labels.shape}")
         out_images = np.empty_like(images)
         out_labels = np.empty_like(labels)
-        physical = (labels.astype(np.float64) - self.bias) / self.weight
         for row, rng in enumerate(context.generators()):
             element = int(rng.integers(NUM_ELEMENTS if self.mirror else 4))
-            image, params = apply_element(images[row], physical[row], element)
-            out_images[row] = image
-            out_labels[row] = params * self.weight + self.bias
+            out_images[row], out_labels[row] = apply_element(images[row], labels[row], element)
         return {**batch, self.image: torch.from_numpy(out_images), self.labels: torch.from_numpy(out_labels)}
