@@ -104,6 +104,7 @@ def test_cluster_presets_compose() -> None:
     gpu = compose_config("launcher=slurm_gpu")
     assert gpu.launcher.name == "slurm" and gpu.launcher.tasks_per_node == gpu.launcher.gpus_per_node == 4
     assert gpu.trainer.precision == "bf16"
-    cluster = compose_config("experiment=cbed_cluster", "launcher=slurm")
-    assert cluster.optim.optimizer == "sgd" and cluster.data.prepare["image_size"] == 128
+    cluster = compose_config("experiment=cbed_cluster")
+    assert cluster.model["coord_channels"] and cluster.model["image_size"] == 128 == cluster.data.prepare["image_size"]
+    assert cluster.launcher.gpus_per_node == 4 and cluster.trainer.device == "cuda"
     assert cluster.launcher.nodes == 2 and cluster.data.dataset["path"].endswith("cbed_128px_200000.h5")
