@@ -266,11 +266,13 @@ class SlowSteps:
         return batch
 
 
-# Jobs of two minutes whose training takes longer (500 steps of at least 0.25 s): SLURM sends USR2 60 s before the
-# limit (up to 30 s earlier still, by its periodic check), i.e. 30-60 s after the start.
+# Jobs of two minutes whose training takes longer than their first allocation (240 steps of at least 0.25 s, one
+# minute of waiting alone): SLURM sends USR2 60 s before the limit (up to 30 s earlier still, by its periodic
+# check), i.e. 30-60 s after the start, so every job is signalled at least once before it can finish.
+TIME_LIMITED_STEPS = 240
 TIME_LIMITED = ["launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
-                "launcher.timeout_min=2", "launcher.signal_delay_s=60", "trainer.max_steps=500",
-                "trainer.val_every_steps=250", "callbacks.checkpoint.every_steps=50", "data.num_workers=0",
+                "launcher.timeout_min=2", "launcher.signal_delay_s=60", f"trainer.max_steps={TIME_LIMITED_STEPS}",
+                "trainer.val_every_steps=120", "callbacks.checkpoint.every_steps=40", "data.num_workers=0",
                 "data.transforms=[{_target_: tests.test_slurm.SlowSteps, seconds: 0.25}]",
                 "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
 
@@ -308,7 +310,7 @@ def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its
     assert "Traceback" not in logs
     assert_same_weights(runs["reference"], runs["limited"])
     with open_for_reading(runs["limited"] / "metrics.h5") as file:
-        assert file["train/step"][()].tolist() == list(range(1, 501))
+        assert file["train/step"][()].tolist() == list(range(1, TIME_LIMITED_STEPS + 1))
 
     assert allocations(ids["exhausted"]) == ["FAILED"]  # ended by itself, not requeued, not killed at the limit
     logs = job_logs(runs["exhausted"], ids["exhausted"])
