@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpctrain import hdf5_writer
 from hpctrain.tasks.cbed import (
     PARAMETER_NAMES,
     PARAMETER_RANGES,
@@ -112,10 +113,10 @@ def test_interrupted_generation_leaves_no_file(
 ) -> None:
     real_generate_chunk = generator._generate_chunk
 
-    def fail_on_second_chunk(task: tuple[CBEDGeneratorConfig, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        if task[1] > 0:
+    def fail_on_second_chunk(config: CBEDGeneratorConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if start > 0:
             raise interruption
-        return real_generate_chunk(task)
+        return real_generate_chunk(config, start, stop)
 
     monkeypatch.setattr(generator, "_generate_chunk", fail_on_second_chunk)
     target = tmp_path / "data.h5"
@@ -127,11 +128,11 @@ def test_interrupted_generation_leaves_no_file(
 def test_interrupt_while_worker_processes_run_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class InterruptAfterFirstChunk(generator.tqdm):  # type: ignore[misc, name-defined]
+    class InterruptAfterFirstChunk(hdf5_writer.tqdm):  # type: ignore[misc, name-defined]
         def update(self, n: float | None = 1) -> bool | None:
             raise KeyboardInterrupt  # what Ctrl-C does while the main process waits on the pool
 
-    monkeypatch.setattr(generator, "tqdm", InterruptAfterFirstChunk)
+    monkeypatch.setattr(hdf5_writer, "tqdm", InterruptAfterFirstChunk)
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path / "data.h5", SMALL, num_processes=2, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -142,7 +143,7 @@ def test_a_failed_regeneration_keeps_the_previous_file(tmp_path: Path, monkeypat
     target = generate_dataset(tmp_path / "data.h5", config, num_processes=1, progress=False)
     before = target.read_bytes()
 
-    def fail(task: tuple[CBEDGeneratorConfig, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def fail(config: CBEDGeneratorConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(generator, "_generate_chunk", fail)

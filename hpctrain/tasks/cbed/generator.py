@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
-import multiprocessing
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from hpctrain.hdf5_writer import write_in_chunks
 
 PARAMETER_NAMES: tuple[str, ...] = (
     "quadratic_radial_distortion_amplitude",
@@ -301,9 +301,8 @@ def generate_example(config: CBEDGeneratorConfig, index: int) -> tuple[np.ndarra
     return image.astype(np.float32), labels.astype(np.float32)
 
 
-def _generate_chunk(task: tuple[CBEDGeneratorConfig, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _generate_chunk(config: CBEDGeneratorConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Images [start, stop) as ((n, N, N), (n, 8)) float32 arrays."""
-    config, start, stop = task
     examples = [generate_example(config, index) for index in range(start, stop)]
     return np.stack([image for image, _ in examples]), np.stack([labels for _, labels in examples])
 
@@ -361,45 +360,11 @@ def generate_dataset(
     ``num_processes`` = 0 uses every CPU, 1 generates in this process. The file appears at ``path`` only
     once complete: an interrupted run leaves whatever was there before (or nothing), never half a file.
     """
-    if num_processes < 0:
-        raise ValueError(f"num_processes must be >= 0, got {num_processes}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tasks = [
-        (config, start, min(start + config.chunk_images, config.num_images))
-        for start in range(0, config.num_images, config.chunk_images)
-    ]
-    num_processes = min(num_processes or os.cpu_count() or 1, len(tasks))
-
-    # Same directory, so os.replace is an atomic rename on the same file system.
-    temporary_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with contextlib.ExitStack() as stack:
-            file = stack.enter_context(h5py.File(temporary_name, "w-"))
-            images, labels = _write_layout(file, config)
-            if num_processes == 1:
-                stack.enter_context(_single_threaded_torch())
-                chunks = map(_generate_chunk, tasks)
-            else:
-                # spawn, not fork: forking a process that has initialised torch's thread pools can deadlock.
-                context = multiprocessing.get_context("spawn")
-                pool = stack.enter_context(context.Pool(num_processes, initializer=_init_worker))
-                chunks = pool.imap(_generate_chunk, tasks)
-            progress_bar = stack.enter_context(
-                tqdm(total=config.num_images, desc=f"generating {path.name}", unit="image", disable=not progress)
-            )
-            for (_, start, stop), (chunk_images, chunk_labels) in zip(tasks, chunks):
-                images[start:stop] = chunk_images
-                labels[start:stop] = chunk_labels
-                progress_bar.update(stop - start)
-        with open(temporary_name, "rb+") as written:
-            os.fsync(written.fileno())  # the rename must not reach the disk before the data does
-        os.replace(temporary_name, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary_name)
-        raise
-    return path
+    return write_in_chunks(path, num_samples=config.num_images, chunk_samples=config.chunk_images,
+                           layout=functools.partial(_write_layout, config=config),
+                           chunk=functools.partial(_generate_chunk, config), num_processes=num_processes,
+                           initializer=_init_worker, in_process=_single_threaded_torch, progress=progress,
+                           unit="image")
 
 
 def ensure_dataset(path: str, *, generate_if_missing: bool = True, num_processes: int = 0,

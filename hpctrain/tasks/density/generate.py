@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         fail(f"data.prepare: {error}")
     started = time.perf_counter()
-    generate_dataset(path, generator, num_processes=args.processes)
+    generate_dataset(path, generator, num_processes=args.processes, progress=True)
     elapsed = time.perf_counter() - started
     print(f"wrote {generator.num_samples} samples of {generator.image_size}x{generator.image_size} to {path} "
           f"in {elapsed:.1f} s ({generator.num_samples / elapsed:.0f} samples/s)")

@@ -24,19 +24,19 @@ HDF5 layout (also in docs/density-task.md):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
-import multiprocessing
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from hpctrain.hdf5_writer import write_in_chunks
 
 FORMAT_NAME = "hpctrain.density_reversion"
 FORMAT_VERSION = 1
@@ -162,9 +162,9 @@ def generate_example(config: DensityGeneratorConfig, index: int) -> tuple[np.nda
     return observation.astype(np.float32), density.astype(np.float32), psf_sigma
 
 
-def _generate_chunk(task: tuple[DensityGeneratorConfig, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _generate_chunk(config: DensityGeneratorConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray]:
     """Samples [start, stop) as ((n, N, N), (n, N, N), (n,)) float32 arrays."""
-    config, start, stop = task
     examples = [generate_example(config, index) for index in range(start, stop)]
     return (np.stack([observation for observation, _, _ in examples]),
             np.stack([density for _, density, _ in examples]),
@@ -204,43 +204,17 @@ def _write_layout(file: h5py.File, config: DensityGeneratorConfig) -> tuple[h5py
     return observations, densities, psf
 
 
-def generate_dataset(path: str | os.PathLike[str], config: DensityGeneratorConfig, *, num_processes: int = 1) -> Path:
+def generate_dataset(path: str | os.PathLike[str], config: DensityGeneratorConfig, *, num_processes: int = 1,
+                     progress: bool = False) -> Path:
     """Generate the dataset ``config`` describes into the HDF5 file ``path`` and return its path.
 
     ``num_processes`` = 0 uses every CPU, 1 generates in this process; the contents do not depend on it. The file
     appears at ``path`` only once complete: an interrupted run leaves whatever was there before, never half a file.
     """
-    if num_processes < 0:
-        raise ValueError(f"num_processes must be >= 0, got {num_processes}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tasks = [(config, start, min(start + config.chunk_samples, config.num_samples))
-             for start in range(0, config.num_samples, config.chunk_samples)]
-    num_processes = min(num_processes or os.cpu_count() or 1, len(tasks))
-    # Same directory, so os.replace is an atomic rename on the same file system.
-    temporary_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with contextlib.ExitStack() as stack:
-            file = stack.enter_context(h5py.File(temporary_name, "w-"))
-            observations, densities, psf = _write_layout(file, config)
-            if num_processes == 1:
-                chunks = map(_generate_chunk, tasks)
-            else:
-                # spawn: never fork a process whose caller may hold threads (torch's pools, h5py handles).
-                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(num_processes))
-                chunks = pool.imap(_generate_chunk, tasks)
-            for (_, start, stop), (chunk_observations, chunk_densities, chunk_psf) in zip(tasks, chunks):
-                observations[start:stop] = chunk_observations
-                densities[start:stop] = chunk_densities
-                psf[start:stop] = chunk_psf
-        with open(temporary_name, "rb+") as written:
-            os.fsync(written.fileno())  # the rename must not reach the disk before the data does
-        os.replace(temporary_name, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temporary file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary_name)
-        raise
-    return path
+    return write_in_chunks(path, num_samples=config.num_samples, chunk_samples=config.chunk_samples,
+                           layout=functools.partial(_write_layout, config=config),
+                           chunk=functools.partial(_generate_chunk, config), num_processes=num_processes,
+                           progress=progress)
 
 
 def ensure_dataset(path: str, *, generate_if_missing: bool = True, num_processes: int = 1,
