@@ -72,8 +72,8 @@ class TaskConfig:
     # name -> `_target_` node of a callable metric(outputs, batch) -> per-sample tensor (batch,), evaluated at
     # every validation and stored per sample in metrics.h5.
     metrics: Dict[str, Any] = field(default_factory=dict)
-    # `_target_` node of a plot hook plot(evaluation, directory) -> PNG paths, run by rank 0 in a background
-    # thread after every evaluation and at the end (hpctrain.evaluate); null: none.
+    # `_target_` node of a plot hook plot(evaluation, directory) -> PNG paths, drawn for rank 0 in a process of
+    # its own after every evaluation and at the end (hpctrain.evaluate); null: none.
     plot: Any = None
     # Batch fields (and `outputs`) of every validation sample to gather for the plot hook (Evaluation.gathered).
     gather: List[str] = field(default_factory=list)

@@ -1,6 +1,6 @@
 """Evaluation: the per-sample loss and metrics of a whole dataset over all ranks (validation during training, and
 the test phase of `python -m hpctrain.test`), and the task's plot hook (hippynn's plot maker), which rank 0 runs in
-a background thread so that it never holds up a training step.
+a process of its own so that it never holds up a training step.
 
 A plot hook is the `_target_` node `task.plot`: a callable plot(evaluation, directory) -> list of PNG paths, given
 an `Evaluation` (the per-sample values, the first validation batch with the model's outputs on it, and the fields
@@ -10,10 +10,15 @@ named by `task.gather` for every validation sample). It is called after every ev
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import pickle
 import queue
+import signal
 import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -142,14 +147,49 @@ def _concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
+def _plot_process(connection: Connection, plot: Callable[[Evaluation, Path], Any]) -> None:
+    """The plot process: draws each (evaluation, directory) it receives and answers with the PNGs written or the
+    error. It ignores the job's signals (the training process decides when plotting ends) and exits when the
+    training process closes the connection, or dies."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    torch.set_num_threads(1)  # matplotlib needs none; torch, if the hook uses it, must not compete with training
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        evaluation, directory = message
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            written = plot(evaluation, directory)
+            connection.send((True, [str(path) for path in written or []]))
+        except Exception as error:  # reported by the training process; the next evaluation is drawn as usual
+            connection.send((False, f"{type(error).__name__}: {error}"))
+
+
 class PlotWorker:
-    """Runs `plot(evaluation, directory)` on rank 0 in a background thread. While a plot is drawn, a newer
-    evaluation replaces a waiting one (plots never queue up behind training); the final one is always drawn.
-    A failing plot is logged and never stops training."""
+    """Runs `plot(evaluation, directory)` for rank 0 in a spawned process of its own, so that drawing takes
+    neither the training process's interpreter lock nor its CPU time; a thread of the training process only hands
+    evaluations over. While a plot is drawn, a newer evaluation replaces a waiting one (plots never queue up behind
+    training); the final one is always drawn. A failing plot, or a plot process that dies, is logged and never
+    stops training (a dead process is started again for the next evaluation). A hook that cannot be pickled is
+    drawn by the thread itself, as said in the log."""
 
     def __init__(self, plot: Callable[[Evaluation, Path], Any], directory: Path) -> None:
         self.plot, self.directory = plot, directory
         self._pending: queue.Queue[Evaluation | None] = queue.Queue(maxsize=1)
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
+        self.in_process = True
+        try:
+            pickle.dumps(plot)
+        except Exception as error:
+            self.in_process = False
+            log.info("task.plot cannot be sent to a plot process (%s: %s): plots are drawn in a thread of the "
+                     "training process", type(error).__name__, error)
         self._thread = threading.Thread(target=self._run, name="hpctrain-plots", daemon=True)
         self._thread.start()
 
@@ -161,21 +201,68 @@ class PlotWorker:
         self._pending.put(evaluation)
 
     def _run(self) -> None:
-        while True:
-            evaluation = self._pending.get()
-            if evaluation is None:
-                return
-            directory = self.directory / ("final" if evaluation.final else f"step_{evaluation.step:09d}")
+        try:
+            while True:
+                evaluation = self._pending.get()
+                if evaluation is None:
+                    return
+                directory = self.directory / ("final" if evaluation.final else f"step_{evaluation.step:09d}")
+                try:
+                    written = self._draw(evaluation, directory)
+                    log.info("plots of step %d: %s", evaluation.step, ", ".join(written))
+                except Exception as error:  # a plot must never end a run
+                    log.warning("task.plot failed at step %d (training goes on): %s", evaluation.step, error)
+        finally:
+            self._stop_process()
+
+    def _draw(self, evaluation: Evaluation, directory: Path) -> list[str]:
+        if not self.in_process:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                written = self.plot(evaluation, directory)
-                log.info("plots of step %d: %s", evaluation.step, ", ".join(str(p) for p in written or []))
-            except Exception as error:  # a plot must never end a run
-                log.warning("task.plot failed at step %d (training goes on): %s: %s", evaluation.step,
-                            type(error).__name__, error)
+                return [str(path) for path in self.plot(evaluation, directory) or []]
+            except Exception as error:
+                raise RuntimeError(f"{type(error).__name__}: {error}") from None
+        if self._process is None or not self._process.is_alive():
+            self._start_process()
+        assert self._process is not None and self._connection is not None
+        try:
+            self._connection.send((evaluation, directory))
+            ok, answer = self._connection.recv()
+        except (EOFError, OSError):
+            self._process.join(5.0)
+            code = self._process.exitcode
+            self._stop_process()
+            raise RuntimeError(f"the plot process died (exit code {code})") from None
+        if not ok:
+            raise RuntimeError(answer)
+        return answer
+
+    def _start_process(self) -> None:
+        self._stop_process()
+        # spawn, not fork: the training process holds threads (and possibly CUDA), which a fork does not survive.
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(target=_plot_process, args=(theirs, self.plot), name="hpctrain-plots")
+        self._process.start()
+        theirs.close()
+        self._connection = ours
+
+    def _stop_process(self, timeout: float = 10.0) -> None:
+        process, connection, self._process, self._connection = self._process, self._connection, None, None
+        if connection is not None:
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+            connection.close()
+        if process is not None:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
     def close(self, timeout: float = 300.0) -> None:
-        """Wait for the plots already submitted, then stop the thread."""
+        """Wait for the plots already submitted, then stop the thread and the plot process."""
         while True:
             try:
                 self._pending.put(None, timeout=1.0)
@@ -184,3 +271,8 @@ class PlotWorker:
                 if not self._thread.is_alive():
                     return
         self._thread.join(timeout)
+        if self._thread.is_alive():  # a plot that hangs: end it rather than the run's exit
+            log.warning("task.plot did not finish within %.0f s; its process is killed", timeout)
+            process = self._process
+            if process is not None:
+                process.kill()

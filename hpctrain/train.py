@@ -131,7 +131,7 @@ class Trainer:
         self.evaluator = Evaluator(inputs=self.inputs, loss=self.loss, metrics=components.metrics, dist=dist,
                                    device=self.device, autocast=self._autocast, gather=config.task.gather,
                                    on_cpu=config.task.evaluate_on_cpu)
-        # The task's plot hook, on rank 0, in a background thread (started in fit).
+        # The task's plot hook, for rank 0, drawn in a process of its own (started in fit).
         self.plot = components.plot if dist.is_main else None
         self.plots: PlotWorker | None = None
         self.checkpoints = CheckpointManager(run_dir, keep_last=config.callbacks.checkpoint.keep_last,

@@ -4,6 +4,8 @@ the background on rank 0, a failing plot that does not stop training, statistics
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +23,35 @@ class FailingPlot:
 
     def __call__(self, evaluation, directory: Path) -> list[Path]:
         raise RuntimeError("this plot is broken")
+
+
+class ProcessRecordingPlot:
+    """Writes the id of the process that draws it; dies without a word (like a crash) the first time."""
+
+    def __call__(self, evaluation, directory: Path) -> list[Path]:
+        marker = directory.parent.parent / "plot_pids.txt"
+        first = not marker.exists()
+        with open(marker, "a") as file:
+            file.write(f"{os.getpid()} {multiprocessing.current_process().name}\n")
+        if first:
+            os._exit(3)
+        path = directory / "drawn.png"
+        path.write_bytes(PNG_SIGNATURE)
+        return [path]
+
+
+def test_plots_are_drawn_in_a_process_of_their_own_which_may_die(tmp_path: Path, tiny_data: Path) -> None:
+    result = launch(tiny_overrides(tiny_data, "task.plot._target_=tests.test_evaluate.ProcessRecordingPlot",
+                                   "callbacks.metrics.task_plot_every_evaluations=1"), run_dir=tmp_path)
+    output = result.stderr + result.stdout
+    assert "task.plot failed at step 10 (training goes on): the plot process died (exit code 3)" in output
+    drawn_by = [line.split() for line in (tmp_path / "plot_pids.txt").read_text().splitlines()]
+    # evaluations at steps 10, 20 and 30 (the final one); 20 may be skipped while 10 is still being drawn
+    assert len(drawn_by) in (2, 3)
+    assert {name for _, name in drawn_by} == {"hpctrain-plots"}  # not the training process (MainProcess)
+    assert drawn_by[0][0] != drawn_by[1][0] == drawn_by[-1][0]  # the dead process was replaced, once
+    assert (tmp_path / "plots" / "final" / "drawn.png").exists()
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 30
 
 
 def test_task_plots_are_valid_pngs_and_baselines_are_reported(tmp_path: Path, tiny_data: Path) -> None:
