@@ -13,11 +13,13 @@ samples in an optimizer step does not depend on the number of ranks or micro-bat
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from hpctrain import watchdog
 from hpctrain.config import ConfigError, DataConfig
 from hpctrain.distributed import exit_with_parent
 from hpctrain.hdf5_reader import RowReader
 from hpctrain.transforms import TransformContext, takes_context
 
 log = logging.getLogger(__name__)
+
+WORKER_STACKS_SIGNAL = signal.SIGUSR1
 
 
 class FieldSpec(NamedTuple):
@@ -379,8 +384,26 @@ def _init_worker(worker_id: int) -> None:
     # (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # The hang watchdog asks a worker for its Python stacks with SIGUSR1 (dump_loader_worker_stacks); faulthandler
+    # answers from C, so it works even while the worker is stuck.
+    faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True, chain=False)
     # Loader workers only read; one thread each keeps them from fighting the training process for cores.
     torch.set_num_threads(1)
+
+
+def dump_loader_worker_stacks(wait_s: float = 1.0) -> None:
+    """Print the Python stacks of this process's loader workers to stderr (for the hang watchdog: a deadlocked
+    worker is a common reason a rank stops), one worker after the other, each under a header line."""
+    for child in multiprocessing.active_children():
+        if not child.daemon or child.pid is None:
+            continue
+        print(f"--- hpctrain watchdog: Python stacks of loader worker pid {child.pid} of pid {os.getpid()} ---",
+              file=sys.stderr, flush=True)
+        try:
+            os.kill(child.pid, WORKER_STACKS_SIGNAL)
+        except ProcessLookupError:
+            continue
+        time.sleep(wait_s)  # its dump goes to the same stderr; the next header must not cut into it
 
 
 def stop_loader_workers() -> None:
@@ -434,6 +457,7 @@ def make_loader(dataset: BatchReader, sampler: Sampler, *, config: DataConfig, n
     if num_workers > 0:
         atexit.unregister(stop_loader_workers)  # registered once, and after multiprocessing's, so it runs first
         atexit.register(stop_loader_workers)
+        watchdog.add_stack_dump(dump_loader_worker_stacks)
         extra = {"persistent_workers": config.persistent_workers, "prefetch_factor": config.prefetch_factor,
                  "worker_init_fn": _init_worker}
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,

@@ -7,10 +7,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,8 @@ from hpctrain.watchdog import watching
 log = logging.getLogger(__name__)
 
 RESULT_FILENAME = "result.json"
+# How long local ranks get to end after SIGTERM, once one of them has failed, before SIGKILL.
+TERMINATE_GRACE_S = 10.0
 # What the launcher (Hydra, the run lock) creates in a run directory before training; removed on refusal.
 _LAUNCHER_LEFTOVERS = (".hydra", "hpctrain.log", ".lock")
 
@@ -114,14 +118,25 @@ def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None 
         process.start()
     failed = []
     running = {process.sentinel: (rank, process) for rank, process in enumerate(processes)}
+    kill_at: float | None = None  # once a rank has failed: when to SIGKILL those still running
     while running:
-        for sentinel in wait(list(running)):
+        timeout = None if kill_at in (None, math.inf) else max(0.0, kill_at - time.monotonic())
+        ready = wait(list(running), timeout)
+        if not ready:
+            # Still there after SIGTERM: a stopped (SIGSTOP) rank keeps SIGTERM pending until it is continued, and
+            # a rank that takes SIGTERM for a stop request waits in a collective for the dead one.
+            for _, other in running.values():
+                other.kill()
+            kill_at = math.inf  # killed: wait for them without a timeout
+        for sentinel in ready:
             rank, process = running.pop(sentinel)
             process.join()
             if process.exitcode != 0:
                 failed.append((rank, process.exitcode))
-                for _, other in running.values():  # the others would block in a collective until timeout
-                    other.terminate()
+                if kill_at is None:  # the others would block in a collective until its timeout
+                    for _, other in running.values():
+                        other.terminate()
+                    kill_at = time.monotonic() + TERMINATE_GRACE_S
     if failed:
         raise RuntimeError(f"local ranks failed (rank, exit code): {failed}")
     result_path = run_dir / RESULT_FILENAME

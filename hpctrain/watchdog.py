@@ -2,7 +2,7 @@
 
 The trainer calls `beat(step)` after every optimizer step and wraps evaluation and checkpointing in `paused()`
 (they are not steps and have their own pace). If no beat comes for longer than the limit, the watchdog logs why,
-dumps this rank's Python stacks (faulthandler, all threads), runs the registered hang actions (under SLURM:
+dumps this rank's Python stacks (faulthandler, all threads) and those of its loader workers, runs the registered hang actions (under SLURM:
 record the hang in the run's history and requeue the job, bounded by launcher.max_num_hang), waits a short grace
 so the other ranks, stuck in the same collective, dump theirs too, and exits with EXIT_HUNG. A stopped rank
 (SIGSTOP), a deadlocked loader worker and a collective that never completes all look the same from here: the
@@ -38,6 +38,7 @@ MIN_MEASURED_STEPS = 3
 CHECK_EVERY_S = 5.0
 
 _hang_actions: list[Callable[[dict[str, Any]], None]] = []
+_stack_dumps: list[Callable[[], None]] = []
 _periodic_checks: list[Callable[[], None]] = []
 _active: "Watchdog | None" = None
 _fired = threading.Event()
@@ -51,6 +52,13 @@ def has_fired() -> bool:
 def add_hang_action(action: Callable[[dict[str, Any]], None]) -> None:
     """Run `action(report)` in the watchdog thread when this rank is found hung, before it exits."""
     _hang_actions.append(action)
+
+
+def add_stack_dump(dump: Callable[[], None]) -> None:
+    """Call `dump()` after this rank's own stacks when it is found hung: the stacks of processes it depends on
+    (its loader workers, `hpctrain.data.dump_loader_worker_stacks`), to stderr."""
+    if dump not in _stack_dumps:
+        _stack_dumps.append(dump)
 
 
 def add_periodic_check(check: Callable[[], None]) -> None:
@@ -154,6 +162,11 @@ class Watchdog:
               flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        for dump in list(_stack_dumps):
+            try:
+                dump()
+            except Exception as error:
+                log.error("rank %d: could not dump the stacks of its helper processes: %s", self.rank, error)
         for action in list(_hang_actions):
             try:
                 action(report)

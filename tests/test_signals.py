@@ -10,6 +10,7 @@ limit (with `--signal=USR2@60`, and without a signal).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +169,69 @@ def test_a_hung_rank_logs_its_stack_and_exits(tmp_path: Path) -> None:
     assert time.monotonic() - started < 40
     assert "rank 1 made no progress" in result.stderr and "after step 3" in result.stderr
     assert "stuck_in_a_collective" in result.stderr  # the stack of the stuck thread
+
+
+class HangInLoaderWorker:
+    """A batch transform that deadlocks in a loader worker after a few batches (never in the training process)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def __call__(self, batch):
+        import torch.utils.data
+
+        self.batches += 1
+        if torch.utils.data.get_worker_info() is not None and self.batches > 4:
+            wait_forever_in_worker()
+        return batch
+
+
+def wait_forever_in_worker() -> None:
+    import threading
+
+    threading.Event().wait()
+
+
+def test_a_deadlocked_loader_worker_is_found_and_its_stack_shown(tmp_path: Path, tiny_data: Path) -> None:
+    """The watchdog of the rank fires, its own stacks and its loader worker's stacks are on stderr, exit code 75."""
+    result = launch(tiny_overrides(tiny_data, "data.num_workers=1", "trainer.watchdog_s=5", "trainer.max_steps=400",
+                                   "data.transforms=[{_target_: tests.test_signals.HangInLoaderWorker}]"),
+                    run_dir=tmp_path, check=False, timeout=240)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert "rank 0 made no progress" in result.stdout + result.stderr
+    worker = result.stderr.split("--- hpctrain watchdog: Python stacks of loader worker pid")[1]
+    assert "wait_forever_in_worker" in worker and "HangInLoaderWorker" not in worker.split("\n")[0], worker[:3000]
+
+
+def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
+    """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
+    kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever."""
+    from hpctrain.checkpoint import CheckpointManager
+
+    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER, "launcher.num_processes=2",
+                                                                "trainer.watchdog_s=5"), f"hydra.run.dir={tmp_path}"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    deadline = time.monotonic() + 300
+    while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    ranks = [int(pid) for pid in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
+             if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        output, _ = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    elapsed = time.monotonic() - stopped_at
+    print(f"the local job ended {elapsed:.1f} s after a rank was stopped (watchdog_s=5)")
+    assert job.returncode != 0 and "made no progress" in output, output[-3000:]
+    assert "local ranks failed" in output and "75" in output, output[-3000:]
+    assert not Path(f"/proc/{ranks[1]}").exists() or "Z" in Path(f"/proc/{ranks[1]}/stat").read_text().split()[2]
 
 
 def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> None:
