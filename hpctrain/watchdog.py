@@ -2,9 +2,10 @@
 
 The trainer calls `beat(step)` after every optimizer step and wraps evaluation and checkpointing in `paused()`
 (they are not steps and have their own pace). If no beat comes for longer than the limit, the watchdog logs why,
-dumps this rank's Python stacks (faulthandler, all threads) and those of its loader workers, runs the registered hang actions (under SLURM:
-record the hang in the run's history and requeue the job, bounded by launcher.max_num_hang), waits a short grace
-so the other ranks, stuck in the same collective, dump theirs too, and exits with EXIT_HUNG. A stopped rank
+dumps this rank's Python stacks (faulthandler, all threads) and those of its loader workers, runs the registered
+hang actions (under SLURM: record the hang in the run's history and requeue the job, bounded by
+launcher.max_num_hang), waits a short grace so the other ranks, stuck in the same collective, dump theirs too, and
+exits with EXIT_HUNG. A stopped rank
 (SIGSTOP), a deadlocked loader worker and a collective that never completes all look the same from here: the
 ranks still alive stop beating within one step of each other.
 

@@ -240,6 +240,8 @@ SlurmdParameters=config_overrides
 JobRequeue=1
 ReturnToService=2
 SlurmctldParameters=preempt_send_user_signal
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 KillWait=5
 MinJobAge=3600
 # Start jobs quickly.
@@ -261,7 +263,12 @@ EOF
     for n in "${NODES[@]}"; do
         echo "NodeName=$n NodeAddr=${NODE_IP[$n]} NodeHostname=$n CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN"
     done
-    echo "PartitionName=$PARTITION Nodes=$nodelist Default=YES MaxTime=02:00:00 State=UP"
+    # Preemption as production clusters set it up: a job in a partition of a higher PriorityTier preempts jobs in
+    # lower ones; `debug` (the default) requeues its preempted jobs (PreemptMode=REQUEUE), `scavenger` signals
+    # them and cancels them after a GraceTime (PreemptMode=CANCEL), `urgent` is the preemptor.
+    echo "PartitionName=$PARTITION Nodes=$nodelist Default=YES MaxTime=02:00:00 State=UP PriorityTier=1 PreemptMode=REQUEUE"
+    echo "PartitionName=scavenger Nodes=$nodelist MaxTime=02:00:00 State=UP PriorityTier=1 PreemptMode=CANCEL GraceTime=30"
+    echo "PartitionName=urgent Nodes=$nodelist MaxTime=02:00:00 State=UP PriorityTier=10 PreemptMode=OFF"
 } >"$new_slurm_conf"
 {
     echo "$MARKER -- edits are overwritten."

@@ -167,6 +167,41 @@ def test_preempted_job_requeues_once_and_ends_bitwise_equal_to_an_uninterrupted_
     assert_same_weights(two_node_run, run_dir)
 
 
+# A real preemption: a job in the higher-tier partition `urgent` needs both nodes. In `debug` (PreemptMode=REQUEUE)
+# SLURM requeues the job itself (SIGTERM, KillWait later SIGKILL); in `scavenger` (PreemptMode=CANCEL, GraceTime=30)
+# it signals the job (USR2, submitit's --signal, thanks to preempt_send_user_signal) and would cancel it after the
+# grace time: the job must checkpoint and requeue itself first. Either way: requeued once, not counted, bit-exact.
+@pytest.mark.parametrize("partition", ["debug", "scavenger"])
+def test_a_slurm_preemption_requeues_the_job_which_ends_bitwise_equal(
+        tmp_path: Path, tiny_data: Path, two_node_run: Path, partition: str) -> None:
+    run_dir = tmp_path / "preempted"
+    launch(tiny_overrides(tiny_data, *TWO_NODES, f"launcher.partition={partition}"), run_dir=run_dir)
+    job_id = recorded_job_id(run_dir)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    target = random.Random().randint(4, 40)
+    wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
+               what=f"a checkpoint at step >= {target}", interval=0.05)
+    preemptor = sh("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--time=2",
+                   "--output=/dev/null", "--wrap", "sleep 3").strip()
+    release_when_requeued(job_id)
+    wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the requeued job to end")
+    assert final_state(preemptor) == "COMPLETED"
+    assert final_state(job_id) == "COMPLETED"
+    states = allocations(job_id)
+    print(f"{partition}: allocations of job {job_id}: {states}")
+    assert len(states) == 2 and states[0] in ("REQUEUED", "PREEMPTED"), states  # requeued exactly once
+    logs = job_logs(run_dir, job_id)
+    assert "Traceback" not in logs and "CalledProcessError" not in logs
+    if partition == "debug":
+        assert "SLURM is requeueing the job itself" in logs
+        assert history_reasons(run_dir) == ["requeued_by_slurm", "completed"]
+    else:
+        assert "SIGUSR2 received: preemption" in logs and "not counted" in logs
+        assert history_reasons(run_dir) == ["requeued_preemption", "completed"]
+    assert "resumed from" in logs
+    assert_same_weights(two_node_run, run_dir)
+
+
 def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
         tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     run_dir = tmp_path / "cancelled"
