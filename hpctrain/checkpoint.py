@@ -6,11 +6,12 @@ temporary name, fsynced and renamed; the manifest goes last, so it marks the che
 newest checkpoint whose file matches its manifest is used; a truncated or corrupt one is skipped with a warning.
 
 Writing costs the loop little more than a plain torch.save + fsync: the checksum is computed by another thread,
-reading the just-written file back from the page cache while fsync waits for the disk. With `save_async` the loop only waits
-for a copy of the state in host memory; a background thread serialises, writes, hashes, fsyncs, renames and
-prunes. The next checkpoint waits for the previous one, and `wait()` (called before a run ends, also when it
-stops to be requeued) returns only once every checkpoint handed over is complete. A process killed during a
-background write leaves only a temporary file: the previous checkpoint stays the newest valid one.
+reading the file back from the page cache just behind the writer, and its tail while fsync waits for the disk.
+With `save_async` the loop only waits for a copy of the state in host memory; a background thread serialises,
+writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the previous one, and `wait()` (called
+before a run ends, also when it stops to be requeued) returns only once every checkpoint handed over is complete.
+A process killed during a background write leaves only a temporary file: the previous checkpoint stays the newest
+valid one.
 
 Only the owner commits: before writing and before each rename, `save` checks that this process still holds the
 run directory's lock (`hpctrain.distributed.check_run_owner`), so a lingering rank of an old job cannot commit a
@@ -39,6 +40,7 @@ from hpctrain.distributed import check_run_owner
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "checkpoints"
+HASH_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,59 @@ def _to_host(value: Any, reuse: Any = None) -> Any:
     return value
 
 
-def _hash_file(path: Path, result: dict[str, Any]) -> None:
-    """SHA-256 and size of a file, read in large blocks; the outcome (or the error) goes into `result`."""
-    try:
-        sha256, size = hashlib.sha256(), 0
-        with open(path, "rb") as file:
-            while block := file.read(8 << 20):
-                sha256.update(block)
-                size += len(block)
-        result.update(sha256=sha256.hexdigest(), size=size)
-    except OSError as error:
-        result["error"] = error
+class _HashingWriter:
+    """The file object torch.save writes a checkpoint through, unbuffered, while a thread computes the SHA-256 of
+    what is already in the file by reading it back from the page cache, trailing the writer. Serialisation and
+    hashing then overlap (hashlib and pread release the GIL), and only the tail is left to hash during fsync."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.written = 0
+        self._done = threading.Event()
+        self._sha256 = hashlib.sha256()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._hash, name="hpctrain-checkpoint-hash", daemon=True)
+        self._thread.start()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a raw write may be partial
+            done += self.file.write(view[done:])
+        self.written += done
+        return done
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write is already in the kernel
+
+    def _hash(self) -> None:
+        fd, offset = self.file.fileno(), 0
+        try:
+            while True:
+                finished = self._done.is_set()  # read before `written`: no byte written before it is missed
+                end = self.written
+                while offset < end:
+                    block = os.pread(fd, min(HASH_BLOCK, end - offset), offset)
+                    if not block:
+                        raise OSError(f"{self.file.name}: shorter than written ({offset} < {end} bytes)")
+                    self._sha256.update(block)
+                    offset += len(block)
+                if finished:
+                    return
+                self._done.wait(0.002)
+        except OSError as error:
+            self._error = error
+
+    def finish(self) -> None:
+        """Nothing more will be written: the thread hashes the rest and ends."""
+        self._done.set()
+
+    def digest(self) -> tuple[str, int]:
+        """After `finish`: (SHA-256 hex digest, size)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._sha256.hexdigest(), self.written
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -151,21 +195,21 @@ class CheckpointManager:
         path = self.directory / f"{name}.pt"
         temporary = self.directory / f".{name}.pt.tmp-{os.getpid()}"
         started = time.perf_counter()
-        digest: dict[str, Any] = {}
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            # The checksum is taken from the page cache while fsync waits for the disk (both release the GIL).
-            hashing = threading.Thread(target=_hash_file, args=(temporary, digest), name="hpctrain-checkpoint-hash")
-            hashing.start()
-            try:
+        try:
+            with open(temporary, "w+b", buffering=0) as file:
+                writer = _HashingWriter(file)
+                try:
+                    torch.save(state, writer)
+                finally:
+                    writer.finish()
+                # The hash thread reads the last bytes from the page cache while fsync waits for the disk.
                 os.fsync(file.fileno())
-            finally:
-                hashing.join()
-        if "error" in digest:
-            raise digest["error"]
+                sha256, size = writer.digest()
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         self._commit(temporary, path)
-        manifest = {"step": step, "file": path.name, "size": digest["size"], "sha256": digest["sha256"],
+        manifest = {"step": step, "file": path.name, "size": size, "sha256": sha256,
                     "finished": bool(state.get("finished", False)), "written_at": time.time()}
         manifest_path = self.directory / f"{name}.json"
         temporary = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
