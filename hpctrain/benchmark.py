@@ -65,14 +65,34 @@ def ram_gather_rate(arrays: dict[str, np.ndarray], batches: list[np.ndarray]) ->
     return samples / (time.perf_counter() - started)
 
 
-def bench_loader(config: Config, components: Components, *, rounds: int, num_batches: int, workers: list[int]) -> None:
+class CPUCostTransform:
+    """A stand-in for an augmentation that costs CPU: `repeats` FFT round trips of every sample's first floating
+    field in numpy (one thread, as in a loader worker); the batch itself is left unchanged."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        field = next(value for value in batch.values() if value.is_floating_point())
+        for sample in field.numpy():
+            for _ in range(self.repeats):
+                sample = np.fft.irfft2(np.fft.rfft2(sample), s=sample.shape[-2:])
+        return batch
+
+
+def bench_loader(config: Config, components: Components, *, rounds: int, num_batches: int, workers: list[int],
+                 transform_repeats: int = 0) -> None:
     split = components.split
     batch_size = config.trainer.micro_batch_size
-    reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed)
-    everything = reader[split.train_indices]  # the whole training set in RAM: the ceiling's source
+    everything = BatchReader(split.train_dataset, transforms=components.transforms,
+                             seed=config.seed)[split.train_indices]  # the whole training set in RAM: the ceiling
     arrays = {name: value.numpy() for name, value in everything.items() if name != "index"}
+    extra = [CPUCostTransform(transform_repeats)] if transform_repeats else []
+    reader = BatchReader(split.train_dataset, transforms=[*components.transforms, *extra], seed=config.seed)
     print(f"loader: {len(split.train_indices)} training samples, batch {batch_size}, {num_batches} batches per round, "
-          f"{rounds} rounds; reference: a random gather from RAM")
+          f"{rounds} rounds; reference: a random gather from RAM"
+          + (f"; with a CPU-costly transform ({transform_repeats} FFT round trips per sample), also against the "
+             f"same loader with 0 workers" if transform_repeats else ""))
     for shuffle in ("samples", "blocks"):
         data = replace(config.data, shuffle=shuffle)
         sampler = DistributedBatchSampler(np.arange(len(split.train_indices)), micro_batch_size=batch_size,
@@ -81,15 +101,20 @@ def bench_loader(config: Config, components: Components, *, rounds: int, num_bat
         num = min(num_batches, sampler.steps_per_epoch - 1)
         order = sampler.epoch_order(0)
         ram_batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(num)]
+        loaders = {count: make_loader(reader, sampler, config=replace(data, persistent_workers=False),
+                                      num_workers=count, pin_memory=False) for count in sorted({0, *workers})}
+        rates: dict[int, list[float]] = {count: [] for count in loaders}
+        reference: list[float] = []
+        for _ in range(rounds):
+            for count, loader in loaders.items():
+                rates[count].append(loader_rate(loader, num))
+            reference.append(ram_gather_rate(arrays, ram_batches))
         for count in workers:
-            loader = make_loader(reader, sampler, config=replace(data, persistent_workers=False), num_workers=count,
-                                 pin_memory=False)
-            ours, reference = [], []
-            for _ in range(rounds):
-                ours.append(loader_rate(loader, num))
-                reference.append(ram_gather_rate(arrays, ram_batches))
-            print(ratio_line(f"shuffle={shuffle}, {count} workers", ours, reference, "samples/s",
+            print(ratio_line(f"shuffle={shuffle}, {count} workers", rates[count], reference, "samples/s",
                              higher_is_better=True))
+            if count and transform_repeats:
+                print(ratio_line(f"shuffle={shuffle}, {count} workers / 0 workers", rates[count], rates[0],
+                                 "samples/s", higher_is_better=True))
 
 
 # -- the training step ------------------------------------------------------------------------------------------
@@ -222,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps per round (model step)")
     parser.add_argument("--tiny-steps", type=int, default=400, help="training steps per round (tiny model)")
     parser.add_argument("--workers", default="0,1,2", help="loader worker counts to compare")
+    parser.add_argument("--transform-repeats", type=int, default=0,
+                        help="add a CPU-costly transform to the loader: N FFT round trips per sample")
     parser.add_argument("--checkpoint-mb", type=int, default=62, help="size of the checkpointed state")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -233,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("loader", "all"):
         assert components is not None
         bench_loader(config, components, rounds=args.rounds, num_batches=args.batches,
-                     workers=[int(w) for w in args.workers.split(",")])
+                     workers=[int(w) for w in args.workers.split(",")], transform_repeats=args.transform_repeats)
     if args.what in ("step", "all"):
         print(f"step: {args.rounds} rounds; reference: a raw PyTorch loop over the same batches held in RAM")
         bench_step(config, rounds=args.rounds, steps=args.steps, tiny=False)

@@ -23,7 +23,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping  # not typing's: its isinstance is several times slower, per batch
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -169,9 +170,11 @@ class HDF5Dataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
         readers = self._open()
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+        listed = indices.tolist() if isinstance(indices, np.ndarray) else list(indices)
+        # Python's min/max: numpy's cost more than the read itself for a batch of a few dozen samples.
+        if listed and (min(listed) < 0 or max(listed) >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)}) in {self.paths[0]}")
+        indices = np.asarray(listed, dtype=np.int64)
         if len(self.paths) == 1:  # the common case: no bookkeeping of which file holds which sample
             groups = [(0, slice(None), indices)]
         else:
@@ -256,21 +259,31 @@ class BatchReader(Dataset):
     def __getitem__(self, request: BatchRequest | np.ndarray) -> dict[str, torch.Tensor]:
         epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
         getitems = getattr(self.dataset, "__getitems__", None)
-        samples = getitems(list(map(int, indices))) if getitems is not None else [self.dataset[int(i)] for i in
-                                                                                     indices]
+        indices = np.asarray(indices)
+        samples = getitems(indices.tolist()) if getitems is not None else [self.dataset[i] for i in indices.tolist()]
         batch = samples if isinstance(samples, Mapping) else default_collate(list(samples))
         if not isinstance(batch, Mapping):
             raise TypeError(f"{type(self.dataset).__name__} must return dicts of named fields, got "
                             f"{type(batch).__name__}")
         batch = {name: torch.as_tensor(value) for name, value in batch.items()}
-        batch["index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        batch["index"] = torch.from_numpy(indices.astype(np.int64, copy=False))
         for position, (transform, with_context) in enumerate(self.transforms):
             if with_context:
                 batch = transform(batch, TransformContext(seed=self.seed, stage=self.stage, epoch=epoch,
-                                                          indices=np.asarray(indices), position=position))
+                                                          indices=indices, position=position))
             else:
                 batch = transform(batch)
         return batch
+
+
+def _even_pieces(array: np.ndarray, count: int) -> list[np.ndarray]:
+    """`np.array_split(array, count)` (the first len % count pieces one longer), as plain slices: this runs for
+    every micro-batch, and array_split costs more than reading a small batch."""
+    if count == 1:
+        return [array]
+    size, longer = divmod(len(array), count)
+    bounds = [piece * size + min(piece, longer) for piece in range(count + 1)]
+    return [array[bounds[piece]:bounds[piece + 1]] for piece in range(count)]
 
 
 class DistributedBatchSampler(Sampler[BatchRequest]):
@@ -315,8 +328,8 @@ class DistributedBatchSampler(Sampler[BatchRequest]):
         return max(0, min(self.global_batch_size, len(self.indices) - start))
 
     def _split(self, step_samples: np.ndarray) -> list[np.ndarray]:
-        rank_share = np.array_split(step_samples, self.world_size)[self.rank]
-        return [piece for piece in np.array_split(rank_share, self.num_microbatches) if len(piece)]
+        rank_share = _even_pieces(step_samples, self.world_size)[self.rank]
+        return [piece for piece in _even_pieces(rank_share, self.num_microbatches) if len(piece)]
 
     def step_microbatches(self, order: np.ndarray, step_in_epoch: int) -> list[np.ndarray]:
         start = step_in_epoch * self.global_batch_size
@@ -451,14 +464,32 @@ def resolve_num_workers(config: DataConfig, cpus_per_rank: int, *, reader: Batch
     return chosen
 
 
+class InProcessLoader:
+    """What a DataLoader without workers does with `batch_size=None` (read each request of the sampler in this
+    process, pin if asked), without its per-batch bookkeeping (a profiler range, a recursive conversion of the
+    batch), which costs more than reading a small batch from a memory-mapped file."""
+
+    def __init__(self, dataset: BatchReader, sampler: Sampler, *, pin_memory: bool) -> None:
+        self.dataset, self.sampler, self.pin_memory = dataset, sampler, pin_memory
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for request in self.sampler:
+            batch = self.dataset[request]
+            yield {name: value.pin_memory() for name, value in batch.items()} if self.pin_memory else batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
 def make_loader(dataset: BatchReader, sampler: Sampler, *, config: DataConfig, num_workers: int,
-                pin_memory: bool) -> DataLoader:
-    extra = {}
-    if num_workers > 0:
-        atexit.unregister(stop_loader_workers)  # registered once, and after multiprocessing's, so it runs first
-        atexit.register(stop_loader_workers)
-        watchdog.add_stack_dump(dump_loader_worker_stacks)
-        extra = {"persistent_workers": config.persistent_workers, "prefetch_factor": config.prefetch_factor,
-                 "worker_init_fn": _init_worker}
+                pin_memory: bool) -> DataLoader | InProcessLoader:
+    if num_workers == 0:
+        return InProcessLoader(dataset, sampler, pin_memory=pin_memory)
+    atexit.unregister(stop_loader_workers)  # registered once, and after multiprocessing's, so it runs first
+    atexit.register(stop_loader_workers)
+    watchdog.add_stack_dump(dump_loader_worker_stacks)
+    # A generator of its own for the workers' base seed: otherwise each iter() draws from torch's global one, and
+    # a model's random stream (dropout) would depend on whether the loader has workers.
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      **extra)
+                      persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor,
+                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(dataset.seed))

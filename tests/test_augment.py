@@ -55,6 +55,17 @@ def test_augmented_samples_do_not_depend_on_workers_or_ranks(tiny_data: Path) ->
     assert not np.array_equal(next_epoch[0], reference[0])  # a new draw every epoch
 
 
+def test_reading_batches_leaves_torchs_global_random_stream_alone(tiny_data: Path) -> None:
+    """A model's own random draws (dropout) must not depend on the number of loader workers: iterating the loader,
+    with or without workers, draws nothing from torch's global generator."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    for workers in (0, 1):
+        torch.manual_seed(3)
+        augmented_samples(tiny_data, workers=workers, world=1)
+        assert torch.equal(torch.rand(4), expected), workers
+
+
 def test_augmentations_apply_only_in_their_stages_and_check_their_inputs(tiny_data: Path) -> None:
     reader = BatchReader(HDF5Dataset(tiny_data, FIELDS), transforms=[AddNoise(field="image", stages=["train"])],
                          seed=0, stage="validation")
