@@ -190,6 +190,8 @@ class PlotWorker:
             self.in_process = False
             log.info("task.plot cannot be sent to a plot process (%s: %s): plots are drawn in a thread of the "
                      "training process", type(error).__name__, error)
+        if self.in_process:
+            self._start_process()  # now: starting Python and importing the hook takes seconds
         self._thread = threading.Thread(target=self._run, name="hpctrain-plots", daemon=True)
         self._thread.start()
 
