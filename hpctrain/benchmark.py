@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from torch import nn
 
 from hpctrain.components import Components, build_components, check_run_inputs, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError
-from hpctrain.data import BatchReader, DistributedBatchSampler, make_loader
+from hpctrain.data import BatchReader, DistributedBatchSampler
+from hpctrain.loader import make_loader
 from hpctrain.launch import compose_config, fail
 
 
@@ -101,7 +102,7 @@ def bench_loader(config: Config, components: Components, *, rounds: int, num_bat
         num = min(num_batches, sampler.steps_per_epoch - 1)
         order = sampler.epoch_order(0)
         ram_batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(num)]
-        loaders = {count: make_loader(reader, sampler, config=replace(data, persistent_workers=False),
+        loaders = {count: make_loader(reader, sampler, config=replace(data, persistent_workers=True),
                                       num_workers=count, pin_memory=False) for count in sorted({0, *workers})}
         rates: dict[int, list[float]] = {count: [] for count in loaders}
         reference: list[float] = []

@@ -1,7 +1,7 @@
-"""Data for many loader workers: the built-in HDF5 dataset (named fields of any shape and dtype, ragged fields,
-several files; lazy per-process file handles, one sorted read per batch and field), the reader that turns any
-map-style dataset into batches of named tensors, and a deterministic distributed batch sampler that can start in
-the middle of an epoch.
+"""Data: the built-in HDF5 dataset (named fields of any shape and dtype, ragged fields, several files; lazy
+per-process file handles, one read per batch and field), the reader that turns any map-style dataset into batches
+of named tensors, and a deterministic distributed batch sampler that can start in the middle of an epoch. How the
+batches reach the loop (in process, or from loader workers) is `hpctrain.loader`.
 
 Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e) (with
 `data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices). Optimizer step s
@@ -12,15 +12,9 @@ samples in an optimizer step does not depend on the number of ranks or micro-bat
 
 from __future__ import annotations
 
-import atexit
-import faulthandler
 import logging
 import math
-import multiprocessing
 import os
-import signal
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping  # not typing's: its isinstance is several times slower, per batch
@@ -29,17 +23,13 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
-from hpctrain import watchdog
-from hpctrain.config import ConfigError, DataConfig
-from hpctrain.distributed import exit_with_parent
+from hpctrain.config import ConfigError
 from hpctrain.hdf5_reader import RowReader
 from hpctrain.transforms import TransformContext, takes_context
 
 log = logging.getLogger(__name__)
-
-WORKER_STACKS_SIGNAL = signal.SIGUSR1
 
 
 class FieldSpec(NamedTuple):
@@ -389,107 +379,3 @@ def make_split(train: Dataset, val: Dataset | None, *, val_fraction: float) -> S
         raise ConfigError(f"data.val_fraction={val_fraction} leaves {num_train} training and {num_val} validation "
                           f"samples of the {num_samples} in data.dataset")
     return Split(train, np.arange(num_train), train, np.arange(num_train, num_samples))
-
-
-def _init_worker(worker_id: int) -> None:
-    exit_with_parent()
-    # SLURM signals every process of a job step. A preemption's SIGTERM/USR2 is the training process's to handle
-    # (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    # The hang watchdog asks a worker for its Python stacks with SIGUSR1 (dump_loader_worker_stacks); faulthandler
-    # answers from C, so it works even while the worker is stuck.
-    faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True, chain=False)
-    # Loader workers only read; one thread each keeps them from fighting the training process for cores.
-    torch.set_num_threads(1)
-
-
-def dump_loader_worker_stacks(wait_s: float = 1.0) -> None:
-    """Print the Python stacks of this process's loader workers to stderr (for the hang watchdog: a deadlocked
-    worker is a common reason a rank stops), one worker after the other, each under a header line."""
-    for child in multiprocessing.active_children():
-        if not child.daemon or child.pid is None:
-            continue
-        print(f"--- hpctrain watchdog: Python stacks of loader worker pid {child.pid} of pid {os.getpid()} ---",
-              file=sys.stderr, flush=True)
-        try:
-            os.kill(child.pid, WORKER_STACKS_SIGNAL)
-        except ProcessLookupError:
-            continue
-        time.sleep(wait_s)  # its dump goes to the same stderr; the next header must not cut into it
-
-
-def stop_loader_workers() -> None:
-    """SIGKILL this process's loader workers (its daemonic children; they only read, so nothing is lost).
-
-    Called when training ends and at exit: the polite shutdown of an iterator abandoned mid-epoch can wait
-    seconds per worker, and multiprocessing's exit handler would terminate() them with SIGTERM, which they ignore
-    (see _init_worker), and then wait forever. torch's SIGCHLD handler, which reports a worker that died while a
-    loader still needed it, is removed first: these workers are meant to die."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if not children:
-        return
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-        child.join()
-
-
-# Below this much reading + transforming per batch in the training process, loader workers cannot win: handing
-# a batch over from a worker process costs about this much on its own (queue, pickling, shared-memory mapping).
-WORKER_BREAK_EVEN_S = 2e-3
-
-
-def resolve_num_workers(config: DataConfig, cpus_per_rank: int, *, reader: BatchReader | None = None,
-                        indices: np.ndarray | None = None, batch_size: int = 1) -> int:
-    """`data.num_workers`, or with -1 (automatic): 0 when a batch is produced faster in the training process than
-    a worker could hand it over (measured on a few real batches), else one worker per CPU of the rank minus one.
-    The sample order and every random draw are keyed on samples, so the choice never changes the result."""
-    if config.num_workers >= 0:
-        return config.num_workers
-    workers = max(0, cpus_per_rank - 1)
-    if workers == 0 or reader is None or indices is None or len(indices) == 0:
-        return workers
-    # A few batches of random samples, as training reads them (a generator of its own: no global RNG is touched).
-    sample = indices[np.random.default_rng(0).permutation(len(indices))[:4 * batch_size]]
-    probe = [sample[start:start + batch_size] for start in range(0, len(sample), batch_size)]
-    reader[probe[0]]  # the first read opens files and maps them: not what a batch costs
-    started = time.perf_counter()
-    for batch in probe:
-        reader[batch]
-    per_batch = (time.perf_counter() - started) / len(probe)
-    chosen = 0 if per_batch < WORKER_BREAK_EVEN_S else workers
-    log.info("data.num_workers=-1: a batch takes %.2f ms to read in the training process -> %d loader workers",
-             per_batch * 1e3, chosen)
-    return chosen
-
-
-class InProcessLoader:
-    """What a DataLoader without workers does with `batch_size=None` (read each request of the sampler in this
-    process, pin if asked), without its per-batch bookkeeping (a profiler range, a recursive conversion of the
-    batch), which costs more than reading a small batch from a memory-mapped file."""
-
-    def __init__(self, dataset: BatchReader, sampler: Sampler, *, pin_memory: bool) -> None:
-        self.dataset, self.sampler, self.pin_memory = dataset, sampler, pin_memory
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for request in self.sampler:
-            batch = self.dataset[request]
-            yield {name: value.pin_memory() for name, value in batch.items()} if self.pin_memory else batch
-
-    def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
-
-
-def make_loader(dataset: BatchReader, sampler: Sampler, *, config: DataConfig, num_workers: int,
-                pin_memory: bool) -> DataLoader | InProcessLoader:
-    if num_workers == 0:
-        return InProcessLoader(dataset, sampler, pin_memory=pin_memory)
-    atexit.unregister(stop_loader_workers)  # registered once, and after multiprocessing's, so it runs first
-    atexit.register(stop_loader_workers)
-    watchdog.add_stack_dump(dump_loader_worker_stacks)
-    # A generator of its own for the workers' base seed: otherwise each iter() draws from torch's global one, and
-    # a model's random stream (dropout) would depend on whether the loader has workers.
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor,
-                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(dataset.seed))

@@ -21,7 +21,6 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -82,7 +81,8 @@ def config_for_test(info: CheckpointInfo, overrides: list[str]) -> Config:
 def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, seed: int) -> None:
     """One rank of the test phase: evaluate this rank's shard of the test set; rank 0 writes the file."""
     from hpctrain.components import build_components
-    from hpctrain.data import BatchReader, ShardSampler, make_loader, resolve_num_workers, stop_loader_workers
+    from hpctrain.data import BatchReader, ShardSampler
+    from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.distributed import available_cpus, init_distributed, shutdown_distributed
     from hpctrain.evaluate import Evaluator
 

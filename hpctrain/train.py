@@ -27,8 +27,8 @@ from tqdm import tqdm
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.components import Batch, Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError, to_json
-from hpctrain.data import (BatchReader, DistributedBatchSampler, ShardSampler, make_loader, resolve_num_workers,
-                           stop_loader_workers)
+from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
+from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
 from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase

@@ -57,7 +57,7 @@ def add_hang_action(action: Callable[[dict[str, Any]], None]) -> None:
 
 def add_stack_dump(dump: Callable[[], None]) -> None:
     """Call `dump()` after this rank's own stacks when it is found hung: the stacks of processes it depends on
-    (its loader workers, `hpctrain.data.dump_loader_worker_stacks`), to stderr."""
+    (its loader workers, `hpctrain.loader.dump_loader_worker_stacks`), to stderr."""
     if dump not in _stack_dumps:
         _stack_dumps.append(dump)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hpctrain.config import DataConfig
-from hpctrain.data import BatchReader, DistributedBatchSampler, HDF5Dataset, make_loader
+from hpctrain.data import BatchReader, DistributedBatchSampler, HDF5Dataset
+from hpctrain.loader import make_loader
 from hpctrain.transforms import AddLitter, AddNoise
 
 from .conftest import launch, tiny_overrides

@@ -1,0 +1,81 @@
+"""Loaders: batches from loader workers, handed over through shared-memory slots, equal those read in the training
+process, in every pass (also after a pass abandoned half-way), for fields of every dtype and for batches larger
+than a slot (which go torch's own way)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hpctrain.config import DataConfig
+from hpctrain.data import BatchReader, DistributedBatchSampler
+from hpctrain.loader import InProcessLoader, SlotLoader, make_loader
+
+CONFIG = DataConfig(dataset={"_target_": "x"}, persistent_workers=True, prefetch_factor=2)
+
+
+class Synthetic(Dataset):
+    """Samples of several dtypes and a field whose length depends on the batch (on its largest index), so some
+    batches outgrow the slots sized on the first one."""
+
+    def __len__(self) -> int:
+        return 200
+
+    def __getitems__(self, indices: list[int]) -> dict[str, np.ndarray]:
+        index = np.asarray(indices)
+        length = max(0, int(index.max()) - 140) ** 2 // 8 + 1
+        grows = np.repeat(index[:, None] + 0.5, length, axis=1)
+        return {"image": np.stack([np.full((3, 5), i, dtype=np.float32) for i in index]),
+                "label": (index % 7).astype(np.int16), "flag": index % 2 == 0, "grows": grows}
+
+
+def passes(loader, *, stop_after: int | None = None) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for number, batch in enumerate(loader):
+        batches.append(batch)
+        if stop_after is not None and number + 1 == stop_after:
+            break
+    return batches
+
+
+def assert_same(expected: list[dict[str, torch.Tensor]], got: list[dict[str, torch.Tensor]]) -> None:
+    assert len(got) <= len(expected) and got
+    for want, have in zip(expected, got):
+        assert set(want) == set(have)
+        for name in want:
+            assert have[name].dtype == want[name].dtype and torch.equal(have[name], want[name]), name
+
+
+def test_worker_batches_through_slots_equal_in_process_reads_in_every_pass() -> None:
+    reader = BatchReader(Synthetic(), seed=3)
+    sampler = DistributedBatchSampler(np.arange(200), micro_batch_size=16, num_microbatches=1, rank=0,
+                                      world_size=1, seed=3)
+    in_process = make_loader(reader, sampler, config=CONFIG, num_workers=0, pin_memory=False)
+    assert isinstance(in_process, InProcessLoader)
+    expected = passes(in_process)
+    loader = make_loader(reader, sampler, config=CONFIG, num_workers=2, pin_memory=False)
+    assert isinstance(loader, SlotLoader)
+    handed = []
+    original = loader._copy_out
+    loader._copy_out = lambda item: (handed.append(item.slot), original(item))[1]  # count slot hand-overs
+    assert_same(expected, passes(loader))
+    assert len(handed) >= len(expected) // 2  # most batches came through slots, the grown ones torch's way
+    assert len(handed) < len(expected)
+    assert_same(expected, passes(loader, stop_after=3))  # abandoned half-way
+    assert_same(expected, passes(loader))  # the next pass starts with every slot free again
+    sampler.set_position(1, 0)
+    next_epoch = passes(make_loader(reader, sampler, config=CONFIG, num_workers=0, pin_memory=False))
+    assert_same(next_epoch, passes(loader))
+
+
+def test_workers_that_are_not_persistent_use_torchs_hand_over() -> None:
+    reader = BatchReader(Synthetic(), seed=3)
+    sampler = DistributedBatchSampler(np.arange(200), micro_batch_size=16, num_microbatches=1, rank=0,
+                                      world_size=1, seed=3)
+    loader = make_loader(reader, sampler, config=replace(CONFIG, persistent_workers=False), num_workers=1,
+                         pin_memory=False)
+    assert isinstance(loader, DataLoader)
+    assert_same(passes(InProcessLoader(reader, sampler, pin_memory=False)), passes(loader))
