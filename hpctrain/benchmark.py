@@ -4,9 +4,10 @@ so a busy machine slows both alike; each line prints hpctrain / reference as the
 per-round ratios.
 
   loader      the loader's samples/s for each shuffle mode and worker count vs a random gather from the whole
-              training set held in RAM (the ceiling: no file system, no HDF5, no processes)
+              training set held in RAM (the ceiling: no file system, no HDF5, no processes); with
+              --transform-repeats N, a CPU-costly transform is added and workers are also compared to 0 workers
   step        the training loop's time per step vs a raw PyTorch loop (the same model, loss, batch size and
-              optimizer over batches gathered from RAM), on the run's model and on a tiny model
+              optimizer over batches gathered from RAM), on the run's model and on a tiny model with a tiny loss
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
@@ -130,33 +131,62 @@ class TinyModel(nn.Module):
         return self.linear(x.flatten(1))
 
 
+class TinyLoss:
+    """Per-sample mean squared error against a batch field of the outputs' shape: a loss that costs almost nothing
+    (the task's own may cost more than a tiny model's whole step)."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __call__(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (outputs - batch[self.field]).square().flatten(1).mean(dim=1)
+
+
+WARMUP_STEPS = 3  # not timed: first-call allocations, lazy initialisation
+
+
+def per_step(stamps: list[float]) -> float:
+    """Seconds per step from the times at which each step ended, after the warm-up steps."""
+    return (stamps[-1] - stamps[WARMUP_STEPS - 1]) / (len(stamps) - WARMUP_STEPS)
+
+
 def raw_loop_seconds(model: nn.Module, loss_function, batches: list[dict[str, torch.Tensor]], inputs: list[str],
                      lr: float) -> float:
     """The reference: a plain PyTorch loop over batches already in RAM (forward, per-sample loss, mean, backward,
-    AdamW, zero_grad)."""
+    AdamW, zero_grad); seconds per step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    started = time.perf_counter()
+    stamps = []
     for batch in batches:
         terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch), len(batch["index"]),
                                       key="task.loss")
         sum(terms.values()).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+        stamps.append(time.perf_counter())
+    return per_step(stamps)
 
 
 def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> float:
-    """hpctrain's loop for `steps` steps (no evaluation, checkpoint or plot inside the timed steps)."""
+    """hpctrain's loop, seconds per step: from the end of one step to the end of the next, so each step counts
+    reading its batches from the file, the step, and the loop's bookkeeping (metrics, scheduler, progress); the
+    run's start and end (and no evaluation or checkpoint, which are configured away) are not timed."""
     from hpctrain.distributed import DistributedContext
     from hpctrain.train import Trainer
 
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
     run_dir.mkdir(parents=True)
     trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
-    trainer._after_step = lambda result: None  # type: ignore[method-assign]  # time the steps alone
-    started = time.perf_counter()
-    trainer.fit()  # metrics.h5 written as in a real run; no evaluation or checkpoint inside
-    return time.perf_counter() - started
+    stamps: list[float] = []
+    step = trainer.train_step
+
+    def timed_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        stamps.append(time.perf_counter())
+        return result
+
+    trainer.train_step = timed_step  # type: ignore[method-assign]
+    trainer.fit()
+    return per_step(stamps)
 
 
 @contextmanager
@@ -178,14 +208,20 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
                    optim=replace(config.optim, clip_grad_norm=None,
                                  schedule=replace(config.optim.schedule, name="constant")),
                    callbacks=replace(config.callbacks, checkpoint=replace(config.callbacks.checkpoint,
-                                                                          every_steps=10**9)))
+                                                                          every_steps=10**9),
+                                     metrics=replace(config.callbacks.metrics, plots=False)),
+                   task=replace(config.task, plot=None))  # a plot process starting would share the CPU
     components = build_components(base)
     if tiny:
         sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]
         width = int(np.prod(sample[base.task.inputs[0]].shape[1:]))
-        outputs = components.model(*model_inputs(sample, base.task.inputs)).shape[-1]
-        components.model = TinyModel(width, outputs)
+        outputs = components.model(*model_inputs(sample, base.task.inputs))
+        components.model = TinyModel(width, outputs.shape[-1])
         base = replace(base, task=replace(base.task, inputs=base.task.inputs[:1]))
+        target = next((name for name, value in sample.items() if name not in base.task.inputs
+                       and value.is_floating_point() and value.shape == outputs.shape), None)
+        if target is not None:
+            components.loss = TinyLoss(target)
     initial = copy.deepcopy(components.model.state_dict())
     reader = BatchReader(components.split.train_dataset, transforms=components.transforms, seed=base.seed)
     sampler = DistributedBatchSampler(components.split.train_indices, micro_batch_size=base.trainer.micro_batch_size,
@@ -198,9 +234,9 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
         for index in range(rounds):
             components.model.load_state_dict(initial)
             reference.append(raw_loop_seconds(components.model, components.loss, batches, base.task.inputs,
-                                              base.optim.lr) / steps)
+                                              base.optim.lr))
             components.model.load_state_dict(initial)
-            ours.append(hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}") / steps)
+            ours.append(hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}"))
     label = "tiny model" if tiny else f"{type(components.model).__name__}"
     print(ratio_line(f"step, {label}", ours, reference, "s/step", higher_is_better=False))
     overhead = [a - b for a, b in zip(ours, reference)]

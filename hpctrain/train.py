@@ -206,8 +206,11 @@ class Trainer:
             self.grad_scaler.unscale_(group.optimizer)
         max_norm = self.config.optim.clip_grad_norm
         # The gradients are already all-reduced, so the norm (and the decision below) is the same on all ranks.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters,
-                                                   max_norm if max_norm is not None else math.inf)
+        if max_norm is None:  # the norm only (for the metrics and the non-finite check), nothing scaled
+            grad_norm = torch.nn.utils.get_total_norm(
+                [parameter.grad for parameter in self.trainable_parameters if parameter.grad is not None])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
 
         # One small all-reduce per step: the loss (and its components) for the metrics, and the stop flag.
         names = sorted(sums)
