@@ -27,9 +27,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_overrides(data_path: Path, *extra: str) -> list[str]:
-    """A run of the real config shrunk to seconds: small images, a small model, no loader workers."""
+    """A run of the real config shrunk to seconds: small images, a small model, no loader workers, and no task
+    plots unless `extra` names task.plot (its process, a fresh interpreter, would cost each run seconds of CPU;
+    tests/test_evaluate.py tests the plots)."""
+    plots = [] if any(override.startswith("task.plot") for override in extra) else ["task.plot=null"]
     return ["debug=fast", f"data.dataset.path={data_path}", "data.prepare.generate_if_missing=false",
-            "model.width=8", "model.num_stages=2", *extra]
+            "model.width=8", "model.num_stages=2", *plots, *extra]
 
 
 def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, timeout: float = 300,
