@@ -103,8 +103,8 @@ def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tin
     launch(command)
     rows = inspect_json(tmp_path / "lsweep")
     assert [row["point"] for row in rows] == [
-        f"data.prepare.generate_if_missing=False,model.num_stages=2,model.width=8,optim.lr={lr},trainer.max_steps=5"
-        for lr in ("0.001", "0.002")]
+        f"data.prepare.generate_if_missing=False,model.num_stages=2,model.width=8,optim.lr={lr},task.plot=null,"
+        "trainer.max_steps=5" for lr in ("0.001", "0.002")]
     assert all(row["state"] == "FINISHED" and row["step"] == 5 for row in rows)
     again = launch(command)
     assert again.stdout.count("already finished at step 5") == 2
