@@ -64,6 +64,7 @@ class MetricsWriter:
         self._lr_buffer: list[Sequence[float]] = []
         self._validation_buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._num_validation_samples = len(validation_sample_index)
+        self._open_datasets: dict[str, h5py.Dataset] = {}
         # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
         # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
@@ -156,9 +157,9 @@ class MetricsWriter:
     def _append(self, name: str, rows: np.ndarray, dims: Sequence[str], row_offset: int) -> None:
         """Append rows; a dataset first seen now (a new loss component or metric) starts at row `row_offset`
         of its axis, with NaN for the rows before (only possible if the task changed across a restart)."""
-        if name not in self.file:
-            self._dataset(name, (0, *rows.shape[1:]), rows.dtype, dims)
-        dataset = self.file[name]
+        dataset = self._open_datasets.get(name)
+        if dataset is None:  # looked up once: an HDF5 lookup per column and flush costs more than the write
+            dataset = self._open_datasets[name] = self._dataset(name, (0, *rows.shape[1:]), rows.dtype, dims)
         start = dataset.shape[0]
         if start < row_offset:
             dataset.resize(row_offset, axis=0)
