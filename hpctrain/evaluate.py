@@ -161,13 +161,17 @@ def _plot_process(connection: Connection, plot: Callable[[Evaluation, Path], Any
             return
         if message is None:
             return
-        evaluation, directory = message
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            written = plot(evaluation, directory)
-            connection.send((True, [str(path) for path in written or []]))
-        except Exception as error:  # reported by the training process; the next evaluation is drawn as usual
-            connection.send((False, f"{type(error).__name__}: {error}"))
+        connection.send(_draw_here(plot, *message))
+
+
+def _draw_here(plot: Callable[[Evaluation, Path], Any], evaluation: Evaluation,
+               directory: Path) -> tuple[bool, Any]:
+    """(True, PNG paths written) or (False, the error as text): a failing plot is reported, never raised."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return True, [str(path) for path in plot(evaluation, directory) or []]
+    except Exception as error:
+        return False, f"{type(error).__name__}: {error}"
 
 
 class PlotWorker:
@@ -219,22 +223,19 @@ class PlotWorker:
 
     def _draw(self, evaluation: Evaluation, directory: Path) -> list[str]:
         if not self.in_process:
+            ok, answer = _draw_here(self.plot, evaluation, directory)
+        else:
+            if self._process is None or not self._process.is_alive():
+                self._start_process()
+            assert self._process is not None and self._connection is not None
             try:
-                directory.mkdir(parents=True, exist_ok=True)
-                return [str(path) for path in self.plot(evaluation, directory) or []]
-            except Exception as error:
-                raise RuntimeError(f"{type(error).__name__}: {error}") from None
-        if self._process is None or not self._process.is_alive():
-            self._start_process()
-        assert self._process is not None and self._connection is not None
-        try:
-            self._connection.send((evaluation, directory))
-            ok, answer = self._connection.recv()
-        except (EOFError, OSError):
-            self._process.join(5.0)
-            code = self._process.exitcode
-            self._stop_process()
-            raise RuntimeError(f"the plot process died (exit code {code})") from None
+                self._connection.send((evaluation, directory))
+                ok, answer = self._connection.recv()
+            except (EOFError, OSError):
+                self._process.join(5.0)
+                code = self._process.exitcode
+                self._stop_process()
+                raise RuntimeError(f"the plot process died (exit code {code})") from None
         if not ok:
             raise RuntimeError(answer)
         return answer
