@@ -77,8 +77,9 @@ def stop_loader_workers() -> None:
 
 
 # Below this much reading + transforming per batch in the training process, loader workers cannot win: handing
-# a batch over from a worker process costs about this much on its own (queue, pickling, shared-memory mapping).
-WORKER_BREAK_EVEN_S = 2e-3
+# a batch over from a worker (queue, slot copy) costs about 0.8 ms of the training process's time (measured with
+# 2 workers on the 2-core development machine; docs/benchmarks.md), and a worker needs some of the CPUs too.
+WORKER_BREAK_EVEN_S = 1e-3
 
 
 def resolve_num_workers(config: DataConfig, cpus_per_rank: int, *, reader: BatchReader | None = None,
