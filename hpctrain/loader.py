@@ -212,6 +212,7 @@ class SlotLoader:
     def __init__(self, dataset: BatchReader, sampler: Sampler, *, slots: _Slots, num_workers: int, pin_memory: bool,
                  config: DataConfig) -> None:
         self.slots, self.pin_memory = slots, pin_memory
+        self.rows = slots.buffer.numpy()
         self.loader = _data_loader(_SlotWriter(dataset, slots), _TaggingSampler(sampler, slots), seed=dataset.seed,
                                    num_workers=num_workers, pin_memory=False, config=config)
 
@@ -224,12 +225,14 @@ class SlotLoader:
             yield item
 
     def _copy_out(self, item: _InSlot) -> dict[str, torch.Tensor]:
-        row, batch = self.slots.buffer[item.slot], {}
+        row, batch = self.rows[item.slot], {}
         for name, dtype, shape, offset in item.layout:
             value = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
             size = value.numel() * value.element_size()
             if size:
-                value.reshape(-1).view(torch.uint8).copy_(row[offset:offset + size])
+                # numpy's copy is one memcpy in this thread; torch's copy_ of a large tensor wakes its intra-op
+                # threads, which then spin and take the cores the loader workers need.
+                np.copyto(value.reshape(-1).view(torch.uint8).numpy(), row[offset:offset + size])
             batch[name] = value
         self.slots.release(item.slot)
         return batch
