@@ -7,7 +7,8 @@ per-round ratios.
               training set held in RAM (the ceiling: no file system, no HDF5, no processes); with
               --transform-repeats N, a CPU-costly transform is added and workers are also compared to 0 workers
   step        the training loop's time per step vs a raw PyTorch loop (the same model, loss, batch size and
-              optimizer over batches gathered from RAM), on the run's model and on a tiny model with a tiny loss
+              optimizer) over batches gathered from RAM, and over batches read from the file by the same loader
+              (the difference is then the loop's bookkeeping alone), on the run's model and on a tiny model
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import sys
@@ -27,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -150,10 +152,10 @@ def per_step(stamps: list[float]) -> float:
     return (stamps[-1] - stamps[WARMUP_STEPS - 1]) / (len(stamps) - WARMUP_STEPS)
 
 
-def raw_loop_seconds(model: nn.Module, loss_function, batches: list[dict[str, torch.Tensor]], inputs: list[str],
+def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str, torch.Tensor]], inputs: list[str],
                      lr: float) -> float:
-    """The reference: a plain PyTorch loop over batches already in RAM (forward, per-sample loss, mean, backward,
-    AdamW, zero_grad); seconds per step."""
+    """The reference: a plain PyTorch loop (forward, per-sample loss, mean, backward, AdamW, zero_grad) over
+    batches already in RAM, or read by hpctrain's loader; seconds per step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     stamps = []
     for batch in batches:
@@ -229,19 +231,34 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
     batches = [reader[request.indices] for request, _ in zip(sampler, range(steps))]
     while len(batches) < steps:
         batches += batches[:steps - len(batches)]
-    ours, reference = [], []
+    loader = make_loader(reader, sampler, config=base.data, num_workers=0, pin_memory=False)
+    ours, from_ram, from_file = [], [], []
     with tempfile.TemporaryDirectory() as directory, _quiet():
         for index in range(rounds):
-            components.model.load_state_dict(initial)
-            reference.append(raw_loop_seconds(components.model, components.loss, batches, base.task.inputs,
+            for times, batch_source in ((from_ram, batches), (from_file, _epochs(loader, sampler, steps))):
+                components.model.load_state_dict(initial)
+                times.append(raw_loop_seconds(components.model, components.loss, batch_source, base.task.inputs,
                                               base.optim.lr))
             components.model.load_state_dict(initial)
             ours.append(hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}"))
     label = "tiny model" if tiny else f"{type(components.model).__name__}"
-    print(ratio_line(f"step, {label}", ours, reference, "s/step", higher_is_better=False))
-    overhead = [a - b for a, b in zip(ours, reference)]
-    print(f"  {'':<46} per-step overhead {statistics.median(overhead) * 1e3:+.3f} ms "
-          f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f})")
+    for what, reference in (("batches in RAM", from_ram), ("reading the file", from_file)):
+        print(ratio_line(f"step, {label}, raw loop {what}", ours, reference, "s/step", higher_is_better=False))
+        overhead = [a - b for a, b in zip(ours, reference)]
+        print(f"  {'':<46} per-step overhead {statistics.median(overhead) * 1e3:+.3f} ms "
+              f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f})")
+
+
+def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatchSampler,
+            steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """`steps` batches read by `loader`, epoch after epoch, as hpctrain's loop reads them."""
+    for epoch in itertools.count():
+        sampler.set_position(epoch, 0)
+        for batch in loader:
+            yield batch
+            steps -= 1
+            if steps == 0:
+                return
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -299,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_loader(config, components, rounds=args.rounds, num_batches=args.batches,
                      workers=[int(w) for w in args.workers.split(",")], transform_repeats=args.transform_repeats)
     if args.what in ("step", "all"):
-        print(f"step: {args.rounds} rounds; reference: a raw PyTorch loop over the same batches held in RAM")
+        print(f"step: {args.rounds} rounds; references: a raw PyTorch loop over the same batches held in RAM, and "
+              f"reading them through hpctrain's loader (0 workers)")
         bench_step(config, rounds=args.rounds, steps=args.steps, tiny=False)
         bench_step(config, rounds=args.rounds, steps=args.tiny_steps, tiny=True)
     if args.what in ("checkpoint", "all"):

@@ -328,8 +328,12 @@ class DistributedBatchSampler(Sampler[BatchRequest]):
 
     def microbatch_sizes(self, step_in_epoch: int) -> list[int]:
         """Sizes of this rank's micro-batches in a step; [0] when it only has the zero-weighted stand-in."""
-        sizes = [len(piece) for piece in self._split(np.arange(self.samples_in_step(step_in_epoch)))]
-        return sizes or [0]
+        # _split's arithmetic without the arrays (this runs at every step): the first pieces take the remainder.
+        share, longer = divmod(self.samples_in_step(step_in_epoch), self.world_size)
+        share += self.rank < longer
+        size, longer = divmod(share, self.num_microbatches)
+        sizes = [size + (piece < longer) for piece in range(self.num_microbatches)]
+        return [size for size in sizes if size] or [0]
 
     def __iter__(self) -> Iterator[BatchRequest]:
         order = self.epoch_order(self.epoch)

@@ -21,14 +21,15 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
   attrs train_batches_per_epoch, validation_batches_per_epoch (global, all ranks)
 
 Rows are buffered in memory and written in blocks (one resize + write per dataset per flush, not one HDF5 write
-per scalar per step) and the file is flushed, so after a SIGKILL it opens and holds everything up to the last
-flush. A checkpoint records the row counts (the cursor); a resumed run truncates the file to its checkpoint's
+per scalar per step) every `flush_every_s` seconds and the file is flushed, so after a SIGKILL it opens and holds
+everything up to the last flush. A checkpoint records the row counts (the cursor); a resumed run truncates the file to its checkpoint's
 cursor, so the step axis continues with no duplicate and no gap.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -56,8 +57,9 @@ class MetricsCursor:
 class MetricsWriter:
     def __init__(self, path: Path, *, parameter_groups: Sequence[str], validation_sample_index: np.ndarray,
                  config_json: str, task_name: str, cursor: MetricsCursor | None,
-                 batches_per_epoch: tuple[int, int] | None = None) -> None:
+                 batches_per_epoch: tuple[int, int] | None = None, flush_every_s: float = 0.0) -> None:
         self.path = path
+        self.flush_every_s = flush_every_s
         self.parameter_groups = list(parameter_groups)
         self._train_buffer: list[dict[str, float]] = []
         self._sample_buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -75,6 +77,7 @@ class MetricsWriter:
         self._write_config(config_json)
         self._truncate(cursor or MetricsCursor())
         self.file.flush()
+        self._flushed_at = time.monotonic()
 
     # -- layout ----------------------------------------------------------------------------------------------
     def _dataset(self, name: str, shape: tuple[int, ...], dtype, dims: Sequence[str]) -> h5py.Dataset:
@@ -201,6 +204,12 @@ class MetricsWriter:
             self._append("train_samples/loss", np.concatenate([v for _, _, v in self._sample_buffer]), dims, 0)
             self._sample_buffer.clear()
         self.file.flush()
+        self._flushed_at = time.monotonic()
+
+    def flush_if_due(self) -> None:
+        """Flush if `flush_every_s` seconds have passed since the last flush."""
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
 
     def cursor(self) -> MetricsCursor:
         """Row counts including buffered rows; call `flush` before recording it in a checkpoint."""

@@ -166,6 +166,8 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
         return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
 
     def _per_sample_loss(self, outputs: object, batch: Batch) -> dict[str, torch.Tensor]:
@@ -197,7 +199,9 @@ class Trainer:
                 weighted = per_sample.sum() * (loss_scale if size else 0.0)
                 self.grad_scaler.scale(weighted).backward()
             for name, value in components.items():
-                contribution = value.detach().sum(dtype=torch.float64) * (1.0 if size else 0.0)
+                contribution = value.detach().sum(dtype=torch.float64)
+                if not size:
+                    contribution = contribution * 0.0
                 sums[name] = sums[name] + contribution if name in sums else contribution
             if record and size:
                 recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
@@ -206,22 +210,28 @@ class Trainer:
             self.grad_scaler.unscale_(group.optimizer)
         max_norm = self.config.optim.clip_grad_norm
         # The gradients are already all-reduced, so the norm (and the decision below) is the same on all ranks.
-        if max_norm is None:  # the norm only (for the metrics and the non-finite check), nothing scaled
+        grad_norm: torch.Tensor | None = None
+        if max_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
+        elif self.config.optim.track_grad_norm:  # the norm only (for the metrics and the non-finite check)
             grad_norm = torch.nn.utils.get_total_norm(
                 [parameter.grad for parameter in self.trainable_parameters if parameter.grad is not None])
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
 
-        # One small all-reduce per step: the loss (and its components) for the metrics, and the stop flag.
         names = sorted(sums)
-        stats = torch.stack([*(sums[name] for name in names),
-                             torch.tensor(float(self.stop_requested()), dtype=torch.float64, device=self.device)])
-        self.dist.all_reduce_sum(stats)
-        *totals, stop, grad_norm_value = torch.cat(  # the step's one host sync
-            [stats, grad_norm.detach().reshape(1).to(torch.float64)]).tolist()
+        stop = self.stop_requested()
+        if self.dist.is_distributed:  # one small all-reduce per step: the loss sums and the stop flag
+            stop_flag = torch.tensor(float(stop), dtype=torch.float64).to(self.device)
+            stats = torch.stack([*(sums[name] for name in names), stop_flag])
+            self.dist.all_reduce_sum(stats)
+            *totals, stop = stats.tolist()  # the step's host sync
+        else:
+            totals = torch.stack([sums[name] for name in names]).tolist()  # the step's host sync
+        # Computed before the all-reduce: nothing left to wait for.
+        grad_norm_value = math.nan if grad_norm is None else grad_norm.item()
         means = {name: total / num_samples for name, total in zip(names, totals)}
         loss = sum(means.values())
-        nonfinite = not (math.isfinite(loss) and (math.isfinite(grad_norm_value) or self.grad_scaler.is_enabled()))
+        nonfinite = not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm_value)
+                                                  or self.grad_scaler.is_enabled()))
 
         if not nonfinite:
             for group in self.groups:
@@ -348,7 +358,8 @@ class Trainer:
                 task_name=self.config.task.name, cursor=cursor,
                 # global batches: optimizer steps per epoch, and validation batches of the whole set
                 batches_per_epoch=(self.sampler.steps_per_epoch, math.ceil(len(self.split.val_indices) / (
-                    self.config.data.val_batch_size or self.config.trainer.micro_batch_size))))
+                    self.config.data.val_batch_size or self.config.trainer.micro_batch_size))),
+                flush_every_s=self.config.callbacks.metrics.flush_every_seconds)
         if self.plot is not None:
             self.plots = PlotWorker(self.plot, self.run_dir / "plots")
         try:
@@ -368,7 +379,6 @@ class Trainer:
 
     def _loop(self) -> None:
         trainer_cfg = self.config.trainer
-        callbacks = self.config.callbacks
         progress = tqdm(total=trainer_cfg.max_steps, initial=self.state.step, desc="train", unit="step",
                         disable=not (self.dist.is_main and trainer_cfg.progress_bar), dynamic_ncols=True,
                         mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -409,11 +419,11 @@ class Trainer:
                 if result.sample_index is not None:
                     self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
                                                    loss=result.sample_loss)
-                if self.state.step % callbacks.metrics.flush_every_steps == 0:
-                    self.metrics.flush()
+                self.metrics.flush_if_due()
             progress.update(1)
-            progress.set_postfix(loss=f"{result.loss:.4g}", lr=f"{learning_rates[0]:.3g}",
-                                 samples_per_s=f"{samples_per_second:.0f}", refresh=False)
+            if not progress.disable:
+                progress.set_postfix(loss=f"{result.loss:.4g}", lr=f"{learning_rates[0]:.3g}",
+                                     samples_per_s=f"{samples_per_second:.0f}", refresh=False)
 
             if result.nonfinite:
                 log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d so far)",
@@ -428,8 +438,7 @@ class Trainer:
                         f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
                         f"{self.checkpoints.directory}")
 
-            with watchdog.paused("evaluation and checkpoint"):
-                self._after_step(result)
+            self._after_step(result)
             if self.state.finished or result.stop_requested:
                 break
         progress.close()
@@ -441,12 +450,14 @@ class Trainer:
         limit = self._limit_reached()
         improved = False
         if step % self.config.trainer.val_every_steps == 0 or limit:
-            evaluation = self.validate()
+            with watchdog.paused("evaluation"):
+                evaluation = self.validate()
             per_sample = evaluation.per_sample
             means = {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}
             improved = self._update_early_stopping(means["loss"])
             if self.metrics is not None:
                 self.metrics.log_validation(step=step, per_sample=per_sample)
+                self.metrics.flush()
             if self.dist.is_main:
                 shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
                 log.info("step %d: validation %s (best loss %.5g at step %d)", step, shown, self.state.best_loss,
@@ -467,4 +478,5 @@ class Trainer:
                 log.info("training finished at step %d: %s", step, limit)
         if (limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
                 or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best)):
-            self.save_checkpoint()
+            with watchdog.paused("checkpoint"):
+                self.save_checkpoint()

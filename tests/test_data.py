@@ -70,6 +70,19 @@ def test_tail_steps_leave_out_empty_microbatches_and_give_a_rank_without_samples
     assert [s.microbatch_sizes(6) for s in samplers] == [[1], [0], [0], [0]]
 
 
+def test_microbatch_sizes_are_the_lengths_of_the_microbatches_for_every_layout() -> None:
+    for num_samples in range(1, 40):
+        for world in range(1, 5):
+            for micro, k in ((1, 1), (3, 1), (2, 3), (5, 2)):
+                for rank in range(world):
+                    s = sampler(num_samples, micro=micro, k=k, rank=rank, world=world)
+                    order = s.epoch_order(0)
+                    for step in range(s.steps_per_epoch):
+                        lengths = [len(piece) for piece in s._split(order[step * s.global_batch_size:][
+                            :s.global_batch_size])]
+                        assert s.microbatch_sizes(step) == (lengths or [0]), (num_samples, world, micro, k, rank)
+
+
 def test_order_is_keyed_on_seed_and_epoch_and_resumes_mid_epoch() -> None:
     full = sampler()
     full.set_position(3, 0)

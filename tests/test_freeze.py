@@ -25,7 +25,7 @@ EXPLICIT = ("optim.freeze={strategy: explicit, phases: [{start: 0, freeze: ['ste
             "{start: 6, freeze: ['head.*'], lr_factor: 0.5}, {start: 14, freeze: []}]}")
 RUN = ["optim.optimizer=sgd", "optim.lr=0.05", "optim.schedule.name=constant", "trainer.max_steps=20",
        "callbacks.early_stopping.enabled=false", "trainer.val_every_steps=10", "callbacks.checkpoint.every_steps=2",
-       "callbacks.checkpoint.keep_steps=[6,14]", "callbacks.metrics.flush_every_steps=2", EXPLICIT]
+       "callbacks.checkpoint.keep_steps=[6,14]", "callbacks.metrics.flush_every_seconds=0", EXPLICIT]
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

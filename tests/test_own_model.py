@@ -25,7 +25,7 @@ from .conftest import PYTHON, REPO, final_weights
 OUTSIDE = Path(__file__).resolve().parent / "outside"
 SHORT = ["trainer.max_steps=24", "trainer.micro_batch_size=8", "trainer.val_every_steps=6",
          "callbacks.checkpoint.every_steps=4", "callbacks.early_stopping.enabled=false", "data.num_workers=0",
-         "trainer.progress_bar=false", "callbacks.metrics.flush_every_steps=2"]
+         "trainer.progress_bar=false", "callbacks.metrics.flush_every_seconds=0"]
 
 
 @pytest.fixture(scope="session")

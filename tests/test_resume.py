@@ -19,7 +19,7 @@ from hpctrain.metrics import open_for_reading
 from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
 
 RUN = ["trainer.max_steps=36", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=5",
-       "callbacks.metrics.flush_every_steps=3", "callbacks.early_stopping.enabled=false", "data.num_workers=1"]
+       "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false", "data.num_workers=1"]
 
 
 def inspect_json(run_dir: Path) -> dict:

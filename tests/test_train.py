@@ -37,11 +37,25 @@ class PoisonedLoss:
         return loss
 
 
-def poisoned_trainer(tmp_path: Path, tiny_data: Path, *overrides: str, poisoned: set[int]) -> Trainer:
+class NaNGradient(PoisonedLoss):
+    """The task's real loss plus sqrt(0 * outputs) for the given passes: the loss stays finite, its gradient is NaN."""
+
+    def __call__(self, outputs, batch):
+        loss = self.loss(outputs, batch)
+        if torch.is_grad_enabled():
+            if self.calls in self.poisoned_calls:
+                loss = loss + (outputs.sum() * 0.0).sqrt()
+            self.calls += 1
+        return loss
+
+
+def poisoned_trainer(tmp_path: Path, tiny_data: Path, *overrides: str, poisoned: set[int],
+                     poison: type[PoisonedLoss] = PoisonedLoss) -> Trainer:
     config = compose_config(*tiny_overrides(tiny_data, "trainer.max_steps=12",
                                             "callbacks.early_stopping.enabled=false", *overrides))
     components = build_components(config)
-    components.loss = PoisonedLoss(components.loss, poisoned)
+    components.loss = poison(components.loss, poisoned)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
     return Trainer(config=config, run_dir=tmp_path, dist=context, components=components)
 
@@ -54,6 +68,27 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path, tiny_data: Path
         assert file["train/nonfinite"][()].tolist() == [0] * 4 + [1, 1] + [0] * 6
         assert np.isnan(file["train/loss"][4])
     assert all(torch.isfinite(tensor).all() for tensor in final_weights(tmp_path).values())
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_skipped_by_the_tracked_norm(tmp_path: Path, tiny_data: Path) -> None:
+    state = poisoned_trainer(tmp_path, tiny_data, "optim.clip_grad_norm=null", poisoned={4}, poison=NaNGradient).fit()
+    assert state.step == 12 and state.nonfinite_steps == 1
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/nonfinite"][()].tolist() == [0] * 4 + [1] + [0] * 7
+        assert np.isfinite(file["train/loss"][()]).all() and np.isnan(file["train/grad_norm"][4])
+    assert all(torch.isfinite(tensor).all() for tensor in final_weights(tmp_path).values())
+
+
+def test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update(tmp_path: Path, tiny_data: Path) -> None:
+    for name, track in (("tracked", "true"), ("untracked", "false")):
+        poisoned_trainer(tmp_path / name, tiny_data, "optim.clip_grad_norm=null", f"optim.track_grad_norm={track}",
+                         poisoned=set()).fit()
+    tracked, untracked = final_weights(tmp_path / "tracked"), final_weights(tmp_path / "untracked")
+    assert all(torch.equal(tracked[name], untracked[name]) for name in tracked)
+    with open_for_reading(tmp_path / "tracked" / "metrics.h5") as a, \
+            open_for_reading(tmp_path / "untracked" / "metrics.h5") as b:
+        assert np.isfinite(a["train/grad_norm"][()]).all() and np.isnan(b["train/grad_norm"][()]).all()
+        assert not b["train/nonfinite"][()].any() and len(b["train/step"]) == 12
 
 
 def test_nonfinite_policy_stop_raises_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
