@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
-exec .venv/bin/python -m pytest "$@"
+# Two pytest-xdist workers: much of the suite waits on subprocesses and SLURM, and the SLURM tests (one group,
+# in order, on the shared test cluster) overlap with the rest.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -17,6 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The SLURM tests share the one test cluster: under pytest-xdist (launch/test.sh runs two workers) they run
+    in order in one worker, and first, as the longest group, while the other worker takes everything else."""
+    slurm = [item for item in items if item.get_closest_marker("slurm")]
+    for item in slurm:
+        item.add_marker(pytest.mark.xdist_group("slurm"))
+    items[:] = slurm + [item for item in items if not item.get_closest_marker("slurm")]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """192 synthetic 32x32 CBED images (154 training, 38 validation)."""

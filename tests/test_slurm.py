@@ -183,6 +183,10 @@ def test_a_slurm_preemption_requeues_the_job_which_ends_bitwise_equal(
                what=f"a checkpoint at step >= {target}", interval=0.05)
     preemptor = sh("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--time=2",
                    "--output=/dev/null", "--wrap", "sleep 3").strip()
+    # Released only once the preemptor has the nodes: released earlier, on a busy machine the requeued job may
+    # start again before the preemptor does, and be preempted a second time.
+    wait_until(lambda: queue_state(job_id) == "PENDING", timeout=120, what=f"job {job_id} requeued")
+    wait_until(lambda: queue_state(preemptor) != "PENDING", timeout=120, what="the preemptor to start")
     release_when_requeued(job_id)
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the requeued job to end")
     assert final_state(preemptor) == "COMPLETED"
