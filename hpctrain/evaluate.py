@@ -15,7 +15,7 @@ import pickle
 import queue
 import signal
 import threading
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -30,6 +30,14 @@ from hpctrain.components import Batch, PerSampleFunction, model_inputs, per_samp
 from hpctrain.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
+    """The forward passes' context for trainer.precision: autocast to bf16 or fp16, or nothing for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -119,15 +118,16 @@ def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None 
     failed = []
     running = {process.sentinel: (rank, process) for rank, process in enumerate(processes)}
     kill_at: float | None = None  # once a rank has failed: when to SIGKILL those still running
+    killed = False
     while running:
-        timeout = None if kill_at in (None, math.inf) else max(0.0, kill_at - time.monotonic())
+        timeout = None if kill_at is None or killed else max(0.0, kill_at - time.monotonic())
         ready = wait(list(running), timeout)
         if not ready:
             # Still there after SIGTERM: a stopped (SIGSTOP) rank keeps SIGTERM pending until it is continued, and
             # a rank that takes SIGTERM for a stop request waits in a collective for the dead one.
             for _, other in running.values():
                 other.kill()
-            kill_at = math.inf  # killed: wait for them without a timeout
+            killed = True  # now wait for them without a timeout
         for sentinel in ready:
             rank, process = running.pop(sentinel)
             process.join()

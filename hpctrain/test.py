@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import h5py
@@ -84,7 +83,7 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
     from hpctrain.data import BatchReader, ShardSampler
     from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.distributed import available_cpus, init_distributed, shutdown_distributed
-    from hpctrain.evaluate import Evaluator
+    from hpctrain.evaluate import Evaluator, autocast_for
 
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
     clean = False
@@ -102,13 +101,9 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
             BatchReader(components.test_dataset, transforms=components.transforms, seed=seed, stage="test"),
             ShardSampler(indices, batch_size=batch_size, rank=dist.rank, world_size=dist.world_size),
             config=config.data, num_workers=num_workers, pin_memory=False)
-        import torch
-
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.trainer.precision)
         evaluator = Evaluator(inputs=config.task.inputs, loss=components.loss, metrics=components.metrics, dist=dist,
                               device=dist.device, on_cpu=config.task.evaluate_on_cpu,
-                              autocast=lambda: nullcontext() if dtype is None else torch.autocast(
-                                  device_type=dist.device.type, dtype=dtype))
+                              autocast=autocast_for(dist.device, config.trainer.precision))
         evaluation = evaluator(model, loader, step=info.step)
         stop_loader_workers()
         if dist.is_main:

@@ -30,7 +30,7 @@ from hpctrain.config import Config, ConfigError, to_json
 from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
 from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
 from hpctrain.distributed import DistributedContext, available_cpus
-from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker
+from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker, autocast_for
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain import watchdog
@@ -112,7 +112,7 @@ class Trainer:
         self.ddp_model: nn.Module = self.model
         self._enter_phase(self.freeze.phase(0))
 
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer_cfg.precision)
+        self._autocast = autocast_for(self.device, trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
 
         train_reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed,
@@ -160,11 +160,6 @@ class Trainer:
         self.phase = phase
 
     # -- the optimizer step ----------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def _to_device(self, batch: Batch) -> Batch:
         if self.device.type == "cpu":
             return batch
@@ -318,9 +313,9 @@ class Trainer:
             raise ConfigError(f"cannot resume {self.run_dir}: parameter groups {state['parameter_groups']} "
                               f"became {[group.name for group in self.groups]}; use a new run directory")
         self.model.load_state_dict(state["model"])
-        for group, optimizer_state, scheduler_state in zip(self.groups, state["optimizers"], state["schedulers"]):
+        for group, optimizer_state, schedule_position in zip(self.groups, state["optimizers"], state["schedulers"]):
             group.optimizer.load_state_dict(optimizer_state)
-            group.scheduler.load_state_dict(scheduler_state)
+            group.scheduler.load_state_dict(schedule_position)
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.state = TrainState(**state["train_state"])
         if state["world_size"] != self.dist.world_size:

@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = slurm + [item for item in items if not item.get_closest_marker("slurm")]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has put the group into the node ids
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.getoption("loadgroup", default=False):
+        ungrouped = [item.nodeid for item in session.items
+                     if item.get_closest_marker("slurm") and not item.nodeid.endswith("@slurm")]
+        if ungrouped:
+            raise pytest.UsageError(f"pytest-xdist did not group the SLURM tests ({ungrouped[0]}, ...): they would "
+                                    "run at once on the one test cluster; see the pytest pin in pyproject.toml")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """192 synthetic 32x32 CBED images (154 training, 38 validation)."""

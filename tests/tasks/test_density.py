@@ -10,8 +10,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 import types
 from pathlib import Path
