@@ -22,8 +22,8 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
 
 Rows are buffered in memory and written in blocks (one resize + write per dataset per flush, not one HDF5 write
 per scalar per step) every `flush_every_s` seconds and the file is flushed, so after a SIGKILL it opens and holds
-everything up to the last flush. A checkpoint records the row counts (the cursor); a resumed run truncates the file to its checkpoint's
-cursor, so the step axis continues with no duplicate and no gap.
+everything up to the last flush. A checkpoint records the row counts (the cursor); a resumed run truncates the
+file to its checkpoint's cursor, so the step axis continues with no duplicate and no gap.
 """
 
 from __future__ import annotations

@@ -52,6 +52,24 @@ def test_layout_and_dims(tmp_path: Path) -> None:
         assert file.attrs["task"] == "toy"
 
 
+def test_rows_are_written_once_flush_every_s_has_passed(tmp_path: Path) -> None:
+    metrics = writer(tmp_path / "metrics.h5")
+    metrics.flush_every_s = 0.3
+    log_steps(metrics, range(1, 4))
+    metrics.flush_if_due()
+    assert metrics.file["train/step"].shape == (0,)  # just opened: not due yet
+    time.sleep(0.3)
+    metrics.flush_if_due()
+    assert metrics.file["train/step"][()].tolist() == [1, 2, 3]
+    log_steps(metrics, range(4, 6))
+    metrics.flush_if_due()
+    assert metrics.file["train/step"].shape == (3,)  # the clock restarted at the flush
+    metrics.flush_every_s = 0.0
+    metrics.flush_if_due()
+    assert metrics.file["train/step"][()].tolist() == [1, 2, 3, 4, 5]
+    metrics.close()
+
+
 def test_rows_are_buffered_until_flush(tmp_path: Path) -> None:
     metrics = writer(tmp_path / "metrics.h5")
     log_steps(metrics, range(1, 4))
