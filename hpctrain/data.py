@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from collections.abc import Mapping  # not typing's: its isinstance is several times slower, per batch
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -266,13 +267,18 @@ class BatchReader(Dataset):
         return batch
 
 
+def _piece_sizes(total: int, count: int) -> list[int]:
+    """The lengths of `np.array_split` of `total` items into `count` pieces: the first total % count one longer."""
+    size, longer = divmod(total, count)
+    return [size + (piece < longer) for piece in range(count)]
+
+
 def _even_pieces(array: np.ndarray, count: int) -> list[np.ndarray]:
-    """`np.array_split(array, count)` (the first len % count pieces one longer), as plain slices: this runs for
-    every micro-batch, and array_split costs more than reading a small batch."""
+    """`np.array_split(array, count)` as plain slices: this runs for every micro-batch, and array_split costs more
+    than reading a small batch."""
     if count == 1:
         return [array]
-    size, longer = divmod(len(array), count)
-    bounds = [piece * size + min(piece, longer) for piece in range(count + 1)]
+    bounds = list(accumulate(_piece_sizes(len(array), count), initial=0))
     return [array[bounds[piece]:bounds[piece + 1]] for piece in range(count)]
 
 
@@ -328,12 +334,9 @@ class DistributedBatchSampler(Sampler[BatchRequest]):
 
     def microbatch_sizes(self, step_in_epoch: int) -> list[int]:
         """Sizes of this rank's micro-batches in a step; [0] when it only has the zero-weighted stand-in."""
-        # _split's arithmetic without the arrays (this runs at every step): the first pieces take the remainder.
-        share, longer = divmod(self.samples_in_step(step_in_epoch), self.world_size)
-        share += self.rank < longer
-        size, longer = divmod(share, self.num_microbatches)
-        sizes = [size + (piece < longer) for piece in range(self.num_microbatches)]
-        return [size for size in sizes if size] or [0]
+        # _split's layout without building the arrays (this runs at every step).
+        share = _piece_sizes(self.samples_in_step(step_in_epoch), self.world_size)[self.rank]
+        return [size for size in _piece_sizes(share, self.num_microbatches) if size] or [0]
 
     def __iter__(self) -> Iterator[BatchRequest]:
         order = self.epoch_order(self.epoch)
