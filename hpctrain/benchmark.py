@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a CPU-costly transform to the loader: N FFT round trips per sample")
     parser.add_argument("--checkpoint-mb", type=int, default=62, help="size of the checkpointed state")
     args = parser.parse_intermixed_args(argv)
+    if args.what in ("step", "all") and min(args.steps, args.tiny_steps) <= WARMUP_STEPS:
+        parser.error(f"--steps and --tiny-steps must be > {WARMUP_STEPS} (the untimed warm-up steps), got "
+                     f"{args.steps} and {args.tiny_steps}")
     try:
         config = compose_config(args.overrides, config_dir=args.config_dir)
         components = check_run_inputs(config, prepare=True) if args.what != "checkpoint" else None
