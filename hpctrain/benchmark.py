@@ -170,7 +170,7 @@ def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str
 
 def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> float:
     """hpctrain's loop, seconds per step: from the end of one step to the end of the next, so each step counts
-    reading its batches from the file, the step, and the loop's bookkeeping (metrics, scheduler, progress); the
+    reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
     run's start and end (and no evaluation or checkpoint, which are configured away) are not timed."""
     from hpctrain.distributed import DistributedContext
     from hpctrain.train import Trainer

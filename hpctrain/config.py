@@ -194,8 +194,8 @@ def _check_optimizer(key: str, value: Any) -> None:
 class ParamGroupConfig:
     """Parameters matched by name patterns, with their own optimizer settings and LR schedule.
 
-    Each group gets its own optimizer and scheduler (as emicroml's LR scheduler manager does); unset fields
-    inherit the top-level optim values. Parameters no group matches form the group named "default".
+    Each group gets its own optimizer and learning-rate schedule (as emicroml's LR scheduler manager does); unset
+    fields inherit the top-level optim values. Parameters no group matches form the group named "default".
     """
 
     name: str = "group"

@@ -305,6 +305,7 @@ class DistributedBatchSampler(Sampler[BatchRequest]):
         self.steps_per_epoch = math.ceil(len(indices) / self.global_batch_size)
         self.epoch = 0
         self.step_in_epoch = 0
+        self._layouts: dict[int, list[int]] = {}  # samples in a step -> microbatch_sizes (at most two)
 
     def set_position(self, epoch: int, step_in_epoch: int) -> None:
         self.epoch, self.step_in_epoch = epoch, step_in_epoch
@@ -333,10 +334,15 @@ class DistributedBatchSampler(Sampler[BatchRequest]):
         return self._split(step_samples) or [step_samples[:1]]
 
     def microbatch_sizes(self, step_in_epoch: int) -> list[int]:
-        """Sizes of this rank's micro-batches in a step; [0] when it only has the zero-weighted stand-in."""
-        # _split's layout without building the arrays (this runs at every step).
-        share = _piece_sizes(self.samples_in_step(step_in_epoch), self.world_size)[self.rank]
-        return [size for size in _piece_sizes(share, self.num_microbatches) if size] or [0]
+        """Sizes of this rank's micro-batches in a step; [0] when it only has the zero-weighted stand-in. The
+        list is shared: do not change it."""
+        samples = self.samples_in_step(step_in_epoch)
+        sizes = self._layouts.get(samples)
+        if sizes is None:  # _split's layout without building the arrays; a full step's, and the last step's
+            share = _piece_sizes(samples, self.world_size)[self.rank]
+            sizes = [size for size in _piece_sizes(share, self.num_microbatches) if size] or [0]
+            self._layouts[samples] = sizes
+        return sizes
 
     def __iter__(self) -> Iterator[BatchRequest]:
         order = self.epoch_order(self.epoch)

@@ -34,7 +34,7 @@ from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker, autocast_for
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain import watchdog
-from hpctrain.optim import build_parameter_groups, scheduler_state
+from hpctrain.optim import build_parameter_groups
 from hpctrain.seeding import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Trainer:
         self.dist = dist
         self.split = split = components.split
         self.loss = components.loss
+        self.record_train_samples = config.callbacks.metrics.per_sample_train
         self.inputs = list(config.task.inputs)
         self.device = dist.device
         # Polled once per step and all-reduced with the step statistics (the SLURM signal handler sets it).
@@ -114,6 +115,7 @@ class Trainer:
 
         self._autocast = autocast_for(self.device, trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
+        self._scaling = self.grad_scaler.is_enabled()
 
         train_reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed,
                                    stage="train")
@@ -160,11 +162,6 @@ class Trainer:
         self.phase = phase
 
     # -- the optimizer step ----------------------------------------------------------------------------------
-    def _to_device(self, batch: Batch) -> Batch:
-        if self.device.type == "cpu":
-            return batch
-        return {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
-
     def _per_sample_loss(self, outputs: object, batch: Batch) -> dict[str, torch.Tensor]:
         return per_sample_components(self.loss(outputs, batch), len(batch["index"]), key="task.loss")
 
@@ -179,65 +176,76 @@ class Trainer:
         """
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
-        record = self.config.callbacks.metrics.per_sample_train
+        record = self.record_train_samples
         recorded: list[tuple[np.ndarray, np.ndarray]] = []
         last = len(microbatches) - 1
         for index, (batch, size) in enumerate(zip(microbatches, sizes)):
             sync = index == last or not self.dist.is_distributed
             with nullcontext() if sync else self.ddp_model.no_sync():
-                batch = self._to_device(batch)
+                if self.device.type != "cpu":
+                    batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
                 with self._autocast():
                     outputs = self.ddp_model(*model_inputs(batch, self.inputs))
                     components = self._per_sample_loss(outputs, batch)
-                per_sample = sum(components.values())
+                # Each op costs a tiny model's step several microseconds: one component is used as it is.
+                per_sample = sum(components.values()) if len(components) > 1 else next(iter(components.values()))
+                # At least float32: a half-precision sum would lose the loss's digits.
+                batch_sum = per_sample.sum(dtype=torch.promote_types(per_sample.dtype, torch.float32))
                 # A stand-in micro-batch is weighted by zero: exactly no gradient, but the all-reduce happens.
-                weighted = per_sample.sum() * (loss_scale if size else 0.0)
-                self.grad_scaler.scale(weighted).backward()
+                weighted = batch_sum * (loss_scale if size else 0.0)
+                (self.grad_scaler.scale(weighted) if self._scaling else weighted).backward()
             for name, value in components.items():
-                contribution = value.detach().sum(dtype=torch.float64)
+                contribution = (batch_sum.detach() if len(components) == 1
+                                else value.detach().sum(dtype=batch_sum.dtype))
                 if not size:
                     contribution = contribution * 0.0
                 sums[name] = sums[name] + contribution if name in sums else contribution
             if record and size:
                 recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
 
-        for group in self.groups:
-            self.grad_scaler.unscale_(group.optimizer)
+        if self._scaling:
+            for group in self.groups:
+                self.grad_scaler.unscale_(group.optimizer)
         max_norm = self.config.optim.clip_grad_norm
-        # The gradients are already all-reduced, so the norm (and the decision below) is the same on all ranks.
-        grad_norm: torch.Tensor | None = None
+        # The gradients are already all-reduced, so the norm (and the decision below) is the same on all ranks:
+        # clipping's total norm, or (for the metrics and the non-finite check) each gradient's norm, combined on
+        # the host; torch's total norm costs ~3x more (~0.1 ms of a tiny model's step on a CPU).
+        norm_terms: list[torch.Tensor] = []
         if max_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
-        elif self.config.optim.track_grad_norm:  # the norm only (for the metrics and the non-finite check)
-            grad_norm = torch.nn.utils.get_total_norm(
-                [parameter.grad for parameter in self.trainable_parameters if parameter.grad is not None])
+            norm_terms = [torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)]
+        elif self.config.optim.track_grad_norm:
+            norm_terms = list(torch._foreach_norm(
+                [parameter.grad for parameter in self.trainable_parameters if parameter.grad is not None]))
 
         names = sorted(sums)
         stop = self.stop_requested()
         if self.dist.is_distributed:  # one small all-reduce per step: the loss sums and the stop flag
-            stop_flag = torch.tensor(float(stop), dtype=torch.float64).to(self.device)
-            stats = torch.stack([*(sums[name] for name in names), stop_flag])
+            stats = torch.stack([*(sums[name] for name in names), torch.tensor(float(stop), device=self.device)])
             self.dist.all_reduce_sum(stats)
-            *totals, stop = stats.tolist()  # the step's host sync
+            *totals, stop_flag = stats.tolist()  # the step's host sync
+            stop = stop_flag > 0
+            norms = torch.stack(norm_terms).tolist() if norm_terms else []
         else:
-            totals = torch.stack([sums[name] for name in names]).tolist()  # the step's host sync
-        # Computed before the all-reduce: nothing left to wait for.
-        grad_norm_value = math.nan if grad_norm is None else grad_norm.item()
+            values = torch.stack([*(sums[name] for name in names), *norm_terms]).tolist()  # the host sync
+            totals, norms = values[:len(names)], values[len(names):]
+        grad_norm = math.hypot(*norms) if norm_terms else math.nan
         means = {name: total / num_samples for name, total in zip(names, totals)}
         loss = sum(means.values())
-        nonfinite = not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm_value)
-                                                  or self.grad_scaler.is_enabled()))
+        nonfinite = not (math.isfinite(loss) and (not norm_terms or math.isfinite(grad_norm) or self._scaling))
 
         if not nonfinite:
             for group in self.groups:
-                self.grad_scaler.step(group.optimizer)  # skips the update itself if fp16 gradients overflowed
-            self.grad_scaler.update()
+                if self._scaling:
+                    self.grad_scaler.step(group.optimizer)  # skips the update itself if fp16 gradients overflowed
+                else:
+                    group.optimizer.step()
+            if self._scaling:
+                self.grad_scaler.update()
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
-            group.scheduler.step()  # the step counts even when skipped: its data was consumed
         result = StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
-                            grad_norm=grad_norm_value, num_samples=num_samples, nonfinite=nonfinite,
-                            stop_requested=stop > 0)
+                            grad_norm=grad_norm, num_samples=num_samples, nonfinite=nonfinite,
+                            stop_requested=stop)
         if record:
             gathered = [pair for rank_pairs in self.dist.all_gather_object(recorded) for pair in rank_pairs]
             result.sample_index = np.concatenate([index for index, _ in gathered])
@@ -276,7 +284,6 @@ class Trainer:
             "train_state": asdict(self.state),
             "model": self.model.state_dict(),
             "optimizers": [group.optimizer.state_dict() for group in self.groups],
-            "schedulers": [scheduler_state(group.scheduler) for group in self.groups],
             "parameter_groups": [group.name for group in self.groups],
             "grad_scaler": self.grad_scaler.state_dict(),
             "rng": rng_states,
@@ -313,9 +320,8 @@ class Trainer:
             raise ConfigError(f"cannot resume {self.run_dir}: parameter groups {state['parameter_groups']} "
                               f"became {[group.name for group in self.groups]}; use a new run directory")
         self.model.load_state_dict(state["model"])
-        for group, optimizer_state, schedule_position in zip(self.groups, state["optimizers"], state["schedulers"]):
+        for group, optimizer_state in zip(self.groups, state["optimizers"]):
             group.optimizer.load_state_dict(optimizer_state)
-            group.scheduler.load_state_dict(schedule_position)
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.state = TrainState(**state["train_state"])
         if state["world_size"] != self.dist.world_size:
@@ -335,8 +341,9 @@ class Trainer:
             return f"reached trainer.max_epochs={trainer_cfg.max_epochs}"
         return ""
 
-    def _learning_rates(self) -> list[float]:
-        return [group.optimizer.param_groups[0]["lr"] for group in self.groups]
+    def _set_learning_rates(self) -> list[float]:
+        """The schedules' learning rates for the coming step (a skipped step counts: its data was consumed)."""
+        return [group.set_learning_rates(self.state.step) for group in self.groups]
 
     def fit(self) -> TrainState:
         """Train until a limit, early stopping or a stop request; resumes from the run directory first."""
@@ -389,7 +396,7 @@ class Trainer:
                     self._enter_phase(phase)
             sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
             microbatches = [next(batches) for _ in sizes]
-            learning_rates = self._learning_rates()
+            learning_rates = self._set_learning_rates()
             result = self.train_step(microbatches, sizes,
                                      num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from hpctrain.components import build_components
-from hpctrain.config import ScheduleConfig
+from hpctrain.config import OptimConfig, ScheduleConfig
 from hpctrain.distributed import DistributedContext
 from hpctrain.metrics import open_for_reading
-from hpctrain.optim import make_multiplier
+from hpctrain.optim import build_parameter_groups, make_multiplier
 from hpctrain.train import NonFiniteLossError, Trainer
 
 from .conftest import final_weights, launch, tiny_overrides
@@ -141,6 +141,20 @@ def test_schedules_per_step_and_per_epoch() -> None:
     assert restarts(0) == restarts(10) == restarts(20) == pytest.approx(1.0) and restarts(5) == pytest.approx(0.5)
     assert all(math.isfinite(restarts(step)) for step in range(100))
 
+
+def test_learning_rates_set_from_the_step_equal_torchs_lambdalr_bitwise() -> None:
+    """The trainer sets each step's LR from the step alone; the values are those torch's LambdaLR steps to."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    schedule = ScheduleConfig(name="warmup_cosine", warmup=5, warmup_start_factor=0.1, min_factor=0.01)
+    [group] = build_parameter_groups(model, OptimConfig(lr=3e-3, schedule=schedule), max_steps=40, steps_per_epoch=7)
+    reference = torch.optim.AdamW(torch.nn.Linear(3, 4).parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lr_lambda=group.multiplier)
+    for step in range(40):
+        assert group.set_learning_rates(step) == reference.param_groups[0]["lr"]
+        assert group.optimizer.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+        reference.step()
+        scheduler.step()
+    assert group.set_learning_rates(3) == 3e-3 * group.multiplier(3)  # no state: any step, in any order
 
 def test_bf16_autocast_trains_on_cpu(tmp_path: Path, tiny_data: Path) -> None:
     launch(tiny_overrides(tiny_data, "trainer.precision=bf16", "trainer.max_steps=6"), run_dir=tmp_path)
