@@ -147,15 +147,15 @@ class TinyLoss:
 WARMUP_STEPS = 3  # not timed: first-call allocations, lazy initialisation
 
 
-def per_step(stamps: list[float]) -> float:
-    """Seconds per step from the times at which each step ended, after the warm-up steps."""
-    return (stamps[-1] - stamps[WARMUP_STEPS - 1]) / (len(stamps) - WARMUP_STEPS)
+def step_durations(stamps: list[float]) -> np.ndarray:
+    """Seconds of each step after the warm-up steps, from the times at which the steps ended."""
+    return np.diff(stamps[WARMUP_STEPS - 1:])
 
 
 def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str, torch.Tensor]], inputs: list[str],
-                     lr: float) -> float:
+                     lr: float) -> np.ndarray:
     """The reference: a plain PyTorch loop (forward, per-sample loss, mean, backward, AdamW, zero_grad) over
-    batches already in RAM, or read by hpctrain's loader; seconds per step."""
+    batches already in RAM, or read by hpctrain's loader; the seconds of each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     stamps = []
     for batch in batches:
@@ -165,11 +165,11 @@ def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-    return per_step(stamps)
+    return step_durations(stamps)
 
 
-def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> float:
-    """hpctrain's loop, seconds per step: from the end of one step to the end of the next, so each step counts
+def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> np.ndarray:
+    """hpctrain's loop, the seconds of each step: from the end of one step to the end of the next, so each counts
     reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
     run's start and end (and no evaluation or checkpoint, which are configured away) are not timed."""
     from hpctrain.distributed import DistributedContext
@@ -188,7 +188,7 @@ def hpctrain_loop_seconds(config: Config, components: Components, steps: int, ru
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
     trainer.fit()
-    return per_step(stamps)
+    return step_durations(stamps)
 
 
 @contextmanager
@@ -232,21 +232,28 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
     while len(batches) < steps:
         batches += batches[:steps - len(batches)]
     loader = make_loader(reader, sampler, config=base.data, num_workers=0, pin_memory=False)
-    ours, from_ram, from_file = [], [], []
+    runs: dict[str, list[np.ndarray]] = {"ours": [], "ram": [], "file": []}
+
+    def raw(batch_source: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
+        return raw_loop_seconds(components.model, components.loss, batch_source, base.task.inputs, base.optim.lr)
+
     with tempfile.TemporaryDirectory() as directory, _quiet():
         for index in range(rounds):
-            for times, batch_source in ((from_ram, batches), (from_file, _epochs(loader, sampler, steps))):
+            loops = [("ram", lambda: raw(batches)), ("file", lambda: raw(_epochs(loader, sampler, steps))),
+                     ("ours", lambda: hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}"))]
+            for name, loop in loops[index % 3:] + loops[:index % 3]:  # each loop in each position in turn
                 components.model.load_state_dict(initial)
-                times.append(raw_loop_seconds(components.model, components.loss, batch_source, base.task.inputs,
-                                              base.optim.lr))
-            components.model.load_state_dict(initial)
-            ours.append(hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}"))
+                runs[name].append(loop())
     label = "tiny model" if tiny else f"{type(components.model).__name__}"
-    for what, reference in (("batches in RAM", from_ram), ("reading the file", from_file)):
+    ours = [float(durations.mean()) for durations in runs["ours"]]
+    for what, name in (("batches in RAM", "ram"), ("reading the file", "file")):
+        reference = [float(durations.mean()) for durations in runs[name]]
         print(ratio_line(f"step, {label}, raw loop {what}", ours, reference, "s/step", higher_is_better=False))
-        overhead = [a - b for a, b in zip(ours, reference)]
-        print(f"  {'':<46} per-step overhead {statistics.median(overhead) * 1e3:+.3f} ms "
-              f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f})")
+        # The median step is steadier than the mean on a busy machine (it leaves out rare stalls, and the
+        # metrics flush every callbacks.metrics.flush_every_seconds, which the mean above counts).
+        overhead = [float(np.median(a) - np.median(b)) for a, b in zip(runs["ours"], runs[name])]
+        print(f"  {'':<46} per-step overhead, median step: {statistics.median(overhead) * 1e3:+.3f} ms "
+              f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f} over the rounds)")
 
 
 def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatchSampler,

@@ -116,6 +116,10 @@ class Trainer:
         self._autocast = autocast_for(self.device, trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
         self._scaling = self.grad_scaler.is_enabled()
+        # Each update's gradient is checked for NaN/Inf (a clipped or tracked norm, or fp16's scaler), so the
+        # weights stay finite; otherwise save_checkpoint checks the weights themselves.
+        self.gradients_checked = (config.optim.clip_grad_norm is not None or config.optim.track_grad_norm
+                                  or self._scaling)
 
         train_reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed,
                                    stage="train")
@@ -277,6 +281,13 @@ class Trainer:
             return
         assert self.metrics is not None
         self.metrics.flush()  # the cursor below must describe rows that are on disk
+        if not self.gradients_checked and not self._weights_finite():
+            # Kept out, so that pruning (keep_last) can never remove the last good checkpoint for a bad one.
+            log.error("step %d: the model's weights are NaN/Inf (a non-finite gradient under a finite loss was "
+                      "applied; optim.track_grad_norm=true or optim.clip_grad_norm skips such updates): checkpoint "
+                      "not written, the newest in %s is the last good one", self.state.step,
+                      self.checkpoints.directory)
+            return
         state = {
             "format_version": 1,
             "step": self.state.step,
@@ -298,6 +309,11 @@ class Trainer:
             self.checkpoints.save_async(self.state.step, state, protected_steps=protected)
         else:
             self.checkpoints.save(self.state.step, state, protected_steps=protected)
+
+    def _weights_finite(self) -> bool:
+        finite = [parameter.detach().isfinite().all() for parameter in self.model.parameters()
+                  if parameter.is_floating_point()]
+        return not finite or bool(torch.stack(finite).all())
 
     def resume(self) -> MetricsCursor | None:
         """Load the newest intact checkpoint of the run directory, if any; returns its metrics cursor."""

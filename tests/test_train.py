@@ -71,13 +71,27 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path, tiny_data: Path
 
 
 def test_a_nan_gradient_under_a_finite_loss_is_skipped_by_the_tracked_norm(tmp_path: Path, tiny_data: Path) -> None:
-    state = poisoned_trainer(tmp_path, tiny_data, "optim.clip_grad_norm=null", poisoned={4}, poison=NaNGradient).fit()
+    state = poisoned_trainer(tmp_path, tiny_data, "optim.clip_grad_norm=null", "optim.track_grad_norm=true",
+                             poisoned={4}, poison=NaNGradient).fit()
     assert state.step == 12 and state.nonfinite_steps == 1
     with open_for_reading(tmp_path / "metrics.h5") as file:
         assert file["train/nonfinite"][()].tolist() == [0] * 4 + [1] + [0] * 7
         assert np.isfinite(file["train/loss"][()]).all() and np.isnan(file["train/grad_norm"][4])
     assert all(torch.isfinite(tensor).all() for tensor in final_weights(tmp_path).values())
 
+
+def test_an_untracked_nan_gradient_stops_the_run_through_the_next_losses(tmp_path: Path, tiny_data: Path) -> None:
+    """Without clipping or a tracked norm (the default), a NaN gradient under a finite loss is applied; the next
+    losses are NaN, max_consecutive_nonfinite ends the run with a clear error, and no checkpoint of the NaN
+    weights is written (every 2 steps: step 6's is refused), so the last good one stays the newest."""
+    trainer = poisoned_trainer(tmp_path, tiny_data, "optim.clip_grad_norm=null", "trainer.max_consecutive_nonfinite=3",
+                               "callbacks.checkpoint.every_steps=2", poisoned={4}, poison=NaNGradient)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
+        trainer.fit()
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/nonfinite"][()].tolist() == [0] * 5 + [1] * 3
+    newest = trainer.checkpoints.newest_valid()
+    assert newest is not None and newest.step == 4
 
 def test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update(tmp_path: Path, tiny_data: Path) -> None:
     for name, track in (("tracked", "true"), ("untracked", "false")):

@@ -76,6 +76,14 @@ def test_exact_prediction_gives_zero_loss_and_finite_gradient(dtype: torch.dtype
     assert predicted.grad is not None and torch.all(torch.isfinite(predicted.grad))
 
 
+def test_a_nan_prediction_gives_a_nan_loss() -> None:
+    """A diverged model must show in its loss (the trainer skips and counts non-finite steps), never as 0."""
+    target = torch.from_numpy(np.stack([_sample_labels(np.random.default_rng(k)) for k in range(3)]))
+    predicted = target.clone()
+    predicted[1, 2] = float("nan")
+    loss = epe_of_adjusted_distortion_fields(predicted, target, 16)
+    assert torch.isnan(loss[1]) and loss[0] == 0 and loss[2] == 0
+
 def test_gradient_points_towards_the_target() -> None:
     target = torch.from_numpy(_sample_labels(np.random.default_rng(7)))[None]
     predicted = (target + 0.05).requires_grad_(True)

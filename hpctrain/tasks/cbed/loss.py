@@ -61,12 +61,13 @@ def _safe_norm(x: Tensor, y: Tensor) -> Tensor:
 
     d sqrt(s)/ds is infinite at s = 0, and inf * 0 gives NaN, so an exact prediction would poison the
     gradients. The double ``where`` keeps sqrt away from 0 in both passes and leaves the value exact
-    (a plain sqrt(s + eps) would make the loss of a perfect prediction sqrt(eps) instead of 0).
+    (a plain sqrt(s + eps) would make the loss of a perfect prediction sqrt(eps) instead of 0). It tests
+    s == 0, not s > 0: a NaN prediction must give a NaN loss (the trainer's non-finite check), not 0.
     """
     squared = x * x + y * y
-    is_positive = squared > 0
-    safe_squared = torch.where(is_positive, squared, torch.ones_like(squared))
-    return torch.where(is_positive, torch.sqrt(safe_squared), torch.zeros_like(squared))
+    is_zero = squared == 0
+    safe_squared = torch.where(is_zero, torch.ones_like(squared), squared)
+    return torch.where(is_zero, torch.zeros_like(squared), torch.sqrt(safe_squared))
 
 
 def epe_of_adjusted_distortion_fields(predicted: Tensor, target: Tensor, grid_size: int) -> Tensor:
