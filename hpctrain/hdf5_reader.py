@@ -30,7 +30,9 @@ reads, so it benefits from the same cache for the compressed bytes and from its 
 
 The file may change under a reader (a writer appends, rewrites, or replaces it). Before and after every call
 the reader compares ``os.stat`` of the path (device, inode, size, mtime and ctime in ns) with what it saw when
-it located the data; on a change it closes everything, re-opens the file and locates the data again (logged at
+it located the data (a check after one read that found the file unchanged counts as the check before the next
+read of that file, by any reader of this process, if it starts within 1 ms: the fields of a batch take one
+stat each); on a change it closes everything, re-opens the file and locates the data again (logged at
 INFO; a new mode at WARNING) and repeats the read, so results are never stale or mixed. Limits: a change that
 keeps size and both timestamps within the file system's timestamp granularity (a few ms on ext4) is
 invisible, and a file truncated *while* a read touches its pages raises SIGBUS (an mmap property): replace
@@ -86,6 +88,12 @@ _ROW_TABLE_MAX_ROWS = 1 << 21
 
 _T = TypeVar("_T")
 _Signature = tuple[int, int, int, int, int]
+
+# The check after one read serves as the check before the next read of the same file that starts within this
+# time (the fields of a batch are read back to back): one stat() per field and batch instead of two. Per process:
+# path -> the signature a check found unchanged, and when.
+_SHARED_CHECK_S = 1e-3
+_seen_unchanged: dict[str, tuple[_Signature, float]] = {}
 
 
 def _file_signature(st: os.stat_result) -> _Signature:
@@ -631,11 +639,20 @@ class RowReader:
         now = time.monotonic()
         if self.revalidate_interval_s > 0 and (after or now - self._last_check < self.revalidate_interval_s):
             return False
+        if not after and self._last_check != -math.inf:  # (-inf: a check is due whatever was seen)
+            seen = _seen_unchanged.get(self.path)
+            if seen is not None and seen[0] == layout.signature and now - seen[1] < _SHARED_CHECK_S:
+                return False
         self._last_check = now
         try:
-            return _file_signature(os.stat(self.path)) != layout.signature
+            signature = _file_signature(os.stat(self.path))
         except FileNotFoundError:
+            signature = None
+        if signature != layout.signature:
+            _seen_unchanged.pop(self.path, None)
             return True
+        _seen_unchanged[self.path] = (signature, now)
+        return False
 
     def _note_relocation(self, old: _Layout) -> None:
         new = self._layout
