@@ -683,8 +683,10 @@ class RowReader:
                     layout.shape = tuple(self._caller_dataset.shape)
                 try:
                     result = op(layout)
-                except OSError:
-                    # A chunk that does not decode may just have been rewritten: retry if the file changed.
+                except (OSError, IndexError):
+                    # A chunk that does not decode may just have been rewritten, an index past the end may be in
+                    # rows just appended (the check before this read may have been another read's): retry if the
+                    # file changed.
                     if layout.signature is None or _file_signature(os.stat(self.path)) == layout.signature:
                         raise
                     self._last_check = -math.inf  # re-locate now, whatever revalidate_interval_s says

@@ -473,6 +473,32 @@ d = f['x']; d.resize((300, 3)); d[100:] = -np.arange(200 * 3, dtype='f4').reshap
     assert any("file changed" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
 
 
+def test_one_check_serves_a_batch_of_fields_and_misses_no_change(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after reading one field is the check before reading the next (here: whatever the time between
+    them); rows appended to the second field in between are still read, through the check after its read."""
+    from hpctrain import hdf5_reader
+
+    path = tmp_path / "fields.h5"
+    with h5py.File(path, "w") as f:
+        for name in ("x", "y"):
+            f.create_dataset(name, data=np.arange(40, dtype="f4").reshape(20, 2), chunks=(4, 2), maxshape=(None, 2))
+    with h5py.File(path, "r") as f:
+        x, y = RowReader(f["x"]), RowReader(f["y"])
+    x.read(np.array([0])), y.read(np.array([0]))  # located
+    monkeypatch.setattr(hdf5_reader, "_SHARED_CHECK_S", 3600.0)
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    _same(x.read(np.array([3, 1])), np.array([[6, 7], [2, 3]], "f4"))
+    _same(y.read(np.array([19])), np.array([[38, 39]], "f4"))
+    assert len(stats) == 2  # each read's check after it; the check before is the previous read's check after
+    x.read(np.array([0]))
+    _run_writer(path, "d = f['y']; d.resize((30, 2)); d[20:] = -1")
+    _same(y.read(np.array([25, 0])), np.array([[-1, -1], [0, 1]], "f4"))  # past the end of what y had located
+    assert y.shape == (30, 2) and y.stats["relocations"] == 1
+
+
 def test_file_replaced_by_rename(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A new file renamed over the old one (possibly with another layout) is picked up, mode change logged."""
     path = _make(tmp_path, CASES["chunked-partial-last-f4"][0])
