@@ -93,6 +93,7 @@ class HDF5Dataset(Dataset):
         self.dtypes: dict[str, np.dtype] = {}
         lengths = [self._check_file(file_path) for file_path in self.paths]
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.num_samples = int(self.offsets[-1])
         self.chunk_cache_bytes = int(chunk_cache_mb * (1 << 20))
         self._readers: list[dict[str, tuple[RowReader, np.ndarray | None]]] | None = None
         self._pid: int | None = None
@@ -142,7 +143,7 @@ class HDF5Dataset(Dataset):
         return num_samples
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return self.num_samples
 
     def _open(self) -> list[dict[str, tuple[RowReader, np.ndarray | None]]]:
         """Per file, per field: a fast row reader (hpctrain.hdf5_reader) and, for a ragged field, its offsets."""
@@ -158,14 +159,15 @@ class HDF5Dataset(Dataset):
             self._pid = os.getpid()
         return self._readers
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
         readers = self._open()
-        listed = indices.tolist() if isinstance(indices, np.ndarray) else list(indices)
+        array = isinstance(indices, np.ndarray)
+        listed = indices.tolist() if array else list(indices)
         # Python's min/max: numpy's cost more than the read itself for a batch of a few dozen samples.
-        if listed and (min(listed) < 0 or max(listed) >= len(self)):
-            raise IndexError(f"sample index out of range [0, {len(self)}) in {self.paths[0]}")
-        indices = np.asarray(listed, dtype=np.int64)
+        if listed and (min(listed) < 0 or max(listed) >= self.num_samples):
+            raise IndexError(f"sample index out of range [0, {self.num_samples}) in {self.paths[0]}")
+        indices = np.asarray(indices if array else listed, dtype=np.int64)
         if len(self.paths) == 1:  # the common case: no bookkeeping of which file holds which sample
             groups = [(0, slice(None), indices)]
         else:
@@ -251,7 +253,12 @@ class BatchReader(Dataset):
         epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
         getitems = getattr(self.dataset, "__getitems__", None)
         indices = np.asarray(indices)
-        samples = getitems(indices.tolist()) if getitems is not None else [self.dataset[i] for i in indices.tolist()]
+        if isinstance(self.dataset, HDF5Dataset):  # takes the array as it is (torch's protocol passes a list)
+            samples = self.dataset.__getitems__(indices)
+        elif getitems is not None:
+            samples = getitems(indices.tolist())
+        else:
+            samples = [self.dataset[i] for i in indices.tolist()]
         batch = samples if isinstance(samples, Mapping) else default_collate(list(samples))
         if not isinstance(batch, Mapping):
             raise TypeError(f"{type(self.dataset).__name__} must return dicts of named fields, got "
