@@ -116,6 +116,7 @@ class Trainer:
         self._autocast = autocast_for(self.device, trainer_cfg.precision)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_cfg.precision == "fp16")
         self._scaling = self.grad_scaler.is_enabled()
+        self._output_gradients: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # see _backward
         # Each update's gradient is checked for NaN/Inf (a clipped or tracked norm, or fp16's scaler), so the
         # weights stay finite; otherwise save_checkpoint checks the weights themselves.
         self.gradients_checked = (config.optim.clip_grad_norm is not None or config.optim.track_grad_norm
@@ -169,6 +170,20 @@ class Trainer:
     def _per_sample_loss(self, outputs: object, batch: Batch) -> dict[str, torch.Tensor]:
         return per_sample_components(self.loss(outputs, batch), len(batch["index"]), key="task.loss")
 
+    def _backward(self, batch_sum: torch.Tensor, scale: float) -> None:
+        """Back-propagate `scale * batch_sum`."""
+        if self._scaling:
+            self.grad_scaler.scale(batch_sum * scale).backward()
+            return
+        # The scale as the output's gradient: the same gradients, bit for bit, without the product, its backward
+        # node and backward's tensor of ones (ops cost a tiny model's step microseconds each). A step has at most
+        # three scales (a full step, the last of an epoch, a stand-in's 0), made once.
+        gradient = self._output_gradients.get((scale, batch_sum.dtype))
+        if gradient is None:
+            gradient = torch.tensor(scale, dtype=batch_sum.dtype, device=batch_sum.device)
+            self._output_gradients[(scale, batch_sum.dtype)] = gradient
+        batch_sum.backward(gradient)
+
     def train_step(self, microbatches: list[Batch], sizes: list[int], *, num_samples: int) -> StepResult:
         """One optimizer step over this rank's micro-batches; `sizes` are their sample counts (0: a stand-in that
         only joins the all-reduce), `num_samples` counts the step's samples on all ranks.
@@ -196,8 +211,7 @@ class Trainer:
                 # At least float32: a half-precision sum would lose the loss's digits.
                 batch_sum = per_sample.sum(dtype=torch.promote_types(per_sample.dtype, torch.float32))
                 # A stand-in micro-batch is weighted by zero: exactly no gradient, but the all-reduce happens.
-                weighted = batch_sum * (loss_scale if size else 0.0)
-                (self.grad_scaler.scale(weighted) if self._scaling else weighted).backward()
+                self._backward(batch_sum, loss_scale if size else 0.0)
             for name, value in components.items():
                 contribution = (batch_sum.detach() if len(components) == 1
                                 else value.detach().sum(dtype=batch_sum.dtype))
