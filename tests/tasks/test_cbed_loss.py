@@ -84,6 +84,7 @@ def test_a_nan_prediction_gives_a_nan_loss() -> None:
     loss = epe_of_adjusted_distortion_fields(predicted, target, 16)
     assert torch.isnan(loss[1]) and loss[0] == 0 and loss[2] == 0
 
+
 def test_gradient_points_towards_the_target() -> None:
     target = torch.from_numpy(_sample_labels(np.random.default_rng(7)))[None]
     predicted = (target + 0.05).requires_grad_(True)
