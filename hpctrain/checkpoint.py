@@ -6,10 +6,12 @@ temporary name, fsynced and renamed; the manifest goes last, so it marks the che
 newest checkpoint whose file matches its manifest is used; a truncated or corrupt one is skipped with a warning.
 
 Writing costs the loop little more than a plain torch.save + fsync: the checksum is computed by another thread,
-reading the file back from the page cache just behind the writer, and its tail while fsync waits for the disk.
-With `save_async` the loop only waits for a copy of the state in host memory; a background thread serialises,
-writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the previous one, and `wait()` (called
-before a run ends, also when it stops to be requeued) returns only once every checkpoint handed over is complete.
+reading the file back from the page cache just behind the writer, and its tail while fsync waits for the disk;
+old checkpoints are pruned by a background thread once the new one is complete (unlinking a large file can take
+longer than hashing it). With `save_async` the loop only waits for a copy of the state in host memory; the
+background thread serialises, writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the
+previous one and its pruning, and `wait()` (called before a run ends, also when it stops to be requeued) returns
+only once every checkpoint handed over is complete.
 A process killed during a background write leaves only a temporary file: the previous checkpoint stays the newest
 valid one.
 
@@ -30,7 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -149,7 +151,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_steps = set(keep_steps)
         self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future[Path] | None = None
+        self._pending: Future[None] | None = None
         self._snapshot: Any = None
 
     def remove_stale_temporaries(self) -> None:
@@ -159,22 +161,32 @@ class CheckpointManager:
                 stale.unlink(missing_ok=True)
 
     def save(self, step: int, state: dict[str, Any], *, protected_steps: Iterable[int] = ()) -> Path:
-        """Write the checkpoint of `step` atomically, then prune old ones (keeping `protected_steps`).
+        """Write the checkpoint of `step` atomically and return once it is complete; old ones are then pruned
+        (keeping `protected_steps`) in the background, done before the next checkpoint starts or `wait()` returns.
         Raises RunDirectoryTakenOver, having committed nothing, if this process no longer owns the run."""
         self.wait()  # checkpoints are committed in order
-        return self._write(step, state, set(protected_steps))
+        path = self._write(step, state)
+        self._submit(self.prune, set(protected_steps))
+        return path
 
     def save_async(self, step: int, state: dict[str, Any], *, protected_steps: Iterable[int] = ()) -> None:
-        """Copy the state to host memory and return; a background thread writes it as `save` would. The previous
-        background write is finished first; its error, if any, is raised here."""
+        """Copy the state to host memory and return; a background thread writes it as `save` would, then prunes.
+        The previous background work is finished first; its error, if any, is raised here."""
         self.wait()  # the previous snapshot is written: its memory can take this one
         snapshot = self._snapshot = _to_host(state, self._snapshot)
+        self._submit(self._write_and_prune, step, snapshot, set(protected_steps))
+
+    def _write_and_prune(self, step: int, state: dict[str, Any], protected_steps: set[int]) -> None:
+        self._write(step, state)
+        self.prune(protected_steps)
+
+    def _submit(self, work: Callable[..., None], *args: Any) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpctrain-checkpoint")
-        self._pending = self._writer.submit(self._write, step, snapshot, set(protected_steps))
+        self._pending = self._writer.submit(work, *args)
 
     def wait(self) -> None:
-        """Block until the checkpoint being written in the background (if any) is complete."""
+        """Block until the background write and pruning (if any) are done; their error, if any, is raised."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -188,7 +200,7 @@ class CheckpointManager:
                 self._writer.shutdown(wait=True)
                 self._writer = None
 
-    def _write(self, step: int, state: dict[str, Any], protected_steps: set[int]) -> Path:
+    def _write(self, step: int, state: dict[str, Any]) -> Path:
         check_run_owner(self.run_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
         name = _checkpoint_name(step)
@@ -221,7 +233,6 @@ class CheckpointManager:
         _fsync_directory(self.directory)
         log.info("checkpoint step %d written to %s (%.1f MB, %.2f s)", step, path, manifest["size"] / 1e6,
                  time.perf_counter() - started)
-        self.prune(protected_steps)
         return path
 
     def _commit(self, temporary: Path, path: Path) -> None:

@@ -37,6 +37,8 @@ def test_retention_keeps_last_k_best_and_listed_steps(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep_last=2, keep_steps=[20])
     for step in range(10, 80, 10):
         manager.save(step, state(step), protected_steps={30})
+        assert manager.complete()[0].step == step  # complete when save returns; pruning runs in the background
+    manager.wait()
     assert sorted(info.step for info in manager.complete()) == [20, 30, 60, 70]
     assert sorted(p.name for p in manager.directory.glob("*.pt")) == [
         f"step_{s:09d}.pt" for s in (20, 30, 60, 70)]
