@@ -5,9 +5,9 @@ A checkpoint is two files: `step_<n>.pt` (torch.save of plain containers and ten
 temporary name, fsynced and renamed; the manifest goes last, so it marks the checkpoint complete. At start the
 newest checkpoint whose file matches its manifest is used; a truncated or corrupt one is skipped with a warning.
 
-Writing costs the loop little more than a plain torch.save + fsync: the checksum is computed by another thread,
-reading the file back from the page cache just behind the writer, and its tail while fsync waits for the disk;
-old checkpoints are pruned by a background thread once the new one is complete (unlinking a large file can take
+Writing costs the loop no more than a plain torch.save + fsync: torch.save's own CRC32 of each record is left
+out (the SHA-256 covers the whole file), the checksum is computed by another thread, reading the file back from
+the page cache just behind the writer, and its tail while fsync waits for the disk; old checkpoints are pruned by a background thread once the new one is complete (unlinking a large file can take
 longer than hashing it). With `save_async` the loop only waits for a copy of the state in host memory; the
 background thread serialises, writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the
 previous one and its pruning, and `wait()` (called before a run ends, also when it stops to be requeued) returns
@@ -36,13 +36,14 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from hpctrain.distributed import check_run_owner
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "checkpoints"
-HASH_BLOCK = 8 << 20
+HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,18 @@ class _HashingWriter:
 
     def _hash(self) -> None:
         fd, offset = self.file.fileno(), 0
+        # One small buffer, reused: it stays in the CPU cache, and fresh memory would cost a page fault per page.
+        buffer = memoryview(bytearray(HASH_BLOCK))
         try:
             while True:
                 finished = self._done.is_set()  # read before `written`: no byte written before it is missed
                 end = self.written
                 while offset < end:
-                    block = os.pread(fd, min(HASH_BLOCK, end - offset), offset)
-                    if not block:
+                    read = os.preadv(fd, [buffer[: min(HASH_BLOCK, end - offset)]], offset)
+                    if not read:
                         raise OSError(f"{self.file.name}: shorter than written ({offset} < {end} bytes)")
-                    self._sha256.update(block)
-                    offset += len(block)
+                    self._sha256.update(buffer[:read])
+                    offset += read
                 if finished:
                     return
                 self._done.wait(0.002)
@@ -211,7 +214,10 @@ class CheckpointManager:
             with open(temporary, "w+b", buffering=0) as file:
                 writer = _HashingWriter(file)
                 try:
-                    torch.save(state, writer)
+                    # torch.save's CRC32 of each record costs as much as writing the bytes; the manifest's SHA-256
+                    # covers the whole file off the critical path. (The patch is thread-local.)
+                    with serialization_config.patch({"save.compute_crc32": False}):
+                        torch.save(state, writer)
                 finally:
                     writer.finish()
                 # The hash thread reads the last bytes from the page cache while fsync waits for the disk.
