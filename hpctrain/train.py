@@ -425,9 +425,10 @@ class Trainer:
                 if self.phase is None or phase.index != self.phase.index:
                     self._enter_phase(phase)
             sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
-            microbatches = [next(batches) for _ in sizes]
             learning_rates = self._set_learning_rates()
-            result = self.train_step(microbatches, sizes,
+            # The micro-batches are referenced by the step only: freed when it returns, their memory (likely still
+            # in the CPU cache) takes the next step's.
+            result = self.train_step([next(batches) for _ in sizes], sizes,
                                      num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
 
             self.state.step += 1
