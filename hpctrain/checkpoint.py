@@ -7,11 +7,12 @@ newest checkpoint whose file matches its manifest is used; a truncated or corrup
 
 Writing costs the loop no more than a plain torch.save + fsync: torch.save's own CRC32 of each record is left
 out (the SHA-256 covers the whole file), the checksum is computed by another thread, reading the file back from
-the page cache just behind the writer, and its tail while fsync waits for the disk; old checkpoints are pruned by a background thread once the new one is complete (unlinking a large file can take
-longer than hashing it). With `save_async` the loop only waits for a copy of the state in host memory; the
-background thread serialises, writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the
-previous one and its pruning, and `wait()` (called before a run ends, also when it stops to be requeued) returns
-only once every checkpoint handed over is complete.
+the page cache just behind the writer, and its tail while fsync waits for the disk; old checkpoints are pruned
+by a background thread once the new one is complete (unlinking a large file can take longer than hashing it).
+With `save_async` the loop only waits for a copy of the state in host memory; the background thread serialises,
+writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the previous one and its pruning, and
+`wait()` (called before a run ends, also when it stops to be requeued) returns only once every checkpoint handed
+over is complete.
 A process killed during a background write leaves only a temporary file: the previous checkpoint stays the newest
 valid one.
 
