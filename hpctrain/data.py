@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from hpctrain.config import ConfigError
-from hpctrain.hdf5_reader import RowReader
+from hpctrain.hdf5_reader import RowReader, read_together
 from hpctrain.transforms import TransformContext, takes_context
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ def _as_paths(path: Any) -> list[Path]:
     return paths
 
 
+class _FileReaders(NamedTuple):
+    """One process's readers of one file of an HDF5Dataset."""
+
+    plain: list[RowReader]  # the fields that are not ragged, in the dataset's field order
+    ragged: dict[str, tuple[RowReader, np.ndarray]]  # field -> (values, offsets in memory)
+
+
 class HDF5Dataset(Dataset):
     """Named fields of one or several HDF5 files (samples concatenated in file order), read a batch at a time.
 
@@ -95,7 +102,8 @@ class HDF5Dataset(Dataset):
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.num_samples = int(self.offsets[-1])
         self.chunk_cache_bytes = int(chunk_cache_mb * (1 << 20))
-        self._readers: list[dict[str, tuple[RowReader, np.ndarray | None]]] | None = None
+        self._plain_names = [spec.name for spec in self.specs if spec.offsets is None]
+        self._readers: list[_FileReaders] | None = None
         self._pid: int | None = None
 
     def _check_file(self, path: Path) -> int:
@@ -145,19 +153,27 @@ class HDF5Dataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _open(self) -> list[dict[str, tuple[RowReader, np.ndarray | None]]]:
-        """Per file, per field: a fast row reader (hpctrain.hdf5_reader) and, for a ragged field, its offsets."""
+    def _open(self) -> list[_FileReaders]:
+        """Per file: fast row readers (hpctrain.hdf5_reader) of its plain fields, and of its ragged fields with
+        their offsets."""
         if self._readers is None or self._pid != os.getpid():
             self._readers = []
             for path in self.paths:
                 with h5py.File(path, "r") as file:  # the readers hold handles of their own
-                    self._readers.append({
-                        spec.name: (RowReader(file[spec.values], chunk_cache_bytes=self.chunk_cache_bytes),
-                                    # Offsets are small (n+1 integers): kept in memory, no offset read per batch.
-                                    None if spec.offsets is None else file[spec.offsets][()].astype(np.int64))
-                        for spec in self.specs})
+                    def reader(where: str) -> RowReader:
+                        return RowReader(file[where], chunk_cache_bytes=self.chunk_cache_bytes)
+                    self._readers.append(_FileReaders(
+                        [reader(spec.values) for spec in self.specs if spec.offsets is None],
+                        # Offsets are small (n+1 integers): kept in memory, no offset read per batch.
+                        {spec.name: (reader(spec.values), file[spec.offsets][()].astype(np.int64))
+                         for spec in self.specs if spec.offsets is not None}))
             self._pid = os.getpid()
         return self._readers
+
+    def read_modes(self) -> list[dict[str, str]]:
+        """Per file, each field's read path in this process (hpctrain.hdf5_reader: memmap, chunks or h5py)."""
+        return [{**dict(zip(self._plain_names, (reader.mode for reader in file.plain))),
+                 **{name: reader.mode for name, (reader, _) in file.ragged.items()}} for file in self._open()]
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
@@ -168,7 +184,11 @@ class HDF5Dataset(Dataset):
         if listed and (min(listed) < 0 or max(listed) >= self.num_samples):
             raise IndexError(f"sample index out of range [0, {self.num_samples}) in {self.paths[0]}")
         indices = np.asarray(indices if array else listed, dtype=np.int64)
-        if len(self.paths) == 1:  # the common case: no bookkeeping of which file holds which sample
+        if len(self.paths) == 1 and not readers[0].ragged:
+            # The common case: one file, no ragged field; the rows come in the asked order, checked as one read.
+            return {name: torch.from_numpy(rows)
+                    for name, rows in zip(self._plain_names, read_together(readers[0].plain, indices))}
+        if len(self.paths) == 1:
             groups = [(0, slice(None), indices)]
         else:
             file_of = np.searchsorted(self.offsets, indices, side="right") - 1
@@ -176,27 +196,27 @@ class HDF5Dataset(Dataset):
             for file_index in np.unique(file_of):
                 positions = np.flatnonzero(file_of == file_index)
                 groups.append((int(file_index), positions, indices[positions] - self.offsets[file_index]))
+        parts: dict[str, list[tuple[Any, Any]]] = {spec.name: [] for spec in self.specs}
+        for file_index, positions, local in groups:
+            file_readers = readers[file_index]
+            for name, rows in zip(self._plain_names, read_together(file_readers.plain, local)):
+                parts[name].append((positions, rows))
+            for name, (reader, offsets) in file_readers.ragged.items():
+                starts, stops = offsets[local], offsets[local + 1]
+                values = reader.read_ranges(starts, stops)
+                parts[name].append((positions, np.split(values, np.cumsum(stops - starts)[:-1])))
         batch: dict[str, np.ndarray] = {}
         for spec in self.specs:
-            parts = []
-            for file_index, positions, local in groups:
-                reader, offsets = readers[file_index][spec.name]
-                if offsets is None:
-                    parts.append((positions, reader.read(local)))
-                else:
-                    starts, stops = offsets[local], offsets[local + 1]
-                    values = reader.read_ranges(starts, stops)
-                    parts.append((positions, np.split(values, np.cumsum(stops - starts)[:-1])))
-            if spec.offsets is None and len(parts) == 1:
-                batch[spec.name] = parts[0][1]  # already in the asked order: no second copy
+            if spec.offsets is None and len(parts[spec.name]) == 1:
+                batch[spec.name] = parts[spec.name][0][1]  # already in the asked order: no second copy
             elif spec.offsets is None:
                 out = np.empty((len(indices), *self.row_shapes[spec.name]), dtype=self.dtypes[spec.name])
-                for positions, rows in parts:
+                for positions, rows in parts[spec.name]:
                     out[positions] = rows
                 batch[spec.name] = out
             else:
                 samples: list[np.ndarray] = [np.empty(0)] * len(indices)
-                for positions, rows in parts:
+                for positions, rows in parts[spec.name]:
                     for position, row in zip(np.arange(len(indices))[positions], rows):
                         samples[position] = row
                 batch[spec.name], batch[f"{spec.name}_length"] = _pad(samples, self.row_shapes[spec.name],
@@ -251,19 +271,11 @@ class BatchReader(Dataset):
 
     def __getitem__(self, request: BatchRequest | np.ndarray) -> dict[str, torch.Tensor]:
         epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
-        getitems = getattr(self.dataset, "__getitems__", None)
         indices = np.asarray(indices)
-        if isinstance(self.dataset, HDF5Dataset):  # takes the array as it is (torch's protocol passes a list)
-            samples = self.dataset.__getitems__(indices)
-        elif getitems is not None:
-            samples = getitems(indices.tolist())
+        if isinstance(self.dataset, HDF5Dataset):  # takes the array as it is, returns a new dict of tensors
+            batch = self.dataset.__getitems__(indices)
         else:
-            samples = [self.dataset[i] for i in indices.tolist()]
-        batch = samples if isinstance(samples, Mapping) else default_collate(list(samples))
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"{type(self.dataset).__name__} must return dicts of named fields, got "
-                            f"{type(batch).__name__}")
-        batch = {name: torch.as_tensor(value) for name, value in batch.items()}
+            batch = self._read(indices)
         batch["index"] = torch.from_numpy(indices.astype(np.int64, copy=False))
         for position, (transform, with_context) in enumerate(self.transforms):
             if with_context:
@@ -272,6 +284,19 @@ class BatchReader(Dataset):
             else:
                 batch = transform(batch)
         return batch
+
+    def _read(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of any other dataset, as a new dict of tensors."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            samples = getitems(indices.tolist())  # torch's protocol: a list
+        else:
+            samples = [self.dataset[i] for i in indices.tolist()]
+        batch = samples if isinstance(samples, Mapping) else default_collate(list(samples))
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"{type(self.dataset).__name__} must return dicts of named fields, got "
+                            f"{type(batch).__name__}")
+        return {name: torch.as_tensor(value) for name, value in batch.items()}
 
 
 def _piece_sizes(total: int, count: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Fast random-access reads of rows (axis 0) of one HDF5 dataset: `RowReader`.
+"""Fast random-access reads of rows (axis 0) of one HDF5 dataset: `RowReader` (of several at once: `read_together`).
 
 This module owns *how bytes of one dataset get from the file into a numpy array*; it knows nothing about
 samples, fields or training (the named-field dataset calls it). It imports only numpy, h5py and the standard
@@ -31,8 +31,9 @@ reads, so it benefits from the same cache for the compressed bytes and from its 
 The file may change under a reader (a writer appends, rewrites, or replaces it). Before and after every call
 the reader compares ``os.stat`` of the path (device, inode, size, mtime and ctime in ns) with what it saw when
 it located the data (a check after one read that found the file unchanged counts as the check before the next
-read of that file, by any reader of this process, if it starts within 1 ms: the fields of a batch take one
-stat each); on a change it closes everything, re-opens the file and locates the data again (logged at
+read of that file, by any reader of this process, if it starts within 1 ms; ``read_together`` reads several
+datasets with one check of their file before and one after all of them: the fields of a batch take one stat
+per file); on a change it closes everything, re-opens the file and locates the data again (logged at
 INFO; a new mode at WARNING) and repeats the read, so results are never stale or mixed. Limits: a change that
 keeps size and both timestamps within the file system's timestamp granularity (a few ms on ext4) is
 invisible, and a file truncated *while* a read touches its pages raises SIGBUS (an mmap property): replace
@@ -49,7 +50,8 @@ Processes: a reader can be created in a parent and used in a forked DataLoader w
 process id it drops inherited h5py handles and re-opens by (file path, dataset name); the mmap stays valid
 across fork) or pickled to a spawned one (``__getstate__`` keeps the path, dataset name, options and the
 located chunk table, never handles or cached data; the new process re-checks the file before trusting them).
-Calls are serialised by a lock, so threads may share a reader.
+Calls are serialised by a lock per reader (``read_together`` holds those of all its readers), so threads may
+share readers.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -304,6 +306,64 @@ def _close_handle(h5file: h5py.File, fileobj: BinaryIO) -> None:
     fileobj.close()
 
 
+def read_together(readers: Sequence[RowReader], indices: Any) -> list[np.ndarray]:
+    """``[reader.read(indices) for reader in readers]``, with each file checked for changes once before and once
+    after all the reads instead of around each: for the fields of a batch, which are datasets of one file."""
+    index = np.asarray(indices)
+    if index.dtype.kind not in "iu":
+        if index.size:
+            raise TypeError(f"RowReader.read needs integer indices, got dtype {index.dtype}")
+        index = index.astype(np.int64)
+    return _run_together(readers, lambda reader, layout: reader._read_index(layout, index))
+
+
+def _run_together(readers: Sequence[RowReader], op: Callable[[RowReader, _Layout], _T]) -> list[_T]:
+    """`op(reader, layout)` for each reader, against layouts their files still match before and after all the
+    calls (else located again and repeated). Holds every reader's lock meanwhile (taken in one global order)."""
+    pid = os.getpid()
+    for reader in readers:
+        if reader._pid != pid:
+            reader._enter_process()
+    locks = [reader._lock for reader in (sorted(readers, key=id) if len(readers) > 1 else readers)]
+    for lock in locks:
+        lock.acquire()
+    try:
+        for _ in range(_MAX_ATTEMPTS):
+            layouts = [reader._checked_layout() for reader in readers]
+            try:
+                results = [op(reader, layout) for reader, layout in zip(readers, layouts)]
+            except (OSError, IndexError):
+                # A chunk that does not decode may just have been rewritten, an index past the end may be in rows
+                # just appended (the check before this read may have been another read's): retry if the file
+                # changed.
+                if all(layout.signature is None or _file_signature(os.stat(reader.path)) == layout.signature
+                       for reader, layout in zip(readers, layouts)):
+                    raise
+                for reader in readers:
+                    reader._last_check = -math.inf  # re-locate now, whatever revalidate_interval_s says
+                continue
+            if not _changed_after(readers, layouts):
+                return results
+        names = ", ".join(sorted({f"{reader.path}:{reader.name}" for reader in readers}))
+        raise OSError(f"{names}: the file kept changing during reads; no consistent result")
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _changed_after(readers: Sequence[RowReader], layouts: list[_Layout]) -> bool:
+    """The checks after reads: one per file (and check interval), as the reads of one file all ended before it."""
+    checked: dict[tuple[_Signature | None, float], bool] = {}
+    for reader, layout in zip(readers, layouts):
+        key = (layout.signature, reader.revalidate_interval_s)
+        changed = checked.get(key)
+        if changed is None:
+            changed = checked[key] = reader._file_changed(layout, after=True)
+        if changed:
+            return True
+    return False
+
+
 class RowReader:
     """Reads rows (along axis 0) of one HDF5 dataset at arbitrary indices, fast.
 
@@ -376,26 +436,16 @@ class RowReader:
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Rows at `indices`, shaped ``indices.shape + row_shape``; out of range -> IndexError naming the data."""
-        index = np.asarray(indices)
-        if index.size == 0:
-            index = index.astype(np.int64)
-        elif index.dtype.kind not in "iu":
-            raise TypeError(f"RowReader.read needs integer indices, got dtype {index.dtype}")
-
-        def op(layout: _Layout) -> np.ndarray:
-            flat = index.reshape(-1).astype(np.int64, copy=False)
-            return self._read_rows(layout, flat).reshape(index.shape + layout.row_shape)
-
-        return self._run(op)
+        return read_together((self,), indices)[0]
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """``dataset[start:stop]``, with Python slice semantics (negative values count from the end, clipped)."""
-        def op(layout: _Layout) -> np.ndarray:
+        def op(_: RowReader, layout: _Layout) -> np.ndarray:
             lo, hi, _ = slice(start, stop).indices(layout.shape[0])
             hi = max(lo, hi)
             return self._spans(layout, np.array([lo], np.int64), np.array([hi], np.int64))
 
-        return self._run(op)
+        return _run_together((self,), op)[0]
 
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
         """Concatenation of ``dataset[starts[k]:stops[k]]`` (ragged data: a flat values dataset plus offsets).
@@ -409,7 +459,7 @@ class RowReader:
         if lo.shape != hi.shape:
             raise ValueError(f"read_ranges: {lo.size} starts but {hi.size} stops")
 
-        def op(layout: _Layout) -> np.ndarray:
+        def op(_: RowReader, layout: _Layout) -> np.ndarray:
             n = layout.shape[0]
             if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
                 k = int(np.flatnonzero((lo < 0) | (hi < lo) | (hi > n))[0])
@@ -417,7 +467,7 @@ class RowReader:
                                  f"{self.path}:{self.name}")
             return self._spans(layout, lo, hi)
 
-        return self._run(op)
+        return _run_together((self,), op)[0]
 
     def close(self) -> None:
         """Drop the mmap, handles and cached chunks; a later call re-opens what it needs."""
@@ -666,34 +716,20 @@ class RowReader:
                         new.row_shape, new.reason)
         self._logged = (new.mode, new.reason)
 
-    def _run(self, op: Callable[[_Layout], _T]) -> _T:
-        """Run a read against a layout the file still matches before and after (else re-locate and repeat)."""
-        self._enter_process()
-        with self._lock:
-            for _ in range(_MAX_ATTEMPTS):
-                if not self._is_open():
-                    self._open()
-                elif self._file_changed(self._layout, after=False):
-                    old = self._layout
-                    self._setup()
-                    self._note_relocation(old)
-                layout = self._layout
-                assert layout is not None
-                if self._caller_dataset is not None:  # the caller may resize it through its (writable) handle
-                    layout.shape = tuple(self._caller_dataset.shape)
-                try:
-                    result = op(layout)
-                except (OSError, IndexError):
-                    # A chunk that does not decode may just have been rewritten, an index past the end may be in
-                    # rows just appended (the check before this read may have been another read's): retry if the
-                    # file changed.
-                    if layout.signature is None or _file_signature(os.stat(self.path)) == layout.signature:
-                        raise
-                    self._last_check = -math.inf  # re-locate now, whatever revalidate_interval_s says
-                    continue
-                if not self._file_changed(layout, after=True):
-                    return result
-            raise OSError(f"{self.path} kept changing during reads of {self.name}; no consistent result")
+    def _checked_layout(self) -> _Layout:
+        """The layout to read with, once the check before a read is done: (re)opened, or located again if the
+        file changed. Called with the lock held."""
+        if not self._is_open():
+            self._open()
+        elif self._file_changed(self._layout, after=False):
+            old = self._layout
+            self._setup()
+            self._note_relocation(old)
+        layout = self._layout
+        assert layout is not None
+        if self._caller_dataset is not None:  # the caller may resize it through its (writable) handle
+            layout.shape = tuple(self._caller_dataset.shape)
+        return layout
 
     def _log_mode(self) -> None:
         layout = self._layout
@@ -716,6 +752,13 @@ class RowReader:
             bad = low if low < -n else high
             raise IndexError(f"index {bad} is out of range for the {n} rows of {self.path}:{self.name}")
         return np.where(flat < 0, flat + n, flat) if low < 0 else flat
+
+    def _read_index(self, layout: _Layout, index: np.ndarray) -> np.ndarray:
+        """Rows at an integer index array of any shape."""
+        if index.ndim == 1:
+            return self._read_rows(layout, index.astype(np.int64, copy=False))
+        flat = index.reshape(-1).astype(np.int64, copy=False)
+        return self._read_rows(layout, flat).reshape(index.shape + layout.row_shape)
 
     def _read_rows(self, layout: _Layout, flat: np.ndarray) -> np.ndarray:
         """Rows at unchecked indices `flat`."""

@@ -122,8 +122,7 @@ def test_uncompressed_fields_are_gathered_from_a_memory_map_without_hdf5_reads(
         tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = HDF5Dataset(tiny_data, CBED_FIELDS)
     dataset.__getitems__([0])  # opens the readers (which check a few rows against HDF5)
-    assert {name: reader.mode for name, (reader, _) in dataset._readers[0].items()} == {"image": "memmap",
-                                                                                       "labels": "memmap"}
+    assert dataset.read_modes() == [{"image": "memmap", "labels": "memmap"}]
     reads = []
     original = h5py.Dataset.__getitem__
     monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, *a, **k: reads.append(self.name) or original(
@@ -146,7 +145,7 @@ def test_compressed_fields_read_the_same_values(tmp_path: Path, tiny_data: Path)
     batch = dataset.__getitems__(indices)
     assert np.array_equal(batch["image"].numpy(), images[indices])
     assert np.array_equal(batch["labels"].numpy(), labels[indices])
-    assert dataset._readers[0]["image"][0].mode == "chunks"
+    assert dataset.read_modes()[0]["image"] == "chunks"
 
 
 def test_dataset_handle_is_not_pickled_and_reopens_per_process(tiny_data: Path) -> None:

@@ -500,6 +500,42 @@ def test_one_check_serves_a_batch_of_fields_and_misses_no_change(tmp_path: Path,
     assert y.shape == (30, 2) and y.stats["relocations"] == 1
 
 
+def test_fields_read_together_take_one_check_after_all_and_miss_no_change(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_together equals one read per reader, checks the file once after all the reads, and a change made
+    while the first field was read is caught by that check: both fields are read again."""
+    path = tmp_path / "fields.h5"
+    with h5py.File(path, "w") as f:
+        for name in ("x", "y"):
+            f.create_dataset(name, data=np.arange(40, dtype="f4").reshape(20, 2), chunks=(4, 2), maxshape=(None, 2))
+    with h5py.File(path, "r") as f:
+        x, y = RowReader(f["x"]), RowReader(f["y"])
+    index = np.array([19, 3, 3, 0])
+    for got, reader in zip(hdf5_reader.read_together([x, y], index), (x, y)):
+        _same(got, reader.read(index))
+    monkeypatch.setattr(hdf5_reader, "_SHARED_CHECK_S", 3600.0)
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    hdf5_reader.read_together([x, y], index)
+    assert len(stats) == 1
+    real_read = RowReader._read_index
+    writes = []
+
+    def read_then_write(reader: RowReader, layout: Any, index: np.ndarray) -> np.ndarray:
+        rows = real_read(reader, layout, index)
+        if reader is x and not writes:  # another process rewrites both fields after x was read
+            writes.append(1)
+            _run_writer(path, "for n in ('x', 'y'): d = f[n]; d.resize((21, 2)); d[19] = -1; d[20] = -2")
+        return rows
+
+    monkeypatch.setattr(RowReader, "_read_index", read_then_write)
+    got_x, got_y = hdf5_reader.read_together([x, y], np.array([19, 0]))
+    _same(got_x, np.array([[-1, -1], [0, 1]], "f4"))
+    _same(got_y, np.array([[-1, -1], [0, 1]], "f4"))
+    assert writes and x.stats["relocations"] == y.stats["relocations"] == 1
+
+
 def test_file_replaced_by_rename(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A new file renamed over the old one (possibly with another layout) is picked up, mode change logged."""
     path = _make(tmp_path, CASES["chunked-partial-last-f4"][0])
