@@ -41,7 +41,7 @@ def main(generator: Generator, doc: str, argv: list[str] | None = None) -> int:
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing file")
     existing.add_argument("--skip-existing", action="store_true", help="do nothing if the file exists")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     if args.processes < 0:
         fail(f"--processes must be >= 0, got {args.processes}")
     overrides = list(args.overrides)

@@ -174,3 +174,25 @@ def test_bad_config_raises(overrides: dict[str, object], message: str) -> None:
 def test_negative_process_count_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_processes must be >= 0, got -1"):
         generate_dataset(tmp_path / "data.h5", SMALL, num_processes=-1)
+
+
+def test_generate_command_writes_the_configured_file_and_keeps_an_existing_one(
+        generated: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hpctrain.tasks.cbed.generate import main
+
+    target = tmp_path / "cli.h5"
+    args = ["data.prepare.num_images=24", "data.prepare.image_size=32", "+data.prepare.chunk_images=8",
+            f"data.dataset.path={target}", "--processes", "1"]
+    assert main(args) == 0
+    assert "wrote 24 images of 32x32" in capsys.readouterr().out
+    for written, expected in zip(_read(target), _read(generated["one_process"])):
+        assert written.tobytes() == expected.tobytes()
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    assert refused.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--skip-existing"]) == 0 and "nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--overwrite", "data.prepare.seed=-1"])
+    assert "data.prepare: seed must be >= 0" in capsys.readouterr().err
+    for written, expected in zip(_read(target), _read(generated["one_process"])):  # the failed run kept the file
+        assert written.tobytes() == expected.tobytes()
