@@ -103,22 +103,23 @@ class _HashingWriter:
         pass  # unbuffered: every write is already in the kernel
 
     def _hash(self) -> None:
-        fd, offset = self.file.fileno(), 0
+        offset = 0
         # One small buffer, reused: it stays in the CPU cache, and fresh memory would cost a page fault per page.
         buffer = memoryview(bytearray(HASH_BLOCK))
         try:
-            while True:
-                finished = self._done.is_set()  # read before `written`: no byte written before it is missed
-                end = self.written
-                while offset < end:
-                    read = os.preadv(fd, [buffer[: min(HASH_BLOCK, end - offset)]], offset)
-                    if not read:
-                        raise OSError(f"{self.file.name}: shorter than written ({offset} < {end} bytes)")
-                    self._sha256.update(buffer[:read])
-                    offset += read
-                if finished:
-                    return
-                self._done.wait(0.002)
+            with open(self.file.name, "rb", buffering=0) as reader:  # a descriptor of its own, read in order
+                while True:
+                    finished = self._done.is_set()  # read before `written`: no byte written before it is missed
+                    end = self.written
+                    while offset < end:
+                        read = reader.readinto(buffer[: min(HASH_BLOCK, end - offset)])
+                        if not read:
+                            raise OSError(f"{self.file.name}: shorter than written ({offset} < {end} bytes)")
+                        self._sha256.update(buffer[:read])
+                        offset += read
+                    if finished:
+                        return
+                    self._done.wait(0.002)
         except OSError as error:
             self._error = error
 
