@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -152,43 +152,74 @@ def step_durations(stamps: list[float]) -> np.ndarray:
     return np.diff(stamps[WARMUP_STEPS - 1:])
 
 
+def raw_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_function, batch: dict[str, torch.Tensor],
+             inputs: list[str]) -> None:
+    """The reference step: forward, per-sample loss, mean, backward, AdamW, zero_grad."""
+    terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch), len(batch["index"]),
+                                  key="task.loss")
+    sum(terms.values()).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str, torch.Tensor]], inputs: list[str],
                      lr: float) -> np.ndarray:
-    """The reference: a plain PyTorch loop (forward, per-sample loss, mean, backward, AdamW, zero_grad) over
-    batches already in RAM, or read by hpctrain's loader; the seconds of each step."""
+    """The reference: a plain PyTorch loop of `raw_step` over batches already in RAM, or read by hpctrain's
+    loader; the seconds of each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     stamps = []
     for batch in batches:
-        terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch), len(batch["index"]),
-                                      key="task.loss")
-        sum(terms.values()).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        raw_step(model, optimizer, loss_function, batch, inputs)
         stamps.append(time.perf_counter())
     return step_durations(stamps)
 
 
-def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path) -> np.ndarray:
+def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path,
+                          between: Callable[[], None] | None = None) -> np.ndarray:
     """hpctrain's loop, the seconds of each step: from the end of one step to the end of the next, so each counts
     reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
-    run's start and end (and no evaluation or checkpoint, which are configured away) are not timed."""
+    run's start and end (and no evaluation or checkpoint, which are configured away) are not timed. `between`, if
+    given, runs after each step, untimed (the next step's time starts when it returns)."""
     from hpctrain.distributed import DistributedContext
     from hpctrain.train import Trainer
 
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
     run_dir.mkdir(parents=True)
+    config = replace(config, trainer=replace(config.trainer, max_steps=steps))
     trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
-    stamps: list[float] = []
+    ends: list[float] = []
+    resumes: list[float] = []
     step = trainer.train_step
 
     def timed_step(*args, **kwargs):
         result = step(*args, **kwargs)
-        stamps.append(time.perf_counter())
+        ends.append(time.perf_counter())
+        if between is not None:
+            between()
+        resumes.append(time.perf_counter())
         return result
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
     trainer.fit()
-    return step_durations(stamps)
+    return np.subtract(ends[WARMUP_STEPS:], resumes[WARMUP_STEPS - 1:-1])
+
+
+def interleaved_seconds(config: Config, components: Components, raw_batches: Iterator[dict[str, torch.Tensor]],
+                        steps: int, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """hpctrain's steps and raw steps (on a copy of the model, reading `raw_batches`) taking turns, one step each:
+    pairs measured within a fraction of a second of each other, which a machine whose speed drifts between
+    rounds cannot tell apart. The seconds of each hpctrain step and of each raw step (the read included)."""
+    model = copy.deepcopy(components.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    raw: list[float] = []
+
+    def one_raw_step() -> None:
+        started = time.perf_counter()
+        raw_step(model, optimizer, components.loss, next(raw_batches), config.task.inputs)
+        raw.append(time.perf_counter() - started)
+
+    ours = hpctrain_loop_seconds(config, components, steps, run_dir, between=one_raw_step)
+    return ours, np.array(raw[WARMUP_STEPS:len(ours) + WARMUP_STEPS])
 
 
 @contextmanager
@@ -244,6 +275,9 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
             for name, loop in loops[index % 3:] + loops[:index % 3]:  # each loop in each position in turn
                 components.model.load_state_dict(initial)
                 runs[name].append(loop())
+        components.model.load_state_dict(initial)
+        paired_ours, paired_raw = interleaved_seconds(base, components, _epochs(loader, sampler, 10**9),
+                                                      steps * rounds, Path(directory) / "interleaved")
     label = "tiny model" if tiny else f"{type(components.model).__name__}"
     ours = [float(durations.mean()) for durations in runs["ours"]]
     for what, name in (("batches in RAM", "ram"), ("reading the file", "file")):
@@ -254,6 +288,12 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
         overhead = [float(np.median(a) - np.median(b)) for a, b in zip(runs["ours"], runs[name])]
         print(f"  {'':<46} per-step overhead, median step: {statistics.median(overhead) * 1e3:+.3f} ms "
               f"({min(overhead) * 1e3:+.3f} to {max(overhead) * 1e3:+.3f} over the rounds)")
+    difference = (paired_ours - paired_raw) * 1e3
+    low, high = np.percentile(difference, [25, 75])
+    print(f"  step, {label}, taking turns step by step with the raw loop reading the file, {len(paired_ours)} pairs: "
+          f"{np.median(paired_ours) / np.median(paired_raw):.3f}x (ratio of the median steps, hpctrain "
+          f"{np.median(paired_ours):.4g} s, reference {np.median(paired_raw):.4g} s); per-step overhead, median "
+          f"difference of a pair: {np.median(difference):+.3f} ms (quartiles {low:+.3f} to {high:+.3f})")
 
 
 def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatchSampler,

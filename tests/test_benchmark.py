@@ -1,0 +1,31 @@
+"""The benchmark suite runs end to end on a small file and prints every comparison it promises (the numbers
+themselves are measured on purpose-run machines and reported in docs/benchmarks.md, never asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from .conftest import PYTHON, REPO, tiny_overrides
+
+RATIO = r"\s+(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"
+
+
+def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
+    command = [PYTHON, "-m", "hpctrain.benchmark", "all", *tiny_overrides(tiny_data), "--rounds", "2",
+               "--batches", "3", "--workers", "0,1", "--steps", "5", "--tiny-steps", "6", "--checkpoint-mb", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for label in ("shuffle=samples, 0 workers", "shuffle=samples, 1 workers", "shuffle=blocks, 1 workers",
+                  "step, DistopticaNet, raw loop batches in RAM", "step, DistopticaNet, raw loop reading the file",
+                  "step, tiny model, raw loop reading the file", "checkpoint stall (synchronous)",
+                  "checkpoint stall (asynchronous=true)"):
+        match = re.search(re.escape(label) + RATIO, out)
+        assert match, f"no ratio line for {label!r} in:\n{out}"
+        median, low, high = map(float, match.groups())
+        assert 0 < low <= median <= high
+    pairs = re.findall(r"taking turns step by step with the raw loop reading the file, (\d+) pairs: (\d+\.\d+)x", out)
+    assert [int(count) for count, _ in pairs] == [2 * 5 - 3, 2 * 6 - 3]  # rounds x steps, less the warm-up steps
+    assert all(float(ratio) > 0 for _, ratio in pairs)
