@@ -8,7 +8,9 @@ per-round ratios.
               --transform-repeats N, a CPU-costly transform is added and workers are also compared to 0 workers
   step        the training loop's time per step vs a raw PyTorch loop (the same model, loss, batch size and
               optimizer) over batches gathered from RAM, and over batches read from the file by the same loader
-              (the difference is then the loop's bookkeeping alone), on the run's model and on a tiny model
+              (the difference is then the loop's bookkeeping alone), on the run's model and on a tiny model;
+              then the two taking turns step by step (one hpctrain step, one raw step, ...), which a machine
+              whose speed drifts between rounds cannot tell apart
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
