@@ -473,24 +473,33 @@ d = f['x']; d.resize((300, 3)); d[100:] = -np.arange(200 * 3, dtype='f4').reshap
     assert any("file changed" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
 
 
-def test_one_check_serves_a_batch_of_fields_and_misses_no_change(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check after reading one field is the check before reading the next (here: whatever the time between
-    them); rows appended to the second field in between are still read, through the check after its read."""
-    from hpctrain import hdf5_reader
-
+def _two_fields(tmp_path: Path) -> tuple[Path, RowReader, RowReader]:
+    """A file with two growable chunked fields x and y of 20 rows (row k = [2k, 2k+1]), and a reader of each."""
     path = tmp_path / "fields.h5"
     with h5py.File(path, "w") as f:
         for name in ("x", "y"):
             f.create_dataset(name, data=np.arange(40, dtype="f4").reshape(20, 2), chunks=(4, 2), maxshape=(None, 2))
     with h5py.File(path, "r") as f:
-        x, y = RowReader(f["x"]), RowReader(f["y"])
+        return path, RowReader(f["x"]), RowReader(f["y"])
+
+
+def _count_stats(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The paths the reader stat()s from now on."""
+    stats: list[Any] = []
+    real_stat = os.stat
+    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    return stats
+
+
+def test_one_check_serves_a_batch_of_fields_and_misses_no_change(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after reading one field is the check before reading the next (here: whatever the time between
+    them); rows appended to the second field in between are still read, through the check after its read."""
+    path, x, y = _two_fields(tmp_path)
     for reader in (x, y):
         reader.read(np.array([0]))  # located
     monkeypatch.setattr(hdf5_reader, "_SHARED_CHECK_S", 3600.0)
-    stats = []
-    real_stat = os.stat
-    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    stats = _count_stats(monkeypatch)
     _same(x.read(np.array([3, 1])), np.array([[6, 7], [2, 3]], "f4"))
     _same(y.read(np.array([19])), np.array([[38, 39]], "f4"))
     assert len(stats) == 2  # each read's check after it; the check before is the previous read's check after
@@ -504,19 +513,12 @@ def test_fields_read_together_take_one_check_after_all_and_miss_no_change(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """read_together equals one read per reader, checks the file once after all the reads, and a change made
     while the first field was read is caught by that check: both fields are read again."""
-    path = tmp_path / "fields.h5"
-    with h5py.File(path, "w") as f:
-        for name in ("x", "y"):
-            f.create_dataset(name, data=np.arange(40, dtype="f4").reshape(20, 2), chunks=(4, 2), maxshape=(None, 2))
-    with h5py.File(path, "r") as f:
-        x, y = RowReader(f["x"]), RowReader(f["y"])
+    path, x, y = _two_fields(tmp_path)
     index = np.array([19, 3, 3, 0])
     for got, reader in zip(hdf5_reader.read_together([x, y], index), (x, y)):
         _same(got, reader.read(index))
     monkeypatch.setattr(hdf5_reader, "_SHARED_CHECK_S", 3600.0)
-    stats = []
-    real_stat = os.stat
-    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    stats = _count_stats(monkeypatch)
     hdf5_reader.read_together([x, y], index)
     assert len(stats) == 1
     real_read = RowReader._read_index
