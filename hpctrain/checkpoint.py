@@ -23,6 +23,7 @@ checkpoint into a run directory another job has taken over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -37,9 +38,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.serialization import config as serialization_config
 
 from hpctrain.distributed import check_run_owner
+
+try:
+    from torch.utils.serialization import config as serialization_config
+except ImportError:  # torch < 2.6: the CRC32 of each record is computed
+    serialization_config = None
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,8 @@ def _to_host(value: Any, reuse: Any = None) -> Any:
 class _HashingWriter:
     """The file object torch.save writes a checkpoint through, unbuffered, while a thread computes the SHA-256 of
     what is already in the file by reading it back from the page cache, trailing the writer. Serialisation and
-    hashing then overlap (hashlib and pread release the GIL), and only the tail is left to hash during fsync."""
+    hashing then overlap (hashlib and file reads release the GIL), and only the tail is left to hash during
+    fsync."""
 
     def __init__(self, file: Any) -> None:
         self.file = file
@@ -135,6 +141,16 @@ class _HashingWriter:
         return self._sha256.hexdigest(), self.written
 
 
+def _without_record_crc32() -> contextlib.AbstractContextManager[Any]:
+    """torch.save without the CRC32 of each record, which costs as much as writing the bytes: the manifest's
+    SHA-256 covers the whole file, off the critical path. (torch.load does not need the CRCs; zip tools warn.)
+    The patch is thread-local in recent torch; in older versions a torch.save of another thread meanwhile also
+    goes without, which torch.load does not mind either."""
+    if serialization_config is None:
+        return contextlib.nullcontext()
+    return serialization_config.patch({"save.compute_crc32": False})
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -171,7 +187,7 @@ class CheckpointManager:
         Raises RunDirectoryTakenOver, having committed nothing, if this process no longer owns the run."""
         self.wait()  # checkpoints are committed in order
         path = self._write(step, state)
-        self._submit(self.prune, set(protected_steps))
+        self._submit(self._prune_after_write, set(protected_steps))
         return path
 
     def save_async(self, step: int, state: dict[str, Any], *, protected_steps: Iterable[int] = ()) -> None:
@@ -183,7 +199,18 @@ class CheckpointManager:
 
     def _write_and_prune(self, step: int, state: dict[str, Any], protected_steps: set[int]) -> None:
         self._write(step, state)
-        self.prune(protected_steps)
+        self._prune_after_write(protected_steps)
+
+    def _prune_after_write(self, protected_steps: set[int]) -> None:
+        """Prune in the background, as the owner of the run only. A file that cannot be deleted now (a network
+        file system's transient error) is left for the next checkpoint's pruning: the checkpoints are safe, and
+        the run must not fail over it."""
+        check_run_owner(self.run_dir)
+        try:
+            self.prune(protected_steps)
+        except OSError as error:
+            log.warning("pruning old checkpoints in %s failed (%s); the next checkpoint tries again",
+                        self.directory, error)
 
     def _submit(self, work: Callable[..., None], *args: Any) -> None:
         if self._writer is None:
@@ -197,7 +224,7 @@ class CheckpointManager:
             pending.result()
 
     def close(self) -> None:
-        """Finish the background write, then stop its thread."""
+        """Finish the background write and pruning, then stop their thread."""
         try:
             self.wait()
         finally:
@@ -216,9 +243,7 @@ class CheckpointManager:
             with open(temporary, "w+b", buffering=0) as file:
                 writer = _HashingWriter(file)
                 try:
-                    # torch.save's CRC32 of each record costs as much as writing the bytes; the manifest's SHA-256
-                    # covers the whole file off the critical path. (The patch is thread-local.)
-                    with serialization_config.patch({"save.compute_crc32": False}):
+                    with _without_record_crc32():
                         torch.save(state, writer)
                 finally:
                     writer.finish()
@@ -258,11 +283,15 @@ class CheckpointManager:
             try:
                 manifest = json.loads(manifest_path.read_text())
                 found.append(CheckpointInfo(int(manifest["step"]), self.directory / manifest["file"], manifest))
+            except FileNotFoundError:
+                continue  # pruned meanwhile
             except (ValueError, KeyError, OSError) as error:
                 log.warning("ignoring unreadable checkpoint manifest %s (%s)", manifest_path, error)
         return sorted(found, key=lambda info: info.step, reverse=True)
 
     def prune(self, protected_steps: Iterable[int] = ()) -> None:
+        """Delete the checkpoints not kept, and checkpoint files older than the newest complete checkpoint that
+        have no manifest (left by a crash, or by a deletion that failed after its manifest went)."""
         checkpoints = self.complete()
         keep = {info.step for info in checkpoints[: self.keep_last]} | self.keep_steps | set(protected_steps)
         for info in checkpoints:
@@ -270,6 +299,11 @@ class CheckpointManager:
                 # Manifest first: a checkpoint half-deleted by a crash is then simply incomplete.
                 (self.directory / f"{_checkpoint_name(info.step)}.json").unlink(missing_ok=True)
                 info.path.unlink(missing_ok=True)
+        complete = {info.path for info in checkpoints}
+        for path in self.directory.glob("step_*.pt") if checkpoints else ():
+            step = path.stem.removeprefix("step_")
+            if path not in complete and step.isdigit() and int(step) < checkpoints[0].step:
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def read_verified(info: CheckpointInfo) -> bytes:

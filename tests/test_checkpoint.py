@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -132,3 +133,42 @@ def test_async_writes_keep_the_state_of_their_step_and_commit_in_order(tmp_path:
     for info in manager.complete():
         loaded = CheckpointManager.load(info)
         assert loaded["step"] == info.step and torch.all(loaded["model"]["weight"] == info.step)
+
+
+def test_record_crc32_is_left_out_in_the_saving_thread_only() -> None:
+    """A background checkpoint write must not change how the training thread's own torch.save calls write."""
+    from hpctrain.checkpoint import _without_record_crc32
+
+    entered, checked, inside = threading.Event(), threading.Event(), []
+
+    def background_save() -> None:
+        with _without_record_crc32():
+            inside.append(torch.serialization.get_crc32_options())
+            entered.set()
+            checked.wait(10)
+
+    thread = threading.Thread(target=background_save)
+    thread.start()
+    assert entered.wait(10)
+    assert torch.serialization.get_crc32_options()  # this thread, meanwhile
+    checked.set()
+    thread.join()
+    assert inside == [False]
+
+
+def test_a_failed_pruning_is_logged_and_finished_by_the_next_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: (_ for _ in ()).throw(OSError(16, "busy"))
+                        if self.suffix == ".pt" else real_unlink(self, *a, **k))
+    with caplog.at_level(logging.WARNING):
+        for step in (1, 2, 3):
+            manager.save(step, state(step))
+        manager.wait()  # no error: the checkpoints are written, only the deletion failed
+    assert "pruning old checkpoints" in caplog.text and "busy" in caplog.text
+    assert [info.step for info in manager.complete()] == [3, 2]  # manifest first: step 1 is no longer complete
+    monkeypatch.undo()
+    manager.save(4, state(4))
+    manager.close()
+    assert sorted(p.name for p in manager.directory.glob("*.pt")) == ["step_000000003.pt", "step_000000004.pt"]
