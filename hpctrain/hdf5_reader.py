@@ -92,8 +92,8 @@ _T = TypeVar("_T")
 _Signature = tuple[int, int, int, int, int]
 
 # The check after one read serves as the check before the next read of the same file that starts within this
-# time (the fields of a batch are read back to back): one stat() per field and batch instead of two. Per process:
-# path -> the signature a check found unchanged, and when.
+# time (batches are read back to back): one stat() per read instead of two (read_together: per file and batch).
+# Per process: path -> the signature a check found unchanged, and when.
 _SHARED_CHECK_S = 1e-3
 _seen_unchanged: dict[str, tuple[_Signature, float]] = {}
 
@@ -324,10 +324,11 @@ def _run_together(readers: Sequence[RowReader], op: Callable[[RowReader, _Layout
     for reader in readers:
         if reader._pid != pid:
             reader._enter_process()
-    locks = [reader._lock for reader in (sorted(readers, key=id) if len(readers) > 1 else readers)]
-    for lock in locks:
-        lock.acquire()
+    taken = []
     try:
+        for lock in [reader._lock for reader in (sorted(readers, key=id) if len(readers) > 1 else readers)]:
+            lock.acquire()
+            taken.append(lock)
         for _ in range(_MAX_ATTEMPTS):
             layouts = [reader._checked_layout() for reader in readers]
             try:
@@ -347,7 +348,7 @@ def _run_together(readers: Sequence[RowReader], op: Callable[[RowReader, _Layout
         names = ", ".join(sorted({f"{reader.path}:{reader.name}" for reader in readers}))
         raise OSError(f"{names}: the file kept changing during reads; no consistent result")
     finally:
-        for lock in reversed(locks):
+        for lock in reversed(taken):
             lock.release()
 
 
@@ -440,7 +441,7 @@ class RowReader:
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """``dataset[start:stop]``, with Python slice semantics (negative values count from the end, clipped)."""
-        def op(_: RowReader, layout: _Layout) -> np.ndarray:
+        def op(_reader: RowReader, layout: _Layout) -> np.ndarray:
             lo, hi, _ = slice(start, stop).indices(layout.shape[0])
             hi = max(lo, hi)
             return self._spans(layout, np.array([lo], np.int64), np.array([hi], np.int64))
@@ -459,7 +460,7 @@ class RowReader:
         if lo.shape != hi.shape:
             raise ValueError(f"read_ranges: {lo.size} starts but {hi.size} stops")
 
-        def op(_: RowReader, layout: _Layout) -> np.ndarray:
+        def op(_reader: RowReader, layout: _Layout) -> np.ndarray:
             n = layout.shape[0]
             if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
                 k = int(np.flatnonzero((lo < 0) | (hi < lo) | (hi > n))[0])
