@@ -115,14 +115,13 @@ class InProcessLoader:
         self.dataset, self.sampler, self.pin_memory = dataset, sampler, pin_memory
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        # Batches are yielded without a reference kept here: once the loop drops one, its memory, still in the
-        # CPU cache, takes the next (into memory not in the cache, a batch is read ~15% slower).
-        if self.pin_memory:
-            for request in self.sampler:
-                yield {name: value.pin_memory() for name, value in self.dataset[request].items()}
-        else:
-            for request in self.sampler:
-                yield self.dataset[request]
+        # A map, not a generator: no frame keeps the batch it handed out, so once the loop drops it, its memory,
+        # still in the CPU cache, takes the next one (into memory not in the cache, a batch is read ~15% slower).
+        return map(self._batch, self.sampler)
+
+    def _batch(self, request: Any) -> dict[str, torch.Tensor]:
+        batch = self.dataset[request]
+        return {name: value.pin_memory() for name, value in batch.items()} if self.pin_memory else batch
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
@@ -222,13 +221,12 @@ class SlotLoader:
                                    num_workers=num_workers, pin_memory=False, config=config)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for item in self.loader:
-            if isinstance(item, _InSlot):
-                yield self._copy_out(item)  # (no reference kept here: see InProcessLoader)
-            elif self.pin_memory:
-                yield {name: value.pin_memory() for name, value in item.items()}
-            else:
-                yield item
+        return map(self._hand_out, self.loader)  # no reference kept to a batch handed out: see InProcessLoader
+
+    def _hand_out(self, item: Any) -> dict[str, torch.Tensor]:
+        if isinstance(item, _InSlot):
+            return self._copy_out(item)
+        return {name: value.pin_memory() for name, value in item.items()} if self.pin_memory else item
 
     def _copy_out(self, item: _InSlot) -> dict[str, torch.Tensor]:
         row, batch = self.rows[item.slot], {}
