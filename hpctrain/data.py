@@ -172,8 +172,12 @@ class HDF5Dataset(Dataset):
 
     def read_modes(self) -> list[dict[str, str]]:
         """Per file, each field's read path in this process (hpctrain.hdf5_reader: memmap, chunks or h5py)."""
-        return [{**dict(zip(self._plain_names, (reader.mode for reader in file.plain))),
-                 **{name: reader.mode for name, (reader, _) in file.ragged.items()}} for file in self._open()]
+        modes = []
+        for file in self._open():
+            by_field = {**dict(zip(self._plain_names, (reader.mode for reader in file.plain))),
+                        **{name: reader.mode for name, (reader, _) in file.ragged.items()}}
+            modes.append({spec.name: by_field[spec.name] for spec in self.specs})
+        return modes
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
@@ -268,11 +272,13 @@ class BatchReader(Dataset):
         self.dataset = dataset
         self.transforms = [(transform, takes_context(transform)) for transform in transforms]
         self.seed, self.stage = seed, stage
+        # HDF5Dataset's own __getitems__ takes the index array as it is and returns a new dict of tensors.
+        self._hdf5 = getattr(type(dataset), "__getitems__", None) is HDF5Dataset.__getitems__
 
     def __getitem__(self, request: BatchRequest | np.ndarray) -> dict[str, torch.Tensor]:
         epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
         indices = np.asarray(indices)
-        if isinstance(self.dataset, HDF5Dataset):  # takes the array as it is, returns a new dict of tensors
+        if self._hdf5:
             batch = self.dataset.__getitems__(indices)
         else:
             batch = self._read(indices)
