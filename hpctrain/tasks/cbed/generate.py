@@ -13,8 +13,7 @@ from __future__ import annotations
 import sys
 
 from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig, generate_dataset
-from hpctrain.tasks.generate_command import Generator
-from hpctrain.tasks.generate_command import main as generate_main
+from hpctrain.tasks.generate_command import Generator, main as generate_main
 
 GENERATOR = Generator(task="cbed_distortion", package="hpctrain.tasks.cbed",
                       settings=CBEDGeneratorConfig, generate=generate_dataset,

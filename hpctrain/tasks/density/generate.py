@@ -15,8 +15,7 @@ from __future__ import annotations
 import sys
 
 from hpctrain.tasks.density.generator import DensityGeneratorConfig, generate_dataset
-from hpctrain.tasks.generate_command import Generator
-from hpctrain.tasks.generate_command import main as generate_main
+from hpctrain.tasks.generate_command import Generator, main as generate_main
 
 GENERATOR = Generator(task="density_reversion", package="hpctrain.tasks.density",
                       settings=DensityGeneratorConfig, generate=generate_dataset,
