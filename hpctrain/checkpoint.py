@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from hpctrain.distributed import check_run_owner
+from hpctrain.distributed import RunDirectoryTakenOver, check_run_owner
 
 try:
     from torch.utils.serialization import config as serialization_config
@@ -202,10 +202,15 @@ class CheckpointManager:
         self._prune_after_write(protected_steps)
 
     def _prune_after_write(self, protected_steps: set[int]) -> None:
-        """Prune in the background, as the owner of the run only. A file that cannot be deleted now (a network
-        file system's transient error) is left for the next checkpoint's pruning: the checkpoints are safe, and
-        the run must not fail over it."""
-        check_run_owner(self.run_dir)
+        """Prune in the background, as the owner of the run only (a run taken over meanwhile is told so by its
+        next checkpoint's commit check). A file that cannot be deleted now (a network file system's transient
+        error) is left for the next checkpoint's pruning: the checkpoints are safe, and the run must not fail
+        over it."""
+        try:
+            check_run_owner(self.run_dir)
+        except RunDirectoryTakenOver as error:
+            log.warning("old checkpoints not pruned: %s", error)
+            return
         try:
             self.prune(protected_steps)
         except OSError as error:

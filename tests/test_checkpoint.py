@@ -172,3 +172,29 @@ def test_a_failed_pruning_is_logged_and_finished_by_the_next_checkpoint(
     manager.save(4, state(4))
     manager.close()
     assert sorted(p.name for p in manager.directory.glob("*.pt")) == ["step_000000003.pt", "step_000000004.pt"]
+
+
+def test_pruning_skips_a_run_directory_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A background pruning that finds the run taken over deletes nothing and raises nothing (the next save's own
+    commit check speaks for the new owner)."""
+    from hpctrain import checkpoint
+    from hpctrain.distributed import RunDirectoryTakenOver
+
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2, 3):
+        manager.save(step, state(step))
+    manager.wait()
+    manager.keep_last = 2
+
+    def taken_over(run_dir: Path) -> None:
+        raise RunDirectoryTakenOver(f"run directory {run_dir} was taken over")
+
+    monkeypatch.setattr(checkpoint, "check_run_owner", taken_over)
+    with caplog.at_level(logging.WARNING):
+        manager._prune_after_write(set())
+    assert "old checkpoints not pruned" in caplog.text
+    assert [info.step for info in manager.complete()] == [3, 2, 1]
+    monkeypatch.undo()
+    manager._prune_after_write(set())
+    assert [info.step for info in manager.complete()] == [3, 2]

@@ -297,6 +297,7 @@ def test_a_checkpoint_commit_checks_the_lock_it_holds(tmp_path: Path) -> None:
     with run_lock(run_dir):
         manager = CheckpointManager(run_dir, keep_last=2)
         manager.save(1, {"w": torch.zeros(2)})
+        manager.wait()  # its pruning too
         shutil.rmtree(run_dir)
         run_dir.mkdir()
         (run_dir / ".lock").write_text('{"job_id": "99", "host": "other", "pid": 1}')  # the new job's lock
