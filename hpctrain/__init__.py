@@ -2,7 +2,7 @@
 
 Entry points: `python -m hpctrain.launch` (train locally, on SLURM, or sweep), `python -m hpctrain.inspect RUN_DIR`.
 The task contract a user's model, data and loss follow is in docs/your-own-model.md; the configs shipped with the
-package are in hpctrain/conf/.
+package are in conf/ at the repository root (installed as the package hpctrain.conf).
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -1,6 +1,6 @@
 """Typed configuration schemas of the core, one dataclass per config group, registered with Hydra's ConfigStore.
 
-The YAML files under hpctrain/conf/ (and a user's own `--config-dir`) are merged onto these schemas, so an unknown
+The YAML files under conf/ (and a user's own `--config-dir`) are merged onto these schemas, so an unknown
 key or a value of the wrong type in a core group fails at composition time with the key named. Range checks that
 types cannot express live in each schema's ``__post_init__`` (run by :func:`to_config`, before any work starts)
 and raise ``ValueError`` naming the key.

@@ -1,4 +1,4 @@
-"""`python -m hpctrain.launch`: the Hydra app over the configs shipped in hpctrain/conf/ (add your own with
+"""`python -m hpctrain.launch`: the Hydra app over the configs shipped in conf/ (add your own with
 `--config-dir DIR`). With no arguments it trains the built-in task in debug mode (one local process);
 `launcher.num_processes=N` runs N local DDP ranks; `launcher=slurm` submits the run to SLURM with submitit and
 returns at once (`-m` sweeps become one job array, see hydra_plugins/hpctrain_launcher).
@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+import hpctrain.conf
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
 from hpctrain.job import check_run_dir_writable, remove_launcher_leftovers, run_local
@@ -29,8 +30,9 @@ from hpctrain.slurm import check_resources, follow_instructions, run_srun_task, 
 
 log = logging.getLogger("hpctrain")
 
-# The configs ship inside the package, so an installed hpctrain composes them from any directory.
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+# The configs (conf/ in the repository) ship as the package hpctrain.conf, so an installed hpctrain, editable or
+# not, composes them from any directory.
+CONFIG_DIR = str(Path(hpctrain.conf.__file__).resolve().parent)
 # The config Preflight checked in this process (JSON), so the task function does not check it a second time.
 _checked_by_preflight: str | None = None
 

@@ -24,6 +24,21 @@ def test_default_config_is_debug_mode_on_the_builtin_task() -> None:
     assert config.data.prepare["image_size"] == 64 and config.task.inputs == ["image"]
 
 
+def test_every_package_and_the_configs_are_in_the_wheels_package_list() -> None:
+    """pyproject.toml lists the packages (so that conf/ can join them as hpctrain.conf): a new package must be
+    added there, or a non-editable install would lack it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from setuptools import find_namespace_packages
+
+    repo = Path(__file__).resolve().parents[1]
+    settings = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {name for name in find_namespace_packages(str(repo), include=["hpctrain*", "hydra_plugins.*"])
+             if not name.startswith("hpctrain.conf")
+             and any((repo / name.replace(".", "/")).glob("*.py"))}
+    assert found <= set(settings["packages"]), f"missing from pyproject.toml packages: {found - set(settings['packages'])}"
+    assert settings["package-dir"]["hpctrain.conf"] == "conf" and (repo / "conf" / "config.yaml").is_file()
+
+
 def test_config_round_trips_through_json() -> None:
     config = compose_config("optim.lr=3e-4", "model.width=32")
     assert from_json(to_json(config)) == config

@@ -33,12 +33,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """hpctrain built and installed as a wheel (not editable) into a directory of its own."""
     target = tmp_path_factory.mktemp("site")
     build = tmp_path_factory.mktemp("build")
-    shutil.copytree(REPO, build / "src", ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "*.egg-info",
-                                                                       "__pycache__", "build", "tests"))
+    # The repository's own outputs are left out at its top level only (conf/data/ is part of the package).
+    left_out = {".venv", ".git", "runs", "data", "build", "tests"}
+    shutil.copytree(REPO, build / "src", ignore=lambda directory, names: [
+        name for name in names if name == "__pycache__" or name.endswith(".egg-info")
+        or (Path(directory) == REPO and name in left_out)])
     subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--disable-pip-version-check", "--target", str(target), str(build / "src")],
                    check=True, capture_output=True, text=True, timeout=600)
-    assert (target / "hpctrain" / "conf" / "task" / "cbed_distortion.yaml").is_file(), "configs not packaged"
+    for config in ("config.yaml", "task/cbed_distortion.yaml", "data/cbed_synthetic.yaml"):
+        assert (target / "hpctrain" / "conf" / config).is_file(), f"conf/{config} not packaged"
     assert not list(target.glob("__editable__*")), "the install must not be editable"
     return target
 

@@ -1,5 +1,5 @@
 """The built-in demo task, a plug-in like a user's own: estimate the 8 distortion parameters of a synthetic
-distorted CBED pattern (after emicroml). Selected with `task=cbed_distortion` (hpctrain/conf/task/).
+distorted CBED pattern (after emicroml). Selected with `task=cbed_distortion` (conf/task/).
 
 ``generator`` writes the images and labels to HDF5 (``python -m hpctrain.tasks.cbed.generate``), ``model``
 holds the network, ``augment`` the symmetry augmentation, ``loss`` the differentiable end-point error of the

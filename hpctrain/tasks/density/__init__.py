@@ -1,5 +1,5 @@
 """The density_reversion task, a plug-in like a user's own (after IRIS's Reverter training): from an observation
-image, predict the top-down surface density image. Selected with `task=density_reversion` (hpctrain/conf/task/).
+image, predict the top-down surface density image. Selected with `task=density_reversion` (conf/task/).
 
 ``generator`` writes synthetic (observation, density) pairs to HDF5 (``python -m hpctrain.tasks.density.generate``;
 ``ensure_dataset`` is the ``data.prepare`` hook), ``model`` holds the U-Net, ``objectives`` IRIS's
