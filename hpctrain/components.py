@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import Dataset
 
 from hpctrain.config import Config, ConfigError, DataConfig, is_target_node
 from hpctrain.data import BatchReader, Split, make_split
+from hpctrain.instantiate import build, first_line
+from hpctrain.optim import build_parameter_groups
 from hpctrain.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -50,29 +50,6 @@ class Components:
 
 
 # -- building --------------------------------------------------------------------------------------------------
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0] if "\n" in text else text
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def build(key: str, node: Any, *args: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate(node, *args, **kwargs)`; any error becomes one ConfigError naming `key`."""
-    try:
-        return instantiate(node, *args, **kwargs)
-    except Exception as error:  # a user's constructor may raise anything: report it with the key, no traceback
-        cause = _root_cause(error)
-        message = _first_line(cause)
-        if not isinstance(cause, (ValueError, TypeError, KeyError, OSError, ConfigError)):
-            message = f"{type(cause).__name__}: {message}"
-        raise ConfigError(f"{key}: {message}") from None
-
-
 def _target_nodes(value: Any, key: str) -> list[tuple[str, str]]:
     """(key, dotted path) of every `_target_` in a resolved config tree."""
     found = []
@@ -101,7 +78,7 @@ def _importable(path: str) -> str:
                 continue
             return f"cannot import {path!r} ({error})"
         except Exception as error:  # the user's module failed while importing
-            return f"importing {module_path!r} for {path!r} failed: {type(error).__name__}: {_first_line(error)}"
+            return f"importing {module_path!r} for {path!r} failed: {type(error).__name__}: {first_line(error)}"
         target: Any = module
         for part in attribute.split("."):
             if not hasattr(target, part):
@@ -219,7 +196,7 @@ def dry_step(config: Config, components: Components) -> None:
         raise
     except Exception as error:
         raise ConfigError(f"data.dataset: reading samples {split.train_indices[:size].tolist()[:4]}... failed: "
-                          f"{type(error).__name__}: {_first_line(error)}") from None
+                          f"{type(error).__name__}: {first_line(error)}") from None
     missing = [name for name in config.task.inputs if name not in batch]
     if missing:
         raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
@@ -230,19 +207,19 @@ def dry_step(config: Config, components: Components) -> None:
         outputs = model(*model_inputs(batch, config.task.inputs))
     except Exception as error:
         raise ConfigError(f"model: the dry step's forward pass model({describe(batch, config.task.inputs)}) "
-                          f"failed: {type(error).__name__}: {_first_line(error)}") from None
+                          f"failed: {type(error).__name__}: {first_line(error)}") from None
     try:
         terms = per_sample_components(components.loss(outputs, batch), size, key="task.loss")
     except Exception as error:
         raise ConfigError(f"task.loss: the dry step failed on outputs {_shape_of(outputs)} and batch "
-                          f"{describe(batch)}: {type(error).__name__}: {_first_line(error)}") from None
+                          f"{describe(batch)}: {type(error).__name__}: {first_line(error)}") from None
     total = sum(terms.values())
     if not torch.is_floating_point(total):
         raise ConfigError(f"task.loss returned {total.dtype}, not a floating-point tensor")
     try:
         total.sum().backward()
     except RuntimeError as error:
-        raise ConfigError(f"task.loss: backward through the loss failed ({_first_line(error)}); the loss must be "
+        raise ConfigError(f"task.loss: backward through the loss failed ({first_line(error)}); the loss must be "
                           f"differentiable in the model's outputs") from None
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -254,7 +231,7 @@ def dry_step(config: Config, components: Components) -> None:
             except Exception as error:
                 raise ConfigError(f"task.metrics.{name}: the dry step failed on outputs {_shape_of(outputs)} "
                                   f"and batch {describe(batch)}: {type(error).__name__}: "
-                                  f"{_first_line(error)}") from None
+                                  f"{first_line(error)}") from None
     model.train()
     log.info("dry step passed: model(%s) -> %s, loss components %s", describe(batch, config.task.inputs),
              _shape_of(outputs), sorted(name or "loss" for name in terms))
@@ -277,8 +254,6 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     components = build_components(config)
     if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    from hpctrain.optim import build_parameter_groups
-
     build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
     from hpctrain.freeze import check_schedule
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hpctrain.config import ConfigError, OptimConfig, ScheduleConfig
+from hpctrain.instantiate import build
 
 
 @dataclass
@@ -70,8 +71,6 @@ def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch
     per_epoch = schedule.interval == "epoch"
     function = None
     if schedule.function is not None:
-        from hpctrain.components import build
-
         function = build(f"{key}.function", schedule.function)
         try:
             first = float(function(0))
@@ -116,8 +115,6 @@ class ParameterGroup:
 def _make_optimizer(name: Any, params: list[nn.Parameter], lr: float, weight_decay: float,
                     config: OptimConfig, *, key: str) -> torch.optim.Optimizer:
     if not isinstance(name, str):  # a `_target_` node: any optimizer class, torch's or the user's
-        from hpctrain.components import build
-
         optimizer = build(key, name, params, lr=lr, weight_decay=weight_decay)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"{key}: {type(optimizer).__name__} is not a torch.optim.Optimizer")
