@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -27,6 +27,7 @@ from hpctrain.data import BatchReader, Split, make_split
 from hpctrain.instantiate import build, first_line
 from hpctrain.optim import build_parameter_groups
 from hpctrain.seeding import seed_everything
+from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Components:
     test_dataset: Dataset | None = None
     # task.plot, the plot hook (hpctrain.evaluate); None when the config names none.
     plot: Callable[..., Any] | None = None
+    # task.device_transforms, run on the device before the forward pass (hpctrain.transforms).
+    device_transforms: list[Callable[..., Batch]] = field(default_factory=list)
 
 
 # -- building --------------------------------------------------------------------------------------------------
@@ -139,9 +142,12 @@ def build_components(config: Config) -> Components:
     metrics = {name: build(f"task.metrics.{name}", node) for name, node in config.task.metrics.items()}
     transforms = [build(f"data.transforms[{index}]", node) for index, node in enumerate(config.data.transforms)]
     plot = build("task.plot", config.task.plot) if config.task.plot is not None else None
+    device_transforms = [build(f"task.device_transforms[{index}]", node)
+                         for index, node in enumerate(config.task.device_transforms)]
     for key, function in [("task.loss", loss), *((f"task.metrics.{n}", f) for n, f in metrics.items()),
                           *([("task.plot", plot)] if plot is not None else []),
-                          *((f"data.transforms[{i}]", t) for i, t in enumerate(transforms))]:
+                          *((f"data.transforms[{i}]", t) for i, t in enumerate(transforms)),
+                          *((f"task.device_transforms[{i}]", t) for i, t in enumerate(device_transforms))]:
         if not callable(function):
             raise ConfigError(f"{key}: {type(function).__name__} is not callable; use `_partial_: true` for a "
                               f"function that takes more arguments than (outputs, batch)")
@@ -152,7 +158,7 @@ def build_components(config: Config) -> Components:
     if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError(f"model: {type(model).__name__} has no trainable parameter")
     return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms,
-                      test_dataset=test, plot=plot)
+                      test_dataset=test, plot=plot, device_transforms=device_transforms)
 
 
 # -- the contract, checked --------------------------------------------------------------------------------------
@@ -184,9 +190,10 @@ def describe(batch: Batch, names: list[str] | None = None) -> str:
                      for name in shown if name in batch)
 
 
-def dry_step(config: Config, components: Components) -> None:
+def dry_step(config: Config, components: Components) -> list[str]:
     """Forward, loss, backward and metrics on one real micro-batch, on CPU, so a mismatch between data, model
-    and loss is refused now with the fields and shapes named, not after hours in a queue."""
+    and loss is refused now with the fields and shapes named, not after hours in a queue. Returns the names of
+    the validation values (loss, loss.<component>, each metric or <metric>.<key>)."""
     split = components.split
     size = min(config.trainer.micro_batch_size, len(split.train_indices))
     reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed)
@@ -196,6 +203,11 @@ def dry_step(config: Config, components: Components) -> None:
         raise
     except Exception as error:
         raise ConfigError(f"data.dataset: reading samples {split.train_indices[:size].tolist()[:4]}... failed: "
+                          f"{type(error).__name__}: {first_line(error)}") from None
+    try:
+        batch = apply_device_transforms(components.device_transforms, batch, seed=config.seed, stage="train")
+    except Exception as error:
+        raise ConfigError(f"task.device_transforms: the dry step's batch {describe(batch)} failed: "
                           f"{type(error).__name__}: {first_line(error)}") from None
     missing = [name for name in config.task.inputs if name not in batch]
     if missing:
@@ -223,11 +235,13 @@ def dry_step(config: Config, components: Components) -> None:
                           f"differentiable in the model's outputs") from None
     model.zero_grad(set_to_none=True)
     model.eval()
+    names = ["loss", *(f"loss.{name}" for name in terms if name)]
     with torch.no_grad():
         outputs = model(*model_inputs(batch, config.task.inputs))
         for name, metric in components.metrics.items():
             try:
-                per_sample_components(metric(outputs, batch), size, key=f"task.metrics.{name}")
+                parts = per_sample_components(metric(outputs, batch), size, key=f"task.metrics.{name}")
+                names += [f"{name}.{part}" if part else name for part in parts]
             except Exception as error:
                 raise ConfigError(f"task.metrics.{name}: the dry step failed on outputs {_shape_of(outputs)} "
                                   f"and batch {describe(batch)}: {type(error).__name__}: "
@@ -235,6 +249,24 @@ def dry_step(config: Config, components: Components) -> None:
     model.train()
     log.info("dry step passed: model(%s) -> %s, loss components %s", describe(batch, config.task.inputs),
              _shape_of(outputs), sorted(name or "loss" for name in terms))
+    return names
+
+
+def check_monitored(config: Config, names: list[str] | None) -> None:
+    """callbacks.monitor.metric and every schedule.monitor name a validation value: one of `names` (found by the
+    dry step), or without a dry step loss, loss.<component> or <metric>[.<key>] of a task.metrics name."""
+    schedules = [("optim.schedule", config.optim.schedule),
+                 *((f"optim.param_groups[{index}].schedule", group.schedule)
+                   for index, group in enumerate(config.optim.param_groups) if group.schedule is not None)]
+    monitored = [("callbacks.monitor.metric", config.callbacks.monitor.metric),
+                 *((f"{key}.monitor", schedule.monitor) for key, schedule in schedules
+                   if schedule.monitor is not None)]
+    for key, name in monitored:
+        known = name in names if names is not None else (
+            name == "loss" or name.startswith("loss.") or name.split(".")[0] in config.task.metrics)
+        if not known:
+            available = names if names is not None else ["loss", "loss.<component>", *config.task.metrics]
+            raise ConfigError(f"{key}: {name!r} is not a validation value; available: {', '.join(available)}")
 
 
 def _shape_of(value: Any) -> str:
@@ -254,10 +286,11 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     components = build_components(config)
     if config.trainer.precision == "fp16" and config.trainer.device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1)  # patterns match?
+    # Patterns match, and a torch scheduler's node builds around an optimizer?
+    build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1,
+                           monitor=config.callbacks.monitor.metric, monitor_mode=config.callbacks.monitor.mode)
     from hpctrain.freeze import check_schedule
 
     check_schedule(components.model, config.optim.freeze)
-    if config.trainer.dry_step:
-        dry_step(config, components)
+    check_monitored(config, dry_step(config, components) if config.trainer.dry_step else None)
     return components

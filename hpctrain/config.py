@@ -79,11 +79,17 @@ class TaskConfig:
     # Move each validation batch's outputs to the CPU and compute the loss and metrics there (hippynn's default:
     # large validation sets stay off the GPU's memory).
     evaluate_on_cpu: bool = False
+    # `_target_` nodes of callables transform(batch[, context]) -> batch run in the training process on each batch
+    # once it is on the device, before the forward pass, in training, validation, the test phase and prediction
+    # (hpctrain.transforms.apply_device_transforms; random draws from context.generators()).
+    device_transforms: List[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(bool(self.inputs), "task.inputs must name at least one batch field to pass to the model")
         _require_target("task.plot", self.plot, optional=True)
         _require_target("task.loss", self.loss)
+        for index, node in enumerate(self.device_transforms):
+            _require_target(f"task.device_transforms[{index}]", node)
         for name, node in self.metrics.items():
             _require_target(f"task.metrics.{name}", node)
             _require(name not in ("loss", "step", "sample_index", "per_sample") and "/" not in name
@@ -150,6 +156,12 @@ class ScheduleConfig:
     custom: `function` is a `_target_` node of the user's multiplier f(interval_index) -> float (with
     `_partial_: true` when it takes more arguments); it must be a pure function of its argument, so a resumed
     run reproduces the learning rates exactly.
+
+    scheduler: instead of the built-in multipliers, a `_target_` node of any torch.optim.lr_scheduler class (or a
+    class with the same protocol), built around each parameter group's optimizer as cls(optimizer, **node); a
+    `schedulers` list in it (SequentialLR, ChainedScheduler, hpctrain.optim.SequentialSchedule) is built the same
+    way, around the same optimizer. It is stepped after every `interval`; one whose step() takes the metric
+    (ReduceLROnPlateau) is stepped after every evaluation with the mean of `monitor`. Its state is checkpointed.
     """
 
     name: str = "warmup_cosine"
@@ -162,13 +174,22 @@ class ScheduleConfig:
     cycle: int = 100
     cycle_multiplier: float = 1.0
     function: Any = None
+    scheduler: Any = None
+    # The validation mean a scheduler stepped at evaluations (ReduceLROnPlateau) reacts to; null: the metric of
+    # callbacks.monitor (whose mode is then passed to a ReduceLROnPlateau node that sets none).
+    monitor: Optional[str] = None
 
     def validate(self, key: str) -> None:
+        _require_target(f"{key}.scheduler", self.scheduler, optional=True)
+        _require(self.scheduler is None or self.function is None,
+                 f"{key}.scheduler and {key}.function exclude each other")
+        _one_of(f"{key}.interval", self.interval, ("step", "epoch"))
+        if self.scheduler is not None:  # the built-in multiplier's keys are not used
+            return
         _one_of(f"{key}.name", self.name, ("constant", "warmup_cosine", "warmup_linear", "cosine_restarts", "custom"))
         _require((self.name == "custom") == (self.function is not None),
                  f"{key}.function (a `_target_` node) is required with, and only with, {key}.name=custom")
         _require_target(f"{key}.function", self.function, optional=True)
-        _one_of(f"{key}.interval", self.interval, ("step", "epoch"))
         _require(self.warmup >= 0, f"{key}.warmup must be >= 0, got {self.warmup}")
         _require(0.0 < self.warmup_start_factor <= 1.0,
                  f"{key}.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
@@ -292,6 +313,11 @@ class OptimConfig:
         names = [group.name for group in self.param_groups]
         _require(len(set(names)) == len(names) and "default" not in names,
                  f"optim.param_groups names must be unique and not 'default', got {names}")
+        schedules = [self.schedule, *(group.schedule for group in self.param_groups if group.schedule is not None)]
+        _require(not any(schedule.scheduler is not None for schedule in schedules)
+                 or all(phase.lr_factor is None for phase in self.freeze.phases),
+                 "optim.freeze.phases[*].lr_factor: a torch scheduler (schedule.scheduler) sets the learning rates "
+                 "from its own history, so a phase's LR factor cannot apply; use a built-in schedule with LR factors")
         for index, group in enumerate(self.param_groups):
             key = f"optim.param_groups[{index}]"
             _require(bool(group.params), f"{key}.params must list at least one parameter-name pattern")
@@ -403,8 +429,22 @@ class MetricsConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The validation value that decides early stopping, the best checkpoint, a ReduceLROnPlateau schedule and
+    inspect's "best" line: `loss`, `loss.<component>` or a metric's name (`<metric>` or `<metric>.<key>` for one
+    that returns a dict), the mean over the validation set; with `mode` min (lower is better) or max."""
+
+    metric: str = "loss"
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        _one_of("callbacks.monitor.mode", self.mode, ("min", "max"))
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from hpctrain.components import Batch, PerSampleFunction, model_inputs, per_sample_components
 from hpctrain.distributed import DistributedContext
+from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ class Evaluator:
     def __init__(self, *, inputs: list[str], loss: PerSampleFunction, metrics: dict[str, PerSampleFunction],
                  dist: DistributedContext, device: torch.device,
                  autocast: Callable[[], AbstractContextManager[Any]], gather: Iterable[str] = (),
-                 on_cpu: bool = False) -> None:
+                 on_cpu: bool = False, device_transforms: Sequence[Callable[..., Batch]] = (), seed: int = 0,
+                 stage: str = "validation") -> None:
         self.inputs, self.loss, self.metrics = list(inputs), loss, metrics
+        # task.device_transforms, with the loader's keys for this stage (seed, stage, epoch 0).
+        self.device_transforms, self.seed, self.stage = list(device_transforms), seed, stage
         self.dist, self.device, self.autocast = dist, device, autocast
         self.gather, self.on_cpu = list(gather), on_cpu
 
@@ -108,6 +112,7 @@ class Evaluator:
         examples: dict[str, np.ndarray] = {}
         for batch in loader:
             batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+            batch = apply_device_transforms(self.device_transforms, batch, seed=self.seed, stage=self.stage)
             with self.autocast():
                 outputs = model(*model_inputs(batch, self.inputs))
             if self.on_cpu:  # hippynn's way: hold the predictions on the host, compute the statistics there

@@ -1,8 +1,9 @@
 """`python -m hpctrain.inspect RUN_DIR`: a short summary of a run, also while it is running; given a sweep
 directory, one line per point (state, SLURM job, steps, best validation loss).
 
-Prints steps done, the latest metrics, the best validation loss, the checkpoints, and the SHA-256 digest of the
-newest checkpoint's model weights: two runs with equal digests have bitwise-equal weights.
+Prints steps done, the latest metrics, the best evaluation (by the run's callbacks.monitor: the validation loss
+unless it names a metric, min or max), the checkpoints, and the SHA-256 digest of the newest checkpoint's model
+weights: two runs with equal digests have bitwise-equal weights.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
 from hpctrain.history import attempts, format_history, read as read_history
@@ -38,15 +41,19 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             summary["task"] = str(file.attrs.get("task", ""))
             validation_loss = file["validation/loss"][()] if "validation/loss" in file else []
             if len(validation_loss):
-                best = int(validation_loss.argmin())
                 # Every per-sample value's mean at the latest and the best evaluation (loss, components, metrics).
                 means = {name: file[f"validation/{name}"][()] for name in validation_names(file)}
+                metric, mode = _monitor(file)
+                monitored = means.get(metric, validation_loss)
+                best = int(np.nanargmax(monitored) if mode == "max" else np.nanargmin(monitored))
                 summary["evaluations"] = int(len(validation_loss))
                 summary["latest_validation"] = {"step": int(file["validation/step"][-1]),
                                                 "loss": float(validation_loss[-1]),
                                                 "metrics": {name: float(v[-1]) for name, v in means.items()}}
                 summary["best_validation"] = {"step": int(file["validation/step"][best]),
                                               "loss": float(validation_loss[best]),
+                                              "monitor": {"metric": metric, "mode": mode,
+                                                          "value": float(monitored[best])},
                                               "metrics": {name: float(v[best]) for name, v in means.items()}}
                 summary["best_validation"]["baseline_ratios"] = baseline_ratios(
                     float(validation_loss[best]), summary["best_validation"]["metrics"])
@@ -61,6 +68,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                                         "stop_reason": state["train_state"].get("stop_reason", ""),
                                         "model_sha256": state_dict_digest(state["model"])}
     return summary
+
+
+def _monitor(file: Any) -> tuple[str, str]:
+    """The run's callbacks.monitor (metric, mode) from the config metrics.h5 holds; a run from before it: loss."""
+    try:
+        monitor = json.loads(file["config"][()])["callbacks"]["monitor"]
+        return str(monitor["metric"]), str(monitor["mode"])
+    except (KeyError, TypeError, ValueError):
+        return "loss", "min"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -79,8 +95,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"nonfinite  {summary['nonfinite_steps']} steps skipped (NaN/Inf)")
     if "best_validation" in summary:
         best, latest_validation = summary["best_validation"], summary["latest_validation"]
+        monitor = best.get("monitor", {"metric": "loss", "mode": "min", "value": best["loss"]})
+        shown = ("" if monitor["metric"] == "loss"
+                 else f" ({monitor['mode']} {monitor['metric']}; loss {best['loss']:.5g})")
         lines.append(f"validation {summary['evaluations']} evaluations; latest {latest_validation['loss']:.5g} at "
-                     f"step {latest_validation['step']}; best {best['loss']:.5g} at step {best['step']}")
+                     f"step {latest_validation['step']}; best {monitor['value']:.5g} at step {best['step']}{shown}")
         for name, ratio in best["baseline_ratios"].items():
             lines.append(f"  best loss / {name} = {ratio:.3f} ({best['metrics'][name]:.5g})")
         for name, value in best["metrics"].items():

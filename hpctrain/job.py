@@ -74,7 +74,8 @@ def _train(config: Config, run_dir: Path, dist: DistributedContext,
     state = trainer.fit()
     summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
                "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,
-               "best_step": state.best_step, "nonfinite_steps": state.nonfinite_steps}
+               "best_step": state.best_step, "best_metric": config.callbacks.monitor.metric,
+               "best_value": state.best_value, "nonfinite_steps": state.nonfinite_steps}
     if dist.is_main and state.finished:
         (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,15 +1,20 @@
 """Optimizers and learning-rate schedules, one optimizer and one schedule per parameter group.
 
-An optimizer is a shorthand (adamw, adam, sgd) or a `_target_` node of any optimizer class; a schedule is one of
-the built-in multipliers or the user's own function (`schedule.name=custom`). Every schedule is a pure function
-of the global optimizer step (epoch-interval schedules divide by the fixed number of steps per epoch), set before
-each step from the step alone (as torch's LambdaLR computes it: base LR x multiplier), so a resumed run
-reproduces the learning rates of an uninterrupted one exactly and a checkpoint needs no scheduler state.
+An optimizer is a shorthand (adamw, adam, sgd) or a `_target_` node of any optimizer class. A schedule is one of
+the built-in multipliers, the user's own function (`schedule.name=custom`), or a torch scheduler
+(`schedule.scheduler`). A multiplier is a pure function of the global optimizer step (epoch-interval schedules
+divide by the fixed number of steps per epoch), set before each step from the step alone (as torch's LambdaLR
+computes it: base LR x multiplier): the fast path, with no state to checkpoint. A torch scheduler (any
+torch.optim.lr_scheduler class, compositions of them, ReduceLROnPlateau) computes its learning rates from its own
+history (torch's chainable form), so its state_dict is checkpointed and restored: the resumed run continues from
+exactly the saved learning rates and counters.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hpctrain.config import ConfigError, OptimConfig, ScheduleConfig
+from hpctrain.config import ConfigError, OptimConfig, ScheduleConfig, is_target_node
 from hpctrain.instantiate import build
 
 
@@ -93,16 +98,133 @@ def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch
     )
 
 
+# -- torch schedulers -----------------------------------------------------------------------------------------
+class SequentialSchedule:
+    """torch's SequentialLR that also takes a scheduler stepped with the monitored metric (ReduceLROnPlateau),
+    e.g. a linear warm-up, then reductions on a plateau; SequentialLR refuses one.
+
+    `schedulers[i]` is active from interval `milestones[i - 1]` on (intervals: steps or epochs, the schedule's
+    `interval`). step() (once per interval) moves the count and steps the active scheduler if it is not stepped
+    with the metric; step(metrics) (after every evaluation) steps the active one if it is. Each scheduler starts
+    at its milestone from the base learning rates, as in SequentialLR (a warm-up hands over the full LR).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedulers: list[Any], milestones: list[int]) -> None:
+        if len(milestones) != len(schedulers) - 1 or list(milestones) != sorted(set(milestones)) or \
+                (milestones and milestones[0] <= 0):
+            raise ValueError(f"milestones must be {len(schedulers) - 1} increasing intervals > 0 (one fewer than "
+                             f"schedulers), got {list(milestones)}")
+        self.optimizer, self.schedulers, self.milestones = optimizer, list(schedulers), list(milestones)
+        self.last_epoch = 0
+        # The configured LRs (torch schedulers record them as initial_lr when they are built).
+        self.base_lrs = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+        # Building the later schedulers may have moved the learning rates: the first one's hold.
+        for group, lr in zip(optimizer.param_groups, self.schedulers[0].get_last_lr()):
+            group["lr"] = lr
+
+    def _active(self) -> Any:
+        return self.schedulers[bisect.bisect_right(self.milestones, self.last_epoch)]
+
+    def step(self, metrics: float | None = None) -> None:
+        if metrics is not None:
+            active = self._active()
+            if steps_with_metric(active):
+                active.step(metrics)
+            return
+        self.last_epoch += 1
+        active = self._active()
+        starts = self.last_epoch in self.milestones
+        if steps_with_metric(active):
+            if starts:
+                for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+                    group["lr"] = lr
+        elif starts:
+            active.step(0)  # the restart from the base LRs, as SequentialLR makes it
+        else:
+            active.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = state["last_epoch"]
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(scheduler_state)
+
+
+def _step_parameters(scheduler: Any) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(scheduler.step).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def steps_with_metric(scheduler: Any) -> bool:
+    """Whether step() takes the monitored metric (ReduceLROnPlateau.step(metrics)): stepped after evaluations."""
+    parameters = _step_parameters(scheduler)
+    return bool(parameters) and (parameters[0].name == "metrics" or parameters[0].default is inspect.Parameter.empty)
+
+
+def steps_per_interval(scheduler: Any) -> bool:
+    """Whether step() is called after every interval: it needs no argument."""
+    parameters = _step_parameters(scheduler)
+    return not parameters or parameters[0].default is not inspect.Parameter.empty
+
+
+def _is_plateau_class(target: str) -> bool:
+    from hydra.utils import get_class
+
+    try:
+        return issubclass(get_class(target), torch.optim.lr_scheduler.ReduceLROnPlateau)
+    except Exception:  # not a class (the build reports it)
+        return False
+
+
+def build_scheduler(key: str, node: Any, optimizer: torch.optim.Optimizer, *, mode: str | None = None) -> Any:
+    """A `_target_` scheduler node built around `optimizer` as cls(optimizer, **node); a `schedulers` list in the
+    node is built the same way first, around the same optimizer, and passed as objects (SequentialLR,
+    ChainedScheduler, SequentialSchedule). `mode` (the monitor's) is given to a ReduceLROnPlateau that sets none."""
+    node = {name: value for name, value in node.items() if name != "_partial_"}
+    children = node.pop("schedulers", None)
+    if children is not None:
+        if not isinstance(children, list) or not all(is_target_node(child) for child in children):
+            raise ConfigError(f"{key}.schedulers must be a list of `_target_` scheduler nodes, got {children!r}")
+        built = [build_scheduler(f"{key}.schedulers[{index}]", child, optimizer, mode=mode)
+                 for index, child in enumerate(children)]
+        scheduler = build(key, node, optimizer=optimizer, schedulers=built)
+    else:
+        if mode is not None and "mode" not in node and _is_plateau_class(node["_target_"]):
+            node["mode"] = mode
+        scheduler = build(key, node, optimizer)
+    missing = [name for name in ("step", "state_dict", "load_state_dict")
+               if not callable(getattr(scheduler, name, None))]
+    if missing:
+        raise ConfigError(f"{key}: {type(scheduler).__name__} is not a learning-rate scheduler (it has no "
+                          f"{', '.join(missing)}); it is built as cls(optimizer, **node)")
+    return scheduler
+
+
+# -- parameter groups ------------------------------------------------------------------------------------------
 @dataclass
 class ParameterGroup:
     name: str
     optimizer: torch.optim.Optimizer
-    multiplier: LRMultiplier
+    multiplier: LRMultiplier | None  # None with a torch scheduler
     base_lrs: list[float]  # the optimizer's learning rates as configured, one per torch param group
+    # schedule.scheduler, built around `optimizer`; it sets the learning rates itself when it is stepped.
+    scheduler: Any = None
+    interval: str = "step"
+    monitor: str = "loss"  # the validation mean a scheduler stepped with the metric is given
 
     def set_learning_rates(self, step: int) -> float:
         """Set the learning rates of optimizer step `step` (0-based); returns the first one. Cheaper than
-        LambdaLR.step(), which costs a tiny model's step ~10 us more, and stateless."""
+        LambdaLR.step(), which costs a tiny model's step ~10 us more, and stateless. With a torch scheduler:
+        the learning rate it set when last stepped."""
+        if self.multiplier is None:
+            return float(self.optimizer.param_groups[0]["lr"])
         factor = self.multiplier(step)
         for param_group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(param_group["lr"], torch.Tensor):  # an optimizer with a tensor LR keeps its tensor
@@ -110,6 +232,17 @@ class ParameterGroup:
             else:
                 param_group["lr"] = base_lr * factor
         return self.base_lrs[0] * factor
+
+    def after_step(self, *, epoch_ended: bool) -> None:
+        """Step the torch scheduler after an optimizer step (interval step) or an epoch's last one (epoch)."""
+        if self.scheduler is not None and (self.interval == "step" or epoch_ended) \
+                and steps_per_interval(self.scheduler):
+            self.scheduler.step()
+
+    def after_evaluation(self, means: dict[str, float]) -> None:
+        """Step a scheduler that takes the metric with the monitored validation mean (the same on every rank)."""
+        if self.scheduler is not None and steps_with_metric(self.scheduler):
+            self.scheduler.step(means[self.monitor])
 
 
 def _make_optimizer(name: Any, params: list[nn.Parameter], lr: float, weight_decay: float,
@@ -127,10 +260,12 @@ def _make_optimizer(name: Any, params: list[nn.Parameter], lr: float, weight_dec
 
 
 def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: int, steps_per_epoch: int,
-                           phase_factor: Callable[[int], float] | None = None) -> list[ParameterGroup]:
+                           phase_factor: Callable[[int], float] | None = None, monitor: str = "loss",
+                           monitor_mode: str = "min") -> list[ParameterGroup]:
     """Split the model's parameters by name patterns and build one optimizer + schedule per group.
 
-    The first group, "default", holds every parameter no configured group matches.
+    The first group, "default", holds every parameter no configured group matches. `monitor` and `monitor_mode`
+    (callbacks.monitor) are the metric a scheduler stepped with the metric follows unless its schedule names one.
     """
     assigned: dict[str, list[nn.Parameter]] = {"default": []}
     for group in config.param_groups:
@@ -163,10 +298,17 @@ def build_parameter_groups(model: nn.Module, config: OptimConfig, *, max_steps: 
         optimizer_key = f"{key}.optimizer" if group is not None and group.optimizer else "optim.optimizer"
         optimizer = _make_optimizer(optimizer_name, params, lr, weight_decay, config, key=optimizer_key)
         schedule_key = f"{key}.schedule" if group is not None and group.schedule else "optim.schedule"
+        base_lrs = [float(param_group["lr"]) for param_group in optimizer.param_groups]
+        if schedule.scheduler is not None:  # (config.py refuses freeze phases' LR factors with it)
+            scheduler = build_scheduler(f"{schedule_key}.scheduler", schedule.scheduler, optimizer,
+                                        mode=monitor_mode if schedule.monitor is None else None)
+            groups.append(ParameterGroup(name=name, optimizer=optimizer, multiplier=None, base_lrs=base_lrs,
+                                         scheduler=scheduler, interval=schedule.interval,
+                                         monitor=schedule.monitor or monitor))
+            continue
         multiplier = make_multiplier(schedule, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                                      key=schedule_key)
         multiplier.phase_factor = phase_factor
-        base_lrs = [float(param_group["lr"]) for param_group in optimizer.param_groups]
         groups.append(ParameterGroup(name=name, optimizer=optimizer, multiplier=multiplier, base_lrs=base_lrs))
     if not groups:
         raise ConfigError("optim.param_groups freeze every parameter of the model: nothing to train")

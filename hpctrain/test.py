@@ -103,7 +103,8 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
             config=config.data, num_workers=num_workers, pin_memory=False)
         evaluator = Evaluator(inputs=config.task.inputs, loss=components.loss, metrics=components.metrics, dist=dist,
                               device=dist.device, on_cpu=config.task.evaluate_on_cpu,
-                              autocast=autocast_for(dist.device, config.trainer.precision))
+                              autocast=autocast_for(dist.device, config.trainer.precision),
+                              device_transforms=components.device_transforms, seed=seed, stage="test")
         evaluation = evaluator(model, loader, step=info.step)
         stop_loader_workers()
         if dist.is_main:

@@ -36,6 +36,7 @@ from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plo
 from hpctrain import watchdog
 from hpctrain.optim import build_parameter_groups
 from hpctrain.seeding import capture_rng_state, restore_rng_state
+from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     step_in_epoch: int = 0  # steps done in `epoch`
-    best_loss: float = math.inf
+    best_loss: float = math.inf  # the validation loss at best_step
     best_step: int = 0
+    # The best validation mean of callbacks.monitor so far (NaN: none yet; checkpoints from before it have none).
+    best_value: float = math.nan
     evaluations_without_improvement: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite_steps: int = 0
@@ -84,6 +87,7 @@ class Trainer:
         self.dist = dist
         self.split = split = components.split
         self.loss = components.loss
+        self.device_transforms = components.device_transforms
         self.record_train_samples = config.callbacks.metrics.per_sample_train
         self.inputs = list(config.task.inputs)
         self.device = dist.device
@@ -107,7 +111,11 @@ class Trainer:
         self.freeze = FreezeSchedule(config.optim.freeze, steps_per_epoch=self.sampler.steps_per_epoch)
         self.groups = build_parameter_groups(self.model, config.optim, max_steps=trainer_cfg.max_steps,
                                              steps_per_epoch=self.sampler.steps_per_epoch,
-                                             phase_factor=self.freeze.lr_factor if self.freeze.enabled else None)
+                                             phase_factor=self.freeze.lr_factor if self.freeze.enabled else None,
+                                             monitor=config.callbacks.monitor.metric,
+                                             monitor_mode=config.callbacks.monitor.mode)
+        # Groups with a torch scheduler (schedule.scheduler), stepped after steps, epochs or evaluations.
+        self.scheduled_groups = [group for group in self.groups if group.scheduler is not None]
         self.always_frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         self.phase: Phase | None = None
         self.ddp_model: nn.Module = self.model
@@ -137,7 +145,8 @@ class Trainer:
 
         self.evaluator = Evaluator(inputs=self.inputs, loss=self.loss, metrics=components.metrics, dist=dist,
                                    device=self.device, autocast=self._autocast, gather=config.task.gather,
-                                   on_cpu=config.task.evaluate_on_cpu)
+                                   on_cpu=config.task.evaluate_on_cpu,
+                                   device_transforms=components.device_transforms, seed=config.seed)
         # The task's plot hook, for rank 0, drawn in a process of its own (started in fit).
         self.plot = components.plot if dist.is_main else None
         self.plots: PlotWorker | None = None
@@ -203,6 +212,9 @@ class Trainer:
             with nullcontext() if sync else self.ddp_model.no_sync():
                 if self.device.type != "cpu":
                     batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+                if self.device_transforms:  # the steps of an epoch never span two: its batches are this epoch's
+                    batch = apply_device_transforms(self.device_transforms, batch, seed=self.config.seed,
+                                                    stage="train", epoch=self.state.epoch)
                 with self._autocast():
                     outputs = self.ddp_model(*model_inputs(batch, self.inputs))
                     components = self._per_sample_loss(outputs, batch)
@@ -276,12 +288,17 @@ class Trainer:
         its named components (`loss.<name>`) and every metric."""
         return self.evaluator(self.model, self.val_loader, step=self.state.step)
 
-    def _update_early_stopping(self, loss: float) -> bool:
-        """Record an evaluation; True if it is the best so far."""
+    def _update_early_stopping(self, means: dict[str, float]) -> bool:
+        """Record an evaluation's validation means; True if its monitored value (callbacks.monitor) is the best so
+        far."""
         settings = self.config.callbacks.early_stopping
-        improved = loss < self.state.best_loss - settings.min_delta
+        monitor = self.config.callbacks.monitor
+        value, best = means[monitor.metric], self.state.best_value
+        better = value < best - settings.min_delta if monitor.mode == "min" else value > best + settings.min_delta
+        improved = not math.isnan(value) and (math.isnan(best) or better)
         if improved:
-            self.state.best_loss, self.state.best_step = loss, self.state.step
+            self.state.best_value, self.state.best_step = value, self.state.step
+            self.state.best_loss = means["loss"]
             self.state.evaluations_without_improvement = 0
         else:
             self.state.evaluations_without_improvement += 1
@@ -309,6 +326,8 @@ class Trainer:
             "train_state": asdict(self.state),
             "model": self.model.state_dict(),
             "optimizers": [group.optimizer.state_dict() for group in self.groups],
+            # Each group's torch scheduler (schedule.scheduler), None for a built-in schedule (a function of step).
+            "schedulers": [None if group.scheduler is None else group.scheduler.state_dict() for group in self.groups],
             "parameter_groups": [group.name for group in self.groups],
             "grad_scaler": self.grad_scaler.state_dict(),
             "rng": rng_states,
@@ -352,8 +371,18 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for group, optimizer_state in zip(self.groups, state["optimizers"]):
             group.optimizer.load_state_dict(optimizer_state)
+        for group, scheduler_state in zip(self.groups, state.get("schedulers", [None] * len(self.groups))):
+            if (group.scheduler is None) != (scheduler_state is None):
+                raise ConfigError(f"cannot resume {self.run_dir}: parameter group {group.name!r}'s schedule changed "
+                                  f"between a torch scheduler (schedule.scheduler) and a built-in one; use a new "
+                                  f"run directory")
+            if group.scheduler is not None:
+                group.scheduler.load_state_dict(scheduler_state)
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.state = TrainState(**state["train_state"])
+        monitor = self.config.callbacks.monitor
+        if "best_value" not in state["train_state"] and (monitor.metric, monitor.mode) == ("loss", "min"):
+            self.state.best_value = self.state.best_loss  # a checkpoint from before callbacks.monitor
         if state["world_size"] != self.dist.world_size:
             log.warning("resuming a %d-rank run on %d ranks: same samples per step, but per-rank random streams "
                         "differ, so the result is not bitwise that of the original layout",
@@ -435,8 +464,11 @@ class Trainer:
             self.state.step_in_epoch += 1
             watchdog.beat(self.state.step)
             epoch = self.state.epoch
-            if self.state.step_in_epoch == self.sampler.steps_per_epoch:
+            epoch_ended = self.state.step_in_epoch == self.sampler.steps_per_epoch
+            if epoch_ended:
                 self.state.epoch, self.state.step_in_epoch, batches = self.state.epoch + 1, 0, None
+            for group in self.scheduled_groups:  # a skipped step counts, as for the built-in schedules
+                group.after_step(epoch_ended=epoch_ended)
             if result.nonfinite:
                 self.state.nonfinite_steps += 1
                 self.state.consecutive_nonfinite_steps += 1
@@ -486,20 +518,24 @@ class Trainer:
             with watchdog.paused("evaluation"):
                 evaluation = self.validate()
             per_sample = evaluation.per_sample
+            # The same on every rank: every rank gathered every sample's values (Evaluator).
             means = {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}
-            improved = self._update_early_stopping(means["loss"])
+            improved = self._update_early_stopping(means)
+            for group in self.scheduled_groups:  # before the checkpoint below, which must hold the new state
+                group.after_evaluation(means)
             if self.metrics is not None:
                 self.metrics.log_validation(step=step, per_sample=per_sample)
                 self.metrics.flush()
             if self.dist.is_main:
                 shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
-                log.info("step %d: validation %s (best loss %.5g at step %d)", step, shown, self.state.best_loss,
-                         self.state.best_step)
+                log.info("step %d: validation %s (best %s %.5g at step %d)", step, shown,
+                         self.config.callbacks.monitor.metric, self.state.best_value, self.state.best_step)
             early_stopping = self.config.callbacks.early_stopping
             if (early_stopping.enabled
                     and self.state.evaluations_without_improvement >= early_stopping.patience):
                 limit = (f"early stopping: no improvement over {early_stopping.patience} evaluations "
-                         f"(best {self.state.best_loss:.5g} at step {self.state.best_step})")
+                         f"(best {self.config.callbacks.monitor.metric} {self.state.best_value:.5g} at step "
+                         f"{self.state.best_step})")
             every = self.config.callbacks.metrics.task_plot_every_evaluations
             evaluation.final = bool(limit)
             if self.plots is not None and (evaluation.final or (every and step // self.config.trainer.val_every_steps

@@ -5,6 +5,12 @@ A transform is a callable `transform(batch) -> batch`, or `transform(batch, cont
 random numbers: `context.generators()` gives one numpy Generator per sample, keyed on (seed, stage, epoch, sample
 index, position of the transform in the list) and on nothing else, so the augmented batch is the same for any
 number of loader workers and ranks, and a resumed run draws exactly what an uninterrupted one would.
+
+Device transforms (`task.device_transforms`, `apply_device_transforms`) follow the same contract in the training
+process, on the batch after it is on the device and before the forward pass (e.g. interpolating a volume on the
+GPU at a batch's coordinates, as dwi_ml does): `transform(batch) -> batch`, or `transform(batch, context)` with a
+`DeviceTransformContext`, whose `generators()` are torch Generators on the batch's device, one per sample, keyed on
+(seed, stage, epoch, sample index, position) apart from the loader transforms' keys.
 """
 
 from __future__ import annotations
@@ -36,6 +42,55 @@ class TransformContext:
         stage = STAGES.index(self.stage)
         return [np.random.default_rng([self.seed, stage, self.epoch, int(index), self.position])
                 for index in self.indices]
+
+
+@dataclass(frozen=True)
+class DeviceTransformContext:
+    """Where a batch on the device comes from, for device transforms that draw random numbers."""
+
+    seed: int
+    stage: str  # train, validation or test
+    epoch: int  # the training epoch; 0 in validation and the test phase (as for the loader's transforms)
+    indices: np.ndarray  # the batch's sample indices (batch["index"]), on the host
+    position: int  # of the transform in task.device_transforms
+    device: torch.device
+
+    def seeds(self) -> list[int]:
+        """One 63-bit seed per sample, a function of (seed, stage, epoch, sample index, position) only."""
+        stage = STAGES.index(self.stage)
+        return [int(np.random.SeedSequence([self.seed, stage, self.epoch, int(index), self.position, _DEVICE])
+                    .generate_state(1, np.uint64)[0] >> np.uint64(1)) for index in self.indices]
+
+    def generators(self) -> list[torch.Generator]:
+        """One torch Generator per sample, on the batch's device: draw sample i's numbers with
+        `torch.rand(shape, generator=generators[i], device=context.device)`."""
+        generators = []
+        for seed in self.seeds():
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            generators.append(generator)
+        return generators
+
+
+# Keeps the device transforms' keys apart from the loader transforms' (same seed, stage, epoch, index, position).
+_DEVICE = 1
+
+
+def apply_device_transforms(transforms: Sequence[Callable[..., Any]], batch: Batch, *, seed: int, stage: str,
+                            epoch: int = 0) -> Batch:
+    """Run task.device_transforms, in order, on a batch already on its device (training, validation, the test
+    phase and prediction all call this). `epoch` is the training epoch (0 outside training)."""
+    if not transforms:
+        return batch
+    indices = batch["index"].cpu().numpy()  # one small copy to the host (a sync on a GPU) per batch
+    device = batch["index"].device
+    for position, transform in enumerate(transforms):
+        if takes_context(transform):
+            batch = transform(batch, DeviceTransformContext(seed=seed, stage=stage, epoch=epoch, indices=indices,
+                                                            position=position, device=device))
+        else:
+            batch = transform(batch)
+    return batch
 
 
 def takes_context(transform: Callable[..., Any]) -> bool:

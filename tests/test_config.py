@@ -76,6 +76,13 @@ BAD_INPUTS = [
     (["trainer.device=cpu", "trainer.precision=fp16"], "fp16 needs a CUDA device"),
     (["+optim.param_groups=[{name: head, params: [nothing.*]}]"], "matches no parameter"),
     (["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1)"),
+    (["optim.schedule.scheduler={_target_: torch.optim.lr_scheduler.SequentialLR, milestones: [5], schedulers: "
+      "[{_target_: torch.optim.lr_scheduler.LinearLR, total_iters: 5}, "
+      "{_target_: torch.optim.lr_scheduler.CosineAnnealingLR, T_mx: 10}]}"],
+     "optim.schedule.scheduler.schedulers[1]: CosineAnnealingLR.__init__() got an unexpected keyword argument 'T_mx'"),
+    (["callbacks.monitor.metric=accuracy"], "callbacks.monitor.metric: 'accuracy' is not a validation value; "
+                                            "available: loss, baseline_no_distortion, "),
+    (["callbacks.monitor.mode=maximum"], "callbacks.monitor.mode must be one of min, max"),
 ]
 
 
