@@ -175,6 +175,10 @@ class CheckpointManager:
         self._pending: Future[None] | None = None
         self._snapshot: Any = None
 
+    def path_of(self, step: int) -> Path:
+        """Where the checkpoint of `step` is (or would be) written."""
+        return self.directory / f"{_checkpoint_name(step)}.pt"
+
     def remove_stale_temporaries(self) -> None:
         """Delete what a write killed half-way left behind (only ever temporary names)."""
         if self.directory.is_dir():

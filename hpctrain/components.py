@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hpctrain.config import Config, ConfigError, DataConfig, is_target_node
+from hpctrain.callbacks import HOOKS
+from hpctrain.config import LOGGERS, CallbacksConfig, Config, ConfigError, DataConfig, is_target_node
 from hpctrain.data import BatchReader, Split, make_split
 from hpctrain.instantiate import build, first_line
 from hpctrain.optim import build_parameter_groups
@@ -50,6 +51,8 @@ class Components:
     plot: Callable[..., Any] | None = None
     # task.device_transforms, run on the device before the forward pass (hpctrain.transforms).
     device_transforms: list[Callable[..., Batch]] = field(default_factory=list)
+    # (config key, callback) of callbacks.user and callbacks.loggers (each logger in its LoggerFeed).
+    callbacks: list[tuple[str, Any]] = field(default_factory=list)
 
 
 # -- building --------------------------------------------------------------------------------------------------
@@ -129,6 +132,36 @@ def prepare_data(config: Config) -> None:
         build("data.prepare", config.data.prepare)
 
 
+def build_callbacks(config: CallbacksConfig) -> list[tuple[str, Any]]:
+    """The user's callbacks and the loggers (checked: a logger's package is installed, with the pip command if
+    not; a callback has at least one hook)."""
+    from hpctrain.loggers import Logger, LoggerFeed
+
+    callbacks: list[tuple[str, Any]] = []
+    for index, node in enumerate(config.user):
+        key = f"callbacks.user[{index}]"
+        callback = build(key, node)
+        if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
+            raise ConfigError(f"{key}: {type(callback).__name__} has none of the hooks {', '.join(HOOKS)}")
+        callbacks.append((key, callback))
+    names: dict[str, str] = {}
+    for index, node in enumerate(config.loggers):
+        key = f"callbacks.loggers[{index}]"
+        logger = build(key, {"_target_": LOGGERS[node]} if isinstance(node, str) else node)
+        if not isinstance(logger, Logger):
+            raise ConfigError(f"{key}: {type(logger).__name__} is not a hpctrain.loggers.Logger")
+        try:
+            logger.check()
+        except ConfigError as error:
+            raise ConfigError(f"{key}: {error}") from None
+        if logger.name in names:  # each logger keeps its state in loggers/<name>.json
+            raise ConfigError(f"{key}: a second logger named {logger.name!r} (also {names[logger.name]}); give it "
+                              f"another `name`")
+        names[logger.name] = key
+        callbacks.append((key, LoggerFeed(logger, key=key, close_timeout_s=config.logger_close_timeout_s)))
+    return callbacks
+
+
 def build_components(config: Config) -> Components:
     """The model (after seeding, so every rank and every restart starts from the same weights), the datasets and
     their split, the loss, the metrics and the transforms."""
@@ -158,7 +191,8 @@ def build_components(config: Config) -> Components:
     if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError(f"model: {type(model).__name__} has no trainable parameter")
     return Components(model=model, loss=loss, metrics=metrics, split=split, transforms=transforms,
-                      test_dataset=test, plot=plot, device_transforms=device_transforms)
+                      test_dataset=test, plot=plot, device_transforms=device_transforms,
+                      callbacks=build_callbacks(config.callbacks))
 
 
 # -- the contract, checked --------------------------------------------------------------------------------------

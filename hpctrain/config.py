@@ -428,6 +428,11 @@ class MetricsConfig:
                  f"callbacks.metrics.task_plot_every_evaluations must be >= 0, got {self.task_plot_every_evaluations}")
 
 
+# Shorthands of callbacks.loggers entries for the built-in loggers (hpctrain.loggers).
+LOGGERS = {"tensorboard": "hpctrain.loggers.tensorboard.TensorBoardLogger",
+           "mlflow": "hpctrain.loggers.mlflow.MLflowLogger"}
+
+
 @dataclass
 class MonitorConfig:
     """The validation value that decides early stopping, the best checkpoint, a ReduceLROnPlateau schedule and
@@ -447,6 +452,25 @@ class CallbacksConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Experiment trackers (docs/watching.md): a shorthand (tensorboard, mlflow) or a `_target_` node of a
+    # hpctrain.loggers.Logger, e.g. {_target_: hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: ...}.
+    loggers: List[Any] = field(default_factory=list)
+    # The user's own callbacks (hpctrain.callbacks): `_target_` nodes of objects with on_step_end, ... hooks.
+    user: List[Any] = field(default_factory=list)
+    # How long the end of a run's process waits for a logger to deliver its last rows (they are not lost: the
+    # next start of the run sends what is left).
+    logger_close_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for index, node in enumerate(self.loggers):
+            if isinstance(node, str):
+                _one_of(f"callbacks.loggers[{index}]", node, tuple(LOGGERS))
+            else:
+                _require_target(f"callbacks.loggers[{index}]", node)
+        for index, node in enumerate(self.user):
+            _require_target(f"callbacks.user[{index}]", node)
+        _require(self.logger_close_timeout_s >= 0,
+                 f"callbacks.logger_close_timeout_s must be >= 0, got {self.logger_close_timeout_s}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import h5py
 import numpy as np
@@ -45,6 +45,23 @@ FORMAT_VERSION = 2
 _TRAIN_SCALARS = {"step": np.int64, "epoch": np.int64, "loss": np.float64, "grad_norm": np.float64,
                   "samples_per_second": np.float64, "nonfinite": np.uint8}
 _STEP_ROW = "training step row"
+
+
+@dataclass(frozen=True)
+class MetricsRow:
+    """One row as the loggers receive it: a training step's scalars, or an evaluation's means."""
+
+    kind: str  # "train" or "validation"
+    step: int
+    # train: loss, loss.<name>, grad_norm, samples_per_second, nonfinite, epoch, lr/<group>;
+    # validation: the mean of loss, loss.<name>, each metric, and loss/<baseline> ratios.
+    values: dict[str, float]
+
+
+class MetricsListener(Protocol):
+    """Receives every row once it is in metrics.h5 (hpctrain.loggers): the writer's flushes feed the loggers."""
+
+    def metrics_flushed(self, rows: list[MetricsRow]) -> None: ...
 
 
 @dataclass
@@ -67,6 +84,7 @@ class MetricsWriter:
         self._validation_buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._num_validation_samples = len(validation_sample_index)
         self._open_datasets: dict[str, h5py.Dataset] = {}
+        self.listeners: list[MetricsListener] = []
         # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
         # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
@@ -172,6 +190,7 @@ class MetricsWriter:
         dataset[start:] = rows
 
     def flush(self) -> None:
+        rows = self._listener_rows() if self.listeners else []
         if self._train_buffer:
             offset = self.file["train/step"].shape[0]
             names = list(dict.fromkeys(name for row in self._train_buffer for name in row))
@@ -205,6 +224,46 @@ class MetricsWriter:
             self._sample_buffer.clear()
         self.file.flush()
         self._flushed_at = time.monotonic()
+        if rows:
+            for listener in self.listeners:
+                listener.metrics_flushed(rows)
+
+    def _listener_rows(self) -> list[MetricsRow]:
+        """The buffered rows, in step order, as the listeners receive them."""
+        rows = [MetricsRow("train", int(row["step"]), _train_values(row, learning_rates, self.parameter_groups))
+                for row, learning_rates in zip(self._train_buffer, self._lr_buffer)]
+        rows += [MetricsRow("validation", step, _validation_values(
+            {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}))
+            for step, per_sample in self._validation_buffer]
+        rows.sort(key=lambda row: (row.step, row.kind == "validation"))
+        return rows
+
+    def rows_after(self, *, train_step: int, validation_step: int) -> list[MetricsRow]:
+        """The rows on disk past these steps (a logger catching up after a restart), in step order."""
+        self.flush()
+        rows = []
+        train = self.file["train"]
+        steps = train["step"][()]
+        keep = np.flatnonzero(steps > train_step)
+        if len(keep):
+            columns = {name: train[name][keep[0]:] for name in train if name not in ("step", "lr")
+                       and train[name].ndim == 1}
+            lrs = train["lr"][keep[0]:]
+            for offset, step in enumerate(steps[keep[0]:]):
+                row = {name: column[offset] for name, column in columns.items()}
+                rows.append(MetricsRow("train", int(step), _train_values(row, lrs[offset], self.parameter_groups)))
+        validation = self.file["validation"]
+        steps = validation["step"][()]
+        keep = np.flatnonzero(steps > validation_step)
+        if len(keep):
+            names = [name for name in validation if name not in ("step", "sample_index")
+                     and isinstance(validation[name], h5py.Dataset)]
+            columns = {name: validation[name][keep[0]:] for name in names}
+            for offset, step in enumerate(steps[keep[0]:]):
+                rows.append(MetricsRow("validation", int(step), _validation_values(
+                    {name: float(column[offset]) for name, column in columns.items()})))
+        rows.sort(key=lambda row: (row.step, row.kind == "validation"))
+        return rows
 
     def flush_if_due(self) -> None:
         """Flush if `flush_every_s` seconds have passed since the last flush."""
@@ -222,6 +281,20 @@ class MetricsWriter:
         if self.file.id.valid:
             self.flush()
             self.file.close()
+
+
+def _train_values(row: dict[str, float], learning_rates: Sequence[float],
+                  parameter_groups: Sequence[str]) -> dict[str, float]:
+    values = {name: float(value) for name, value in row.items() if name != "step"}
+    values.update({f"lr/{group}": float(lr) for group, lr in zip(parameter_groups, learning_rates)})
+    return {name: value for name, value in values.items() if not np.isnan(value)}
+
+
+def _validation_values(means: dict[str, float]) -> dict[str, float]:
+    values = dict(means)
+    if "loss" in means:
+        values.update({f"loss/{name}": ratio for name, ratio in baseline_ratios(means["loss"], means).items()})
+    return {name: value for name, value in values.items() if not np.isnan(value)}
 
 
 def baseline_ratios(loss: float, metrics: dict[str, float]) -> dict[str, float]:

@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from hpctrain.callbacks import Callbacks, CheckpointView, EndView, EvaluationView, RunView, StepView, read_only
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.components import Batch, Components, model_inputs, per_sample_components
-from hpctrain.config import Config, ConfigError, to_json
+from hpctrain.config import Config, ConfigError, to_dict, to_json
 from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
 from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
 from hpctrain.distributed import DistributedContext, available_cpus
@@ -154,6 +155,9 @@ class Trainer:
                                              keep_steps=config.callbacks.checkpoint.keep_steps)
         self.state = TrainState()
         self.metrics: MetricsWriter | None = None
+        # What watches the run (the user's callbacks, the loggers): called with copies, never changing training.
+        self.watchers = components.callbacks
+        self.callbacks = Callbacks(components.callbacks, is_main=dist.is_main)
         log.info("rank %d: %d training / %d validation samples, global batch %d (%d x %d micro-batches x %d "
                  "ranks), %d steps per epoch, %d loader workers, %d threads", dist.rank, len(split.train_indices),
                  len(split.val_indices), self.sampler.global_batch_size, trainer_cfg.micro_batch_size,
@@ -423,20 +427,49 @@ class Trainer:
                 flush_every_s=self.config.callbacks.metrics.flush_every_seconds)
         if self.plot is not None:
             self.plots = PlotWorker(self.plot, self.run_dir / "plots")
+        self._start_watchers()
+        error = ""
         try:
             with watchdog.stepping():
                 self._loop()
+        except BaseException as exception:
+            error = f"{type(exception).__name__}: {exception}"
+            raise
         finally:
             stop_loader_workers()
             if self.metrics is not None:
-                self.metrics.close()
+                self.metrics.close()  # its last flush hands the last rows to the loggers
             if self.plots is not None:
                 self.plots.close()
             # The run (or a preemption's requeue) ends only once its last checkpoint is complete.
             self.checkpoints.close()
-        if self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
-            plot_run(self.run_dir)
+            plots = []
+            if not error and self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
+                plots = plot_run(self.run_dir)
+            if self.callbacks.active:
+                self.callbacks.call("on_end", self._end_view(plots, error))
         return self.state
+
+    def _start_watchers(self) -> None:
+        if not self.callbacks.active:
+            return
+        self.callbacks.call("on_start", RunView(
+            run_dir=self.run_dir, run_name=self.config.run_name, config=to_dict(self.config),
+            start_step=self.state.step, parameter_groups=tuple(group.name for group in self.groups),
+            rank=self.dist.rank, world_size=self.dist.world_size))
+        if self.metrics is not None:  # the loggers: fed by the metrics writer's flushes, from what it holds
+            for _, watcher in self.watchers:
+                if hasattr(watcher, "metrics_flushed"):
+                    watcher.metrics_attached(self.metrics)
+                    self.metrics.listeners.append(watcher)
+
+    def _end_view(self, plots: list[Path], error: str) -> EndView:
+        best = self.checkpoints.path_of(self.state.best_step) if self.state.best_step else None
+        task_plots = sorted((self.run_dir / "plots").glob("*.png")) if self.state.finished else []
+        return EndView(run_dir=self.run_dir, step=self.state.step, finished=self.state.finished,
+                       stop_reason=self.state.stop_reason, best_step=self.state.best_step,
+                       best_loss=self.state.best_loss, best_checkpoint=best if best and best.exists() else None,
+                       plots=tuple([*plots, *task_plots]), error=error)
 
     def _loop(self) -> None:
         trainer_cfg = self.config.trainer
@@ -485,6 +518,11 @@ class Trainer:
                     self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
                                                    loss=result.sample_loss)
                 self.metrics.flush_if_due()
+            if self.callbacks.wants("on_step_end"):
+                self.callbacks.call("on_step_end", StepView(
+                    step=self.state.step, epoch=epoch, loss=result.loss,
+                    loss_components=dict(result.loss_components), learning_rates=tuple(learning_rates),
+                    grad_norm=result.grad_norm, samples_per_second=samples_per_second, nonfinite=result.nonfinite))
             progress.update(1)
             if not progress.disable:
                 progress.set_postfix(loss=f"{result.loss:.4g}", lr=f"{learning_rates[0]:.3g}",
@@ -526,6 +564,12 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.log_validation(step=step, per_sample=per_sample)
                 self.metrics.flush()
+            if self.callbacks.wants("on_validation_end"):
+                self.callbacks.call("on_validation_end", EvaluationView(
+                    step=step, means=means, per_sample={name: read_only(values) for name, values in
+                                                       per_sample.items()},
+                    sample_index=read_only(evaluation.sample_index), best_step=self.state.best_step,
+                    improved=improved))
             if self.dist.is_main:
                 shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
                 log.info("step %d: validation %s (best %s %.5g at step %d)", step, shown,
@@ -549,3 +593,6 @@ class Trainer:
                 or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best)):
             with watchdog.paused("checkpoint"):
                 self.save_checkpoint()
+            if self.callbacks.wants("on_checkpoint"):
+                self.callbacks.call("on_checkpoint", CheckpointView(
+                    step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))

@@ -1,0 +1,105 @@
+"""MLflow: one MLflow run per run directory, reopened by its id (stored in `RUN_DIR/loggers/mlflow.json`) after a
+kill, a requeue or a rerun. The default store is an SQLite database in the run directory (no server; MLflow 3
+refuses its old `file:` store); any tracking URI is allowed (`http://host:5000` for an `mlflow server`).
+
+MLflow keeps every logged point, duplicates included, and cannot drop points: on reopening, the feed asks the
+run for its last step of each kind (the store is the truth, also after a kill between a delivery and the state
+write) and sends only later ones; the resumed run recomputes the rows past its checkpoint bit for bit, so each
+step is in the metric history once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from hpctrain.callbacks import EndView, RunView
+from hpctrain.loggers import Logger, flat_config
+from hpctrain.metrics import MetricsRow
+
+# MLflow's limits: 1000 metrics and 100 params per log_batch call; metric keys of [\w\-. /].
+_METRICS_PER_CALL = 1000
+_PARAMS_PER_CALL = 100
+_PARAM_LENGTH = 6000
+
+
+def metric_key(kind: str, name: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", f"{kind}/{name}")
+
+
+class MLflowLogger(Logger):
+    name = "mlflow"
+    packages = ("mlflow",)
+    extra = "mlflow"
+
+    def __init__(self, *, tracking_uri: str | None = None, experiment: str | None = None,
+                 run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.tags = dict(tags or {})
+        self.client: Any = None
+        self.run_id = ""
+
+    def open(self, run: RunView, state: dict[str, Any], *, rewind_to: int | None) -> dict[str, Any]:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        uri = state.get("tracking_uri") or self.tracking_uri or f"sqlite:///{run.run_dir / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        if state.get("run_id"):
+            self.run_id = state["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return {"tracking_uri": uri, "run_id": self.run_id}
+        name = self.experiment or str(run.config.get("task", {}).get("name", "hpctrain"))
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(name)
+            except Exception:  # another run (a sweep point) created it meanwhile
+                experiment_id = self.client.get_experiment_by_name(name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"hpctrain.run_dir": str(run.run_dir), **run_tags(run), **self.tags}
+        created = self.client.create_run(experiment_id, run_name=self.run_name or run.run_name, tags=tags)
+        self.run_id = created.info.run_id
+        params = [Param(key[:250], value[:_PARAM_LENGTH]) for key, value in flat_config(dict(run.config)).items()]
+        for start in range(0, len(params), _PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=params[start:start + _PARAMS_PER_CALL])
+        return {"tracking_uri": uri, "run_id": self.run_id}
+
+    def delivered_steps(self) -> dict[str, int]:
+        steps = {}
+        for kind in ("train", "validation"):
+            history = self.client.get_metric_history(self.run_id, metric_key(kind, "loss"))
+            steps[kind] = max((point.step for point in history), default=0)
+        return steps
+
+    def log_rows(self, rows: list[MetricsRow]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_key(row.kind, name), value, now, row.step)
+                   for row in rows for name, value in row.values.items()]
+        for start in range(0, len(metrics), _METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + _METRICS_PER_CALL])
+
+    def finish(self, end: EndView) -> None:
+        if end.finished:
+            for path in end.plots:
+                self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
+            if end.best_checkpoint is not None:
+                self.client.set_tag(self.run_id, "hpctrain.best_checkpoint", str(end.best_checkpoint))
+            self.client.set_tag(self.run_id, "hpctrain.stop_reason", end.stop_reason)
+        # A requeued or killed process leaves the run KILLED; its next start sets it RUNNING again.
+        self.client.set_terminated(self.run_id, status="FINISHED" if end.finished else
+                                   "FAILED" if end.error else "KILLED")
+
+
+def run_tags(run: RunView) -> dict[str, str]:
+    """A sweep point's tags: the sweep directory it belongs to (its run directory's parent)."""
+    tags = {"hpctrain.run_name": run.run_name}
+    if (Path(run.run_dir).parent / "multirun.yaml").exists():
+        tags["hpctrain.sweep"] = str(Path(run.run_dir).parent)
+    return tags

@@ -1,0 +1,260 @@
+"""Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost read back what a
+run killed twice and resumed logged (each step once, one run), and a run with a failing logger, a logger whose
+server is down and a user callback that draws random numbers ends bitwise equal to a run without any."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpctrain.callbacks import Callbacks, StepView
+from hpctrain.checkpoint import CheckpointManager
+from hpctrain.loggers import Logger
+
+from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+# 1 rank x 2 micro-batches: bitwise the updates of 2 ranks x 1 (docs/your-own-model.md), so one reference serves.
+RUN = ["trainer.max_steps=24", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=4",
+       "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false",
+       "trainer.micro_batch_size=8", "trainer.num_microbatches=2"]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get(url: str, timeout: float = 120) -> bytes:
+    """The body at `url`, waiting for the server to come up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def get_json(url: str) -> object:
+    return json.loads(get(url))
+
+
+class Server:
+    """A server process on a local port, stopped at the end."""
+
+    def __init__(self, command: list[str], port: int, ready_path: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        get(self.url + ready_path)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, torch.Tensor]:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    launch(tiny_overrides(tiny_data, *RUN), run_dir=run_dir)
+    return final_weights(run_dir)
+
+
+def assert_equal_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    weights = final_weights(run_dir)
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(info.step >= step for info in manager.complete()):
+            time.sleep(0.2)  # a few steps past the checkpoint: logged, then recomputed after the restart
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before step {step}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
+        tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
+    mlflow_port = free_port()
+    mlflow_server = Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                           mlflow_port, "/health")
+    try:
+        run_dir = tmp_path / "run"
+        args = tiny_overrides(tiny_data, *RUN, "callbacks.loggers=[tensorboard,{_target_: "
+                              f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{mlflow_server.url}'}}]")
+        kill_after_checkpoint(args, run_dir, 8)
+        kill_after_checkpoint(args, run_dir, 16)
+        assert "resumed from" in launch(args, run_dir=run_dir).stdout
+        assert_equal_weights(run_dir, reference)  # loggers change nothing
+        with h5py.File(run_dir / "metrics.h5", "r") as metrics:
+            train_loss = metrics["train/loss"][()]
+            validation_loss = metrics["validation/loss"][()]
+        steps = list(range(1, 25))
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=mlflow_server.url)
+        experiments = client.search_experiments()
+        runs = [run for experiment in experiments for run in client.search_runs([experiment.experiment_id])]
+        assert len(runs) == 1, "one MLflow run across the kills"
+        run_id = runs[0].info.run_id
+        assert json.loads((run_dir / "loggers" / "mlflow.json").read_text())["run_id"] == run_id
+        history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda point: point.step)
+        assert [point.step for point in history] == steps  # each step once
+        np.testing.assert_array_equal([point.value for point in history], train_loss)
+        validation = client.get_metric_history(run_id, "validation/loss")
+        assert sorted(point.step for point in validation) == [6, 12, 18, 24]
+        np.testing.assert_array_equal([p.value for p in sorted(validation, key=lambda p: p.step)], validation_loss)
+        assert runs[0].data.params["trainer.max_steps"] == "24"
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        mlflow_server.stop()
+
+    tensorboard_port = free_port()
+    tensorboard = Server([str(BIN / "tensorboard"), "--logdir", str(run_dir / "tensorboard"), "--host",
+                          "127.0.0.1", "--port", str(tensorboard_port), "--reload_interval", "0"],
+                         tensorboard_port, "/data/runs")
+    try:
+        assert get_json(f"{tensorboard.url}/data/runs") == ["."], "one TensorBoard run across the kills"
+        scalars = get_json(f"{tensorboard.url}/data/plugin/scalars/scalars?run=.&tag=train%2Floss")
+        assert [step for _, step, _ in scalars] == steps  # each step once: purge_step dropped the killed rows
+        np.testing.assert_allclose([value for _, _, value in scalars], train_loss, rtol=1e-6)
+        scalars = get_json(f"{tensorboard.url}/data/plugin/scalars/scalars?run=.&tag=validation%2Floss")
+        assert [step for _, step, _ in scalars] == [6, 12, 18, 24]
+    finally:
+        tensorboard.stop()
+
+
+class RaisingLogger(Logger):
+    """A logger that raises at every call (built from tests, like a user's own)."""
+
+    name = "raising"
+
+    def open(self, run, state, *, rewind_to):  # type: ignore[no-untyped-def]
+        raise OSError("disk full")
+
+    def log_rows(self, rows):  # type: ignore[no-untyped-def]
+        raise OSError("disk full")
+
+
+class RecordingCallback:
+    """Records every hook it sees, per rank, and draws random numbers to prove they do not shift training."""
+
+    rank_zero_only = False
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def _record(self, hook: str, step: int) -> None:
+        torch.rand(3), np.random.rand(), __import__("random").random()  # must not change the run's streams
+        rank = os.environ.get("RANK", "0")
+        with open(self.directory / f"rank{rank}.jsonl", "a") as file:
+            file.write(json.dumps([hook, step]) + "\n")
+
+    def on_start(self, run):  # type: ignore[no-untyped-def]
+        self._record("on_start", run.start_step)
+
+    def on_step_end(self, step):  # type: ignore[no-untyped-def]
+        assert isinstance(step.loss, float)
+        self._record("on_step_end", step.step)
+
+    def on_validation_end(self, evaluation):  # type: ignore[no-untyped-def]
+        assert not evaluation.per_sample["loss"].flags.writeable
+        self._record("on_validation_end", evaluation.step)
+
+    def on_checkpoint(self, checkpoint):  # type: ignore[no-untyped-def]
+        self._record("on_checkpoint", checkpoint.step)
+
+    def on_end(self, end):  # type: ignore[no-untyped-def]
+        self._record("on_end", end.step)
+
+
+def test_callbacks_on_two_ranks_and_failing_loggers_leave_the_run_bitwise_unchanged(
+        tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
+    records = tmp_path / "records"
+    records.mkdir()
+    dead_port = free_port()  # nothing listens: an MLflow server that is down
+    args = tiny_overrides(tiny_data, *RUN, "trainer.num_microbatches=1", "launcher.num_processes=2",
+                          f"callbacks.user=[{{_target_: tests.test_loggers.RecordingCallback, directory: '{records}'}}]",
+                          "callbacks.loggers=[{_target_: tests.test_loggers.RaisingLogger}, {_target_: "
+                          f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: 'http://127.0.0.1:{dead_port}'}}]",
+                          "callbacks.logger_close_timeout_s=5")
+    result = subprocess.run([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_equal_weights(tmp_path / "run", reference)
+    log = result.stdout + result.stderr
+    assert log.count("callbacks.loggers[0] (raising) failed") == 1  # logged once
+    assert log.count("callbacks.loggers[1] (mlflow) failed") == 1
+    for rank in (0, 1):
+        seen = [tuple(line) for line in map(json.loads, (records / f"rank{rank}.jsonl").read_text().splitlines())]
+        assert seen[0] == ("on_start", 0) and seen[-1] == ("on_end", 24)
+        assert [step for hook, step in seen if hook == "on_step_end"] == list(range(1, 25))
+        assert [step for hook, step in seen if hook == "on_validation_end"] == [6, 12, 18, 24]
+        assert [step for hook, step in seen if hook == "on_checkpoint"] == [4, 8, 12, 16, 20, 24]
+
+
+def test_a_logger_whose_package_is_missing_is_refused_with_the_pip_command(tmp_path: Path, tiny_data: Path) -> None:
+    args = tiny_overrides(tiny_data, "callbacks.loggers=[{_target_: tests.test_loggers.NeedsMissingPackage}]")
+    result = launch(args, run_dir=tmp_path / "run", check=False)
+    assert result.returncode == 2
+    assert "callbacks.loggers[0]: the missing logger needs no_such_tracker_package" in result.stderr
+    assert "pip install 'hpctrain[missing]'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+class NeedsMissingPackage(Logger):
+    name, packages, extra = "missing", ("no_such_tracker_package",), "missing"
+
+
+@pytest.mark.parametrize("hook_raises", [False, True])
+def test_callbacks_restore_random_states_and_a_raising_hook_is_called_once(hook_raises: bool) -> None:
+    calls = []
+
+    class Drawing:
+        def on_step_end(self, step: StepView) -> None:
+            calls.append(step.step)
+            torch.rand(5)
+            if hook_raises:
+                raise RuntimeError("bug in a user's callback")
+
+    callbacks = Callbacks([("callbacks.user[0]", Drawing())], is_main=True)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    view = StepView(step=1, epoch=0, loss=1.0, loss_components={}, learning_rates=(0.1,), grad_norm=0.0,
+                    samples_per_second=1.0, nonfinite=False)
+    callbacks.call("on_step_end", view)
+    callbacks.call("on_step_end", view)
+    assert torch.equal(torch.rand(3), expected)
+    assert calls == ([1] if hook_raises else [1, 1])
