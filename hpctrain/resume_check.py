@@ -69,10 +69,9 @@ def schedule_change(saved_config: Mapping[str, Any], config: Config, *, step: in
     saved_max_steps = saved_config.get("trainer", {}).get("max_steps")
     saved_schedules = {group: schedule for group, _, schedule in _schedules(saved_config.get("optim", {}))}
     max_steps = config.trainer.max_steps
-    reported = set()
     for group, key, schedule in _schedules(config.optim):
         saved = saved_schedules.get(group)
-        if (saved is None or saved_max_steps is None or key in reported or schedule.total is not None
+        if (saved is None or saved_max_steps is None or schedule.total is not None
                 or schedule.name not in SCHEDULES_WITH_LENGTH):
             continue  # a length chosen explicitly, or one that does not shape the schedule
         length = schedule_length(None, schedule.interval, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
@@ -86,7 +85,6 @@ def schedule_change(saved_config: Mapping[str, Any], config: Config, *, step: in
         first = next((s for s in range(step, max_steps) if new(s) != old(s)), None)  # 0-based steps
         if first is None:
             continue  # e.g. still in the warm-up, which does not depend on the length
-        reported.add(key)
         group_config = next((g for g in config.optim.param_groups if g.name == group), None)
         lr = (group_config.lr if group_config is not None and group_config.lr else None) or config.optim.lr
         unit = f"{schedule.interval}s"
