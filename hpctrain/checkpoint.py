@@ -334,6 +334,12 @@ class CheckpointManager:
                 log.warning("checkpoint %s is unusable: %s; trying the previous one", info.path, error)
         return None
 
+    @staticmethod
+    def load_mapped(info: CheckpointInfo) -> dict[str, Any]:
+        """The checkpoint with its tensors memory-mapped from the file, not read: for a look at names, shapes and
+        the config of a checkpoint `newest_valid` has just verified, without holding a second copy in memory."""
+        return torch.load(info.path, map_location="cpu", weights_only=True, mmap=True)
+
     @classmethod
     def load(cls, info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         data = cls.read_verified(info)

@@ -33,6 +33,10 @@ from hpctrain.transforms import TransformContext, takes_context
 log = logging.getLogger(__name__)
 
 
+# The dataset summaries this process has logged (HDF5Dataset._log_summary).
+_summaries_logged: set[str] = set()
+
+
 class FieldSpec(NamedTuple):
     """Where a batch field lives in each file: one dataset (rows along axis 0), or, for a ragged field, a flat
     `values` dataset and an (n+1,) `offsets` dataset (sample i is values[offsets[i]:offsets[i+1]])."""
@@ -105,6 +109,7 @@ class HDF5Dataset(Dataset):
         self._plain_names = [spec.name for spec in self.specs if spec.offsets is None]
         self._readers: list[_FileReaders] | None = None
         self._pid: int | None = None
+        self._summary_logged = False  # pickled with the dataset: loader workers do not say it again
 
     def _check_file(self, path: Path) -> int:
         """The file's sample count; every problem is a ValueError naming the file and the field."""
@@ -134,9 +139,11 @@ class HDF5Dataset(Dataset):
                         raise ValueError(f"field {spec.name!r}: {path}:/{spec.offsets} must be a 1-D integer dataset "
                                          f"of n+1 offsets, got {offsets.shape} {offsets.dtype}")
                     rows = offsets.shape[0] - 1
-                    if offsets[-1] != values.shape[0]:
-                        raise ValueError(f"field {spec.name!r}: the last offset in {path}:/{spec.offsets} is "
-                                         f"{offsets[-1]}, but {spec.values} holds {values.shape[0]} values")
+                    problem = _offsets_problem(offsets, values.shape[0])
+                    if problem:
+                        raise ValueError(f"field {spec.name!r}: {path}:/{spec.offsets} {problem} (sample i is "
+                                         f"{spec.values}[offsets[i]:offsets[i+1]]: offsets start at 0, never "
+                                         f"decrease and end at the number of values)")
                 shape = tuple(values.shape[1:])
                 if spec.name in self.row_shapes and (self.row_shapes[spec.name], self.dtypes[spec.name]) != (
                         shape, values.dtype):
@@ -168,6 +175,8 @@ class HDF5Dataset(Dataset):
                         {spec.name: (reader(spec.values), file[spec.offsets][()].astype(np.int64))
                          for spec in self.specs if spec.offsets is not None}))
             self._pid = os.getpid()
+            if not self._summary_logged:
+                self._log_summary()
         return self._readers
 
     def read_modes(self) -> list[dict[str, str]]:
@@ -178,6 +187,24 @@ class HDF5Dataset(Dataset):
                         **{name: reader.mode for name, (reader, _) in file.ragged.items()}}
             modes.append({spec.name: by_field[spec.name] for spec in self.specs})
         return modes
+
+    def _log_summary(self) -> None:
+        """One line for the whole dataset; each field's layout and why its mode was chosen is logged by
+        hpctrain.hdf5_reader at DEBUG level (`hydra.verbose=hpctrain.hdf5_reader` shows it)."""
+        self._summary_logged = True
+        fields_by_mode: dict[str, list[str]] = {}
+        ragged = {spec.name for spec in self.specs if spec.offsets is not None}
+        for file_modes in self.read_modes():
+            for name, mode in file_modes.items():
+                shown = f"{name} (ragged)" if name in ragged else name
+                if shown not in fields_by_mode.setdefault(mode, []):
+                    fields_by_mode[mode].append(shown)
+        files = str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} files ({self.paths[0]}, ...)"
+        summary = f"{files}: {self.num_samples} samples; read mode " + "; ".join(
+            f"{mode} for {', '.join(names)}" for mode, names in fields_by_mode.items())
+        if summary not in _summaries_logged:  # the launcher's checks and the run build the dataset again
+            _summaries_logged.add(summary)
+            log.info("%s", summary)
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The samples at `indices` (any order, repeats allowed), each field stacked along a new first axis."""
@@ -234,6 +261,31 @@ class HDF5Dataset(Dataset):
     def __getstate__(self) -> dict:
         # Never send an open handle to another process: each process makes its own readers.
         return {**self.__dict__, "_readers": None, "_pid": None}
+
+
+# Offsets checked per read: 32 MB of int64, so a file of millions of samples is checked in a few vectorised passes.
+OFFSETS_CHECK_BLOCK = 1 << 22
+
+
+def _offsets_problem(offsets: h5py.Dataset, num_values: int) -> str:
+    """'' if a ragged field's offsets are whole: first 0, non-decreasing, last `num_values`; else what is wrong,
+    naming the first bad sample. Checked once when the dataset is built, so a bad file is refused before a run
+    starts, not at the step that first draws the bad sample."""
+    previous = None
+    for start in range(0, offsets.shape[0], OFFSETS_CHECK_BLOCK):
+        block = offsets[start:start + OFFSETS_CHECK_BLOCK].astype(np.int64)
+        if previous is None and block[0] != 0:
+            return f"starts at {block[0]}, not 0"
+        with_previous = block if previous is None else np.concatenate([[previous], block])
+        decreasing = np.flatnonzero(np.diff(with_previous) < 0)
+        if decreasing.size:
+            sample = start + int(decreasing[0]) - (previous is not None)  # offsets[sample + 1] < offsets[sample]
+            first, stop = with_previous[decreasing[0]], with_previous[decreasing[0] + 1]
+            return f"decreases at sample {sample}: offsets[{sample}]={first} > offsets[{sample + 1}]={stop}"
+        previous = block[-1]
+    if previous != num_values:
+        return f"ends at {previous}, but the values dataset holds {num_values} rows"
+    return ""
 
 
 def _dataset_names(file: h5py.File) -> list[str]:

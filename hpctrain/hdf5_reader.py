@@ -4,7 +4,8 @@ This module owns *how bytes of one dataset get from the file into a numpy array*
 samples, fields or training (the named-field dataset calls it). It imports only numpy, h5py and the standard
 library.
 
-Modes, chosen once per dataset (``reader.mode``, with the why in ``reader.reason``, logged once):
+Modes, chosen once per dataset (``reader.mode``, with the why in ``reader.reason``, logged once at
+DEBUG level, "h5py" at WARNING):
 
 * ``"memmap"``: uncompressed data, contiguous or chunked with chunks that hold whole rows. Every chunk is
   located once (``chunk_iter`` / ``get_chunk_info``; HDF5 addresses are absolute file offsets, a user block
@@ -737,7 +738,8 @@ class RowReader:
         assert layout is not None
         if self._logged == (layout.mode, layout.reason):
             return  # the same decision as in the process this reader came from: said already
-        level = logging.WARNING if layout.mode == "h5py" else logging.INFO
+        # A detail for each dataset (a caller sums its datasets up at INFO); only the slow path is worth a warning.
+        level = logging.WARNING if layout.mode == "h5py" else logging.DEBUG
         log.log(level, "%s:%s %s, %s: mode %s (%s)", self.path, self.name, layout.shape, layout.dtype,
                 layout.mode, layout.reason)
         self._logged = (layout.mode, layout.reason)

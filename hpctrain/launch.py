@@ -5,27 +5,33 @@ returns at once (`-m` sweeps become one job array, see hydra_plugins/hpctrain_la
 
 Bad input is refused by `Preflight`, a Hydra callback that runs after composition and before Hydra creates the
 run directory: the typed config, the run directory, every `_target_`, the datasets, the model, the loss and one
-dry step are all checked first, and the one error found is printed without a traceback.
+dry step are all checked first, and the one error found is printed without a traceback. Hydra's own errors
+while composing (a wrong type, an unknown key, an override it cannot parse) are printed the same way (`run`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
 from hpctrain.job import check_run_dir_writable, remove_launcher_leftovers, run_local
+from hpctrain.resume_check import check_run_dir_continues
 from hpctrain.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
 log = logging.getLogger("hpctrain")
@@ -46,9 +52,12 @@ def checked_config(cfg: DictConfig) -> Config:
     return to_config(cfg)
 
 
-def check_inputs(config: Config) -> None:
-    """All checks of a run's inputs; srun tasks all start at once: they must find the data, not race to make it."""
-    check_run_inputs(config, prepare=config.launcher.name != "srun")
+def check_inputs(config: Config, run_dir: Path) -> None:
+    """All checks of a run's inputs; srun tasks all start at once: they must find the data, not race to make it
+    (and each rank checks the checkpoint it resumes from itself, hpctrain.train)."""
+    components = check_run_inputs(config, prepare=config.launcher.name != "srun")
+    if config.launcher.name != "srun":
+        check_run_dir_continues(config, components, run_dir)
     if config.launcher.name == "slurm":
         check_resources(config.launcher)
 
@@ -62,9 +71,41 @@ def compose_config(overrides: list[str], *, config_dir: str | None = None) -> Co
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
-    except HydraException as error:  # names the key at fault
-        raise ConfigError(str(error).splitlines()[0]) from None
+    except HydraException as error:
+        raise ConfigError(hydra_error_message(error)) from None
     return checked_config(cfg)
+
+
+def hydra_error_message(error: HydraException) -> str:
+    """Hydra's composition error (a wrong type, an unknown key, a missing config option, an override it cannot
+    parse) as one line that starts with the key at fault, like hpctrain's own errors."""
+    cause = error.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        message = f"{key}: {str(cause).splitlines()[0]}"
+        schema = getattr(cause, "object_type", None)
+        if isinstance(cause, ConfigAttributeError) and dataclasses.is_dataclass(schema):  # a typo in a core group?
+            parent, _, name = key.rpartition(".")
+            close = difflib.get_close_matches(name, [field.name for field in dataclasses.fields(schema)], n=1)
+            if close:
+                message += f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+        elif isinstance(cause, ConfigAttributeError):  # a free-form node (a `_target_`'s arguments): + adds a key
+            message += f"; to add the key, use +{key}=..."
+        return message
+    # Hydra's own text: "In 'config': Could not find 'task/nosuch'", "Available options in 'task':", one option
+    # a line, then the config search path (left out).
+    lines = [line.strip() for line in str(error).split("Config search path:")[0].splitlines() if line.strip()]
+    parts: list[str] = []
+    for line in lines:
+        if parts and parts[-1].endswith(":"):
+            parts[-1] += f" {line}"
+        elif parts and "options in" in parts[-1]:
+            parts[-1] += f", {line}"
+        else:
+            parts.append(line)
+    message = "; ".join(parts) or type(error).__name__
+    override = getattr(error, "override", None)  # an override Hydra cannot parse
+    return f"{override}: {message}" if override else message
 
 
 class Preflight(Callback):
@@ -75,8 +116,9 @@ class Preflight(Callback):
         HydraConfig.instance().set_config(config)  # lets `${hydra:...}` interpolations resolve this early
         try:
             typed = checked_config(config)
-            check_run_dir_writable(Path(config.hydra.run.dir).absolute())
-            check_inputs(typed)
+            run_dir = Path(config.hydra.run.dir).absolute()
+            check_run_dir_writable(run_dir)
+            check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))
         _checked_by_preflight = to_json(typed)
@@ -88,7 +130,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         config = checked_config(cfg)
         if to_json(config) != _checked_by_preflight:  # a multirun point: the preflight callback did not see it
-            check_inputs(config)
+            check_inputs(config, run_dir)
         if config.launcher.name == "slurm":
             return submit(config, run_dir)
         if config.launcher.name == "srun":
@@ -111,11 +153,41 @@ def submit(config: Config, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def run() -> None:
+    """The command line (`python -m hpctrain.launch`, the `hpctrain` script): the Hydra app, with Hydra's
+    composition errors reported like every other bad input: one line `hpctrain: error: <key>: ...`, exit code 2
+    (Hydra prints them on several lines and exits with 1). --help, --cfg, --info, -m and HYDRA_FULL_ERROR=1 keep
+    Hydra's own behaviour."""
+    # Hydra reports every error of its app through run_and_report (private, so used only if it is there):
+    # composition errors are caught inside it, before Hydra formats them; everything else goes on to Hydra.
+    from hydra._internal import utils as hydra_internal
+
+    report = getattr(hydra_internal, "run_and_report", None)
+    if report is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+
+    def run_and_report(function: Callable[[], Any]) -> Any:
+        def composition_errors_in_one_line() -> Any:
+            try:
+                return function()
+            except (ConfigCompositionException, OverrideParseException) as error:
+                fail(hydra_error_message(error))
+
+        return report(composition_errors_in_one_line)
+
+    hydra_internal.run_and_report = run_and_report
+    try:
+        main()
+    finally:
+        hydra_internal.run_and_report = report
+
+
 register_configs()
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: Hydra instantiates the Preflight callback from
-    # `hpctrain.launch`, and both must share its record of what was checked.
-    from hpctrain.launch import main as imported_main
+    # Run the imported module's entry point, not this __main__ copy: Hydra instantiates the Preflight callback
+    # from `hpctrain.launch`, and both must share its record of what was checked.
+    from hpctrain.launch import run as imported_run
 
-    imported_main()
+    imported_run()

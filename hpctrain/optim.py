@@ -71,6 +71,17 @@ class LRMultiplier:
         return self.min_factor + (1.0 - self.min_factor) * shape
 
 
+# The built-in schedules whose shape depends on their length (`total`, by default trainer.max_steps).
+SCHEDULES_WITH_LENGTH = ("warmup_cosine", "warmup_linear")
+
+
+def schedule_length(total: int | None, interval: str, *, max_steps: int, steps_per_epoch: int) -> int:
+    """A schedule's length in its intervals: `total`, else the run's max steps (per epoch: the epochs they take)."""
+    if total:
+        return total
+    return math.ceil(max_steps / steps_per_epoch) if interval == "epoch" else max_steps
+
+
 def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch: int,
                     key: str = "optim.schedule") -> LRMultiplier:
     per_epoch = schedule.interval == "epoch"
@@ -84,13 +95,13 @@ def make_multiplier(schedule: ScheduleConfig, *, max_steps: int, steps_per_epoch
         if not math.isfinite(first) or first < 0:
             raise ConfigError(f"{key}.function(0) returned {first}; a learning-rate multiplier must be >= 0")
     steps_per_interval = steps_per_epoch if per_epoch else 1
-    default_total = math.ceil(max_steps / steps_per_epoch) if per_epoch else max_steps
     return LRMultiplier(
         name=schedule.name,
         steps_per_interval=steps_per_interval,
         warmup=schedule.warmup,
         warmup_start_factor=schedule.warmup_start_factor,
-        total=schedule.total or default_total,
+        total=schedule_length(schedule.total, schedule.interval, max_steps=max_steps,
+                              steps_per_epoch=steps_per_epoch),
         min_factor=schedule.min_factor,
         cycle=schedule.cycle,
         cycle_multiplier=schedule.cycle_multiplier,

@@ -15,6 +15,7 @@ from typing import Any
 from hpctrain.config import Config, ConfigError
 from hpctrain.components import check_run_inputs
 from hpctrain.job import RESULT_FILENAME, check_run_dir_writable
+from hpctrain.resume_check import check_run_dir_continues
 from hpctrain.slurm import (ACTIVE_STATES, SUBMITIT_DIRNAME, TrainingJob, check_resources, job_state,
                             make_executor, record_job, recorded_job_id)
 
@@ -46,7 +47,7 @@ def submit_sweep(points: list[SweepPoint], sweep_dir: Path) -> list[dict[str, An
                           "resources: do not sweep over launcher.* keys")
     check_run_dir_writable(sweep_dir)
     for point in points:
-        check_run_inputs(point.config, prepare=True)
+        check_run_dir_continues(point.config, check_run_inputs(point.config, prepare=True), point.run_dir)
     check_resources(points[0].config.launcher)
 
     outcomes: list[dict[str, Any]] = []

@@ -36,6 +36,7 @@ from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain import watchdog
 from hpctrain.optim import build_parameter_groups
+from hpctrain.resume_check import check_checkpoint_fits
 from hpctrain.seeding import capture_rng_state, restore_rng_state
 from hpctrain.transforms import apply_device_transforms
 
@@ -372,6 +373,8 @@ class Trainer:
         if state["parameter_groups"] != [group.name for group in self.groups]:
             raise ConfigError(f"cannot resume {self.run_dir}: parameter groups {state['parameter_groups']} "
                               f"became {[group.name for group in self.groups]}; use a new run directory")
+        check_checkpoint_fits(state, self.config, self.model, run_dir=self.run_dir, checkpoint=info.path,
+                              steps_per_epoch=self.sampler.steps_per_epoch)
         self.model.load_state_dict(state["model"])
         for group, optimizer_state in zip(self.groups, state["optimizers"]):
             group.optimizer.load_state_dict(optimizer_state)

@@ -97,6 +97,33 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, tiny_data: Path, o
     assert not run_dir.exists(), "a refused run must leave no run directory behind"
 
 
+# Hydra's own composition errors, in hpctrain's style: (override, the one line's message after "hpctrain: error: ").
+HYDRA_ERRORS = [
+    ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("trainer.max_step=1", "trainer.max_step: Key 'max_step' not in 'TrainerConfig'; did you mean trainer.max_steps?"),
+    ("task=nosuch", "In 'config': Could not find 'task/nosuch'; Available options in 'task': cbed_distortion, "
+                    "density_reversion"),
+    ("trainer.max_steps=[1", "trainer.max_steps=[1: no viable alternative at input '[1'"),
+]
+
+
+@pytest.mark.parametrize("override,message", HYDRA_ERRORS[:2], ids=[override for override, _ in HYDRA_ERRORS[:2]])
+def test_hydra_composition_errors_are_one_line_with_exit_code_2(tmp_path: Path, override: str,
+                                                                message: str) -> None:
+    result = launch([override], run_dir=tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0] == f"hpctrain: error: {message}", result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", HYDRA_ERRORS, ids=[override for override, _ in HYDRA_ERRORS])
+def test_hydra_composition_errors_name_the_key_in_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        compose_config(override)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("kind,message", [("no_labels", "has no HDF5 dataset 'labels'"),
                                           ("not_hdf5", "is not a readable HDF5 file")])
 def test_broken_data_files_are_refused(tmp_path: Path, broken_files: dict[str, Path], tiny_data: Path, kind: str,

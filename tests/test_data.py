@@ -186,6 +186,24 @@ def test_ragged_fields_arrive_padded_with_their_lengths_from_several_files(tmp_p
         assert not batch["atoms"][row, length:].any()  # zero padding
 
 
+@pytest.mark.parametrize("offsets,message", [
+    ([0, 2, 2, 5, 4, 6], "decreases at sample 3: offsets\\[3\\]=5 > offsets\\[4\\]=4"),  # across a block edge
+    ([0, 2, 1, 5, 5, 6], "decreases at sample 1: offsets\\[1\\]=2 > offsets\\[2\\]=1"),  # inside the first
+    ([1, 2, 3, 4, 5, 6], "starts at 1, not 0"),
+    ([0, 1, 2, 3, 4, 5], "ends at 5, but the values dataset holds 6 rows"),
+])
+def test_bad_ragged_offsets_are_refused_whole_when_the_dataset_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offsets: list[int], message: str) -> None:
+    import hpctrain.data
+
+    monkeypatch.setattr(hpctrain.data, "OFFSETS_CHECK_BLOCK", 4)  # several reads: the check spans their edges
+    path, _ = ragged_file(tmp_path / "bad.h5", [1, 1, 1, 1, 2])  # 6 values
+    with h5py.File(path, "r+") as file:
+        file["atoms/offsets"][...] = offsets
+    with pytest.raises(ValueError, match=f"field 'atoms': {path}:/atoms/offsets {message}"):
+        HDF5Dataset(path, {"atoms": {"values": "atoms/xyz", "offsets": "atoms/offsets"}, "energy": "energy"})
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"image": "pictures"}, "field 'image': .* has no HDF5 dataset 'pictures' \\(it has: images, labels\\)"),
     ({"index": "images"}, "reserved"),

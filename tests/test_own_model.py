@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -169,6 +170,13 @@ BAD_COMPONENTS = [
                                                                "descriptors (8, 4) float32"),
     (["data.dataset.fields.energy=targets/enrgy"], "data.dataset: field 'energy': "),
     (["task.inputs=[positions,atoms]"], "task.inputs: the batch has no field 'atoms'"),
+    # A value of the wrong type reaching the user's constructor: its TypeError, with the argument named.
+    (["model.hidden=abc"], "model: '<' not supported between instances of 'str' and 'int' "
+                           "(model.hidden='abc': a str where EnergyNet expects int)"),
+    # A plain-function loss without `_partial_: true` is called at once, without its arguments.
+    (["task.loss._target_=molecules.absolute_error", "~task.loss.absolute_weight"],
+     "task.loss: absolute_error() missing 2 required positional arguments: 'predicted' and 'batch'; "
+     "absolute_error is a function: add `_partial_: true` to task.loss"),
 ]
 
 
@@ -181,6 +189,29 @@ def test_bad_user_components_are_refused_with_the_key_named(installed: Path, pro
     errors = [line for line in result.stderr.splitlines() if line.startswith("hpctrain: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert not run_dir.exists(), "a refused run must leave no run directory behind"
+
+
+def test_corrupt_ragged_offsets_are_refused_before_the_run(installed: Path, project: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(project))
+    try:
+        import molecules
+
+        path = molecules.make_file(project / "molecules.h5", num_molecules=2000)  # 2000 molecules, not 160
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("molecules", None)
+    with h5py.File(path, "r+") as file:  # offsets that decrease at samples 1000/1001, far from the dry step's
+        offsets = file["atoms/offsets"]
+        offsets[1001] = offsets[1000] - 11
+    run_dir = tmp_path / "run"
+    result = user_launch(installed, project, *SHORT, run_dir=run_dir, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hpctrain: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    # The file as the config names it (data.dataset.path: molecules.h5).
+    assert errors[0].startswith("hpctrain: error: data.dataset: field 'positions': molecules.h5:/atoms/offsets "
+                                "decreases at sample 1000: offsets[1000]="), errors[0]
     assert not run_dir.exists(), "a refused run must leave no run directory behind"
 
 

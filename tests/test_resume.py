@@ -120,3 +120,54 @@ def test_run_with_background_checkpoints_killed_and_restarted_is_bit_exact(tmp_p
         inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"]
     with open_for_reading(tmp_path / "resumed" / "metrics.h5") as res:
         assert res["train/step"][()].tolist() == list(range(1, 37))
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("hpctrain: error:")]
+
+
+def test_extending_a_run_continues_its_schedule_only_when_told(tmp_path: Path, tiny_data: Path) -> None:
+    from hpctrain.launch import compose_config
+    from hpctrain.optim import make_multiplier
+
+    args = tiny_overrides(tiny_data, "optim.schedule.warmup=2", "callbacks.early_stopping.enabled=false",
+                          "callbacks.checkpoint.every_steps=5", "trainer.val_every_steps=5",
+                          "callbacks.metrics.plots=false")
+    launch([*args, "trainer.max_steps=10"], run_dir=tmp_path)
+    # A larger trainer.max_steps would re-stretch the cosine over 20 steps: refused, saying what would happen.
+    refused = launch([*args, "trainer.max_steps=20"], run_dir=tmp_path, check=False)
+    assert refused.returncode == 2, refused.stderr
+    errors = error_lines(refused)
+    assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "trainer.max_steps=20: this run was trained to step 10 on a warmup_cosine LR schedule over 10 " \
+           "steps" in errors[0] and "the learning rate would jump from " in errors[0], errors[0]
+    assert "Set optim.schedule.total=10 to continue the run's schedule, or optim.schedule.total=20" in errors[0]
+    # The documented way: the old schedule's length, explicitly; the LR goes on as the old schedule has it.
+    extended = [*args, "trainer.max_steps=20", "optim.schedule.total=10"]
+    assert "resumed from" in launch(extended, run_dir=tmp_path).stdout
+    config = compose_config(extended)
+    multiplier = make_multiplier(config.optim.schedule, max_steps=20, steps_per_epoch=1)
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == list(range(1, 21))
+        lr = file["train/lr"][()][:, 0]
+    np.testing.assert_allclose(lr, [config.optim.lr * multiplier(step) for step in range(20)], rtol=1e-12)
+    np.testing.assert_allclose(lr[10:], config.optim.lr * config.optim.schedule.min_factor, rtol=1e-12)
+
+
+def test_a_changed_model_in_a_run_directory_is_refused_before_anything_runs(tmp_path: Path,
+                                                                            tiny_data: Path) -> None:
+    args = tiny_overrides(tiny_data, "trainer.max_steps=5", "callbacks.checkpoint.every_steps=5",
+                          "callbacks.metrics.plots=false")
+    launch(args, run_dir=tmp_path)
+    before = {path.name: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()}
+    for launcher in ([], ["launcher=slurm"]):  # refused in preflight: nothing is queued either
+        refused = launch([*args, "model.width=16", "trainer.max_steps=10", *launcher], run_dir=tmp_path,
+                         check=False)
+        assert refused.returncode == 2, refused.stderr
+        errors = error_lines(refused)
+        assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert errors[0].startswith(f"hpctrain: error: model: cannot resume {tmp_path} from step_000000005.pt: ")
+        assert "shape changed: stem.0.weight (8, 1, 3, 3) -> (16, 1, 3, 3)" in errors[0], errors[0]
+        assert "resumed from" not in refused.stdout + refused.stderr
+    assert {path.name: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()} == before
+    assert not (tmp_path / "submitit").exists()
