@@ -130,8 +130,13 @@ def _dataset_node(data: DataConfig, key: str) -> Any:
     return {**data.dataset, **node}
 
 
+def dataset_node(data: DataConfig, key: str) -> Any:
+    """The whole `_target_` node of `data.<key>` (dataset, val_dataset or test_dataset); None when it is null."""
+    return data.dataset if key == "dataset" else _dataset_node(data, key)
+
+
 def build_dataset(data: DataConfig, key: str) -> Dataset | None:
-    node = data.dataset if key == "dataset" else _dataset_node(data, key)
+    node = dataset_node(data, key)
     if node is None:
         return None
     dataset = build(f"data.{key}", node)
