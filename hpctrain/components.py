@@ -288,6 +288,10 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     from hpctrain.freeze import check_schedule
 
     check_schedule(components.model, config.optim.freeze)
+    if config.trainer.init_from.run is not None:
+        from hpctrain.fine_tune import initial_weights
+
+        initial_weights(components.model, config.trainer.init_from)  # the run, its checkpoint, patterns, shapes
     if config.trainer.dry_step:
         dry_step(config, components)
     return components
