@@ -231,14 +231,35 @@ class ChunkBatches:
 
 
 # -- one rank ----------------------------------------------------------------------------------------------------
-def build_inputs(plan: Plan, config: Config) -> tuple[Any, Any]:
-    """The dataset and the reader (with the run's transforms) of a plan."""
+def build_reader(node: dict, config: Config, *, seed: int, stage: str) -> Any:
+    """The reader of batches of the dataset `node` describes, with the run's transforms (hpctrain.data)."""
     from hpctrain.components import build
     from hpctrain.data import BatchReader
 
-    dataset = build("data.dataset", plan.dataset)
+    dataset = build("data.dataset", node)
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
+        raise ConfigError(f"data.dataset: {type(dataset).__name__} is not a map-style dataset with samples")
     transforms = [build(f"data.transforms[{index}]", node) for index, node in enumerate(config.data.transforms)]
-    return dataset, BatchReader(dataset, transforms=transforms, seed=plan.seed, stage=plan.stage)
+    return BatchReader(dataset, transforms=transforms, seed=seed, stage=stage)
+
+
+def first_batch(reader: Any, config: Config, batch_size: int) -> dict[str, Any]:
+    """The dataset's first batch, checked for the model's inputs (a ConfigError naming what is wrong)."""
+    from hpctrain.components import describe
+
+    first = np.arange(min(batch_size, len(reader.dataset)))
+    try:
+        batch = reader[first]
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"data.dataset: reading samples {first.tolist()[:4]}... failed: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    missing = [name for name in config.task.inputs if name not in batch]
+    if missing:
+        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
+                          f"{describe(batch)}")
+    return batch
 
 
 def predict_rank(config: Config, run_dir: Path, plan_path: str) -> None:
@@ -262,7 +283,7 @@ def predict_rank(config: Config, run_dir: Path, plan_path: str) -> None:
             raise ConfigError(f"{plan.checkpoint}: the weights changed since the prediction started (model SHA-256 "
                               f"{plan.model_sha256[:12]}...); remove {plan.work_dir} to start it again")
         model = build_model(config, state, dist.device)
-        _, reader = build_inputs(plan, config)
+        reader = build_reader(plan.dataset, config, seed=plan.seed, stage=plan.stage)
         mine = np.array_split(np.arange(plan.num_chunks), dist.world_size)[dist.rank]
         todo = [int(chunk) for chunk in mine if not chunk_is_done(plan.work_dir, plan, int(chunk))]
         log.info("rank %d: %d of its %d chunks to compute (%d kept from an earlier attempt)", dist.rank, len(todo),
@@ -417,31 +438,18 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     config = run.config
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
+    reader = build_reader(node, config, seed=seed, stage=stage)
     plan = Plan(run_dir=str(run.run_dir), checkpoint=str(run.checkpoint.path),
                 checkpoint_step=run.checkpoint.step, checkpoint_sha256=run.checkpoint.manifest["sha256"],
-                model_sha256=run.model_sha256, config_json=to_json(config), dataset=node, num_samples=0,
-                batch_size=batch_size, chunk_size=chunk_size, seed=seed, stage=stage, output=str(output))
-    dataset, reader = build_inputs(plan, config)
-    if not hasattr(dataset, "__len__") or len(dataset) == 0:
-        raise ConfigError(f"data.dataset: {type(dataset).__name__} holds no samples")
-    plan = dataclasses.replace(plan, num_samples=len(dataset))
-    first = np.arange(min(batch_size, plan.num_samples))
-    try:
-        batch = reader[first]
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"data.dataset: reading samples {first.tolist()[:4]}... failed: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    missing = [name for name in config.task.inputs if name not in batch]
-    if missing:
-        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
-                          f"{describe(batch)}")
+                model_sha256=run.model_sha256, config_json=to_json(config), dataset=node,
+                num_samples=len(reader.dataset), batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+                stage=stage, output=str(output))
+    batch = first_batch(reader, config, batch_size)
     model = run.model()
     try:
         with torch.no_grad():
             outputs = model(*model_inputs(batch, config.task.inputs))
-        named_outputs(outputs, len(first))
+        named_outputs(outputs, len(batch["index"]))
     except Exception as error:
         raise ConfigError(f"model: model({describe(batch, config.task.inputs)}) failed: {type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}") from None
