@@ -22,7 +22,8 @@ keys of a dict); a ragged output (the model also returns `<name>_length`, the nu
 sample, as hpctrain's reader passes ragged inputs) is stored as `/outputs/<name>/values` (sum of lengths, ...) and
 `/outputs/<name>/offsets` (n+1,), the layout hpctrain.data.HDF5Dataset reads (docs/data-format.md);
 `/sample_index` (n,); attributes `checkpoint_step`, `checkpoint`, `checkpoint_sha256`, `model_sha256`, `seed`,
-`stage`, `task`, `dataset` (JSON of the dataset node), `config` (JSON of the run's config).
+`stage`, `task`, `dataset` (JSON of the dataset node), `config` (JSON of the run's config with the overrides;
+`launcher.*` overrides only choose where it runs, e.g. `--slurm launcher.nodes=2`, and are not recorded).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from hpctrain.config import Config, ConfigError, is_target_node, to_json
+from hpctrain.config import Config, ConfigError, LauncherConfig, is_target_node, to_json
 
 log = logging.getLogger(__name__)
 
@@ -434,14 +435,17 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     import torch
 
     from hpctrain.components import describe, model_inputs
+    from hpctrain.config import from_json
 
     config = run.config
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
     reader = build_reader(node, config, seed=seed, stage=stage)
+    # Where it runs (launcher.* overrides) is not part of the result: the run's own launcher settings are kept.
+    recorded = dataclasses.replace(config, launcher=from_json(run.state["config"]).launcher)
     plan = Plan(run_dir=str(run.run_dir), checkpoint=str(run.checkpoint.path),
                 checkpoint_step=run.checkpoint.step, checkpoint_sha256=run.checkpoint.manifest["sha256"],
-                model_sha256=run.model_sha256, config_json=to_json(config), dataset=node,
+                model_sha256=run.model_sha256, config_json=to_json(recorded), dataset=node,
                 num_samples=len(reader.dataset), batch_size=batch_size, chunk_size=chunk_size, seed=seed,
                 stage=stage, output=str(output))
     batch = first_batch(reader, config, batch_size)
@@ -509,15 +513,15 @@ class PredictJob:
         return submitit.helpers.DelayedSubmission(PredictJob(*self.args))  # state is on disk, in the chunks
 
 
-def run_prediction(plan_path: Path, *, num_processes: int, slurm: bool) -> None:
-    """Run a recorded plan on `num_processes` local ranks or as a SLURM job (the run's launcher settings)."""
+def run_prediction(plan_path: Path, *, launcher: LauncherConfig, num_processes: int, slurm: bool) -> None:
+    """Run a recorded plan on `num_processes` local ranks or as a SLURM job with `launcher`'s settings."""
     plan = read_plan(plan_path)
     config, run_dir = plan.config, Path(plan.run_dir)
     if slurm:
         from hpctrain.slurm import check_resources, make_executor
 
-        check_resources(config.launcher)
-        executor = make_executor(Path(plan.output).parent / "submitit", config.launcher)
+        check_resources(launcher)
+        executor = make_executor(Path(plan.output).parent / "submitit", launcher)
         job = executor.submit(PredictJob(config, run_dir, str(plan_path)))
         print(f"submitted SLURM prediction job {job.job_id}; waiting for it", flush=True)
         job.results()
@@ -570,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size or config.data.val_batch_size or config.trainer.micro_batch_size,
                          chunk_size=args.chunk_size, seed=config.seed, stage="predict")
         plan_path = start(plan, overwrite=args.overwrite)
-        run_prediction(plan_path, num_processes=args.num_processes, slurm=args.slurm)
+        run_prediction(plan_path, launcher=config.launcher, num_processes=args.num_processes, slurm=args.slurm)
     except ConfigError as error:
         fail(str(error))
     print(f"predictions of {plan.num_samples} samples by step {plan.checkpoint_step} -> {plan.output}", flush=True)

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         from hpctrain.predict import run_prediction, start
 
         try:
-            run_prediction(start(plan, overwrite=True), num_processes=args.num_processes, slurm=args.slurm)
+            run_prediction(start(plan, overwrite=True), launcher=config.launcher, num_processes=args.num_processes,
+                           slurm=args.slurm)
         except ConfigError as error:
             fail(str(error))
         print(f"  outputs of every test sample -> {plan.output}", flush=True)
