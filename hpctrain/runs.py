@@ -150,3 +150,11 @@ def load_model(run_dir: str | Path, checkpoint: str | int = "best", device: "str
     """The run's model (the user's own class, rebuilt from the run's config) with the weights of `checkpoint`
     (best, latest or a step), verified, in eval mode, on `device`."""
     return load_run(run_dir, checkpoint=checkpoint, overrides=overrides).model(device)
+
+
+def how_to_use(run_dir: Path) -> str:
+    """What a finished run's user can do next (printed at the end of a local run)."""
+    return (f"trained: {run_dir}\n"
+            f"  in Python:  model = hpctrain.load_model({str(run_dir)!r})   # best checkpoint, eval mode\n"
+            f"  predict:    python -m hpctrain.predict {run_dir} --input FILE.h5   # -> {run_dir}/predictions/\n"
+            f"  export:     python -m hpctrain.export {run_dir} --format torch.export")

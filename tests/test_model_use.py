@@ -183,6 +183,35 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
     np.testing.assert_array_equal(predicted[:5], direct)
 
 
+def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Trained, tmp_path: Path) -> None:
+    output = tmp_path / "ragged.h5"
+    user_tool(trained, "predict", trained.run_dir, "model._target_=molecules.PerAtomEnergies", "--input",
+              trained.other, "--chunk-size", 5, "--batch-size", 3, "--num-processes", 2, "--output", output)
+    from hpctrain.data import HDF5Dataset
+
+    predicted = HDF5Dataset(output, {"per_atom": {"values": "outputs/per_atom/values",
+                                                  "offsets": "outputs/per_atom/offsets"},
+                                     "energy": "outputs/energy"}).__getitems__(range(LABELLED_SIZE))
+    with h5py.File(trained.other, "r") as file:
+        atoms_per_molecule = np.diff(file["atoms/offsets"][()])
+    assert predicted["per_atom_length"].tolist() == atoms_per_molecule.tolist()
+    with h5py.File(output, "r") as file:
+        assert sorted(file["outputs"]) == ["energy", "per_atom"]  # the lengths are the offsets
+    # Each molecule's energy is its atoms' sum plus the descriptor term: the rows belong to the right molecules.
+    sys.path.insert(0, str(trained.project))
+    try:
+        from hpctrain.runs import load_model
+
+        model = load_model(trained.run_dir)
+        with h5py.File(trained.other, "r") as file, torch.no_grad():
+            descriptors = model.descriptors(torch.from_numpy(file["molecule/descriptors"][()])).squeeze(-1)
+    finally:
+        sys.path.remove(str(trained.project))
+        sys.modules.pop("molecules", None)
+    np.testing.assert_allclose(predicted["per_atom"].sum(dim=1) + descriptors, predicted["energy"], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Trained, tmp_path: Path) -> None:
     sys.path.insert(0, str(trained.project))
     try:
