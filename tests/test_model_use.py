@@ -288,6 +288,47 @@ def test_predict_as_a_slurm_job_writes_the_same_file(trained: Trained, tmp_path:
     assert_same_content(tmp_path / "local.h5", tmp_path / "slurm.h5")
 
 
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_requeued_slurm_prediction_continues_and_gives_the_same_file(trained: Trained, tmp_path: Path) -> None:
+    from .test_slurm import allocations, release_when_requeued, sh, wait_until
+
+    sys.path.insert(0, str(trained.project))
+    try:
+        import molecules
+
+        big = molecules.make_file(tmp_path / "big.h5", num_molecules=12000, seed=6)
+    finally:
+        sys.path.remove(str(trained.project))
+        sys.modules.pop("molecules", None)
+    common = ["--input", big, "--chunk-size", 16]
+    user_tool(trained, "predict", trained.run_dir, *common, "--output", tmp_path / "local.h5")
+    output, parts = tmp_path / "slurm" / "requeued.h5", tmp_path / "slurm" / "requeued.h5.parts"
+    process = subprocess.Popen(
+        [PYTHON, "-m", "hpctrain.predict", str(trained.run_dir), *map(str, common), "--output", str(output),
+         "--slurm", "launcher.nodes=2", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
+         "launcher.timeout_min=10"], cwd=trained.project, env=user_env(trained.installed, trained.project),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        job_id = next(line.split()[4].rstrip(";") for line in process.stdout
+                      if line.startswith("submitted SLURM prediction job"))
+        wait_until(lambda: len(list(parts.glob("chunk_*.json"))) >= 4, timeout=300, what="4 chunks",
+                   interval=0.02)
+        sh("scontrol", "requeue", job_id)
+        release_when_requeued(job_id)
+        assert process.wait(timeout=300) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert allocations(job_id) == ["REQUEUED", "COMPLETED"]
+    logs = "".join(path.read_text(errors="replace")
+                   for path in sorted((output.parent / "submitit" / job_id).glob("*_log.*")))
+    kept = [int(count) for count in re.findall(r"chunks to compute \((\d+) kept", logs)]
+    assert kept and kept[-1] >= 1, logs[-3000:]  # the requeued attempt kept what the first one wrote
+    assert_same_content(tmp_path / "local.h5", output)
+
+
 EXPORTED = """
 import sys, torch
 path, kind = sys.argv[1], sys.argv[2]
@@ -338,6 +379,33 @@ def test_fine_tuning_refuses_weights_that_do_not_fit_with_the_keys_named(trained
     result = user_launch(trained.installed, trained.project, *SHORT, f"trainer.init_from.run={trained.run_dir}",
                          "trainer.init_from.include=[head.*]", run_dir=run_dir, check=False)
     assert result.returncode == 2 and "trainer.init_from.include: head.* match no weight" in result.stderr
+
+
+def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
+    from torch import nn
+
+    from hpctrain.config import InitFromConfig
+    from hpctrain.fine_tune import initial_weights, initialise_from
+
+    class WithNewHead(nn.Module):  # the trained backbone's names, another head
+        def __init__(self) -> None:
+            super().__init__()
+            self.atom = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+            self.head = nn.Linear(4, 2)
+
+    model, source = WithNewHead(), final_weights(trained.run_dir)
+    head = model.head.weight.detach().clone()
+    initialise_from(model, InitFromConfig(run=str(trained.run_dir), include=["atom.*"]))
+    assert torch.equal(model.atom[0].weight, source["atom.0.weight"]) and torch.equal(model.head.weight, head)
+    assert sorted(initial_weights(model, InitFromConfig(run=str(trained.run_dir)))) == [
+        "atom.0.bias", "atom.0.weight", "atom.2.bias", "atom.2.weight"]  # descriptors.*: not in this model
+    with pytest.raises(ConfigError, match=r"strict=true: not in this model: descriptors.bias, descriptors.weight; "
+                                          r"not initialised: head.bias, head.weight"):
+        initial_weights(model, InitFromConfig(run=str(trained.run_dir), strict=True))
+    with pytest.raises(ConfigError, match="trainer.init_from.exclude: atom.9.* match no weight"):
+        initial_weights(model, InitFromConfig(run=str(trained.run_dir), exclude=["atom.9.*"]))
+    with pytest.raises(ConfigError, match="trainer.init_from: .* has no checkpoint of step 5"):
+        initial_weights(model, InitFromConfig(run=str(trained.run_dir), checkpoint="5"))
 
 
 def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, tmp_path: Path) -> None:
