@@ -240,7 +240,8 @@ def build_reader(node: dict, config: Config, *, seed: int, stage: str) -> Any:
     dataset = build("data.dataset", node)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
         raise ConfigError(f"data.dataset: {type(dataset).__name__} is not a map-style dataset with samples")
-    transforms = [build(f"data.transforms[{index}]", node) for index, node in enumerate(config.data.transforms)]
+    transforms = [build(f"data.transforms[{index}]", transform)
+                  for index, transform in enumerate(config.data.transforms)]
     return BatchReader(dataset, transforms=transforms, seed=seed, stage=stage)
 
 

@@ -165,6 +165,13 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
         info = CheckpointManager(trained.run_dir, keep_last=2).complete()[0]
         assert file.attrs["checkpoint_step"] == 24 and file.attrs["checkpoint_sha256"] == info.manifest["sha256"]
         assert json.loads(file.attrs["config"])["task"]["name"] == "molecules"
+    # Any dataset node: here the built-in one, written out whole.
+    node = (f"{{_target_: hpctrain.data.HDF5Dataset, path: {trained.unlabelled}, fields: {{positions: {{values: "
+            f"atoms/positions, offsets: atoms/offsets}}, descriptors: molecule/descriptors}}}}")
+    user_tool(trained, "predict", trained.run_dir, "--dataset", node, "--chunk-size", 5,  # the same batches
+              "--output", tmp_path / "node.h5")
+    with h5py.File(tmp_path / "node.h5", "r") as file:
+        np.testing.assert_array_equal(file["outputs/output"][()], predicted)
     # The same values as the model loaded in Python, on the same samples.
     sys.path.insert(0, str(trained.project))
     try:
