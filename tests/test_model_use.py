@@ -254,7 +254,8 @@ def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Train
     result = user_tool(trained, "predict", trained.run_dir, *common, "--output", output, "--num-processes", 2)
     log = result.stdout + result.stderr
     assert f"{damaged.stem} in {parts} is incomplete or corrupt" in log
-    todo, mine, kept_now = map(int, re.search(r"rank 0: (\d+) of its (\d+) chunks to compute \((\d+) kept", log).groups())
+    found = re.search(r"rank 0: (\d+) of its (\d+) chunks to compute \((\d+) kept", log)
+    todo, mine, kept_now = map(int, found.groups())
     assert kept_now >= len(kept) - 1 and todo == mine - kept_now  # all it found intact, the damaged one again
     assert_same_content(output, reference)
     assert not parts.exists()
