@@ -58,8 +58,8 @@ def _reload(path: Path, form: str) -> Any:
 
 
 def compare_outputs(expected: Any, actual: Any, batch_size: int) -> float:
-    """The largest absolute difference between two outputs of the same structure; ValueError if they differ in
-    names or shapes."""
+    """The largest difference |a - b| / (1 + |a|) between two outputs of the same structure (absolute for small
+    values, relative for large ones); ValueError if they differ in names or shapes."""
     from hpctrain.predict import named_outputs
 
     want, got = named_outputs(expected, batch_size), named_outputs(actual, batch_size)
@@ -72,7 +72,8 @@ def compare_outputs(expected: Any, actual: Any, batch_size: int) -> float:
             if a.shape != b.shape:
                 raise ValueError(f"output {name!r}: the reloaded artefact gives shape {b.shape}, the model {a.shape}")
             if a.size:
-                worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+                a, b = a.astype(np.float64), b.astype(np.float64)
+                worst = max(worst, float(np.max(np.abs(a - b) / (1.0 + np.abs(a)))))
     return worst
 
 

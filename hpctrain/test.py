@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -32,6 +32,9 @@ from hpctrain.checkpoint import CheckpointInfo, CheckpointManager, state_dict_di
 from hpctrain.config import Config, ConfigError, to_json
 from hpctrain.metrics import baseline_ratios
 from hpctrain.runs import choose_checkpoint, run_config
+
+if TYPE_CHECKING:
+    from hpctrain.predict import Plan
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def outputs_plan(run_dir: Path, info: CheckpointInfo, overrides: list[str], *, output: Path, seed: int) -> Any:
+def outputs_plan(run_dir: Path, info: CheckpointInfo, overrides: list[str], *, output: Path, seed: int) -> "Plan":
     """The prediction (hpctrain.predict) that keeps the model's outputs on the test set as the test phase sees it
     (its transforms, stage and seed), beside the test file; checked, nothing written."""
     from hpctrain.components import dataset_node
