@@ -23,7 +23,8 @@ sample, as hpctrain's reader passes ragged inputs) is stored as `/outputs/<name>
 `/outputs/<name>/offsets` (n+1,), the layout hpctrain.data.HDF5Dataset reads (docs/data-format.md);
 `/sample_index` (n,); attributes `checkpoint_step`, `checkpoint`, `checkpoint_sha256`, `model_sha256`, `seed`,
 `stage`, `task`, `dataset` (JSON of the dataset node), `config` (JSON of the run's config with the overrides;
-`launcher.*` overrides only choose where it runs, e.g. `--slurm launcher.nodes=2`, and are not recorded).
+overrides of `launcher.*` and of the loader settings `data.num_workers` etc. only choose where and how it runs,
+e.g. `--slurm launcher.nodes=2`: they are used, not recorded, and a rerun with others keeps the finished chunks).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from hpctrain.config import Config, ConfigError, LauncherConfig, is_target_node, to_json
+from hpctrain.config import Config, ConfigError, is_target_node, to_json
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +443,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"--batch-size and --chunk-size must be >= 1, got {batch_size} and {chunk_size}")
     reader = build_reader(node, config, seed=seed, stage=stage)
-    # Where it runs (launcher.* overrides) is not part of the result: the run's own launcher settings are kept.
-    recorded = dataclasses.replace(config, launcher=from_json(run.state["config"]).launcher)
+    recorded = without_runtime_settings(config, from_json(run.state["config"]))
     plan = Plan(run_dir=str(run.run_dir), checkpoint=str(run.checkpoint.path),
                 checkpoint_step=run.checkpoint.step, checkpoint_sha256=run.checkpoint.manifest["sha256"],
                 model_sha256=run.model_sha256, config_json=to_json(recorded), dataset=node,
@@ -461,6 +461,17 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     if output.exists() and not output.is_file():
         raise ConfigError(f"--output: {output} is not a file")
     return plan
+
+
+# Settings that choose how a prediction runs, not what it computes: overrides of them are used, not recorded, and
+# do not stop a rerun from keeping the chunks already written.
+LOADER_SETTINGS = ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor")
+
+
+def without_runtime_settings(config: Config, trained: Config) -> Config:
+    """`config` with the launcher and the loader settings of the run's own config `trained`."""
+    data = dataclasses.replace(config.data, **{key: getattr(trained.data, key) for key in LOADER_SETTINGS})
+    return dataclasses.replace(config, launcher=trained.launcher, data=data)
 
 
 def start(plan: Plan, *, overwrite: bool) -> Path:
@@ -514,15 +525,19 @@ class PredictJob:
         return submitit.helpers.DelayedSubmission(PredictJob(*self.args))  # state is on disk, in the chunks
 
 
-def run_prediction(plan_path: Path, *, launcher: LauncherConfig, num_processes: int, slurm: bool) -> None:
-    """Run a recorded plan on `num_processes` local ranks or as a SLURM job with `launcher`'s settings."""
+def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm: bool) -> None:
+    """Run a recorded plan on `num_processes` local ranks or as a SLURM job; `config` is the plan's with this
+    command's launcher and loader settings."""
     plan = read_plan(plan_path)
-    config, run_dir = plan.config, Path(plan.run_dir)
+    run_dir = Path(plan.run_dir)
+    if without_runtime_settings(config, plan.config) != plan.config:
+        raise ConfigError(f"the config differs from the plan recorded in {plan_path} in more than where and how "
+                          f"it runs")
     if slurm:
         from hpctrain.slurm import check_resources, make_executor
 
-        check_resources(launcher)
-        executor = make_executor(Path(plan.output).parent / "submitit", launcher)
+        check_resources(config.launcher)
+        executor = make_executor(Path(plan.output).parent / "submitit", config.launcher)
         job = executor.submit(PredictJob(config, run_dir, str(plan_path)))
         print(f"submitted SLURM prediction job {job.job_id}; waiting for it", flush=True)
         job.results()
@@ -575,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size or config.data.val_batch_size or config.trainer.micro_batch_size,
                          chunk_size=args.chunk_size, seed=config.seed, stage="predict")
         plan_path = start(plan, overwrite=args.overwrite)
-        run_prediction(plan_path, launcher=config.launcher, num_processes=args.num_processes, slurm=args.slurm)
+        run_prediction(plan_path, config=config, num_processes=args.num_processes, slurm=args.slurm)
     except ConfigError as error:
         fail(str(error))
     print(f"predictions of {plan.num_samples} samples by step {plan.checkpoint_step} -> {plan.output}", flush=True)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         from hpctrain.predict import run_prediction, start
 
         try:
-            run_prediction(start(plan, overwrite=True), launcher=config.launcher, num_processes=args.num_processes,
+            run_prediction(start(plan, overwrite=True), config=config, num_processes=args.num_processes,
                            slurm=args.slurm)
         except ConfigError as error:
             fail(str(error))
