@@ -137,7 +137,8 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
 def main(argv: list[str] | None = None) -> int:
     from hpctrain.launch import fail
 
-    parser = argparse.ArgumentParser(prog="python -m hpctrain.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.export", description=(
+        "Export a run's model as a self-contained torch.export or TorchScript artefact, checked on a real batch."))
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     parser.add_argument("--format", default="torch.export", help="torch.export (default) or torchscript")

@@ -549,20 +549,18 @@ def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm
         run_local(local, run_dir, work=predict_rank, args=(str(plan_path),))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from hpctrain.launch import fail
+    from hpctrain.runs import load_run
+
+    parser = argparse.ArgumentParser(prog="python -m hpctrain.predict", description=(
+        "Run a trained model over every sample of a dataset and write its outputs, in input order, to one HDF5 "
+        "file; an interrupted prediction continues where it stopped."))
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step")
     parser.add_argument("--num-processes", type=int, default=1, help="local ranks (default 1)")
     parser.add_argument("--slurm", action="store_true", help="run as a SLURM job with the run's launcher settings")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hpctrain.launch import fail
-    from hpctrain.runs import load_run
-
-    parser = argparse.ArgumentParser(prog="python -m hpctrain.predict", description=__doc__.splitlines()[0])
-    add_arguments(parser)
     parser.add_argument("--input", type=Path, default=None, help="an HDF5 file of the run's data.dataset format")
     parser.add_argument("--dataset", default=None, help="a whole dataset node, YAML: \"{_target_: pkg.Data, ...}\"")
     parser.add_argument("--inputs-only", action="store_true",
