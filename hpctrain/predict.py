@@ -22,9 +22,10 @@ keys of a dict); a ragged output (the model also returns `<name>_length`, the nu
 sample, as hpctrain's reader passes ragged inputs) is stored as `/outputs/<name>/values` (sum of lengths, ...) and
 `/outputs/<name>/offsets` (n+1,), the layout hpctrain.data.HDF5Dataset reads (docs/data-format.md);
 `/sample_index` (n,); attributes `checkpoint_step`, `checkpoint`, `checkpoint_sha256`, `model_sha256`, `seed`,
-`stage`, `task`, `dataset` (JSON of the dataset node), `config` (JSON of the run's config with the overrides;
-overrides of `launcher.*` and of the loader settings `data.num_workers` etc. only choose where and how it runs,
-e.g. `--slurm launcher.nodes=2`: they are used, not recorded, and a rerun with others keeps the finished chunks).
+`stage`, `task`, `plan_sha256` (of what was computed), `dataset` (JSON of the dataset node), `config` (JSON of the
+run's config with the overrides; overrides of `launcher.*` and of the loader settings `data.num_workers` etc. only
+choose where and how it runs, e.g. `--slurm launcher.nodes=2`: they are used, not recorded, and a rerun with others
+keeps the finished chunks).
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ def work_dir_for(output: Path) -> Path:
 
 def read_plan(path: str | Path) -> Plan:
     return Plan(**json.loads(Path(path).read_text()))
+
+
+def plan_digest(plan: Plan) -> str:
+    """SHA-256 of what a plan computes (everything but where the file goes)."""
+    fields = {key: value for key, value in dataclasses.asdict(plan).items() if key != "output"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def holds_result(plan: Plan) -> bool:
+    """The plan's output file is in place, written by this plan (a requeued attempt of a finished prediction)."""
+    try:
+        with h5py.File(plan.output, "r") as file:
+            return file.attrs.get("plan_sha256") == plan_digest(plan)
+    except OSError:
+        return False
 
 
 # -- the model's outputs, per sample ----------------------------------------------------------------------------
@@ -265,7 +281,7 @@ def first_batch(reader: Any, config: Config, batch_size: int) -> dict[str, Any]:
     return batch
 
 
-def predict_rank(config: Config, run_dir: Path, plan_path: str) -> None:
+def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
     """One rank of a prediction: compute this rank's unfinished chunks; rank 0 then assembles the file."""
     import torch
 
@@ -276,7 +292,11 @@ def predict_rank(config: Config, run_dir: Path, plan_path: str) -> None:
     from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.runs import build_model, choose_checkpoint, load_checkpoint
 
-    plan = read_plan(plan_path)
+    plan = Plan(**json.loads(plan_json))
+    if not plan.work_dir.is_dir() and holds_result(plan):
+        # An attempt that finished in the moment SLURM requeued it: its result is complete.
+        log.info("%s is complete already: nothing to do", plan.output)
+        return
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
     clean = False
     try:
@@ -362,6 +382,7 @@ def assemble(plan: Plan) -> Path:
                 "format": FORMAT, "format_version": 1, "checkpoint_step": plan.checkpoint_step,
                 "checkpoint": plan.checkpoint, "checkpoint_sha256": plan.checkpoint_sha256,
                 "model_sha256": plan.model_sha256, "seed": plan.seed, "stage": plan.stage,
+                "plan_sha256": plan_digest(plan),
                 "task": plan.config.task.name, "dataset": json.dumps(plan.dataset, sort_keys=True),
                 "config": plan.config_json})
             final.flush()
@@ -505,24 +526,34 @@ def start(plan: Plan, *, overwrite: bool) -> Path:
 
 class PredictJob:
     """The callable submitit runs on every task of a prediction job: one rank each. Checkpointable: on a time
-    limit or preemption it resubmits itself, and the requeued job keeps the chunks already written."""
+    limit or preemption it resubmits itself, and the requeued job keeps the chunks already written. SIGTERM
+    (a requeue, a preemption, `scancel`) stops it at once: what is finished is on disk, and a chunk cut short is
+    only a temporary file."""
 
-    def __init__(self, config: Config, run_dir: Path, plan_path: str) -> None:
-        self.args = (config, run_dir, plan_path)
+    def __init__(self, config: Config, run_dir: Path, plan_json: str) -> None:
+        self.args = (config, run_dir, plan_json)
 
     def __call__(self) -> None:
+        import signal
+
         import submitit
 
         from hpctrain.job import configure_rank_logging
 
         environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         configure_rank_logging(environment.rank)
+        signal.signal(signal.SIGTERM, _stop_at_once)  # submitit's own handler would go on until SIGKILL
         predict_rank(*self.args)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
         return submitit.helpers.DelayedSubmission(PredictJob(*self.args))  # state is on disk, in the chunks
+
+
+def _stop_at_once(signum: int, frame: Any) -> None:
+    raise SystemExit(f"hpctrain.predict: signal {signum}: stopping; the finished chunks are kept, and the same "
+                     f"command (or the requeued job) continues from them")
 
 
 def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm: bool) -> None:
@@ -538,7 +569,7 @@ def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm
 
         check_resources(config.launcher)
         executor = make_executor(Path(plan.output).parent / "submitit", config.launcher)
-        job = executor.submit(PredictJob(config, run_dir, str(plan_path)))
+        job = executor.submit(PredictJob(config, run_dir, plan_path.read_text()))
         print(f"submitted SLURM prediction job {job.job_id}; waiting for it", flush=True)
         job.results()
     else:
@@ -546,7 +577,7 @@ def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm
 
         local = dataclasses.replace(config, launcher=dataclasses.replace(config.launcher, name="local",
                                                                          num_processes=num_processes))
-        run_local(local, run_dir, work=predict_rank, args=(str(plan_path),))
+        run_local(local, run_dir, work=predict_rank, args=(plan_path.read_text(),))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ fine-tuned from (trainer.init_from) and exported (hpctrain.export); and the CBED
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -188,6 +189,23 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
         sys.path.remove(str(trained.project))
         sys.modules.pop("molecules", None)
     np.testing.assert_array_equal(predicted[:5], direct)
+
+    # A SLURM attempt requeued in the moment the file was completed starts again: it finds the file complete.
+    from hpctrain.predict import dataset_node, holds_result, make_plan, predict_rank
+    from hpctrain.runs import load_run
+
+    sys.path.insert(0, str(trained.project))
+    try:
+        run = load_run(trained.run_dir)
+        node = dataset_node(run.config, input_path=trained.unlabelled, node_text=None, inputs_only=True)
+        plan = make_plan(run, node, output=one, batch_size=8, chunk_size=5, seed=run.config.seed, stage="predict")
+    finally:
+        sys.path.remove(str(trained.project))
+        sys.modules.pop("molecules", None)
+    assert holds_result(plan)
+    before = one.stat().st_mtime_ns
+    predict_rank(run.config, trained.run_dir, json.dumps(dataclasses.asdict(plan)))
+    assert one.stat().st_mtime_ns == before and not plan.work_dir.exists()
 
 
 def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Trained, tmp_path: Path) -> None:
