@@ -113,8 +113,13 @@ def _dataset_node(data: DataConfig, key: str) -> Any:
     return {**data.dataset, **node}
 
 
+def dataset_node(data: DataConfig, key: str) -> Any:
+    """The whole `_target_` node of `data.<key>` (dataset, val_dataset or test_dataset); None when it is null."""
+    return data.dataset if key == "dataset" else _dataset_node(data, key)
+
+
 def build_dataset(data: DataConfig, key: str) -> Dataset | None:
-    node = data.dataset if key == "dataset" else _dataset_node(data, key)
+    node = dataset_node(data, key)
     if node is None:
         return None
     dataset = build(f"data.{key}", node)
@@ -326,5 +331,9 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     from hpctrain.freeze import check_schedule
 
     check_schedule(components.model, config.optim.freeze)
+    if config.trainer.init_from.run is not None:
+        from hpctrain.fine_tune import initial_weights
+
+        initial_weights(components.model, config.trainer.init_from)  # the run, its checkpoint, patterns, shapes
     check_monitored(config, dry_step(config, components) if config.trainer.dry_step else None)
     return components

@@ -329,6 +329,25 @@ class OptimConfig:
 
 
 @dataclass
+class InitFromConfig:
+    """Fine-tuning (hpctrain.fine_tune): the model's initial weights, only those, from another run's checkpoint,
+    taken when this run starts without a checkpoint of its own (a resumed run resumes from its own)."""
+
+    # The other run's directory; null: no fine-tuning (the model's own initialisation).
+    run: Optional[str] = None
+    # best, latest or a step of that run.
+    checkpoint: str = "best"
+    # true: every parameter and buffer of this model must be initialised, and every weight taken must fit.
+    strict: bool = False
+    # fnmatch patterns of the parameter/buffer names to take (empty: all), then those to leave out (a new head).
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.run is None or bool(self.run), "trainer.init_from.run must name a run directory, or be null")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1500
     # Stop after this many epochs even when max_steps is not reached.
@@ -355,6 +374,8 @@ class TrainerConfig:
     rendezvous_timeout_s: int = 120
     # Hang watchdog: a rank without a step for this long dumps its stacks and exits; 0: from the step time; <0: off.
     watchdog_s: float = 0.0
+    # Fine-tuning: start from another run's model weights (InitFromConfig; off while its `run` is null).
+    init_from: InitFromConfig = field(default_factory=InitFromConfig)
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")

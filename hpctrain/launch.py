@@ -136,7 +136,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         if config.launcher.name == "srun":
             return run_srun_task(config, run_dir)
         log.info("run directory: %s", run_dir)
-        return run_local(config, run_dir)
+        summary = run_local(config, run_dir)
+        if summary.get("finished"):
+            from hpctrain.runs import how_to_use
+
+            print(how_to_use(run_dir), flush=True)
+        return summary
     except ConfigError as error:
         remove_launcher_leftovers(run_dir)
         fail(str(error))

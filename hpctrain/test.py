@@ -1,4 +1,5 @@
-"""`python -m hpctrain.test RUN_DIR [--checkpoint best|latest|STEP] [--num-processes N] [--slurm] [OVERRIDES]`:
+"""`python -m hpctrain.test RUN_DIR [--checkpoint best|latest|STEP] [--num-processes N] [--slurm] [--save-outputs]
+[OVERRIDES]`:
 the test phase (IRIS's test_reverter, hippynn's test evaluation). It evaluates one checkpoint of a run over the
 whole test set with the run's own config: its model, loss, metrics and transforms (noise, litter, drawn with the
 test stage's own keys and `--seed`), on 1 or N local ranks or as a SLURM job with the run's launcher settings.
@@ -10,67 +11,39 @@ temporary file and renamed), and a summary is printed. The run's checkpoints and
 Layout of a test file: `/test/per_sample/<name>` (v,) and `/test/<name>` (scalar mean) for the loss, its
 components and every metric; `/test/sample_index` (v,); attributes `checkpoint_step`, `checkpoint`,
 `model_sha256`, `seed`, `task`, `config` (the JSON of the config used).
+
+`--save-outputs` also keeps the model's outputs of every test sample, on the inputs the metrics were computed on,
+in `RUN_DIR/test/<name>.outputs.h5` (hpctrain.predict's layout and guarantees).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from hpctrain.checkpoint import CheckpointInfo, CheckpointManager, state_dict_digest
-from hpctrain.config import Config, ConfigError, to_config, to_dict, to_json
+from hpctrain.config import Config, ConfigError, to_json
 from hpctrain.metrics import baseline_ratios
+from hpctrain.runs import choose_checkpoint, run_config
+
+if TYPE_CHECKING:
+    from hpctrain.predict import Plan
 
 log = logging.getLogger(__name__)
 
 TEST_DIRNAME = "test"
 
 
-def choose_checkpoint(run_dir: Path, which: str) -> CheckpointInfo:
-    manager = CheckpointManager(run_dir, keep_last=2)
-    complete = manager.complete()
-    if not complete:
-        raise ConfigError(f"{run_dir} holds no complete checkpoint")
-    if which == "latest":
-        info = manager.newest_valid()
-        assert info is not None
-        return info
-    if which == "best":
-        result = run_dir / "result.json"
-        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
-        if best_step is None:
-            state = CheckpointManager.load(complete[0])
-            best_step = state["train_state"]["best_step"]
-        which = str(best_step)
-    try:
-        step = int(which)
-    except ValueError:
-        raise ConfigError(f"--checkpoint must be best, latest or a step, got {which!r}") from None
-    for info in complete:
-        if info.step == step:
-            return info
-    raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
-                      f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
-
-
 def config_for_test(info: CheckpointInfo, overrides: list[str]) -> Config:
     """The run's own config (from the checkpoint) with the overrides applied, checked."""
-    state = CheckpointManager.load(info)
-    config = to_dict(to_config(OmegaConf.create(json.loads(state["config"]))))
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
-    typed = to_config(merged)
+    typed = run_config(info, overrides)
     if typed.data.test_dataset is None:
         raise ConfigError("the run has no data.test_dataset; name one, e.g. data.test_dataset={path: test.h5} "
                           "(keys missing from it are taken from data.dataset)")
@@ -174,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the test stage's random transforms "
                                                                "(default: the run's seed)")
     parser.add_argument("--name", default=None, help="test file name (default: step_<checkpoint step>)")
+    parser.add_argument("--save-outputs", action="store_true",
+                        help="also write the model's outputs of every test sample to <test file>.outputs.h5 "
+                             "(hpctrain.predict's layout)")
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     run_dir = args.run_dir.absolute()
@@ -191,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(error))
     seed = config.seed if args.seed is None else args.seed
     output = run_dir / TEST_DIRNAME / f"{args.name or f'step_{info.step:09d}'}.h5"
+    try:
+        plan = outputs_plan(run_dir, info, list(args.overrides), output=output, seed=seed) if args.save_outputs \
+            else None
+    except ConfigError as error:
+        fail(str(error))
     work_args = (str(info.path), str(output), seed)
     if args.slurm:
         from hpctrain.slurm import check_resources, make_executor
@@ -211,7 +192,30 @@ def main(argv: list[str] | None = None) -> int:
         local = replace(config, launcher=replace(config.launcher, name="local", num_processes=args.num_processes))
         run_local(local, run_dir, work=evaluate_rank, args=work_args)
     print(summarize(output), flush=True)
+    if plan is not None:
+        from hpctrain.predict import run_prediction, start
+
+        try:
+            run_prediction(start(plan, overwrite=True), config=config, num_processes=args.num_processes,
+                           slurm=args.slurm)
+        except ConfigError as error:
+            fail(str(error))
+        print(f"  outputs of every test sample -> {plan.output}", flush=True)
     return 0
+
+
+def outputs_plan(run_dir: Path, info: CheckpointInfo, overrides: list[str], *, output: Path, seed: int) -> "Plan":
+    """The prediction (hpctrain.predict) that keeps the model's outputs on the test set as the test phase sees it
+    (its transforms, stage and seed), beside the test file; checked, nothing written."""
+    from hpctrain.components import dataset_node
+    from hpctrain.predict import DEFAULT_CHUNK_SIZE, make_plan
+    from hpctrain.runs import load_run
+
+    run = load_run(run_dir, checkpoint=info.step, overrides=overrides)
+    config = run.config
+    return make_plan(run, dataset_node(config.data, "test_dataset"), output=output.with_name(
+        f"{output.stem}.outputs.h5"), seed=seed, stage="test", chunk_size=DEFAULT_CHUNK_SIZE,
+        batch_size=config.data.val_batch_size or config.trainer.micro_batch_size)
 
 
 TestJob.__test__ = False  # type: ignore[attr-defined]  # not a pytest test class

@@ -32,6 +32,7 @@ from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
 from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
 from hpctrain.distributed import DistributedContext, available_cpus
 from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker, autocast_for
+from hpctrain.fine_tune import initialise_from
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 from hpctrain import watchdog
@@ -362,6 +363,7 @@ class Trainer:
         info = self.dist.broadcast_object(info)
         if info is None:
             log.info("no checkpoint in %s: starting from step 0", self.checkpoints.directory)
+            initialise_from(self.model, self.config.trainer.init_from)  # fine-tuning: only a run's first start
             return None
         state = CheckpointManager.load(info, map_location=self.device)
         if state["global_batch_size"] != self.sampler.global_batch_size or state["seed"] != self.config.seed:

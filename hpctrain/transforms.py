@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]
-STAGES = ("train", "validation", "test")
+# The order fixes each stage's random key: new stages go at the end.
+STAGES = ("train", "validation", "test", "predict")
+# Where a random transform applies unless it lists its stages: predictions (hpctrain.predict) read the data as
+# it is.
+DEFAULT_STAGES = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class TransformContext:
     """Where a batch comes from, for transforms that draw random numbers."""
 
     seed: int
-    stage: str  # train, validation or test
+    stage: str  # train, validation, test or predict
     epoch: int
     indices: np.ndarray
     position: int  # of the transform in data.transforms
@@ -143,7 +147,7 @@ class AddNoise:
     Poisson(x * counts) / counts (x >= 0, `counts` events per unit). Applied in the listed stages only."""
 
     def __init__(self, *, field: str, kind: str = "gaussian", std: float = 0.1, counts: float = 100.0,
-                 probability: float = 1.0, stages: Sequence[str] = STAGES) -> None:
+                 probability: float = 1.0, stages: Sequence[str] = DEFAULT_STAGES) -> None:
         if kind not in ("gaussian", "poisson"):
             raise ValueError(f"kind must be gaussian or poisson, got {kind!r}")
         if std < 0 or counts <= 0 or not 0.0 <= probability <= 1.0:
@@ -171,7 +175,7 @@ class AddLitter:
     (its own file and dataset, treated as an endless supply) to one field, per sample."""
 
     def __init__(self, *, field: str, path: str, dataset: str, probability: float = 0.5, scale: float = 1.0,
-                 stages: Sequence[str] = STAGES) -> None:
+                 stages: Sequence[str] = DEFAULT_STAGES) -> None:
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be in [0, 1], got {probability}")
         if not os.path.isfile(path):

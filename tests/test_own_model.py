@@ -48,10 +48,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+def make_project(directory: Path) -> Path:
     """The user's project directory: their package, their configs and their data file, outside the repository."""
-    directory = tmp_path / "project"
     shutil.copytree(OUTSIDE, directory, ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, str(directory))
     try:
@@ -62,6 +60,11 @@ def project(tmp_path: Path) -> Path:
         sys.path.remove(str(directory))
         sys.modules.pop("molecules", None)
     return directory
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
 
 
 def user_env(installed: Path, project: Path) -> dict[str, str]:

@@ -49,6 +49,18 @@ class EnergyNet(nn.Module):
         return per_atom.sum(dim=1) + self.descriptors(descriptors).squeeze(-1)
 
 
+class PerAtomEnergies(EnergyNet):
+    """The same network (the same weights load) returning each molecule's energy and its atoms' contributions: a
+    ragged output, padded, with its lengths in `per_atom_length`."""
+
+    def forward(self, positions: torch.Tensor, num_atoms: torch.Tensor,
+                descriptors: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = torch.arange(positions.shape[1], device=positions.device)[None, :] < num_atoms[:, None]
+        per_atom = self.atom(positions).squeeze(-1) * mask
+        return {"energy": per_atom.sum(dim=1) + self.descriptors(descriptors).squeeze(-1),
+                "per_atom": per_atom, "per_atom_length": num_atoms}
+
+
 class EnergyLoss:
     """Squared error of the energy, plus a small absolute-error term: two named per-sample components."""
 

@@ -1,0 +1,160 @@
+"""Using what a run learned: a finished (or stopped) run directory opened for use, in a notebook or a script.
+
+`load_model(run_dir)` rebuilds the user's own model class from the run's resolved config (the JSON stored in each
+checkpoint, so the run directory is all it needs), loads the checkpoint's weights after checking them against the
+manifest's SHA-256 (a corrupt checkpoint is refused with its file named), and returns it in eval mode on `device`.
+`load_run(run_dir)` gives the config, the checkpoint list and, when asked for, the components (datasets, loss,
+metrics, transforms) built from that config.
+
+A run moved to another machine or directory: its config still names the old data paths. `overrides` are
+`key=value` pairs on the run's config (the same as `python -m hpctrain.test`'s), e.g.
+`["data.dataset.path=/new/place/train.h5"]`; the model itself needs no data and loads anywhere its package is
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hpctrain.checkpoint import CheckpointInfo, CheckpointManager
+from hpctrain.config import Config, ConfigError, to_config, to_dict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hpctrain.components import Components
+
+
+def choose_checkpoint(run_dir: Path, which: str | int) -> CheckpointInfo:
+    """The complete checkpoint `which` names: best (the run's best validation loss), latest (the newest intact
+    one) or a step."""
+    manager = CheckpointManager(run_dir, keep_last=2)
+    complete = manager.complete()
+    if not complete:
+        raise ConfigError(f"{run_dir} holds no complete checkpoint")
+    which = str(which)
+    if which == "latest":
+        info = manager.newest_valid()
+        if info is None:
+            raise ConfigError(f"{run_dir}: every checkpoint is corrupt or unreadable ({complete[0].path}, ...)")
+        return info
+    if which == "best":
+        result = run_dir / "result.json"
+        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
+        if best_step is None:
+            best_step = load_checkpoint(complete[0])["train_state"]["best_step"]
+        which = str(best_step)
+    try:
+        step = int(which)
+    except ValueError:
+        raise ConfigError(f"checkpoint must be best, latest or a step, got {which!r}") from None
+    for info in complete:
+        if info.step == step:
+            return info
+    raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
+                      f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
+
+
+def load_checkpoint(info: CheckpointInfo, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint's state, verified against its manifest; a ConfigError naming the file if it does not match."""
+    try:
+        return CheckpointManager.load(info, map_location=map_location)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint {info.path} is unusable: {error}") from None
+
+
+def config_with_overrides(config_json: str, overrides: Sequence[str]) -> Config:
+    """A run's config (its JSON, as stored in a checkpoint) with `key=value` overrides applied, checked."""
+    config = to_dict(to_config(OmegaConf.create(json.loads(config_json))))
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
+    return to_config(merged)
+
+
+def run_config(info: CheckpointInfo, overrides: Sequence[str] = ()) -> Config:
+    """The config the run trained with (from the checkpoint) with the overrides applied."""
+    return config_with_overrides(load_checkpoint(info)["config"], overrides)
+
+
+def build_model(config: Config, state: dict[str, Any], device: Any = "cpu") -> "nn.Module":
+    """The config's model with the checkpoint state's weights, in eval mode, on `device`."""
+    from torch import nn
+
+    from hpctrain.components import build
+
+    model = build("model", config.model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {type(model).__name__} is not a torch.nn.Module")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ConfigError(f"model: the checkpoint's weights do not fit the model the config builds "
+                          f"({str(error).splitlines()[0]}); was model.* overridden?") from None
+    return model.to(device).eval()
+
+
+@dataclass
+class Run:
+    """A run directory opened for use: its config, its checkpoints, the chosen one, and (built on first use) its
+    components."""
+
+    run_dir: Path
+    config: Config
+    checkpoint: CheckpointInfo  # the chosen one
+    # The chosen checkpoint's state (verified): model weights, optimizer state, train_state, config.
+    state: dict[str, Any]
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)  # every complete one, newest first
+
+    @cached_property
+    def components(self) -> "Components":
+        """The datasets, loss, metrics, transforms and (untrained) model the config builds; needs the data files."""
+        from hpctrain.components import build_components
+
+        return build_components(self.config)
+
+    def model(self, device: Any = "cpu") -> "nn.Module":
+        """The trained model (the chosen checkpoint's weights), in eval mode on `device`."""
+        return build_model(self.config, self.state, device)
+
+    @property
+    def model_sha256(self) -> str:
+        from hpctrain.checkpoint import state_dict_digest
+
+        return state_dict_digest(self.state["model"])
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str | int = "best", overrides: Sequence[str] = ()) -> Run:
+    """Open a run directory: `run.config` (with `overrides`), `run.checkpoints`, `run.checkpoint` (the one
+    `checkpoint` names: best, latest or a step), `run.model()`, `run.components`."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a run directory")
+    info = choose_checkpoint(run_dir, checkpoint)
+    state = load_checkpoint(info)
+    return Run(run_dir=run_dir, config=config_with_overrides(state["config"], overrides), checkpoint=info,
+               state=state, checkpoints=CheckpointManager(run_dir, keep_last=2).complete())
+
+
+def load_model(run_dir: str | Path, checkpoint: str | int = "best", device: "str | torch.device" = "cpu", *,
+               overrides: Sequence[str] = ()) -> "nn.Module":
+    """The run's model (the user's own class, rebuilt from the run's config) with the weights of `checkpoint`
+    (best, latest or a step), verified, in eval mode, on `device`."""
+    return load_run(run_dir, checkpoint=checkpoint, overrides=overrides).model(device)
+
+
+def how_to_use(run_dir: Path) -> str:
+    """What a finished run's user can do next (printed at the end of a local run)."""
+    return (f"trained: {run_dir}\n"
+            f"  in Python:  model = hpctrain.load_model({str(run_dir)!r})   # best checkpoint, eval mode\n"
+            f"  predict:    python -m hpctrain.predict {run_dir} --input FILE.h5   # -> {run_dir}/predictions/\n"
+            f"  export:     python -m hpctrain.export {run_dir} --format torch.export")
