@@ -18,15 +18,20 @@ Recompilation happens only where torch's guards say the graph no longer fits:
 - evaluation (eval mode, no gradients) has its own graph.
 The recompile limit per function is raised to RECOMPILE_LIMIT so that these graphs are kept (past torch's default
 of 8, dynamo would fall back to eager for the rest of the process: a run's numerics would depend on its history).
+The hang watchdog does not time a compilation (the first step's, a new freeze phase's, a lazily compiled backward):
+it may take minutes where the steps take milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+from hpctrain import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,27 @@ def compile_model(model: nn.Module, setting: bool | dict[str, Any]) -> nn.Module
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    _pause_watchdog_while_compiling()
     compiled = torch.compile(model, **options)
     log.info("trainer.compile: model compiled with %s (on its first step)", options or "torch.compile's defaults")
     return compiled if "dynamic" in options else BatchDynamicModule(compiled)
+
+
+_compilation = contextlib.ExitStack()  # the watchdog's pause while dynamo compiles
+
+
+def _compilation_started(_: object) -> None:
+    _compilation.enter_context(watchdog.paused("compilation"))
+
+
+def _compilation_ended(_: object) -> None:
+    _compilation.close()
+
+
+def _pause_watchdog_while_compiling() -> None:
+    """Register (once) dynamo's callbacks that start and end every compilation (torch >= 2.5)."""
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is None or _compilation_started in handler.start_callbacks:
+        return
+    handler.register_start_callback(_compilation_started)
+    handler.register_end_callback(_compilation_ended)

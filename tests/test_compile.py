@@ -113,3 +113,23 @@ def test_bad_compile_settings_are_refused_with_the_key(value: str, message: str)
         compose_config(f"trainer.compile={value}")
     assert compose_config("trainer.compile={mode: max-autotune, dynamic: false}").trainer.compile == {
         "mode": "max-autotune", "dynamic": False}
+
+
+def test_the_watchdog_does_not_time_a_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpctrain import watchdog
+    from hpctrain.compile import compile_model
+
+    dog = watchdog.Watchdog(limit_s=1.0, rank=0)  # its thread not started: only its pause state is looked at
+    monkeypatch.setattr(watchdog, "_active", dog)
+    model = compile_model(nn.Linear(2, 2), {"backend": "eager"})  # dynamo's callbacks run for any backend
+    seen: list[str | None] = []
+    handler = torch._dynamo.callback_handler
+    handler.register_start_callback(record := lambda _: seen.append(dog._paused))  # runs after hpctrain's
+    try:
+        with watchdog.paused("evaluation"):
+            model(torch.zeros(3, 2))
+            assert dog._paused == "evaluation"  # the evaluation's pause goes on after the compilation
+        assert dog._paused is None
+    finally:
+        handler.remove_start_callback(record)
+    assert seen == ["compilation"]
