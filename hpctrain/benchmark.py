@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -155,10 +155,11 @@ def step_durations(stamps: list[float]) -> np.ndarray:
 
 
 def raw_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_function, batch: dict[str, torch.Tensor],
-             inputs: list[str]) -> None:
-    """The reference step: forward, per-sample loss, mean, backward, AdamW, zero_grad."""
-    terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch), len(batch["index"]),
-                                  key="task.loss")
+             inputs: list[str], autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+    """The reference step: forward, per-sample loss (under `autocast`), mean, backward, AdamW, zero_grad."""
+    with autocast():
+        terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch),
+                                      len(batch["index"]), key="task.loss")
     sum(terms.values()).mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -177,7 +178,8 @@ def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str
 
 
 def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path,
-                          between: Callable[[], None] | None = None) -> np.ndarray:
+                          between: Callable[[], None] | None = None,
+                          device: torch.device = torch.device("cpu")) -> np.ndarray:
     """hpctrain's loop, the seconds of each step: from the end of one step to the end of the next, so each counts
     reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
     run's start and end (and no evaluation or checkpoint, which are configured away) are not timed. `between`, if
@@ -185,7 +187,7 @@ def hpctrain_loop_seconds(config: Config, components: Components, steps: int, ru
     from hpctrain.distributed import DistributedContext
     from hpctrain.train import Trainer
 
-    context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     run_dir.mkdir(parents=True)
     config = replace(config, trainer=replace(config.trainer, max_steps=steps))
     trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
@@ -207,20 +209,33 @@ def hpctrain_loop_seconds(config: Config, components: Components, steps: int, ru
 
 
 def interleaved_seconds(config: Config, components: Components, raw_batches: Iterator[dict[str, torch.Tensor]],
-                        steps: int, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+                        steps: int, run_dir: Path, device: torch.device = torch.device("cpu")
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """hpctrain's steps and raw steps (on a copy of the model, reading `raw_batches`) taking turns, one step each:
     pairs measured within a fraction of a second of each other, which a machine whose speed drifts between
-    rounds cannot tell apart. The seconds of each hpctrain step and of each raw step (the read included)."""
-    model = copy.deepcopy(components.model)
+    rounds cannot tell apart. The seconds of each hpctrain step and of each raw step (the read included).
+
+    On a GPU the raw step copies its batch there (non-blocking, from pinned memory if the loader pins) and ends
+    with a synchronisation, as hpctrain's step ends with its one host sync; both run under trainer.precision's
+    autocast."""
+    from hpctrain.evaluate import autocast_for
+
+    model = copy.deepcopy(components.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    autocast = autocast_for(device, config.trainer.precision)
     raw: list[float] = []
 
     def one_raw_step() -> None:
         started = time.perf_counter()
-        raw_step(model, optimizer, components.loss, next(raw_batches), config.task.inputs)
+        batch = next(raw_batches)
+        if device.type != "cpu":
+            batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+        raw_step(model, optimizer, components.loss, batch, config.task.inputs, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         raw.append(time.perf_counter() - started)
 
-    ours = hpctrain_loop_seconds(config, components, steps, run_dir, between=one_raw_step)
+    ours = hpctrain_loop_seconds(config, components, steps, run_dir, between=one_raw_step, device=device)
     return ours, np.array(raw[WARMUP_STEPS:len(ours) + WARMUP_STEPS])
 
 
@@ -236,8 +251,9 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
-    base = replace(config, trainer=replace(config.trainer, max_steps=steps, max_epochs=None, progress_bar=False,
+def step_config(config: Config, steps: int) -> Config:
+    """The run's config for timing `steps` steps: no evaluation, checkpoint, plot, clipping, schedule or loader worker."""
+    return replace(config, trainer=replace(config.trainer, max_steps=steps, max_epochs=None, progress_bar=False,
                                            val_every_steps=10**9),
                    data=replace(config.data, num_workers=0),
                    optim=replace(config.optim, clip_grad_norm=None,
@@ -246,6 +262,10 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
                                                                           every_steps=10**9),
                                      metrics=replace(config.callbacks.metrics, plots=False)),
                    task=replace(config.task, plot=None))  # a plot process starting would share the CPU
+
+
+def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
+    base = step_config(config, steps)
     components = build_components(base)
     if tiny:
         sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]

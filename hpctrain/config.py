@@ -376,6 +376,9 @@ class TrainerConfig:
     watchdog_s: float = 0.0
     # Fine-tuning: start from another run's model weights (InitFromConfig; off while its `run` is null).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
+    # torch.compile the model (hpctrain.compile): false, true (torch's defaults) or a dict of torch.compile
+    # options, e.g. {mode: max-autotune}. The batch dimension is marked dynamic unless the dict sets `dynamic`.
+    compile: Any = False
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
@@ -393,6 +396,30 @@ class TrainerConfig:
         _require(self.distributed_timeout_s > 0,
                  f"trainer.distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         _require(self.rendezvous_timeout_s > 0, f"trainer.rendezvous_timeout_s must be > 0, got {self.rendezvous_timeout_s}")
+        _check_compile(self.compile)
+
+
+# The torch.compile keyword arguments trainer.compile may set, and its modes.
+COMPILE_OPTIONS = ("mode", "dynamic", "backend", "fullgraph", "options", "disable")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(value: Any) -> None:
+    if isinstance(value, bool):
+        return
+    _require(isinstance(value, dict), f"trainer.compile must be true, false or a dict of torch.compile options "
+                                      f"({', '.join(COMPILE_OPTIONS)}); got {value!r}")
+    for key, option in value.items():
+        _require(key in COMPILE_OPTIONS, f"trainer.compile.{key}: not a torch.compile option; use "
+                                         f"{', '.join(COMPILE_OPTIONS)}")
+        expected = {"mode": str, "backend": str, "dynamic": bool, "fullgraph": bool, "disable": bool,
+                    "options": dict}[key]
+        _require(option is None or isinstance(option, expected),
+                 f"trainer.compile.{key} must be a {expected.__name__} or null, got {option!r}")
+    if value.get("mode") is not None:
+        _one_of("trainer.compile.mode", value["mode"], COMPILE_MODES)
+    _require(value.get("mode") is None or value.get("options") is None,
+             "trainer.compile: torch.compile takes `mode` or `options`, not both")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -103,6 +104,27 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# Set for NCCL process groups (a value already in the environment is kept), as torchrun sets it: a collective that
+# outlives trainer.distributed_timeout_s (a dead or hung peer) aborts the communicators and ends the process with
+# an error, instead of leaving it blocked on the GPU; SLURM then sees the failure (and the watchdog's requeue acts).
+NCCL_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def process_group_environment(backend: str) -> dict[str, str]:
+    """The environment variables set (unless already set) before a process group of `backend` is formed."""
+    return dict(NCCL_ENVIRONMENT) if backend == "nccl" else {}
+
+
+def step_peak_memory(device: torch.device) -> float:
+    """The most GPU memory (bytes) allocated by tensors on `device` since the previous call (the first: since the
+    process started), and reset; NaN on a CPU."""
+    if device.type != "cuda":
+        return math.nan
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return float(peak)
+
+
 def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeout_s: int | None = None
                      ) -> DistributedContext:
     """Join the process group described by the environment (or run alone).
@@ -117,6 +139,8 @@ def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeo
     device = select_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        for name, value in process_group_environment(backend).items():
+            os.environ.setdefault(name, value)
         rendezvous = datetime.timedelta(seconds=rendezvous_timeout_s or timeout_s)
         try:
             # The master waits for every rank to connect (wait_for_workers), the others for the master.

@@ -22,6 +22,7 @@ from multiprocessing.connection import wait
 from hpctrain.config import Config, ConfigError
 from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
                                   shutdown_distributed)
+from hpctrain.seeding import configure_determinism
 from hpctrain.watchdog import watching
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def check_run_dir_writable(run_dir: Path) -> None:
 
 def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train as one rank of the process group the environment describes; returns the run's summary."""
+    configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s,
                             rendezvous_timeout_s=config.trainer.rendezvous_timeout_s)
     clean = False

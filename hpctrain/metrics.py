@@ -9,6 +9,9 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
   /train/loss.<name>   (n,)      mean of each named loss component, when the loss returns a dict of them
   /train/grad_norm     (n,)      global gradient norm before clipping
   /train/samples_per_second (n,) global training throughput of the step
+  /train/max_memory_allocated (n,) on a GPU only: the most memory (bytes) rank 0's tensors held since the previous
+                                 step's row (torch.cuda.max_memory_allocated, reset at every step; the evaluation
+                                 or checkpoint between two steps counts for the next); absent on a CPU
   /train/lr            (n, g)    learning rate of each parameter group (attr `parameter_groups`)
   /train/nonfinite     (n,)      1 where the step was skipped because loss or gradient was NaN/Inf
   /validation/step     (m,)      step after which each evaluation ran
@@ -29,6 +32,7 @@ file to its checkpoint's cursor, so the step axis continues with no duplicate an
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,9 +159,11 @@ class MetricsWriter:
     # -- writing ---------------------------------------------------------------------------------------------
     def log_step(self, *, step: int, epoch: int, loss: float, grad_norm: float, samples_per_second: float,
                  nonfinite: bool, learning_rates: Sequence[float],
-                 loss_components: dict[str, float] | None = None) -> None:
+                 loss_components: dict[str, float] | None = None, max_memory_allocated: float = math.nan) -> None:
         row = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
                "samples_per_second": samples_per_second, "nonfinite": int(nonfinite)}
+        if not math.isnan(max_memory_allocated):  # NaN: not on a GPU
+            row["max_memory_allocated"] = max_memory_allocated
         row.update({f"loss.{name}": value for name, value in (loss_components or {}).items()})
         self._train_buffer.append(row)
         self._lr_buffer.append(tuple(learning_rates))

@@ -1,31 +1,63 @@
-"""Determinism: seeding before the model is built, and the RNG states a checkpoint carries so that a resumed run
-draws exactly the random numbers an uninterrupted one would."""
+"""Determinism: seeding before the model is built, deterministic kernels (trainer.deterministic), and the RNG
+states a checkpoint carries so that a resumed run draws exactly the random numbers an uninterrupted one would."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
-def capture_rng_state() -> dict[str, Any]:
+# cuBLAS reproducibility (https://docs.nvidia.com/cuda/cublas/#results-reproducibility): read when the first cuBLAS
+# handle is made, so it must be in the environment before the process's first CUDA matrix product.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def deterministic_environment() -> dict[str, str]:
+    """The environment variables deterministic GPU kernels need, for a process before it starts CUDA."""
+    return {"CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE_CONFIG}
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """trainer.deterministic: deterministic algorithms (warnings where an op has none), cuDNN's deterministic
+    kernels without autotuning, and the cuBLAS workspace setting (a value the user set is kept). Off: cuDNN
+    autotunes its convolution kernels for each new input shape (faster, not reproducible)."""
+    if deterministic:
+        for name, value in deterministic_environment().items():
+            if name not in os.environ:
+                if torch.cuda.is_initialized():
+                    log.warning("trainer.deterministic: CUDA started before %s=%s was set; set it in the job's "
+                                "environment for reproducible cuBLAS results", name, value)
+                os.environ[name] = value
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states; of the CUDA generators only that of `device`, the one this rank drives (every
+    rank sees all the node's GPUs: reading the others would start a CUDA context on each)."""
     numpy_state = np.random.get_state()
     python_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
                   "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
         "python": {"version": python_state[0], "state": list(python_state[1]), "gauss": python_state[2]},
     }
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore `capture_rng_state`'s states; the CUDA one into this rank's own `device` only."""
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0].cpu(), device)
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))

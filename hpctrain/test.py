@@ -56,8 +56,11 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
     from hpctrain.data import BatchReader, ShardSampler
     from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.distributed import available_cpus, init_distributed, shutdown_distributed
+    from hpctrain.compile import compile_model
     from hpctrain.evaluate import Evaluator, autocast_for
+    from hpctrain.seeding import configure_determinism
 
+    configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
     clean = False
     try:
@@ -73,12 +76,13 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
         loader = make_loader(
             BatchReader(components.test_dataset, transforms=components.transforms, seed=seed, stage="test"),
             ShardSampler(indices, batch_size=batch_size, rank=dist.rank, world_size=dist.world_size),
-            config=config.data, num_workers=num_workers, pin_memory=False)
+            config=config.data, num_workers=num_workers,
+            pin_memory=config.data.pin_memory and dist.device.type == "cuda")
         evaluator = Evaluator(inputs=config.task.inputs, loss=components.loss, metrics=components.metrics, dist=dist,
                               device=dist.device, on_cpu=config.task.evaluate_on_cpu,
                               autocast=autocast_for(dist.device, config.trainer.precision),
                               device_transforms=components.device_transforms, seed=seed, stage="test")
-        evaluation = evaluator(model, loader, step=info.step)
+        evaluation = evaluator(compile_model(model, config.trainer.compile), loader, step=info.step)
         stop_loader_workers()
         if dist.is_main:
             write_test_file(Path(output), evaluation.per_sample, evaluation.sample_index, config=config, info=info,

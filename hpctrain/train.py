@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from hpctrain.callbacks import Callbacks, CheckpointView, EndView, EvaluationView, RunView, StepView, read_only
 from hpctrain.checkpoint import CheckpointManager
+from hpctrain.compile import compile_model
 from hpctrain.components import Batch, Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError, to_dict, to_json
 from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
 from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
-from hpctrain.distributed import DistributedContext, available_cpus
+from hpctrain.distributed import DistributedContext, available_cpus, step_peak_memory
 from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker, autocast_for
 from hpctrain.fine_tune import initialise_from
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
@@ -38,7 +39,7 @@ from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plo
 from hpctrain import watchdog
 from hpctrain.optim import build_parameter_groups
 from hpctrain.resume_check import check_checkpoint_fits
-from hpctrain.seeding import capture_rng_state, restore_rng_state
+from hpctrain.seeding import capture_rng_state, configure_determinism, restore_rng_state
 from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,13 @@ class Trainer:
 
         cpus_per_rank = max(1, available_cpus() // dist.local_world_size)
         torch.set_num_threads(trainer_cfg.num_threads or cpus_per_rank)
-        if trainer_cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+        configure_determinism(trainer_cfg.deterministic)
 
         # Built right after seeding (components.build_components): identical initial weights on every rank.
         self.model = components.model.to(self.device)
+        # What forward passes call: the model itself, or with trainer.compile a compiled module sharing its
+        # parameters (state dicts, freezing and the optimizers keep using self.model).
+        self.compiled_model = compile_model(self.model, trainer_cfg.compile)
         self.sampler = DistributedBatchSampler(
             split.train_indices, micro_batch_size=trainer_cfg.micro_batch_size,
             num_microbatches=trainer_cfg.num_microbatches, rank=dist.rank, world_size=dist.world_size,
@@ -121,7 +123,7 @@ class Trainer:
         self.scheduled_groups = [group for group in self.groups if group.scheduler is not None]
         self.always_frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         self.phase: Phase | None = None
-        self.ddp_model: nn.Module = self.model
+        self.ddp_model: nn.Module = self.compiled_model
         self._enter_phase(self.freeze.phase(0))
 
         self._autocast = autocast_for(self.device, trainer_cfg.precision)
@@ -172,9 +174,9 @@ class Trainer:
         frozen = apply_phase(self.model, phase, always_frozen=self.always_frozen)
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         if self.dist.is_distributed:
-            self.ddp_model = self.model  # the old wrapper's reducer (and its autograd hooks) go first
+            self.ddp_model = self.compiled_model  # the old wrapper's reducer (and its autograd hooks) go first
             gc.collect()
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=[self.device.index]
+            self.ddp_model = DistributedDataParallel(self.compiled_model, device_ids=[self.device.index]
                                                      if self.device.type == "cuda" else None)
         if self.phase is not None and self.dist.is_main:
             log.info("step %d: freeze phase %d, %d parameter tensors frozen, LR factor %g", self.state.step,
@@ -292,7 +294,7 @@ class Trainer:
     def validate(self) -> Evaluation:
         """Per-sample validation values of the whole validation set (all ranks' shards, in index order): the loss,
         its named components (`loss.<name>`) and every metric."""
-        return self.evaluator(self.model, self.val_loader, step=self.state.step)
+        return self.evaluator(self.compiled_model, self.val_loader, step=self.state.step)
 
     def _update_early_stopping(self, means: dict[str, float]) -> bool:
         """Record an evaluation's validation means; True if its monitored value (callbacks.monitor) is the best so
@@ -313,7 +315,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Collective: every rank contributes its RNG state; rank 0 writes."""
-        rng_states = self.dist.all_gather_object(capture_rng_state())
+        rng_states = self.dist.all_gather_object(capture_rng_state(self.device))
         if not self.dist.is_main:
             return
         assert self.metrics is not None
@@ -396,7 +398,7 @@ class Trainer:
             log.warning("resuming a %d-rank run on %d ranks: same samples per step, but per-rank random streams "
                         "differ, so the result is not bitwise that of the original layout",
                         state["world_size"], self.dist.world_size)
-        restore_rng_state(state["rng"][self.dist.rank % len(state["rng"])])
+        restore_rng_state(state["rng"][self.dist.rank % len(state["rng"])], self.device)
         log.info("resumed from %s (step %d, epoch %d)", info.path, self.state.step, self.state.epoch)
         return MetricsCursor(**state["metrics_cursor"])
 
@@ -518,7 +520,8 @@ class Trainer:
                 self.metrics.log_step(step=self.state.step, epoch=epoch, loss=result.loss,
                                       grad_norm=result.grad_norm, samples_per_second=samples_per_second,
                                       nonfinite=result.nonfinite, learning_rates=learning_rates,
-                                      loss_components=result.loss_components)
+                                      loss_components=result.loss_components,
+                                      max_memory_allocated=step_peak_memory(self.device))
                 if result.sample_index is not None:
                     self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
                                                    loss=result.sample_loss)

@@ -100,11 +100,11 @@ class Watchdog:
 
     @contextlib.contextmanager
     def paused(self, phase: str) -> Iterator[None]:
-        self._paused = phase
+        previous, self._paused = self._paused, phase  # nested (a compilation in an evaluation): the outer resumes
         try:
             yield
         finally:
-            self._paused = None
+            self._paused = previous
             self._last_beat = time.monotonic()
 
     def end_of_steps(self) -> None:
