@@ -66,8 +66,23 @@ class Server:
         get(self.url + ready_path)
 
     def stop(self) -> None:
+        """Stop the server and everything it started (MLflow's job consumers outlive a SIGTERM of the group)."""
         os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(30)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+            except (OSError, IndexError, ValueError):
+                continue
+            if session == self.process.pid:
+                try:
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.process.wait(15)
 
 
 @pytest.fixture(scope="module")
