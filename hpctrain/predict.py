@@ -281,12 +281,21 @@ def first_batch(reader: Any, config: Config, batch_size: int) -> dict[str, Any]:
     return batch
 
 
+def build_device_transforms(config: Config) -> list[Any]:
+    """task.device_transforms, run on each batch on the device before the forward pass, as in training."""
+    from hpctrain.instantiate import build
+
+    return [build(f"task.device_transforms[{index}]", node)
+            for index, node in enumerate(config.task.device_transforms)]
+
+
 def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
     """One rank of a prediction: compute this rank's unfinished chunks; rank 0 then assembles the file."""
     import torch
 
     from hpctrain.checkpoint import state_dict_digest
     from hpctrain.components import model_inputs
+    from hpctrain.transforms import apply_device_transforms
     from hpctrain.distributed import available_cpus, init_distributed, shutdown_distributed
     from hpctrain.evaluate import autocast_for
     from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
@@ -306,6 +315,7 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
             raise ConfigError(f"{plan.checkpoint}: the weights changed since the prediction started (model SHA-256 "
                               f"{plan.model_sha256[:12]}...); remove {plan.work_dir} to start it again")
         model = build_model(config, state, dist.device)
+        device_transforms = build_device_transforms(config)
         reader = build_reader(plan.dataset, config, seed=plan.seed, stage=plan.stage)
         mine = np.array_split(np.arange(plan.num_chunks), dist.world_size)[dist.rank]
         todo = [int(chunk) for chunk in mine if not chunk_is_done(plan.work_dir, plan, int(chunk))]
@@ -326,6 +336,7 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
                     current = ChunkOutputs(chunk, plan.chunk_range(chunk))
                 if dist.device.type != "cpu":
                     batch = {name: value.to(dist.device, non_blocking=True) for name, value in batch.items()}
+                batch = apply_device_transforms(device_transforms, batch, seed=plan.seed, stage=plan.stage)
                 with autocast():
                     outputs = model(*model_inputs(batch, config.task.inputs))
                 current.add(named_outputs(outputs, len(indices)))
@@ -458,6 +469,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     import torch
 
     from hpctrain.components import describe, model_inputs
+    from hpctrain.transforms import apply_device_transforms
     from hpctrain.config import from_json
 
     config = run.config
@@ -474,6 +486,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     model = run.model()
     try:
         with torch.no_grad():
+            batch = apply_device_transforms(build_device_transforms(config), batch, seed=seed, stage=stage)
             outputs = model(*model_inputs(batch, config.task.inputs))
         named_outputs(outputs, len(batch["index"]))
     except Exception as error:
