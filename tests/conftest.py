@@ -16,6 +16,13 @@ from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig, generate_dataset
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+# One intra-op thread in this process and, through the environment, in every process the tests start (the
+# launcher's preflight and dry step, the test phase, inspect, the SLURM jobs): on this 2-core machine, shared by the
+# suite's two workers and the SLURM jobs, a second thread waits for the busy core at every operation and makes each
+# run several times slower. A run's own training threads are set by trainer.num_threads (tiny_overrides: 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,6 +44,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                                     "run at once on the one test cluster; see the pytest pin in pyproject.toml")
 
 
+_running: pytest.Item | None = None  # the test being run (its fixtures included)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def expect_slow_test() -> None:
+    """A run of the launcher takes seconds: only tests marked slow (or slurm) start one, so that
+    `pytest -m "not slow and not slurm"` stays the quick loop of development."""
+    if _running is not None and not any(_running.get_closest_marker(name) for name in ("slow", "slurm")):
+        raise AssertionError(f"{_running.nodeid} starts the launcher: mark it @pytest.mark.slow")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """192 synthetic 32x32 CBED images (154 training, 38 validation)."""
@@ -46,17 +73,25 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# What a tiny run leaves out unless a test names the key itself: the task's plot process (a fresh interpreter),
+# the end-of-run PNGs (matplotlib's import and drawing: seconds of CPU per run) and training threads beyond one
+# (see OMP_NUM_THREADS above: 2-thread steps were 10x slower under the suite's load). tests/test_evaluate.py draws
+# the plots; runs compared bitwise all run one thread.
+TINY_DEFAULTS = {"task.plot": "null", "callbacks.metrics.plots": "false", "trainer.num_threads": "1"}
+
+
 def tiny_overrides(data_path: Path, *extra: str) -> list[str]:
-    """A run of the real config shrunk to seconds: small images, a small model, no loader workers, and no task
-    plots unless `extra` names task.plot (its process, a fresh interpreter, would cost each run seconds of CPU;
-    tests/test_evaluate.py tests the plots)."""
-    plots = [] if any(override.startswith("task.plot") for override in extra) else ["task.plot=null"]
+    """A run of the real config shrunk to seconds: small images, a small model, no loader workers, one thread,
+    and none of TINY_DEFAULTS' plots unless `extra` names their key."""
+    defaults = [f"{key}={value}" for key, value in TINY_DEFAULTS.items()
+                if not any(override.split("=", 1)[0].lstrip("+~").startswith(key) for override in extra)]
     return ["debug=fast", f"data.dataset.path={data_path}", "data.prepare.generate_if_missing=false",
-            "model.width=8", "model.num_stages=2", *plots, *extra]
+            "model.width=8", "model.num_stages=2", *defaults, *extra]
 
 
 def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, timeout: float = 300,
            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    expect_slow_test()
     command = [PYTHON, "-m", "hpctrain.launch", *args]
     if run_dir is not None:
         command.append(f"hydra.run.dir={run_dir}")

@@ -80,6 +80,7 @@ def test_augmentations_apply_only_in_their_stages_and_check_their_inputs(tiny_da
         AddNoise(field="image", stages=["training"])
 
 
+@pytest.mark.slow
 def test_run_with_noise_and_litter_killed_and_restarted_is_bit_exact(tmp_path: Path, tiny_data: Path) -> None:
     import random
 

@@ -7,11 +7,14 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import PYTHON, REPO, tiny_overrides
 
 RATIO = r"\s+(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"
 
 
+@pytest.mark.slow
 def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
     command = [PYTHON, "-m", "hpctrain.benchmark", "all", *tiny_overrides(tiny_data), "--rounds", "2",
                "--batches", "3", "--workers", "0,1", "--steps", "5", "--tiny-steps", "6", "--checkpoint-mb", "2"]

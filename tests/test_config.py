@@ -87,6 +87,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+@pytest.mark.slow
 def test_bad_input_is_refused_before_any_work(tmp_path: Path, tiny_data: Path, overrides: list[str],
                                               message: str) -> None:
     run_dir = tmp_path / "run"
@@ -126,6 +127,7 @@ def test_hydra_composition_errors_name_the_key_in_one_line(override: str, messag
 
 @pytest.mark.parametrize("kind,message", [("no_labels", "has no HDF5 dataset 'labels'"),
                                           ("not_hdf5", "is not a readable HDF5 file")])
+@pytest.mark.slow
 def test_broken_data_files_are_refused(tmp_path: Path, broken_files: dict[str, Path], tiny_data: Path, kind: str,
                                        message: str) -> None:
     run_dir = tmp_path / "run"
@@ -135,6 +137,7 @@ def test_broken_data_files_are_refused(tmp_path: Path, broken_files: dict[str, P
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_unwritable_run_directory_is_refused(tmp_path: Path, tiny_data: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -142,6 +145,7 @@ def test_unwritable_run_directory_is_refused(tmp_path: Path, tiny_data: Path) ->
     assert result.returncode != 0 and "is a file, not a directory" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_read_only_run_directory_is_refused(tmp_path: Path, tiny_data: Path) -> None:
     # /proc refuses new files even to root, so this holds whoever runs the suite.
     result = launch(tiny_overrides(tiny_data), run_dir=Path("/proc/hpctrain-run"), check=False)

@@ -33,6 +33,10 @@ def assert_weights_close(reference: dict[str, torch.Tensor], other: dict[str, to
     print(f"largest weight difference: {moved:.3g}")
 
 
+# The tests that compare with the one-rank run share it: one xdist group, so that both workers do not train it each.
+shares_the_reference = pytest.mark.xdist_group("ddp_reference")
+
+
 @pytest.fixture(scope="module")
 def one_rank_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, torch.Tensor]:
     run_dir = tmp_path_factory.mktemp("one_rank")
@@ -40,6 +44,8 @@ def one_rank_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path
     return final_weights(run_dir)
 
 
+@shares_the_reference
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tiny_data: Path,
                                                              one_rank_reference: dict[str, torch.Tensor]) -> None:
     launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2"),
@@ -47,6 +53,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tin
     assert_weights_close(one_rank_reference, final_weights(tmp_path))
 
 
+@shares_the_reference
+@pytest.mark.slow
 def test_accumulated_microbatches_match_one_larger_batch(tmp_path: Path, tiny_data: Path,
                                                          one_rank_reference: dict[str, torch.Tensor]) -> None:
     launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=4", "trainer.num_microbatches=4"),
@@ -54,6 +62,8 @@ def test_accumulated_microbatches_match_one_larger_batch(tmp_path: Path, tiny_da
     assert_weights_close(one_rank_reference, final_weights(tmp_path))
 
 
+@shares_the_reference
+@pytest.mark.slow
 def test_two_ranks_with_accumulation_match_one_rank(tmp_path: Path, tiny_data: Path,
                                                     one_rank_reference: dict[str, torch.Tensor]) -> None:
     launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=4", "trainer.num_microbatches=2",

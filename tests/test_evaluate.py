@@ -10,10 +10,14 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from hpctrain.metrics import open_for_reading
 
 from .conftest import PYTHON, REPO, launch, tiny_overrides
+
+# End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
+pytestmark = pytest.mark.slow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +60,8 @@ def test_plots_are_drawn_in_a_process_of_their_own_which_may_die(tmp_path: Path,
 
 def test_task_plots_are_valid_pngs_and_baselines_are_reported(tmp_path: Path, tiny_data: Path) -> None:
     launch(tiny_overrides(tiny_data, "task.plot._target_=hpctrain.tasks.cbed.CBEDPlots",
-                          "callbacks.metrics.task_plot_every_evaluations=2"), run_dir=tmp_path)
+                          "callbacks.metrics.task_plot_every_evaluations=2", "callbacks.metrics.plots=true"),
+           run_dir=tmp_path)
     plots = tmp_path / "plots"
     assert sorted(p.name for p in plots.iterdir()) == ["final", "step_000000020"]  # evaluations 2 and the last
     for directory in plots.iterdir():

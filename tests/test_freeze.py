@@ -28,6 +28,18 @@ RUN = ["optim.optimizer=sgd", "optim.lr=0.05", "optim.schedule.name=constant", "
        "callbacks.checkpoint.keep_steps=[6,14]", "callbacks.metrics.flush_every_seconds=0", EXPLICIT]
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """RUN on one rank, uninterrupted: what two ranks and a resumed run are compared with."""
+    run_dir = tmp_path_factory.mktemp("freeze") / "one"
+    launch(tiny_overrides(tiny_data, *RUN, "trainer.micro_batch_size=16"), run_dir=run_dir)
+    return run_dir
+
+
+# The tests that compare with the one-rank run share it: one xdist group, so that both workers do not train it each.
+shares_the_one_rank_run = pytest.mark.xdist_group("freeze_one_rank")
+
+
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     info = next(info for info in CheckpointManager(run_dir, keep_last=2).complete() if info.step == step)
     return CheckpointManager.load(info)["model"]
@@ -49,9 +61,10 @@ def test_round_robin_and_random_schedules_are_deterministic_functions_of_the_ste
     assert first.phase(0) == first.phase(9) and first.phase(9).index != first.phase(10).index  # every 2 epochs
 
 
-def test_frozen_parameters_stay_in_their_phase_on_two_ranks_and_match_one_rank(tmp_path: Path,
-                                                                              tiny_data: Path) -> None:
-    launch(tiny_overrides(tiny_data, *RUN, "trainer.micro_batch_size=16"), run_dir=tmp_path / "one")
+@pytest.mark.slow
+@shares_the_one_rank_run
+def test_frozen_parameters_stay_in_their_phase_on_two_ranks_and_match_one_rank(tmp_path: Path, tiny_data: Path,
+                                                                              one_rank: Path) -> None:
     launch(tiny_overrides(tiny_data, *RUN, "trainer.micro_batch_size=8", "launcher.num_processes=2"),
            run_dir=tmp_path / "two")
     from hpctrain.components import build_components
@@ -67,7 +80,7 @@ def test_frozen_parameters_stay_in_their_phase_on_two_ranks_and_match_one_rank(t
     assert all(torch.equal(at_6[n], at_14[n]) for n in head)  # frozen during phase 2 (steps 6-13)
     assert not all(torch.equal(at_6[n], at_14[n]) for n in stem)
     assert not all(torch.equal(at_14[n], final[n]) for n in head)  # phase 3: everything trains
-    one = final_weights(tmp_path / "one")
+    one = final_weights(one_rank)
     for name in one:
         torch.testing.assert_close(final[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     with open_for_reading(two / "metrics.h5") as file:
@@ -75,12 +88,15 @@ def test_frozen_parameters_stay_in_their_phase_on_two_ranks_and_match_one_rank(t
     np.testing.assert_allclose(lr[[0, 5, 6, 13, 14]], [0.05, 0.05, 0.025, 0.025, 0.05])
 
 
-def test_a_run_resumed_inside_a_phase_is_bit_exact(tmp_path: Path, tiny_data: Path) -> None:
-    args = tiny_overrides(tiny_data, *RUN, "trainer.max_steps=36", "data.num_workers=1")
-    launch(args, run_dir=tmp_path / "reference")
-    kill_at_random_step(args, tmp_path / "resumed", random.Random())
+@pytest.mark.slow
+@shares_the_one_rank_run
+def test_a_run_resumed_inside_a_phase_is_bit_exact(tmp_path: Path, tiny_data: Path, one_rank: Path) -> None:
+    args = tiny_overrides(tiny_data, *RUN, "trainer.micro_batch_size=16")
+    # Checkpoints every 2 steps: killed after one of steps 4-14, it resumes inside the first or second phase or at
+    # the start of the third (and crosses the phase changes still ahead of it).
+    kill_at_random_step(args, tmp_path / "resumed", random.Random(), steps=(3, 14))
     launch(args, run_dir=tmp_path / "resumed")
-    assert inspect_json(tmp_path / "reference")["newest_checkpoint"]["model_sha256"] == \
+    assert inspect_json(one_rank)["newest_checkpoint"]["model_sha256"] == \
         inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from hpctrain.metrics import MetricsCursor, MetricsWriter, open_for_reading
 
@@ -127,6 +128,7 @@ def test_file_opens_after_sigkill_and_holds_everything_up_to_the_last_flush(tmp_
     assert steps.tolist() == list(range(1, len(steps) + 1))
 
 
+@pytest.mark.slow
 def test_per_sample_training_losses_cover_every_sample_once_per_epoch_on_two_ranks(tmp_path: Path,
                                                                                    tiny_data: Path) -> None:
     from .conftest import launch, tiny_overrides

@@ -21,12 +21,21 @@ import torch
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 
-from .conftest import PYTHON, REPO, final_weights
+from .conftest import PYTHON, REPO, TINY_DEFAULTS, expect_slow_test, final_weights
+
+# End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
+pytestmark = pytest.mark.slow
 
 OUTSIDE = Path(__file__).resolve().parent / "outside"
 SHORT = ["trainer.max_steps=24", "trainer.micro_batch_size=8", "trainer.val_every_steps=6",
          "callbacks.checkpoint.every_steps=4", "callbacks.early_stopping.enabled=false", "data.num_workers=0",
-         "trainer.progress_bar=false", "callbacks.metrics.flush_every_seconds=0"]
+         "trainer.progress_bar=false", "callbacks.metrics.flush_every_seconds=0",
+         *(f"{key}={value}" for key, value in TINY_DEFAULTS.items() if key != "task.plot")]
+
+
+# The tests that run the installed package share it: one xdist group, so that both workers do not install it each
+# (the SLURM test, in the SLURM group, installs its own).
+shares_the_install = pytest.mark.xdist_group("own_model_install")
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +83,7 @@ def user_env(installed: Path, project: Path) -> dict[str, str]:
 
 def user_launch(installed: Path, project: Path, *overrides: str, run_dir: Path, check: bool = True,
                 timeout: float = 300) -> subprocess.CompletedProcess:
+    expect_slow_test()
     command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *overrides,
                f"hydra.run.dir={run_dir}"]
     result = subprocess.run(command, cwd=project, env=user_env(installed, project), capture_output=True,
@@ -89,6 +99,7 @@ def user_inspect(installed: Path, project: Path, run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
+@shares_the_install
 def test_the_installed_package_is_the_one_that_runs(installed: Path, project: Path) -> None:
     result = subprocess.run([PYTHON, "-c", "import hpctrain, molecules; print(hpctrain.__file__, "
                                            "hpctrain.__version__, molecules.__file__)"],
@@ -98,6 +109,7 @@ def test_the_installed_package_is_the_one_that_runs(installed: Path, project: Pa
     assert molecules_file.startswith(str(project))
 
 
+@shares_the_install
 def test_own_task_trains_with_its_named_fields_components_and_metrics(installed: Path, project: Path,
                                                                       tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -123,6 +135,7 @@ def test_own_task_trains_with_its_named_fields_components_and_metrics(installed:
     assert "alpha" in state["optimizers"][0]["param_groups"][0]  # RMSprop's own hyperparameter
 
 
+@shares_the_install
 def test_own_task_on_two_ranks_equals_one_rank(installed: Path, project: Path, tmp_path: Path) -> None:
     sgd = [*SHORT, "optim.optimizer=sgd", "optim.lr=0.02"]
     user_launch(installed, project, *sgd, run_dir=tmp_path / "one")
@@ -133,6 +146,7 @@ def test_own_task_on_two_ranks_equals_one_rank(installed: Path, project: Path, t
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@shares_the_install
 def test_own_task_killed_and_restarted_is_bit_exact(installed: Path, project: Path, tmp_path: Path) -> None:
     run = [*SHORT, "trainer.max_steps=40", "data.num_workers=1"]
     user_launch(installed, project, *run, run_dir=tmp_path / "reference")
@@ -183,6 +197,7 @@ BAD_COMPONENTS = [
 ]
 
 
+@shares_the_install
 @pytest.mark.parametrize("overrides,message", BAD_COMPONENTS, ids=[" ".join(o) for o, _ in BAD_COMPONENTS])
 def test_bad_user_components_are_refused_with_the_key_named(installed: Path, project: Path, tmp_path: Path,
                                                             overrides: list[str], message: str) -> None:
@@ -242,6 +257,7 @@ def test_own_task_trains_as_a_slurm_job_and_a_bad_one_queues_nothing(installed: 
         assert file["validation/per_sample/absolute_error"].shape == (4, 40)
 
 
+@shares_the_install
 def test_separate_validation_and_test_files_are_read_and_checked(installed: Path, project: Path,
                                                                 tmp_path: Path) -> None:
     sys.path.insert(0, str(project))

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, REPO, final_weights, tiny_overrides
+from .conftest import PYTHON, REPO, expect_slow_test, final_weights, tiny_overrides
+
+# End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
+pytestmark = pytest.mark.slow
 
 
 def recipe(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    expect_slow_test()
     result = subprocess.run(["bash", str(REPO / "launch" / name), *args], capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"launch/{name} failed:\n{result.stdout}\n{result.stderr}"

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 
-from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
+from .conftest import PYTHON, REPO, expect_slow_test, final_weights, launch, tiny_overrides
+
+# End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
+pytestmark = pytest.mark.slow
 
 RUN = ["trainer.max_steps=36", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=5",
        "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false", "data.num_workers=1"]
@@ -28,9 +33,11 @@ def inspect_json(run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
-def kill_at_random_step(args: list[str], run_dir: Path, rng: random.Random) -> None:
-    """Start the run, SIGKILL it once its checkpoints pass a random step (plus a random delay)."""
-    target = rng.randint(5, 28)
+def kill_at_random_step(args: list[str], run_dir: Path, rng: random.Random, *,
+                        steps: tuple[int, int] = (5, 28)) -> None:
+    """Start the run, SIGKILL it once its checkpoints pass a random step in `steps` (plus a random delay)."""
+    expect_slow_test()
+    target = rng.randint(*steps)
     process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manager = CheckpointManager(run_dir, keep_last=2)
@@ -45,13 +52,32 @@ def kill_at_random_step(args: list[str], run_dir: Path, rng: random.Random) -> N
     process.wait()
 
 
-def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, tiny_data: Path) -> None:
+# The tests that compare with the uninterrupted run share it (they only read it): one xdist group, so that both
+# workers do not train it each.
+shares_the_reference = pytest.mark.xdist_group("resume_reference")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """The uninterrupted run of RUN: 36 steps, checkpoints every 5, evaluations every 6, epochs of 10 steps."""
+    run_dir = tmp_path_factory.mktemp("resume") / "reference"
+    launch(tiny_overrides(tiny_data, *RUN), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_sha(reference: Path) -> str:
+    return inspect_json(reference)["newest_checkpoint"]["model_sha256"]
+
+
+@shares_the_reference
+def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, tiny_data: Path, reference: Path,
+                                                             reference_sha: str) -> None:
     seed = int(time.time())
     rng = random.Random(seed)
     print(f"kill schedule seed {seed}")
     args = tiny_overrides(tiny_data, *RUN)
-    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    launch(args, run_dir=reference_dir)
+    reference_dir, resumed_dir = reference, tmp_path / "resumed"
 
     kill_at_random_step(args, resumed_dir, rng)
     kill_at_random_step(args, resumed_dir, rng) if rng.random() < 0.5 else None
@@ -61,8 +87,7 @@ def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, ti
     reference, resumed = final_weights(reference_dir), final_weights(resumed_dir)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
-    assert inspect_json(reference_dir)["newest_checkpoint"]["model_sha256"] == \
-        inspect_json(resumed_dir)["newest_checkpoint"]["model_sha256"]
+    assert inspect_json(resumed_dir)["newest_checkpoint"]["model_sha256"] == reference_sha
 
     with open_for_reading(reference_dir / "metrics.h5") as ref, open_for_reading(resumed_dir / "metrics.h5") as res:
         assert res["train/step"][()].tolist() == list(range(1, 37))  # each step exactly once
@@ -72,29 +97,31 @@ def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, ti
         np.testing.assert_array_equal(res["validation/per_sample/loss"][()], ref["validation/per_sample/loss"][()])
 
 
-def test_finished_run_is_not_trained_again(tmp_path: Path, tiny_data: Path) -> None:
-    args = tiny_overrides(tiny_data, "trainer.max_steps=8", "callbacks.checkpoint.every_steps=4")
-    launch(args, run_dir=tmp_path)
-    before = final_weights(tmp_path)
-    again = launch(args, run_dir=tmp_path)
-    assert "already finished at step 8" in again.stdout
-    after = final_weights(tmp_path)
+@shares_the_reference
+def test_finished_run_is_not_trained_again(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    run_dir = tmp_path / "finished"
+    shutil.copytree(reference, run_dir)
+    before = final_weights(run_dir)
+    again = launch(tiny_overrides(tiny_data, *RUN), run_dir=run_dir)
+    assert "already finished at step 36" in again.stdout
+    after = final_weights(run_dir)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "lr.png").stat().st_size > 0
 
 
-def test_corrupt_newest_checkpoint_is_skipped_on_restart(tmp_path: Path, tiny_data: Path) -> None:
-    args = tiny_overrides(tiny_data, "callbacks.checkpoint.every_steps=5", "callbacks.early_stopping.enabled=false")
-    reference_dir, damaged_dir = tmp_path / "reference", tmp_path / "damaged"
-    launch([*args, "trainer.max_steps=20"], run_dir=reference_dir)
-    launch([*args, "trainer.max_steps=15"], run_dir=damaged_dir)
-    newest = damaged_dir / "checkpoints" / "step_000000015.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
-    restarted = launch([*args, "trainer.max_steps=20"], run_dir=damaged_dir)
+@shares_the_reference
+def test_corrupt_newest_checkpoint_is_skipped_on_restart(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    args = tiny_overrides(tiny_data, *RUN)
+    damaged_dir = tmp_path / "damaged"
+    launch([*args, "trainer.max_steps=15"], run_dir=damaged_dir)  # in the warm-up: the same LRs as the reference
+    newest, previous = CheckpointManager(damaged_dir, keep_last=2).complete()[:2]
+    assert newest.step == 15 and previous.step < 15
+    newest_file = damaged_dir / "checkpoints" / "step_000000015.pt"
+    newest_file.write_bytes(newest_file.read_bytes()[:1000])  # truncated, as by a full disk
+    restarted = launch(args, run_dir=damaged_dir)
     assert "step_000000015.pt is unusable" in restarted.stdout
-    assert "resumed from" in restarted.stdout and "step_000000010.pt" in restarted.stdout
-    reference, resumed = final_weights(reference_dir), final_weights(damaged_dir)
-    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+    assert "resumed from" in restarted.stdout and f"step_{previous.step:09d}.pt" in restarted.stdout
+    reference_weights, resumed = final_weights(reference), final_weights(damaged_dir)
+    assert all(torch.equal(reference_weights[name], resumed[name]) for name in reference_weights)
 
 
 def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tiny_data: Path) -> None:
@@ -103,21 +130,21 @@ def test_local_sweep_runs_every_point_and_a_rerun_skips_them(tmp_path: Path, tin
     launch(command)
     rows = inspect_json(tmp_path / "lsweep")
     assert [row["point"] for row in rows] == [
-        f"data.prepare.generate_if_missing=False,model.num_stages=2,model.width=8,optim.lr={lr},task.plot=null,"
-        "trainer.max_steps=5" for lr in ("0.001", "0.002")]
+        f"callbacks.metrics.plots=False,data.prepare.generate_if_missing=False,model.num_stages=2,model.width=8,"
+        f"optim.lr={lr},task.plot=null,trainer.max_steps=5,trainer.num_threads=1" for lr in ("0.001", "0.002")]
     assert all(row["state"] == "FINISHED" and row["step"] == 5 for row in rows)
     again = launch(command)
     assert again.stdout.count("already finished at step 5") == 2
 
 
-def test_run_with_background_checkpoints_killed_and_restarted_is_bit_exact(tmp_path: Path, tiny_data: Path) -> None:
-    args = tiny_overrides(tiny_data, *RUN)
-    launch(args, run_dir=tmp_path / "reference")  # synchronous checkpoints
-    background = [*args, "callbacks.checkpoint.asynchronous=true"]
+@shares_the_reference
+def test_run_with_background_checkpoints_killed_and_restarted_is_bit_exact(tmp_path: Path, tiny_data: Path,
+                                                                          reference_sha: str) -> None:
+    # The reference wrote its checkpoints synchronously.
+    background = [*tiny_overrides(tiny_data, *RUN), "callbacks.checkpoint.asynchronous=true"]
     kill_at_random_step(background, tmp_path / "resumed", random.Random())
     launch(background, run_dir=tmp_path / "resumed")
-    assert inspect_json(tmp_path / "reference")["newest_checkpoint"]["model_sha256"] == \
-        inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"]
+    assert inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"] == reference_sha
     with open_for_reading(tmp_path / "resumed" / "metrics.h5") as res:
         assert res["train/step"][()].tolist() == list(range(1, 37))
 

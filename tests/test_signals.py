@@ -192,6 +192,7 @@ def wait_forever_in_worker() -> None:
     threading.Event().wait()
 
 
+@pytest.mark.slow
 def test_a_deadlocked_loader_worker_is_found_and_its_stack_shown(tmp_path: Path, tiny_data: Path) -> None:
     """The watchdog of the rank fires, its own stacks and its loader worker's stacks are on stderr, exit code 75."""
     result = launch(tiny_overrides(tiny_data, "data.num_workers=1", "trainer.watchdog_s=5", "trainer.max_steps=400",
@@ -203,6 +204,7 @@ def test_a_deadlocked_loader_worker_is_found_and_its_stack_shown(tmp_path: Path,
     assert "wait_forever_in_worker" in worker and "HangInLoaderWorker" not in worker.split("\n")[0], worker[:3000]
 
 
+@pytest.mark.slow
 def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
     """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
     kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever."""
@@ -243,13 +245,18 @@ def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> N
         except RendezvousError as error:
             print("REFUSED", error)
     """)
-    for rank in (0, 1):  # rank 0 waits for its workers, rank 1 for a master that never listens
+    # Rank 0 waits for its workers, rank 1 for a master that never listens (another port): both at once.
+    started = time.monotonic()
+    processes = []
+    for rank in (0, 1):
         env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29000 + os.getpid() % 1000 + rank)}
-        started = time.monotonic()
-        result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        processes.append(subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env))
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
         elapsed = time.monotonic() - started
-        assert "REFUSED" in result.stdout and "rendezvous_timeout_s=5" in result.stdout, result.stderr[-2000:]
+        assert "REFUSED" in stdout and "rendezvous_timeout_s=5" in stdout, stderr[-2000:]
         assert elapsed < 120, elapsed
 
 
@@ -257,6 +264,7 @@ LINGER = ["trainer.max_steps=400", "trainer.val_every_steps=1000", "callbacks.ch
           "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
 
 
+@pytest.mark.slow
 def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_one(tmp_path: Path,
                                                                                   tiny_data: Path) -> None:
     """Old run stopped (SIGSTOP) mid-training; its directory deleted and re-created by a new run; the old one
@@ -306,6 +314,7 @@ def test_a_checkpoint_commit_checks_the_lock_it_holds(tmp_path: Path) -> None:
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
 
+@pytest.mark.slow
 def test_a_refused_sweep_leaves_nothing(tmp_path: Path, tiny_data: Path) -> None:
     result = launch(["-m", "optim.lr=1e-3,-1", *tiny_overrides(tiny_data, "launcher=slurm"), "run_name=bad",
                      f"paths.runs_dir={tmp_path}"], check=False)

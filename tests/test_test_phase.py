@@ -12,12 +12,16 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import PYTHON, REPO, launch, tiny_overrides
+from .conftest import PYTHON, REPO, expect_slow_test, launch, tiny_overrides
+
+# End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
+pytestmark = pytest.mark.slow
 
 NOISE = "data.transforms=[{_target_: hpctrain.transforms.AddNoise, field: image, std: 0.05}]"
 
 
 def run_test(run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    expect_slow_test()
     result = subprocess.run([PYTHON, "-m", "hpctrain.test", str(run_dir), *args], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     if check and result.returncode != 0:
@@ -28,6 +32,10 @@ def run_test(run_dir: Path, *args: str, check: bool = True) -> subprocess.Comple
 def fingerprint(run_dir: Path) -> dict[str, str]:
     files = [*sorted((run_dir / "checkpoints").iterdir()), run_dir / "metrics.h5", run_dir / "result.json"]
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+# The tests that read the finished run share it: one xdist group, so that both workers do not train it each.
+shares_the_run = pytest.mark.xdist_group("test_phase_run")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,7 @@ def per_sample(path: Path) -> dict[str, np.ndarray]:
             "_index": file["test/sample_index"][()], "_step": np.array(file.attrs["checkpoint_step"])}
 
 
+@shares_the_run
 def test_best_checkpoint_on_one_and_two_ranks_evaluates_every_sample_once(finished_run: Path) -> None:
     before = fingerprint(finished_run)
     one = run_test(finished_run, "--name", "one")
@@ -57,6 +66,7 @@ def test_best_checkpoint_on_one_and_two_ranks_evaluates_every_sample_once(finish
     assert fingerprint(finished_run) == before  # the training state is never touched
 
 
+@shares_the_run
 def test_noise_uses_the_test_seed_and_another_file_can_be_named(finished_run: Path, tiny_data: Path,
                                                                tmp_path: Path) -> None:
     run_test(finished_run, "--name", "seed0", "--seed", "0")

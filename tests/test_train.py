@@ -113,6 +113,7 @@ def test_nonfinite_policy_stop_raises_a_clear_error(tmp_path: Path, tiny_data: P
         assert file["train/step"][()].tolist() == list(range(1, 8))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path: Path, tiny_data: Path) -> None:
     launch(tiny_overrides(tiny_data, "trainer.max_steps=200", "trainer.val_every_steps=5",
                           "callbacks.checkpoint.every_steps=5", "callbacks.early_stopping.patience=2",
@@ -124,6 +125,7 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path: Path, tiny
     assert kept == [5, 10, 15]
 
 
+@pytest.mark.slow
 def test_parameter_groups_have_their_own_lr_schedule_and_frozen_parameters_stay(tmp_path: Path,
                                                                                   tiny_data: Path) -> None:
     groups = ("+optim.param_groups=[{name: head, params: ['head.*'], lr: 1e-4, optimizer: sgd, "
@@ -170,6 +172,7 @@ def test_learning_rates_set_from_the_step_equal_torchs_lambdalr_bitwise() -> Non
         scheduler.step()
     assert group.set_learning_rates(3) == 3e-3 * group.multiplier(3)  # no state: any step, in any order
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_cpu(tmp_path: Path, tiny_data: Path) -> None:
     launch(tiny_overrides(tiny_data, "trainer.precision=bf16", "trainer.max_steps=6"), run_dir=tmp_path)
     assert json.loads((tmp_path / "result.json").read_text())["finished"]

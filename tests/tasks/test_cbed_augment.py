@@ -139,6 +139,7 @@ def test_augmentation_leaves_validation_alone_and_checks_shapes() -> None:
         SymmetryAugmentation(stages=["training"])
 
 
+@pytest.mark.slow
 def test_cbed_learns_experiment_trains_the_same_with_or_without_loader_workers(tmp_path: Path,
                                                                                 tiny_data: Path) -> None:
     """experiment=cbed_learns, shrunk: the coordinate model with the augmentation in the loader, bit-identical

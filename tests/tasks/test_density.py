@@ -342,7 +342,11 @@ def test_plots_refuse_a_bad_example_count() -> None:
 # ------------------------------------------------------------------------------------------- through the launcher
 
 TINY = ["task=density_reversion", "debug=fast", "data.prepare.num_samples=160", "data.prepare.image_size=16",
-        "model.width=8", "model.depth=2"]
+        "model.width=8", "model.depth=2", "trainer.num_threads=1", "callbacks.metrics.plots=false"]
+
+
+# The tests that read the two runs share them: one xdist group, so that both workers do not train them each.
+shares_the_runs = pytest.mark.xdist_group("density_runs")
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +362,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("ranks", ["one", "two"])
+@pytest.mark.slow
+@shares_the_runs
 def test_task_trains_through_the_launcher_and_learns(runs: dict[str, Path], ranks: str) -> None:
     with open_for_reading(runs[ranks] / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == list(range(1, 31))
@@ -374,6 +380,8 @@ def test_task_trains_through_the_launcher_and_learns(runs: dict[str, Path], rank
     assert final and all(path.read_bytes()[:8] == PNG_SIGNATURE for path in final)
 
 
+@pytest.mark.slow
+@shares_the_runs
 def test_two_ranks_learn_as_one_rank(runs: dict[str, Path]) -> None:
     # 2 ranks x 8 samples = the global batch of 16 of one rank; GroupNorm never mixes samples, so only float
     # summation order differs.
