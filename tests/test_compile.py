@@ -57,6 +57,7 @@ def assert_close(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_run_equals_eager_resumes_bit_exact_and_uncompiled(tmp_path: Path, tiny_data: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
@@ -81,6 +82,7 @@ def test_compiled_run_equals_eager_resumes_bit_exact_and_uncompiled(tmp_path: Pa
     assert_close(final_weights(tmp_path / "uncompiled"), eager)
 
 
+@pytest.mark.slow
 def test_freeze_phase_change_with_compile(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
     # Steps 0-2: the stem is frozen; from step 3 nothing is (the graphs of the test above: cached by inductor).

@@ -108,6 +108,7 @@ HYDRA_ERRORS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", HYDRA_ERRORS[:2], ids=[override for override, _ in HYDRA_ERRORS[:2]])
 def test_hydra_composition_errors_are_one_line_with_exit_code_2(tmp_path: Path, override: str,
                                                                 message: str) -> None:

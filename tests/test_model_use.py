@@ -123,6 +123,7 @@ print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "
 """
 
 
+@pytest.mark.slow
 def test_load_model_reproduces_the_validation_of_training_from_another_directory(trained: Trained,
                                                                                  tmp_path: Path) -> None:
     command = [PYTHON, "-c", LOAD_AND_VALIDATE, str(trained.run_dir), str(trained.project / "molecules.h5")]
@@ -136,6 +137,7 @@ def test_load_model_reproduces_the_validation_of_training_from_another_directory
                                   np.array(found["trained"], dtype=np.float32))
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_refused_with_its_file_named(trained: Trained, tmp_path: Path) -> None:
     import shutil
 
@@ -151,6 +153,7 @@ def test_a_corrupt_checkpoint_is_refused_with_its_file_named(trained: Trained, t
         load_model(run_dir, checkpoint=newest.step)
 
 
+@pytest.mark.slow
 def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp_path: Path) -> None:
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     common = ["--input", trained.unlabelled, "--inputs-only", "--chunk-size", 5]
@@ -208,6 +211,7 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
     assert one.stat().st_mtime_ns == before and not plan.work_dir.exists()
 
 
+@pytest.mark.slow
 def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Trained, tmp_path: Path) -> None:
     output = tmp_path / "ragged.h5"
     user_tool(trained, "predict", trained.run_dir, "model._target_=molecules.PerAtomEnergies", "--input",
@@ -237,6 +241,7 @@ def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Tra
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Trained, tmp_path: Path) -> None:
     sys.path.insert(0, str(trained.project))
     try:
@@ -281,6 +286,7 @@ def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Train
     assert not parts.exists()
 
 
+@pytest.mark.slow
 def test_predict_refuses_bad_input_in_one_line_and_writes_nothing(trained: Trained, tmp_path: Path) -> None:
     output = tmp_path / "out" / "p.h5"
     for args, message in [
@@ -294,6 +300,7 @@ def test_predict_refuses_bad_input_in_one_line_and_writes_nothing(trained: Train
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_test_phase_keeps_the_outputs_it_scored(trained: Trained) -> None:
     user_tool(trained, "test", trained.run_dir, "data.test_dataset={path: other.h5}", "--name", "other",
               "--save-outputs")
@@ -372,6 +379,7 @@ except ImportError:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch.export", "torchscript"])
 def test_export_loads_without_the_users_package_for_any_batch(trained: Trained, tmp_path: Path, kind: str) -> None:
     artefact = tmp_path / f"model.{kind}"
@@ -385,6 +393,7 @@ def test_export_loads_without_the_users_package_for_any_batch(trained: Trained, 
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fine_tuning_takes_the_backbone_freezes_it_and_trains_a_new_head(trained: Trained, tmp_path: Path) -> None:
     run_dir = tmp_path / "fine_tuned"
     result = user_launch(trained.installed, trained.project, *SHORT, "trainer.max_steps=8",
@@ -398,6 +407,7 @@ def test_fine_tuning_takes_the_backbone_freezes_it_and_trains_a_new_head(trained
     assert not torch.equal(tuned["descriptors.weight"], source["descriptors.weight"])  # a head of its own
 
 
+@pytest.mark.slow
 def test_fine_tuning_refuses_weights_that_do_not_fit_with_the_keys_named(trained: Trained, tmp_path: Path) -> None:
     run_dir = tmp_path / "refused"
     result = user_launch(trained.installed, trained.project, *SHORT, "model.hidden=8",
@@ -411,6 +421,7 @@ def test_fine_tuning_refuses_weights_that_do_not_fit_with_the_keys_named(trained
     assert result.returncode == 2 and "trainer.init_from.include: head.* match no weight" in result.stderr
 
 
+@pytest.mark.slow
 def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
     from torch import nn
 
@@ -438,6 +449,7 @@ def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
         initial_weights(model, InitFromConfig(run=str(trained.run_dir), checkpoint="5"))
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, tmp_path: Path) -> None:
     run = [*SHORT, "trainer.max_steps=40", f"trainer.init_from={{run: {trained.run_dir}, exclude: [descriptors.*]}}"]
     user_launch(trained.installed, trained.project, *run, run_dir=tmp_path / "reference")
@@ -463,6 +475,7 @@ def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, t
 
 
 # -- the CBED task's export -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch.export", "torchscript"])
 def test_cbed_model_export_round_trip(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, kind: str) -> None:
     from hpctrain.export import export_run

@@ -136,6 +136,7 @@ def plateau_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path)
     return run_dir
 
 
+@pytest.mark.slow
 def test_plateau_drops_the_lr_at_the_expected_evaluation_on_one_and_two_ranks(
         plateau_reference: Path, tiny_data: Path, tmp_path: Path) -> None:
     check_run(plateau_reference)
@@ -144,6 +145,7 @@ def test_plateau_drops_the_lr_at_the_expected_evaluation_on_one_and_two_ranks(
     assert_weights_close(final_weights(plateau_reference), final_weights(tmp_path))
 
 
+@pytest.mark.slow
 def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_exact(
         plateau_reference: Path, tiny_data: Path, tmp_path: Path) -> None:
     """SIGKILL once the checkpoint after the drop (step 12) is written; the restart runs with 2 loader workers,
@@ -174,6 +176,7 @@ def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_e
         np.testing.assert_array_equal(res["train/loss"][()], ref["train/loss"][()])
 
 
+@pytest.mark.slow
 def test_the_device_transform_runs_in_the_test_phase_with_the_test_keys(plateau_reference: Path) -> None:
     result = subprocess.run([PYTHON, "-m", "hpctrain.test", str(plateau_reference), "--checkpoint", "latest",
                              "--seed", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -187,6 +190,7 @@ def test_the_device_transform_runs_in_the_test_phase_with_the_test_keys(plateau_
     np.testing.assert_array_equal(draws, expected.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_early_stopping_and_the_best_checkpoint_follow_a_max_metric(tiny_data: Path, tmp_path: Path) -> None:
     """Monitoring -loss with mode max must pick the evaluation of the lowest loss (mode ignored, it would pick the
     highest), stop `patience` evaluations after it, and keep its checkpoint."""
