@@ -13,6 +13,7 @@ building them (hpctrain.components), which reports a constructor's error with th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -597,6 +598,9 @@ _NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.dataset.pa
                       "data.test_dataset.path", "debug")
 
 
+_MAX_POINT_NAME_BYTES = 200  # below the usual 255-byte limit, leaving room for a suffix
+
+
 def sweep_point_dirname(overrides: list[str]) -> str:
     """Directory name of a sweep point: its sorted `key=value` overrides (without launcher/path keys)."""
     kept = []
@@ -604,7 +608,14 @@ def sweep_point_dirname(overrides: list[str]) -> str:
         key = override.split("=", 1)[0].lstrip("+~")
         if not any(key == prefix or key.startswith(prefix + ".") for prefix in _NOT_IN_POINT_NAME):
             kept.append(override.replace("/", "_"))
-    return ",".join(sorted(kept)) or "default"
+    name = ",".join(sorted(kept)) or "default"
+    if len(name.encode()) <= _MAX_POINT_NAME_BYTES:
+        return name
+    # File systems refuse names over 255 bytes: keep a readable prefix and a digest of the whole name, so that
+    # points stay distinct and a rerun finds the same directory (the overrides are in its .hydra/overrides.yaml).
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    prefix = name.encode()[:_MAX_POINT_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{prefix}~{digest}"
 
 
 def register_configs() -> None:

@@ -162,3 +162,15 @@ def test_cluster_presets_compose() -> None:
     assert cluster.model["coord_channels"] and cluster.model["image_size"] == 128 == cluster.data.prepare["image_size"]
     assert cluster.launcher.gpus_per_node == 4 and cluster.trainer.device == "cuda"
     assert cluster.launcher.nodes == 2 and cluster.data.dataset["path"].endswith("cbed_128px_200000.h5")
+
+
+def test_a_long_sweep_point_name_fits_a_file_name_and_stays_distinct() -> None:
+    from hpctrain.config import sweep_point_dirname
+    short = ["optim.lr=0.001", "model.width=8"]
+    assert sweep_point_dirname(short) == "model.width=8,optim.lr=0.001"
+    long_a = [f"callbacks.user.{i}.some_long_option_name=value_{i}" for i in range(12)]
+    long_b = long_a[:-1] + ["callbacks.user.11.some_long_option_name=other"]
+    names = {sweep_point_dirname(long_a), sweep_point_dirname(long_b)}
+    assert len(names) == 2 and all(len(name.encode()) <= 200 for name in names)
+    assert sweep_point_dirname(list(reversed(long_a))) == sweep_point_dirname(long_a)  # the order does not matter
+    assert all(name.startswith("callbacks.user.0.some_long_option_name=value_0,") for name in names)
