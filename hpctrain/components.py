@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -229,6 +230,30 @@ def describe(batch: Batch, names: list[str] | None = None) -> str:
                      for name in shown if name in batch)
 
 
+def read_checked_batch(reader: BatchReader, indices: np.ndarray, inputs: list[str], *,
+                       device_transforms: list[Any] = (), seed: int = 0, stage: str = "train") -> dict[str, Any]:
+    """Samples `indices` read and put through the device transforms (on CPU), or one ConfigError naming what
+    failed or which of the model's `inputs` the batch lacks: the dry step, prediction and export start with it."""
+    try:
+        batch = reader[indices]
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"data.dataset: reading samples {indices.tolist()[:4]}... failed: "
+                          f"{type(error).__name__}: {first_line(error)}") from None
+    if device_transforms:
+        try:
+            batch = apply_device_transforms(device_transforms, batch, seed=seed, stage=stage)
+        except Exception as error:
+            raise ConfigError(f"task.device_transforms: the batch {describe(batch)} failed: "
+                              f"{type(error).__name__}: {first_line(error)}") from None
+    missing = [name for name in inputs if name not in batch]
+    if missing:
+        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
+                          f"{describe(batch)}")
+    return batch
+
+
 def dry_step(config: Config, components: Components) -> list[str]:
     """Forward, loss, backward and metrics on one real micro-batch, on CPU, so a mismatch between data, model
     and loss is refused now with the fields and shapes named, not after hours in a queue. Returns the names of
@@ -236,22 +261,8 @@ def dry_step(config: Config, components: Components) -> list[str]:
     split = components.split
     size = min(config.trainer.micro_batch_size, len(split.train_indices))
     reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed)
-    try:
-        batch = reader[split.train_indices[:size]]
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"data.dataset: reading samples {split.train_indices[:size].tolist()[:4]}... failed: "
-                          f"{type(error).__name__}: {first_line(error)}") from None
-    try:
-        batch = apply_device_transforms(components.device_transforms, batch, seed=config.seed, stage="train")
-    except Exception as error:
-        raise ConfigError(f"task.device_transforms: the dry step's batch {describe(batch)} failed: "
-                          f"{type(error).__name__}: {first_line(error)}") from None
-    missing = [name for name in config.task.inputs if name not in batch]
-    if missing:
-        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
-                          f"{describe(batch)}")
+    batch = read_checked_batch(reader, split.train_indices[:size], config.task.inputs,
+                               device_transforms=components.device_transforms, seed=config.seed, stage="train")
     model = components.model
     model.train()
     try:

@@ -262,23 +262,13 @@ def build_reader(node: dict, config: Config, *, seed: int, stage: str) -> Any:
     return BatchReader(dataset, transforms=transforms, seed=seed, stage=stage)
 
 
-def first_batch(reader: Any, config: Config, batch_size: int) -> dict[str, Any]:
-    """The dataset's first batch, checked for the model's inputs (a ConfigError naming what is wrong)."""
-    from hpctrain.components import describe
+def first_batch(reader: Any, config: Config, batch_size: int, *, device_transforms: list[Any] = (),
+                seed: int = 0, stage: str = "predict") -> dict[str, Any]:
+    """The dataset's first batch (after the device transforms), checked for the model's inputs."""
+    from hpctrain.components import read_checked_batch
 
-    first = np.arange(min(batch_size, len(reader.dataset)))
-    try:
-        batch = reader[first]
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"data.dataset: reading samples {first.tolist()[:4]}... failed: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    missing = [name for name in config.task.inputs if name not in batch]
-    if missing:
-        raise ConfigError(f"task.inputs: the batch has no field {', '.join(map(repr, missing))}; its fields are "
-                          f"{describe(batch)}")
-    return batch
+    return read_checked_batch(reader, np.arange(min(batch_size, len(reader.dataset))), config.task.inputs,
+                              device_transforms=device_transforms, seed=seed, stage=stage)
 
 
 def build_device_transforms(config: Config) -> list[Any]:
@@ -469,7 +459,6 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     import torch
 
     from hpctrain.components import describe, model_inputs
-    from hpctrain.transforms import apply_device_transforms
     from hpctrain.config import from_json
 
     config = run.config
@@ -482,11 +471,11 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
                 model_sha256=run.model_sha256, config_json=to_json(recorded), dataset=node,
                 num_samples=len(reader.dataset), batch_size=batch_size, chunk_size=chunk_size, seed=seed,
                 stage=stage, output=str(output))
-    batch = first_batch(reader, config, batch_size)
+    batch = first_batch(reader, config, batch_size, device_transforms=build_device_transforms(config), seed=seed,
+                        stage=stage)
     model = run.model()
     try:
         with torch.no_grad():
-            batch = apply_device_transforms(build_device_transforms(config), batch, seed=seed, stage=stage)
             outputs = model(*model_inputs(batch, config.task.inputs))
         named_outputs(outputs, len(batch["index"]))
     except Exception as error:
