@@ -23,7 +23,6 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,27 @@ def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int, *, delay: float = 0.0, cwd: Path = REPO,
+                          env: dict[str, str] | None = None, timeout: float = 240) -> int:
+    """Start `python -m hpctrain.launch args`, SIGKILL it `delay` seconds after a checkpoint at or past `step` is
+    complete (steps past it are then trained, logged and lost), and return the newest complete checkpoint's step.
+    Fails if the run ended first: the test's run must be longer."""
+    expect_slow_test()
+    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    deadline = time.monotonic() + timeout
+    reached = False
+    while process.poll() is None and time.monotonic() < deadline and not reached:
+        reached = any(info.step >= step for info in manager.complete())
+        time.sleep(delay if reached else 0.01)
+    alive = process.poll() is None
+    process.kill()
+    process.wait()
+    assert reached and alive, f"the run ended (or {timeout} s passed) before a checkpoint at step {step}: make it longer"
+    return max(info.step for info in manager.complete())
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

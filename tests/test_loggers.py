@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from hpctrain.callbacks import Callbacks, StepView
-from hpctrain.checkpoint import CheckpointManager
 from hpctrain.loggers import Logger
 
-from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
+from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -96,21 +95,6 @@ def assert_equal_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> N
     weights = final_weights(run_dir)
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
-
-
-def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
-    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = CheckpointManager(run_dir, keep_last=2)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if any(info.step >= step for info in manager.complete()):
-            time.sleep(0.2)  # a few steps past the checkpoint: logged, then recomputed after the restart
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, f"the run ended before step {step}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(

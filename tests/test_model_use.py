@@ -24,7 +24,7 @@ import torch
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.config import ConfigError
 
-from .conftest import PYTHON, final_weights, launch, tiny_overrides
+from .conftest import PYTHON, final_weights, kill_after_checkpoint, launch, tiny_overrides
 from .test_own_model import SHORT, installed, make_project, user_env, user_inspect, user_launch  # noqa: F401
 
 LABELLED_SIZE = 37  # another size than the training file's 160
@@ -453,19 +453,8 @@ def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
 def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, tmp_path: Path) -> None:
     run = [*SHORT, "trainer.max_steps=40", f"trainer.init_from={{run: {trained.run_dir}, exclude: [descriptors.*]}}"]
     user_launch(trained.installed, trained.project, *run, run_dir=tmp_path / "reference")
-    command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *run,
-               f"hydra.run.dir={tmp_path / 'resumed'}"]
-    process = subprocess.Popen(command, cwd=trained.project, env=user_env(trained.installed, trained.project),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = CheckpointManager(tmp_path / "resumed", keep_last=2)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if any(info.step >= 13 for info in manager.complete()):
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed; make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(["--config-dir", "conf", "task=molecules", *run], tmp_path / "resumed", 13,
+                          cwd=trained.project, env=user_env(trained.installed, trained.project))
     restarted = user_launch(trained.installed, trained.project, *run, run_dir=tmp_path / "resumed")
     log = restarted.stdout + restarted.stderr
     assert "resumed from" in log and "weights taken from" not in log  # its own checkpoint, not init_from

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,7 +19,7 @@ import torch
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 
-from .conftest import PYTHON, REPO, TINY_DEFAULTS, expect_slow_test, final_weights
+from .conftest import PYTHON, REPO, TINY_DEFAULTS, expect_slow_test, final_weights, kill_after_checkpoint
 
 # End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
 pytestmark = pytest.mark.slow
@@ -150,19 +148,8 @@ def test_own_task_on_two_ranks_equals_one_rank(installed: Path, project: Path, t
 def test_own_task_killed_and_restarted_is_bit_exact(installed: Path, project: Path, tmp_path: Path) -> None:
     run = [*SHORT, "trainer.max_steps=40", "data.num_workers=1"]
     user_launch(installed, project, *run, run_dir=tmp_path / "reference")
-    command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *run,
-               f"hydra.run.dir={tmp_path / 'resumed'}"]
-    process = subprocess.Popen(command, cwd=project, env=user_env(installed, project), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    manager = CheckpointManager(tmp_path / "resumed", keep_last=2)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if any(info.step >= 13 for info in manager.complete()):
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed; make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(["--config-dir", "conf", "task=molecules", *run], tmp_path / "resumed", 13,
+                          cwd=project, env=user_env(installed, project))
     restarted = user_launch(installed, project, *run, run_dir=tmp_path / "resumed")
     assert "resumed from" in restarted.stdout + restarted.stderr
     reference = user_inspect(installed, project, tmp_path / "reference")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 
-from .conftest import PYTHON, REPO, expect_slow_test, final_weights, launch, tiny_overrides
+from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 
 # End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
 pytestmark = pytest.mark.slow
@@ -36,20 +34,7 @@ def inspect_json(run_dir: Path) -> dict:
 def kill_at_random_step(args: list[str], run_dir: Path, rng: random.Random, *,
                         steps: tuple[int, int] = (5, 28)) -> None:
     """Start the run, SIGKILL it once its checkpoints pass a random step in `steps` (plus a random delay)."""
-    expect_slow_test()
-    target = rng.randint(*steps)
-    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = CheckpointManager(run_dir, keep_last=2)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if any(info.step >= target for info in manager.complete()):
-            time.sleep(rng.uniform(0.0, 0.3))
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, f"the run ended before step {target}; make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(args, run_dir, rng.randint(*steps), delay=rng.uniform(0.0, 0.3))
 
 
 # The tests that compare with the uninterrupted run share it (they only read it): one xdist group, so that both

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from hpctrain.config import OptimConfig, ScheduleConfig
 from hpctrain.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups
 
-from .conftest import PYTHON, REPO, final_weights, launch, tiny_overrides
+from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 from .device_plugins import expected_draws
 from .test_ddp import assert_weights_close
 
@@ -151,18 +148,8 @@ def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_e
     """SIGKILL once the checkpoint after the drop (step 12) is written; the restart runs with 2 loader workers,
     so equality with the 0-worker reference also shows the device draws do not depend on the workers."""
     args = plateau_run(tiny_data, "data.num_workers=2")
-    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={tmp_path}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = CheckpointManager(tmp_path, keep_last=2)
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline and not any(
-            info.step >= 12 for info in manager.complete()):
-        time.sleep(0.01)
-    killed = process.poll() is None
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    newest = manager.newest_valid()
-    assert newest is not None and newest.step == 12 and killed, "kill right after step 12's checkpoint missed"
+    assert kill_after_checkpoint(args, tmp_path, 12, timeout=300) == 12, "kill right after step 12's checkpoint missed"
+    newest = CheckpointManager(tmp_path, keep_last=2).newest_valid()
     state = CheckpointManager.load(newest)
     [plateau] = state["schedulers"]
     assert plateau["num_bad_epochs"] == 0 and plateau["_last_lr"] == [0.025]  # the drop is in the checkpoint
