@@ -24,6 +24,7 @@ def test_without_cuda_the_gpu_check_is_skipped(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "gpu_check.json").read_text())["status"] == "skipped"
 
 
+@pytest.mark.slow  # seven runs of the launcher, the test phase and a prediction
 def test_the_dry_run_on_cpu_passes_every_stage(tmp_path: Path, tiny_data: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cbed_32px_192.h5").symlink_to(tiny_data)  # the file the dry run would generate

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
@@ -367,14 +368,17 @@ SWEEP = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10"
 
 def test_sweep_is_one_job_array_and_a_cancelled_point_ends_while_the_others_go_on(tmp_path: Path,
                                                                                   tiny_data: Path) -> None:
-    # A point's directory is named by all its overrides, which must fit the 255 bytes of a file name: leave out
-    # trainer.num_threads=1, which one CPU per task (launcher.cpus_per_task=1) gives anyway.
-    overrides = [o for o in tiny_overrides(tiny_data, *SWEEP) if not o.startswith("trainer.num_threads=")]
-    command = ["-m", "optim.lr=1e-3,2e-3,3e-3", *overrides, "run_name=sweep", f"paths.runs_dir={tmp_path}"]
+    # A point's directory is named by its overrides; these are too long for a file name, so the names end in a
+    # digest (and the overrides are in each point's .hydra/overrides.yaml).
+    command = ["-m", "optim.lr=1e-3,2e-3,3e-3", *tiny_overrides(tiny_data, *SWEEP), "run_name=sweep",
+               f"paths.runs_dir={tmp_path}"]
     first = launch(command, timeout=120)
     assert "submitted job array" in first.stdout and "with 3 of the sweep's 3 points" in first.stdout
-    points = sorted((tmp_path / "sweep").glob("*optim.lr=*"))
-    assert [p.name.split("optim.lr=")[1].split(",")[0] for p in points] == ["0.001", "0.002", "0.003"]
+    lr_of = {path.parents[1]: next(o for o in yaml.safe_load(path.read_text()) if o.startswith("optim.lr="))
+             for path in (tmp_path / "sweep").glob("*/.hydra/overrides.yaml")}
+    points = sorted(lr_of, key=lr_of.get)
+    assert [lr_of[p] for p in points] == ["optim.lr=0.001", "optim.lr=0.002", "optim.lr=0.003"]
+    assert all(len(p.name.encode()) <= 200 and "~" in p.name for p in points)
     assert "launcher" not in points[0].name and "data.dataset.path" not in points[0].name
     job_ids = [recorded_job_id(p) for p in points]
     array_id = job_ids[0].split("_")[0]
