@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -229,6 +230,7 @@ def plot_study(tune_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     import optuna.visualization.matplotlib as plots
 
     study = open_study(StudySpec.read(tune_dir))
@@ -238,7 +240,9 @@ def plot_study(tune_dir: Path) -> list[Path]:
     for name, draw in (("history", plots.plot_optimization_history), ("importances", plots.plot_param_importances),
                        ("parallel_coordinates", plots.plot_parallel_coordinate)):
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
         except Exception as error:  # Optuna refuses some plots for too few complete trials or parameters
             log.warning("plot %s not drawn: %s", name, error)
             continue
