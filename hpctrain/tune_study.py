@@ -81,11 +81,11 @@ def check_storage(storage: str) -> None:
     try:
         url = sqlalchemy.engine.make_url(storage)
         url.get_dialect()
+    except NoSuchModuleError:  # before ArgumentError, its base class
+        raise ConfigError(f"{where}: SQLAlchemy knows no database {url.drivername!r}") from None
     except (ArgumentError, ValueError) as error:
         raise ConfigError(f"{where}: not a database URL ({error}); e.g. mysql+pymysql://user:password@host/db") \
             from None
-    except NoSuchModuleError:
-        raise ConfigError(f"{where}: SQLAlchemy knows no database {url.drivername!r}") from None
     except ImportError as error:
         raise ConfigError(f"{where}: its driver is not installed ({error}); for MySQL/MariaDB: "
                           f"pip install 'hpctrain[optuna]' (pymysql)") from None
