@@ -113,15 +113,15 @@ def mariadb_url() -> str:
         created = subprocess.run(
             ["mariadb", "--no-defaults", "--protocol=socket", "-S", socket, "-e",
              "CREATE DATABASE IF NOT EXISTS hpctrain_optuna; "
-             "CREATE USER IF NOT EXISTS 'hpctrain_optuna'@'localhost' IDENTIFIED BY 'optuna'; "
-             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'localhost'; FLUSH PRIVILEGES;"],
+             "CREATE USER IF NOT EXISTS 'hpctrain_optuna'@'127.0.0.1' IDENTIFIED BY 'optuna'; "
+             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'127.0.0.1'; FLUSH PRIVILEGES;"],
             capture_output=True, text=True, timeout=60)
         reason = "" if created.returncode == 0 else f"cannot create the database: {created.stderr.strip()}"
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the MariaDB storage test needs the local server under CI=true: {reason}")
         pytest.skip(f"MariaDB storage not tested: {reason}")
-    return "mysql+pymysql://hpctrain_optuna:optuna@localhost/hpctrain_optuna?unix_socket=" + socket
+    return "mysql+pymysql://hpctrain_optuna:optuna@127.0.0.1:3306/hpctrain_optuna"
 
 
 def trial_record(tune_dir: Path, index: int) -> dict:
@@ -158,7 +158,10 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     expect_slow_test()
     first = subprocess.Popen([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    killed = kill_a_worker_mid_trial(tune_dir, first)
+    try:
+        killed = kill_a_worker_mid_trial(tune_dir, first)
+    except AssertionError:
+        raise AssertionError(first.communicate(timeout=300)[0][-3000:]) from None
     output = first.communicate(timeout=300)[0]
     assert first.returncode == 1 and "-9)]; run the same command again" in output, output[-3000:]
 
