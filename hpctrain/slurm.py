@@ -201,7 +201,9 @@ def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> d
 
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
     STOP.install()  # again: submitit replaced the early handlers with its own
-    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite: a tune worker (hpctrain.tune_worker) trains several trials in one process, each exporting the same.
+    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                        overwrite=True)
     rank = environment.rank
     configure_rank_logging(rank)
     job, restart = history.job_identity()
