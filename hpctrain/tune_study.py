@@ -234,6 +234,7 @@ def plot_study(tune_dir: Path) -> list[Path]:
     import optuna.visualization.matplotlib as plots
 
     study = open_study(StudySpec.read(tune_dir))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its "no complete trials" warnings: the log below says it
     directory = tune_dir / PLOTS_DIRNAME
     directory.mkdir(exist_ok=True)
     written = []
@@ -242,6 +243,7 @@ def plot_study(tune_dir: Path) -> list[Path]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", UserWarning)  # "too few trials to compute importances", ...
                 axes = draw(study)
         except Exception as error:  # Optuna refuses some plots for too few complete trials or parameters
             log.warning("plot %s not drawn: %s", name, error)

@@ -142,7 +142,10 @@ def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
     configure_rank_logging(0)
     tune_dir = spec.path
     base = compose_config(spec.overrides, config_dir=spec.config_dir)
-    study = open_study(spec, sampler=make_sampler(base.tune, base.seed + index), pruner=make_pruner(base.tune))
+    study = open_study(spec, pruner=make_pruner(base.tune))
+    # A seed of its own for each worker and each start of it: a restarted worker must not draw its first values again.
+    seed = hash((base.seed, index, len(study.get_trials(deepcopy=False)))) % 2**32
+    study.sampler = make_sampler(base.tune, seed)
     train: Callable[[Config, Path, TrialJudge], dict[str, Any]] = _train_slurm if on_slurm else _train_local
     while True:
         if on_slurm and slurm.STOP.is_set():
