@@ -148,8 +148,8 @@ def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
     study.sampler = make_sampler(base.tune, seed)
     train: Callable[[Config, Path, TrialJudge], dict[str, Any]] = _train_slurm if on_slurm else _train_local
     while True:
-        if on_slurm and slurm.STOP.is_set():
-            return "stopped"
+        # A stop signal that came between two trials stops the next one after its first step: the trainer then
+        # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
         trial = _resume_or_ask(study, spec, index)
         if trial is None:
             log.info("worker %d: the study has its %d trials; done", index, spec.n_trials)
