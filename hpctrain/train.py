@@ -593,10 +593,11 @@ class Trainer:
                 limit = (f"early stopping: no improvement over {early_stopping.patience} evaluations "
                          f"(best {self.config.callbacks.monitor.metric} {self.state.best_value:.5g} at step "
                          f"{self.state.best_step})")
-            if self.evaluation_stop is not None:
-                reason = self.evaluation_stop(step, means[self.config.callbacks.monitor.metric]) \
-                    if self.dist.is_main else ""
-                limit = limit or self.dist.broadcast_object(reason)
+            if self.evaluation_stop is not None:  # rank 0 asks (a study's storage: paused watchdog), all ranks hear
+                with watchdog.paused("pruning"):
+                    monitored = means[self.config.callbacks.monitor.metric]
+                    reason = self.evaluation_stop(step, monitored) if self.dist.is_main else ""
+                    limit = limit or self.dist.broadcast_object(reason)
             every = self.config.callbacks.metrics.task_plot_every_evaluations
             evaluation.final = bool(limit)
             if self.plots is not None and (evaluation.final or (every and step // self.config.trainer.val_every_steps

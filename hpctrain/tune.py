@@ -53,7 +53,10 @@ def preflight(overrides: list[str], config_dir: str | None) -> tuple[StudySpec, 
                                   f"({', '.join(found)})")
     trial = _trial_config(plain, config_dir, {key: representative(d) for key, d in found.items()})
     tune_dir = Path(config.tune.dir).absolute()
-    check_run_dir_writable(tune_dir)
+    try:
+        check_run_dir_writable(tune_dir)
+    except ConfigError as error:  # it names hydra.run.dir, which a study does not use
+        raise ConfigError(str(error).replace("hydra.run.dir=", "tune.dir=", 1)) from None
     storage = storage_location(config.tune, tune_dir)
     check_storage(storage)
     check_run_inputs(trial, prepare=True)  # the user's components and one dry step, as for a run

@@ -81,6 +81,7 @@ def test_a_bad_storage_url_is_refused_without_its_password(url: str, message: st
     (["optim.lr=interval(1e-2, 1e-4)"], "tune.search_space.optim.lr=interval(1e-2, 1e-4):"),
     (["optim.lr=interval(1e-4, 1e-2)", "tune.storage=mysql+pymysql://u:p@127.0.0.1:1/x"], "cannot connect"),
     (["run_name=x"], "tune.search_space is empty"),
+    (["optim.lr=interval(1e-4, 1e-2)", "tune.dir=/proc/tune"], "tune.dir=/proc/tune: cannot write in /proc"),
     (["optim.lr=interval(1e-4, 1e-2)", "tune.enqueue=[{model.width: 8}]"],
      "tune.enqueue[0].model.width: not a key"),
 ])
