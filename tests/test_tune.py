@@ -53,6 +53,19 @@ def test_hydra_optuna_sweeper_expressions_become_optuna_distributions() -> None:
     assert trial_overrides({"optim.lr": 0.1 / 3, "task.name": "a b"}) == [f"optim.lr={0.1 / 3!r}", "task.name='a b'"]
 
 
+def test_pruners_and_samplers_by_name() -> None:
+    from hpctrain.config import TuneConfig
+    from hpctrain.tune_study import make_pruner, make_sampler
+
+    kinds = {name: type(make_pruner(TuneConfig(pruner=name))).__name__
+             for name in ("median", "successive_halving", "hyperband", "none")}
+    assert kinds == {"median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
+                     "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    assert type(make_sampler(TuneConfig(sampler="random"), seed=1)).__name__ == "RandomSampler"
+    with pytest.raises(ConfigError, match="tune.pruner must be one of"):
+        TuneConfig(pruner="asha")
+
+
 @pytest.mark.parametrize("expression,message", [
     ("interval(1e-4", "tune.search_space.optim.lr=interval(1e-4: not an expression Hydra can parse"),
     ("0.1", "tune.search_space.optim.lr=0.1: not a search space expression"),
