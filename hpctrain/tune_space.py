@@ -39,7 +39,9 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
         try:
             override = parser.parse_override(text)
         except HydraException as error:
-            raise ConfigError(f"{text}: {str(error).splitlines()[0]}") from None
+            shown = "tune.storage=<the URL>" if text.startswith("tune.storage=") else text  # may hold a password
+            raise ConfigError(f"{shown}: {str(error).splitlines()[0]}; quote a value holding ?, = or spaces: "
+                              f"'key=\"...\"'") from None
         if override.is_sweep_override():
             sweeps[override.get_key_element()] = text.split("=", 1)[1]
         else:
