@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import shlex
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,6 +201,10 @@ def summarize_study(tune_dir: Path) -> dict[str, Any]:
     if any(trial.state is TrialState.COMPLETE for trial in study.get_trials(deepcopy=False)):
         best = study.best_trial
         summary["best"] = next(row for row in summary["trials"] if row["number"] == best.number)
+        # The same run again, alone (bitwise the same weights on CPU): the study's overrides, then the trial's.
+        config_dir = [] if spec.config_dir is None else ["--config-dir", spec.config_dir]
+        summary["best"]["rerun"] = shlex.join(["python", "-m", "hpctrain.launch", *config_dir, *spec.overrides,
+                                               *summary["best"]["overrides"], "run_name=best_of_" + spec.study_name])
     return summary
 
 
@@ -215,7 +220,8 @@ def format_study(summary: dict[str, Any]) -> str:
         lines += [f"best       trial {best['number']}: {summary['metric']} {best['value']:.6g} "
                   f"({summary['direction']})",
                   f"  overrides  {' '.join(best['overrides'])}",
-                  f"  run dir    {best['run_dir']}"]
+                  f"  run dir    {best['run_dir']}",
+                  f"  rerun      {best['rerun']}"]
     for row in summary["trials"]:
         value = "-" if row["value"] is None else f"{row['value']:.6g}"
         reason = f"  ({row['fail_reason']})" if row.get("fail_reason") else ""
