@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import shlex
@@ -113,7 +114,9 @@ def _without_password(storage: str) -> str:
         return storage
 
 
+@functools.lru_cache(maxsize=None)
 def make_storage(storage: str) -> Any:
+    """One storage object per process (an RDB storage's set-up checks the schema: a second or so each time)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 

@@ -204,7 +204,7 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     assert "resumed from" in (tune_dir / f"trial_{killed:04d}" / "hpctrain.log").read_text()
     best = summary["best"]
     assert best["rerun"].startswith("python -m hpctrain.launch ") and best["rerun"].endswith(
-        f"{' '.join(best['overrides'])} run_name=best_of_study")
+        f"{' '.join(best['overrides'])} run_name=best_of_{summary['study_name']}")
     assert best["value"] == min(t["value"] for t in summary["trials"] if t["state"] == "complete")
     assert {p.name for p in (tune_dir / "plots").iterdir()} == {"history.png", "importances.png",
                                                                "parallel_coordinates.png"}
