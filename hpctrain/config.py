@@ -578,6 +578,45 @@ class LauncherConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`python -m hpctrain.tune` (docs/tuning.md): an Optuna study whose trials are runs of this config, each with
+    the values its sampler chose for the keys of `search_space`, run by `parallel` workers that share the study's
+    storage; the objective is the best validation value of callbacks.monitor (minimized or maximized by its mode)."""
+
+    # key -> Hydra's Optuna-sweeper expression: interval(a, b), tag(log, interval(a, b)), int(interval(a, b)),
+    # choice(a, b, ...), range(a, b, step=s); nested keys flatten to dotted ones (optim: {lr: ...} is optim.lr).
+    # Sweep overrides on the command line (optim.lr='tag(log, interval(1e-4, 1e-2))') join it.
+    search_space: Dict[str, Any] = field(default_factory=dict)
+    # Trials to finish (complete, pruned or failed) before the study ends.
+    n_trials: int = 16
+    # Workers asking and running trials at once: one job of a SLURM job array each (launcher=slurm) or one local
+    # process each (launcher=local).
+    parallel: int = 2
+    # The study's directory: its journal, one run directory per trial (trial_<number>), the workers' state.
+    dir: str = "${paths.runs_dir}/${run_name}"
+    study_name: Optional[str] = None  # null: run_name
+    # null: Optuna's journal file storage in `dir` (no server, made for shared file systems); or an RDB URL
+    # (mysql+pymysql://user:password@host/db, postgresql://..., sqlite:///path.db).
+    storage: Optional[str] = None
+    sampler: str = "tpe"  # tpe, random
+    pruner: str = "median"  # median, successive_halving, hyperband, none
+    # median: trials finished before any is pruned; evaluations of a trial (steps) before it can be pruned.
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 0
+    # Parameter values to try first, e.g. a known good setting: a list of {key: value} (study.enqueue_trial),
+    # enqueued once, when the study is created.
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.n_trials > 0, f"tune.n_trials must be > 0, got {self.n_trials}")
+        _require(self.parallel > 0, f"tune.parallel must be > 0, got {self.parallel}")
+        _one_of("tune.sampler", self.sampler, ("tpe", "random"))
+        _one_of("tune.pruner", self.pruner, ("median", "successive_halving", "hyperband", "none"))
+        _require(self.n_startup_trials >= 0, f"tune.n_startup_trials must be >= 0, got {self.n_startup_trials}")
+        _require(self.n_warmup_steps >= 0, f"tune.n_warmup_steps must be >= 0, got {self.n_warmup_steps}")
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_name: str = "debug"
@@ -590,6 +629,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # Overrides that do not change what is trained, left out of a sweep point's directory name, so the same sweep

@@ -1,5 +1,6 @@
 """`python -m hpctrain.inspect RUN_DIR`: a short summary of a run, also while it is running; given a sweep
-directory, one line per point (state, SLURM job, steps, best validation loss).
+directory, one line per point (state, SLURM job, steps, best validation loss); given a tune directory
+(hpctrain.tune), the study: its best trial, the trials by state, and Optuna's plots written to TUNE_DIR/plots/.
 
 Prints steps done, the latest metrics, the best evaluation (by the run's callbacks.monitor: the validation loss
 unless it names a metric, min or max), the checkpoints, and the SHA-256 digest of the newest checkpoint's model
@@ -18,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.config import ConfigError
 from hpctrain.history import attempts, format_history, read as read_history
 from hpctrain.metrics import METRICS_FILENAME, baseline_ratios, open_for_reading, validation_names
+from hpctrain.sweep import point_status
+from hpctrain.tune_study import is_tune_dir
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -112,6 +116,33 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- sweeps -----------------------------------------------------------------------------------------------------
+def is_sweep_dir(directory: Path) -> bool:
+    return not (directory / "checkpoints").exists() and any(
+        (child / ".hydra").is_dir() for child in directory.iterdir() if child.is_dir())
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for run_dir in sorted(child for child in sweep_dir.iterdir() if (child / ".hydra").is_dir()):
+        state, job_id = point_status(run_dir)
+        summary = summarize(run_dir)
+        rows.append({"point": run_dir.name, "state": state, "job_id": job_id,
+                     "step": summary.get("latest", {}).get("step", 0),
+                     "best_validation_loss": summary.get("best_validation", {}).get("loss"),
+                     "run_dir": str(run_dir)})
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    width = max([len(row["point"]) for row in rows] + [5])
+    lines = [f"{'point':<{width}}  {'state':<13} {'job':<12} {'step':>6}  best validation loss"]
+    for row in rows:
+        best = "-" if row["best_validation_loss"] is None else f"{row['best_validation_loss']:.5g}"
+        lines.append(f"{row['point']:<{width}}  {row['state']:<13} {row['job_id'] or '-':<12} {row['step']:>6}  {best}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpctrain.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -120,8 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run_dir.is_dir():
         print(f"hpctrain.inspect: error: {args.run_dir} is not a directory", file=sys.stderr)
         return 2
-    from hpctrain.sweep import format_sweep, is_sweep_dir, summarize_sweep
+    if is_tune_dir(args.run_dir):
+        from hpctrain.tune_study import format_study, plot_study, summarize_study
 
+        try:
+            study = summarize_study(args.run_dir)
+        except ConfigError as error:
+            print(f"hpctrain.inspect: error: {error}", file=sys.stderr)
+            return 2
+        study["plots"] = [str(path) for path in plot_study(args.run_dir)]
+        print(json.dumps(study, indent=1) if args.json else
+              format_study(study) + "".join(f"\nplot       {path}" for path in study["plots"]))
+        return 0
     if is_sweep_dir(args.run_dir):
         rows = summarize_sweep(args.run_dir)
         print(json.dumps(rows, indent=1) if args.json else format_sweep(rows))

@@ -47,15 +47,17 @@ def check_run_dir_writable(run_dir: Path) -> None:
         raise ConfigError(f"hydra.run.dir={run_dir}: cannot write in {existing} ({error.strerror})") from None
 
 
-def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-    """Train as one rank of the process group the environment describes; returns the run's summary."""
+def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False,
+             evaluation_stop: Callable[[int, float], str] | None = None) -> dict[str, Any]:
+    """Train as one rank of the process group the environment describes; returns the run's summary
+    (`evaluation_stop`: see hpctrain.train.Trainer)."""
     configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s,
                             rendezvous_timeout_s=config.trainer.rendezvous_timeout_s)
     clean = False
     try:
         with run_lock(run_dir) if dist.is_main else nullcontext(), watching(config, dist.rank):
-            summary = _train(config, run_dir, dist, stop_requested)
+            summary = _train(config, run_dir, dist, stop_requested, evaluation_stop)
         clean = True
         return summary
     finally:
@@ -64,15 +66,15 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
         shutdown_distributed(clean=clean)
 
 
-def _train(config: Config, run_dir: Path, dist: DistributedContext,
-           stop_requested: Callable[[], bool]) -> dict[str, Any]:
+def _train(config: Config, run_dir: Path, dist: DistributedContext, stop_requested: Callable[[], bool],
+           evaluation_stop: Callable[[int, float], str] | None = None) -> dict[str, Any]:
     from hpctrain.components import build_components
     from hpctrain.train import Trainer
 
     if config.trainer.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     trainer = Trainer(config=config, run_dir=run_dir, dist=dist, components=build_components(config),
-                      stop_requested=stop_requested)
+                      stop_requested=stop_requested, evaluation_stop=evaluation_stop)
     state = trainer.fit()
     summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
                "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,

@@ -188,7 +188,7 @@ def _hang_action(config: Config, run_dir: Path) -> Any:
     return act
 
 
-def run_task(config: Config, run_dir: Path) -> dict[str, Any]:
+def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> dict[str, Any]:
     """One rank of a SLURM job, under submitit (TrainingJob) or srun (slurm/train.sbatch): one protocol.
 
     USR2/SIGTERM only set the stop flag; rank 0 asks SLURM why in a helper thread. The ranks stop together at the
@@ -201,7 +201,9 @@ def run_task(config: Config, run_dir: Path) -> dict[str, Any]:
 
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
     STOP.install()  # again: submitit replaced the early handlers with its own
-    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite: a tune worker (hpctrain.tune_worker) trains several trials in one process, each exporting the same.
+    environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                        overwrite=True)
     rank = environment.rank
     configure_rank_logging(rank)
     job, restart = history.job_identity()
@@ -212,7 +214,7 @@ def run_task(config: Config, run_dir: Path) -> dict[str, Any]:
         history.record_start(run_dir, resume_step=_newest_checkpoint_step(run_dir))
     watchdog.add_hang_action(_hang_action(config, run_dir))
     try:
-        summary = run_rank(config, run_dir, stop_requested=STOP.is_set)
+        summary = run_rank(config, run_dir, stop_requested=STOP.is_set, evaluation_stop=evaluation_stop)
     except BaseException as error:
         if rank == 0 and not isinstance(error, RunDirectoryTakenOver):  # a taken-over run is not ours to record
             history.record_end(run_dir, "failed", step=0, message=f"{type(error).__name__}: {error}"[:500])

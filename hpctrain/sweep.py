@@ -1,4 +1,5 @@
-"""Sweeps on SLURM: submit the points of a Hydra multirun as one job array, re-runnable, and summarize them.
+"""Sweeps on SLURM: submit the points of a Hydra multirun as one job array, re-runnable (hpctrain.inspect
+summarizes them with `point_status`).
 
 A point's run directory is `<sweep dir>/<its overrides>`, the same every time the sweep command runs, so a
 re-run finds each point's state: finished (result.json), queued or running (its recorded job is active in
@@ -73,31 +74,3 @@ def submit_sweep(points: list[SweepPoint], sweep_dir: Path) -> list[dict[str, An
         print(f"  skipped ({outcome['state'].lower()}): {outcome['run_dir']}")
     print(f"  sweep directory: {sweep_dir}\n  summary:         python -m hpctrain.inspect {sweep_dir}", flush=True)
     return outcomes
-
-
-def is_sweep_dir(directory: Path) -> bool:
-    return not (directory / "checkpoints").exists() and any(
-        (child / ".hydra").is_dir() for child in directory.iterdir() if child.is_dir())
-
-
-def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
-    from hpctrain.inspect import summarize
-
-    rows = []
-    for run_dir in sorted(child for child in sweep_dir.iterdir() if (child / ".hydra").is_dir()):
-        state, job_id = point_status(run_dir)
-        summary = summarize(run_dir)
-        rows.append({"point": run_dir.name, "state": state, "job_id": job_id,
-                     "step": summary.get("latest", {}).get("step", 0),
-                     "best_validation_loss": summary.get("best_validation", {}).get("loss"),
-                     "run_dir": str(run_dir)})
-    return rows
-
-
-def format_sweep(rows: list[dict[str, Any]]) -> str:
-    width = max([len(row["point"]) for row in rows] + [5])
-    lines = [f"{'point':<{width}}  {'state':<13} {'job':<12} {'step':>6}  best validation loss"]
-    for row in rows:
-        best = "-" if row["best_validation_loss"] is None else f"{row['best_validation_loss']:.5g}"
-        lines.append(f"{row['point']:<{width}}  {row['state']:<13} {row['job_id'] or '-':<12} {row['step']:>6}  {best}")
-    return "\n".join(lines)

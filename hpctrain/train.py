@@ -85,7 +85,8 @@ class Trainer:
     """Trains the components built from the config (hpctrain.components) as one rank of `dist`."""
 
     def __init__(self, *, config: Config, run_dir: Path, dist: DistributedContext, components: Components,
-                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+                 stop_requested: Callable[[], bool] = lambda: False,
+                 evaluation_stop: Callable[[int, float], str] | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.dist = dist
@@ -97,6 +98,9 @@ class Trainer:
         self.device = dist.device
         # Polled once per step and all-reduced with the step statistics (the SLURM signal handler sets it).
         self.stop_requested = stop_requested
+        # Rank 0's judge of each evaluation (step, monitored mean) -> a stop reason or "" (hpctrain.tune_worker's
+        # pruning); a trainer-level stop like early stopping, its decision broadcast so all ranks stop together.
+        self.evaluation_stop = evaluation_stop
         trainer_cfg = config.trainer
 
         cpus_per_rank = max(1, available_cpus() // dist.local_world_size)
@@ -418,7 +422,8 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until a limit, early stopping or a stop request; resumes from the run directory first."""
         cursor = self.resume()
-        if self.state.finished and (self.state.stop_reason.startswith("early stopping") or self._limit_reached()):
+        if self.state.finished and (self.state.stop_reason.startswith(("early stopping", "pruned"))
+                                    or self._limit_reached()):
             log.info("run %s already finished at step %d (%s): nothing to do", self.run_dir, self.state.step,
                      self.state.stop_reason)
             return self.state
@@ -588,6 +593,11 @@ class Trainer:
                 limit = (f"early stopping: no improvement over {early_stopping.patience} evaluations "
                          f"(best {self.config.callbacks.monitor.metric} {self.state.best_value:.5g} at step "
                          f"{self.state.best_step})")
+            if self.evaluation_stop is not None:  # rank 0 asks (a study's storage: paused watchdog), all ranks hear
+                with watchdog.paused("pruning"):
+                    monitored = means[self.config.callbacks.monitor.metric]
+                    reason = self.evaluation_stop(step, monitored) if self.dist.is_main else ""
+                    limit = limit or self.dist.broadcast_object(reason)
             every = self.config.callbacks.metrics.task_plot_every_evaluations
             evaluation.final = bool(limit)
             if self.plots is not None and (evaluation.final or (every and step // self.config.trainer.val_every_steps

@@ -1,0 +1,259 @@
+"""A tune worker: ask the study for a trial, train it as a normal run in TUNE_DIR/trial_<number>, tell the study,
+ask the next, until `n_trials` trials are taken; no barrier between workers.
+
+Worker `i` records the trial it is training in TUNE_DIR/workers/<i>/trial.json (written under the study's ask
+lock, together with the ask). A worker that starts again with the same index (a requeued SLURM array element, the
+same command run again) finds that trial still RUNNING in the study and resumes it from its run directory's
+newest checkpoint: the same trial number, bit-exact with an uninterrupted trial. A RUNNING trial that no worker
+records (its worker died between the ask and the record) is taken over by the next worker that asks.
+
+The pruning decision is rank 0's (`TrialJudge`, given to the trainer as its evaluation_stop): at each evaluation
+it reports the monitored value to the trial and asks the pruner; the trainer broadcasts the answer, so all ranks
+stop at the same step boundary, with a checkpoint, and the run's stop reason starts with "pruned".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import submitit
+
+from hpctrain import slurm  # first: under SLURM it installs the stop-signal handlers early
+from hpctrain.config import Config
+from hpctrain.distributed import RunDirectoryTakenOver
+from hpctrain.tune_space import trial_overrides
+from hpctrain.tune_study import StudySpec, ask_lock, asked, make_pruner, make_sampler, open_study
+
+log = logging.getLogger(__name__)
+
+WORKERS_DIRNAME = "workers"
+TRIAL_RECORD = "trial.json"
+ALIVE_LOCK = "alive.lock"
+
+
+def worker_dir(tune_dir: Path, index: int) -> Path:
+    return tune_dir / WORKERS_DIRNAME / str(index)
+
+
+def trial_dirname(number: int) -> str:
+    return f"trial_{number:04d}"
+
+
+def recorded_trial(tune_dir: Path, index: int) -> int | None:
+    try:
+        return json.loads((worker_dir(tune_dir, index) / TRIAL_RECORD).read_text())["number"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _record_trial(tune_dir: Path, index: int, number: int | None) -> None:
+    path = worker_dir(tune_dir, index) / TRIAL_RECORD
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"number": number, "pid": os.getpid()}))
+    os.replace(temporary, path)
+
+
+def worker_indices(tune_dir: Path) -> list[int]:
+    directory = tune_dir / WORKERS_DIRNAME
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+@contextlib.contextmanager
+def alive(tune_dir: Path, index: int) -> Iterator[None]:
+    """Held by a local worker while it lives, so that the same command run again leaves it alone."""
+    directory = worker_dir(tune_dir, index)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ALIVE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def is_alive_locally(tune_dir: Path, index: int) -> bool:
+    path = worker_dir(tune_dir, index) / ALIVE_LOCK
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+class TrialJudge:
+    """Rank 0's evaluation_stop for the trainer: report the monitored value, ask the pruner (picklable: it opens
+    the study in the process that trains)."""
+
+    def __init__(self, spec: StudySpec, config: Config, trial_id: int) -> None:
+        self.spec, self.config, self.trial_id = spec, config, trial_id
+        self._trial: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "config": self.config, "trial_id": self.trial_id, "_trial": None}
+
+    def __call__(self, step: int, value: float) -> str:
+        import optuna
+
+        try:
+            if self._trial is None:
+                study = open_study(self.spec, pruner=make_pruner(self.config.tune))
+                self._trial = optuna.trial.Trial(study, self.trial_id)
+            if not math.isfinite(value):
+                return ""
+            self._trial.report(value, step)  # a step reported before a resume is ignored by Optuna
+            if self._trial.should_prune():
+                return (f"pruned by tune.pruner={self.config.tune.pruner} at step {step} "
+                        f"({self.spec.metric} {value:.5g})")
+        except Exception as error:  # the storage out of reach: train on, unpruned
+            log.warning("trial %d: could not report to the study: %s", self.trial_id, error)
+        return ""
+
+
+def _train_local(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
+    from hpctrain.job import run_local
+
+    return run_local(config, run_dir, work=_local_rank, args=(judge,))
+
+
+def _local_rank(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
+    from hpctrain.job import run_rank
+
+    return run_rank(config, run_dir, evaluation_stop=judge)
+
+
+def _train_slurm(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
+    return slurm.run_task(config, run_dir, evaluation_stop=judge)
+
+
+def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
+    """Worker `index`'s loop; returns why it ended: "done" (n_trials taken) or "stopped" (a stop request: the
+    trial it was training stays RUNNING, to be resumed)."""
+    from hpctrain.job import configure_rank_logging
+    from hpctrain.launch import compose_config
+
+    configure_rank_logging(0)
+    tune_dir = spec.path
+    base = compose_config(spec.overrides, config_dir=spec.config_dir)
+    study = open_study(spec, pruner=make_pruner(base.tune))
+    # A seed of its own for each worker and each start of it: a restarted worker must not draw its first values again.
+    seed = hash((base.seed, index, len(study.get_trials(deepcopy=False)))) % 2**32
+    study.sampler = make_sampler(base.tune, seed)
+    train: Callable[[Config, Path, TrialJudge], dict[str, Any]] = _train_slurm if on_slurm else _train_local
+    while True:
+        # A stop signal that came between two trials stops the next one after its first step: the trainer then
+        # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
+        trial = _resume_or_ask(study, spec, index)
+        if trial is None:
+            log.info("worker %d: the study has its %d trials; done", index, spec.n_trials)
+            return "done"
+        overrides = trial_overrides(trial.params)
+        run_dir = tune_dir / trial_dirname(trial.number)
+        run_dir.mkdir(exist_ok=True)
+        for key, value in (("run_dir", str(run_dir)), ("overrides", overrides), ("worker", index)):
+            trial.set_user_attr(key, value)
+        log.info("worker %d: trial %d: %s", index, trial.number, " ".join(overrides))
+        try:
+            config = compose_config([*spec.overrides, *overrides], config_dir=spec.config_dir)
+            with _trial_log(run_dir):
+                summary = train(config, run_dir, TrialJudge(spec, config, trial._trial_id))
+        except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # NaN loss, a crash of the user's code: the trial fails, the worker goes on
+            reason = f"{type(error).__name__}: {error}"[:1000]
+            log.error("worker %d: trial %d failed: %s", index, trial.number, reason)
+            trial.set_user_attr("fail_reason", reason)
+            _tell(study, trial.number, state="FAIL")
+            _record_trial(tune_dir, index, None)
+            continue
+        if not summary.get("finished"):
+            log.warning("worker %d: trial %d stopped at step %d: it resumes when this worker runs again", index,
+                        trial.number, summary.get("step", 0))
+            return "stopped"
+        if summary["stop_reason"].startswith("pruned"):
+            _tell(study, trial.number, state="PRUNED")
+        elif math.isfinite(summary["best_value"]):
+            _tell(study, trial.number, value=summary["best_value"])
+        else:
+            trial.set_user_attr("fail_reason", "no finite validation value")
+            _tell(study, trial.number, state="FAIL")
+        log.info("worker %d: trial %d: %s", index, trial.number, summary["stop_reason"])
+        _record_trial(tune_dir, index, None)
+
+
+def _tell(study: Any, number: int, *, value: float | None = None, state: str | None = None) -> None:
+    from optuna.trial import TrialState
+
+    study.tell(number, value, state=None if state is None else TrialState[state], skip_if_finished=True)
+
+
+def _resume_or_ask(study: Any, spec: StudySpec, index: int) -> Any:
+    """This worker's RUNNING trial, else one no worker records, else a new one while fewer than n_trials are
+    taken; None when the study has them all."""
+    import optuna
+    from optuna.trial import TrialState
+
+    tune_dir = spec.path
+    with ask_lock(tune_dir):
+        trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+        running = {number for number, trial in trials.items() if trial.state is TrialState.RUNNING}
+        mine = recorded_trial(tune_dir, index)
+        if mine not in running:
+            recorded = {recorded_trial(tune_dir, other) for other in worker_indices(tune_dir)}
+            orphans = sorted(running - recorded)
+            mine = orphans[0] if orphans else None
+        if mine is not None:
+            trial = optuna.trial.Trial(study, trials[mine]._trial_id)
+            log.info("worker %d: resuming trial %d", index, mine)
+        elif asked(study) < spec.n_trials:
+            from hpctrain.tune_space import distributions
+
+            trial = study.ask(distributions(spec.search_space))
+        else:
+            return None
+        _record_trial(tune_dir, index, trial.number)
+    return trial
+
+
+@contextlib.contextmanager
+def _trial_log(run_dir: Path) -> Iterator[None]:
+    """The trial's log lines also go to its run directory's hpctrain.log, as a launched run's do."""
+    handler = logging.FileHandler(run_dir / "hpctrain.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def local_worker_main(spec: StudySpec, index: int) -> None:
+    """A local worker process (launcher=local)."""
+    from hpctrain.distributed import exit_with_parent
+
+    exit_with_parent()
+    with alive(spec.path, index):
+        run_worker(spec, index, on_slurm=False)
+
+
+class TuneWorker(submitit.helpers.Checkpointable):
+    """What each element of the tune job array runs (launcher=slurm): worker `index`."""
+
+    def __init__(self, spec: StudySpec, index: int) -> None:
+        self.spec, self.index = spec, index
+
+    def __call__(self) -> str:
+        return run_worker(self.spec, self.index, on_slurm=True)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # As TrainingJob: the state is on disk (the study, the worker's record, the trial's checkpoints).
+        return submitit.helpers.DelayedSubmission(TuneWorker(self.spec, self.index))

@@ -1,0 +1,264 @@
+"""Hyperparameter search (`python -m hpctrain.tune`): the search space and preflight (quick), a local study of 2
+worker processes with a SIGKILLed worker and a rerun, on the journal file and on MariaDB (slow), and a SLURM job
+array with a worker requeued mid-trial (slurm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.config import ConfigError
+from hpctrain.metrics import open_for_reading
+
+from .conftest import PYTHON, REPO, expect_slow_test, final_weights, launch, tiny_overrides
+
+optuna = pytest.importorskip("optuna")
+
+from hpctrain import tune  # noqa: E402
+from hpctrain.tune_space import distribution, split_overrides, trial_overrides  # noqa: E402
+from hpctrain.tune_study import check_storage  # noqa: E402
+
+# A trial: 15 steps, an evaluation every 3 (the pruner's chances), a checkpoint every 3 (a kill's resume point).
+TRIAL = ["trainer.max_steps=15", "trainer.val_every_steps=3", "callbacks.checkpoint.every_steps=3",
+         "callbacks.early_stopping.enabled=false"]
+# Two good learning rates first, then one that learns nothing: once a trial is complete (each worker tells its
+# trial before it asks the next), the median pruner with one startup trial must prune trial 2 at one of its
+# evaluations; trial 3's loss is NaN at step 2 (trainer.nonfinite=stop): it fails; trials 4 and 5 are the sampler's.
+STUDY = ["optim.lr=tag(log, interval(1e-4, 3e-2))", "tune.n_trials=6", "tune.parallel=2", "tune.pruner=median",
+         "tune.n_startup_trials=1", "trainer.nonfinite=stop",
+         "tune.enqueue=[{optim.lr: 0.01}, {optim.lr: 0.009}, {optim.lr: 1e-7}, {optim.lr: 1e9}]"]
+
+
+# -- quick: the search space and preflight ------------------------------------------------------------------------
+def test_hydra_optuna_sweeper_expressions_become_optuna_distributions() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    assert distribution("optim.lr", "tag(log, interval(1e-4, 1e-2))") == FloatDistribution(1e-4, 1e-2, log=True)
+    assert distribution("model.width", "int(interval(8, 64))") == IntDistribution(8, 64)
+    assert distribution("model.width", "tag(log, int(interval(8, 64)))") == IntDistribution(8, 64, log=True)
+    assert distribution("model.width", "choice(8, 16)") == CategoricalDistribution([8, 16])
+    assert distribution("model.width", "range(8, 33, step=8)") == IntDistribution(8, 32, step=8)
+    plain, sweeps = split_overrides(["run_name=x", "optim.lr=interval(0.1, 0.2)", "model.width=8,16"])
+    assert plain == ["run_name=x"] and sweeps == {"optim.lr": "interval(0.1, 0.2)", "model.width": "8,16"}
+    assert trial_overrides({"optim.lr": 0.1 / 3, "task.name": "a b"}) == [f"optim.lr={0.1 / 3!r}", "task.name='a b'"]
+
+
+def test_pruners_and_samplers_by_name() -> None:
+    from hpctrain.config import TuneConfig
+    from hpctrain.tune_study import make_pruner, make_sampler
+
+    kinds = {name: type(make_pruner(TuneConfig(pruner=name))).__name__
+             for name in ("median", "successive_halving", "hyperband", "none")}
+    assert kinds == {"median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner",
+                     "hyperband": "HyperbandPruner", "none": "NopPruner"}
+    assert type(make_sampler(TuneConfig(sampler="random"), seed=1)).__name__ == "RandomSampler"
+    with pytest.raises(ConfigError, match="tune.pruner must be one of"):
+        TuneConfig(pruner="asha")
+
+
+@pytest.mark.parametrize("expression,message", [
+    ("interval(1e-4", "tune.search_space.optim.lr=interval(1e-4: not an expression Hydra can parse"),
+    ("0.1", "tune.search_space.optim.lr=0.1: not a search space expression"),
+    ("tag(log, interval(-1, 1))", "tune.search_space.optim.lr=tag(log, interval(-1, 1)):"),
+])
+def test_a_bad_search_space_expression_names_its_key(expression: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        distribution("optim.lr", expression)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("url,message", [
+    ("nosuchdb://localhost/x", "SQLAlchemy knows no database 'nosuchdb'"),
+    ("mysql+pymysql://user:secret@127.0.0.1:1/x", "cannot connect"),
+    ("sqlite:////no/such/dir/study.db", "does not exist"),
+])
+def test_a_bad_storage_url_is_refused_without_its_password(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        check_storage(url)
+    assert str(error.value).startswith("tune.storage=") and message in str(error.value)
+    assert "secret" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=interval(1e-4, 1e-2)"], "tune.search_space.optim.lrr: optim.lrr: Key 'lrr' not in 'OptimConfig'; did you mean optim.lr?"),
+    (["optim.lr=interval(1e-2, 1e-4)"], "tune.search_space.optim.lr=interval(1e-2, 1e-4):"),
+    (["optim.lr=interval(1e-4, 1e-2)", "tune.storage=mysql+pymysql://u:p@127.0.0.1:1/x"], "cannot connect"),
+    (["run_name=x"], "tune.search_space is empty"),
+    (["optim.lr=interval(1e-4, 1e-2)", "tune.dir=/proc/tune"], "tune.dir=/proc/tune: cannot write in /proc"),
+    (["optim.lr=interval(1e-4, 1e-2)", "tune.enqueue=[{model.width: 8}]"],
+     "tune.enqueue[0].model.width: not a key"),
+])
+def test_preflight_refuses_a_bad_study_in_one_line_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture, overrides: list[str], message: str) -> None:
+    assert tune.main([*overrides, f"paths.runs_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("hpctrain: error: ") and message in error and "\n" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preflight_without_optuna_says_how_to_install_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    assert tune.main(["optim.lr=interval(1e-4, 1e-2)", f"paths.runs_dir={tmp_path}"]) == 2
+    assert "pip install 'hpctrain[optuna]'" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+# -- slow: a local study, a killed worker, the rerun ---------------------------------------------------------------
+def run_tune(args: list[str], *, timeout: float = 300) -> subprocess.CompletedProcess:
+    expect_slow_test()
+    return subprocess.run([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def mariadb_url() -> str:
+    """A database and user for Optuna on the MariaDB server of the SLURM test cluster (slurm/cluster-up.sh)."""
+    socket = "/run/mysqld/mysqld.sock"
+    reason = ("needs root" if os.geteuid() != 0 else "" if Path(socket).exists()
+              else "no MariaDB server (slurm/cluster-up.sh starts one)")
+    if not reason:
+        created = subprocess.run(
+            ["mariadb", "--no-defaults", "--protocol=socket", "-S", socket, "-e",
+             "CREATE DATABASE IF NOT EXISTS hpctrain_optuna; "
+             "CREATE USER IF NOT EXISTS 'hpctrain_optuna'@'127.0.0.1' IDENTIFIED BY 'optuna'; "
+             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'127.0.0.1'; FLUSH PRIVILEGES;"],
+            capture_output=True, text=True, timeout=60)
+        reason = "" if created.returncode == 0 else f"cannot create the database: {created.stderr.strip()}"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the MariaDB storage test needs the local server under CI=true: {reason}")
+        pytest.skip(f"MariaDB storage not tested: {reason}")
+    return "mysql+pymysql://hpctrain_optuna:optuna@127.0.0.1:3306/hpctrain_optuna"
+
+
+def trial_record(tune_dir: Path, index: int) -> dict:
+    try:
+        return json.loads((tune_dir / "workers" / str(index) / "trial.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def kill_a_worker_mid_trial(tune_dir: Path, process: subprocess.Popen) -> int:
+    """SIGKILL the first worker seen with a checkpoint of an unfinished trial; returns that trial's number."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        for index in (0, 1):
+            record = trial_record(tune_dir, index)
+            if record.get("number") is None:
+                continue
+            run_dir = tune_dir / f"trial_{record['number']:04d}"
+            if CheckpointManager(run_dir, keep_last=2).complete() and not (run_dir / "result.json").exists():
+                os.kill(record["pid"], signal.SIGKILL)
+                return record["number"]
+        time.sleep(0.02)
+    raise AssertionError(f"no worker was seen mid-trial; the study ended first ({process.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["journal", "mariadb"])
+def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
+        tmp_path: Path, tiny_data: Path, storage: str) -> None:
+    extra = [] if storage == "journal" else [f"tune.storage={mariadb_url()}",
+                                             f"tune.study_name=test_{uuid.uuid4().hex[:12]}"]
+    args = [*tiny_overrides(tiny_data, *TRIAL), *STUDY, *extra, f"paths.runs_dir={tmp_path}", "run_name=study"]
+    tune_dir = tmp_path / "study"
+    expect_slow_test()
+    first = subprocess.Popen([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        killed = kill_a_worker_mid_trial(tune_dir, first)
+    except AssertionError:
+        raise AssertionError(first.communicate(timeout=300)[0][-3000:]) from None
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 1 and "-9)]; run the same command again" in output, output[-3000:]
+
+    second = run_tune(args)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "starting 1 local worker(s)" in second.stdout  # only the killed worker's trial was left
+
+    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                        capture_output=True, text=True, check=True).stdout)
+    states = [trial["state"] for trial in summary["trials"]]
+    assert [trial["number"] for trial in summary["trials"]] == list(range(6)), states
+    # The first trial to complete cannot be pruned (nothing to compare with): at least one is complete.
+    assert states[2] == "pruned" and states[3] == "fail" and "complete" in states, states
+    assert set(states[4:]) <= {"complete", "pruned"} and summary["counts"]["running"] == 0
+    assert summary["trials"][3]["fail_reason"].startswith("NonFiniteLossError: loss nan")
+    assert sorted(p.name for p in tune_dir.glob("trial_*")) == [f"trial_{n:04d}" for n in range(6)]
+    for trial in summary["trials"][:3] + summary["trials"][4:]:  # each trained once: steps 1..its last, each once
+        run_dir = Path(trial["run_dir"])
+        with open_for_reading(run_dir / "metrics.h5") as file:
+            steps = file["train/step"][()].tolist()
+        result = json.loads((run_dir / "result.json").read_text())
+        assert steps == list(range(1, result["step"] + 1)), (trial["number"], steps)
+        assert result["stop_reason"].startswith("pruned" if trial["state"] == "pruned" else "reached")
+    assert "resumed from" in (tune_dir / f"trial_{killed:04d}" / "hpctrain.log").read_text()
+    best = summary["best"]
+    assert best["rerun"].startswith("python -m hpctrain.launch ") and best["rerun"].endswith(
+        f"{' '.join(best['overrides'])} run_name=best_of_{summary['study_name']}")
+    assert best["value"] == min(t["value"] for t in summary["trials"] if t["state"] == "complete")
+    assert {p.name for p in (tune_dir / "plots").iterdir()} == {"history.png", "importances.png",
+                                                               "parallel_coordinates.png"}
+    import hpctrain
+
+    model = hpctrain.load_model(best["run_dir"])  # a trial's run directory is a normal run
+    assert not model.training
+
+
+# -- SLURM: a job array, one worker requeued mid-trial -------------------------------------------------------------
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bit_exact(
+        tmp_path: Path, tiny_data: Path) -> None:
+    from .test_slurm import history_reasons, queue_state, release_when_requeued, sh, wait_until
+
+    slurm = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=40",
+             "trainer.val_every_steps=20", "callbacks.checkpoint.every_steps=4",
+             "callbacks.early_stopping.enabled=false"]
+    args = [*tiny_overrides(tiny_data, *slurm), "optim.lr=tag(log, interval(1e-4, 3e-2))", "tune.n_trials=4",
+            "tune.parallel=2", "tune.pruner=none", f"paths.runs_dir={tmp_path}", "run_name=study"]
+    tune_dir = tmp_path / "study"
+    submitted = run_tune(args, timeout=120)
+    assert submitted.returncode == 0 and "submitted job array" in submitted.stdout, submitted.stderr[-3000:]
+    from hpctrain.slurm import recorded_job_id
+
+    job_ids = [recorded_job_id(tune_dir / "workers" / str(index)) for index in (0, 1)]
+    array_id = job_ids[0].split("_")[0]
+    assert job_ids == [f"{array_id}_0", f"{array_id}_1"]
+    requeued: dict = {}
+
+    def worker_0_mid_trial() -> bool:
+        number = trial_record(tune_dir, 0).get("number")
+        if number is None:
+            return False
+        manager = CheckpointManager(tune_dir / f"trial_{number:04d}", keep_last=2)
+        if manager.complete():  # its first checkpoint (step 4 of 40): the requeue lands well before the end
+            requeued["number"] = number
+            return True
+        return False
+
+    wait_until(worker_0_mid_trial, timeout=300, what="a checkpoint of worker 0's trial", interval=0.05)
+    sh("scontrol", "requeue", job_ids[0])
+    release_when_requeued(job_ids[0])
+    wait_until(lambda: sh("squeue", "--noheader", "--jobs", array_id) == "", timeout=400, what="the job array")
+
+    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                        capture_output=True, text=True, check=True).stdout)
+    assert [(t["number"], t["state"]) for t in summary["trials"]] == [(n, "complete") for n in range(4)]
+    run_dir = tune_dir / f"trial_{requeued['number']:04d}"
+    assert history_reasons(run_dir) == ["requeued_by_slurm", "completed"]  # trained by one worker, resumed once
+    assert queue_state(job_ids[0]) == ""
+    trial = summary["trials"][requeued["number"]]
+    alone = tmp_path / "alone"
+    launch([*tiny_overrides(tiny_data, *slurm), *trial["overrides"], "launcher=local"], run_dir=alone)
+    assert state_dict_digest(final_weights(run_dir)) == state_dict_digest(final_weights(alone))
+    shutil.rmtree(alone)
