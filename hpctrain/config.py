@@ -478,7 +478,9 @@ class MetricsConfig:
 
 # Shorthands of callbacks.loggers entries for the built-in loggers (hpctrain.loggers).
 LOGGERS = {"tensorboard": "hpctrain.loggers.tensorboard.TensorBoardLogger",
-           "mlflow": "hpctrain.loggers.mlflow.MLflowLogger"}
+           "mlflow": "hpctrain.loggers.mlflow.MLflowLogger",
+           "wandb": "hpctrain.loggers.wandb.WandbLogger",
+           "comet": "hpctrain.loggers.comet.CometLogger"}
 
 
 @dataclass
@@ -500,7 +502,7 @@ class CallbacksConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    # Experiment trackers (docs/watching.md): a shorthand (tensorboard, mlflow) or a `_target_` node of a
+    # Experiment trackers (docs/watching.md): a shorthand (tensorboard, mlflow, wandb, comet) or a `_target_` node of a
     # hpctrain.loggers.Logger, e.g. {_target_: hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: ...}.
     loggers: List[Any] = field(default_factory=list)
     # The user's own callbacks (hpctrain.callbacks): `_target_` nodes of objects with on_step_end, ... hooks.

@@ -34,6 +34,8 @@ from hpctrain.metrics import MetricsRow, MetricsWriter
 log = logging.getLogger(__name__)
 
 STATE_DIRNAME = "loggers"
+# The kinds of rows: training steps, evaluations, and a test phase's means (one row, at the checkpoint's step).
+KINDS = ("train", "validation", "test")
 # Rows a logger that keeps failing may hold before the oldest are dropped (a logger's outage, not training's).
 MAX_PENDING_ROWS = 1_000_000
 
@@ -65,8 +67,10 @@ class Logger:
         return state
 
     def delivered_steps(self) -> dict[str, int] | None:
-        """The last step of each kind the tracker itself holds (e.g. from its server), if it can tell; called
-        after `open`. None: trust the state file."""
+        """The last step of each kind the tracker itself holds (e.g. from its server or its offline files), if it
+        can tell; called after `open`. It is the truth for the kinds it names, whether it holds more than the state
+        file says (a kill came before the state write) or less (a kill lost what the tracker had not yet written).
+        None: trust the state file."""
         return None
 
     def log_rows(self, rows: list[MetricsRow]) -> None:
@@ -90,17 +94,18 @@ class LoggerFeed:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._state_path: Path | None = None
-        self._delivered = {"train": 0, "validation": 0}
+        self._delivered = {kind: 0 for kind in KINDS}
 
     # -- on the training loop's side (cheap: hand over and return) --------------------------------------------
     def on_start(self, run: RunView) -> None:
-        self._state_path = run.run_dir / STATE_DIRNAME / f"{self.logger.name}.json"
-        state = _read_state(self._state_path)
+        self._state_path = state_path(run.run_dir, self.logger.name, run.phase)
+        state = read_state(self._state_path)
         self._delivered = {kind: min(int(state.get("delivered", {}).get(kind, 0)), run.start_step)
                            if self.logger.can_rewind else int(state.get("delivered", {}).get(kind, 0))
-                           for kind in ("train", "validation")}
-        if self.logger.can_rewind:  # one rewind point for every tag: resend both kinds from the earlier one
-            low = min(self._delivered.values())
+                           for kind in KINDS}
+        if self.logger.can_rewind:  # one rewind point for every tag: resend the phase's kinds from the earliest
+            low = min(self._delivered[kind] for kind in (("train", "validation") if run.phase == "train"
+                                                          else ("test",)))
             self._delivered = {kind: low for kind in self._delivered}
         self._thread = threading.Thread(target=self._deliver, args=(run, state), daemon=True,
                                         name=f"hpctrain-logger-{self.logger.name}")
@@ -143,9 +148,8 @@ class LoggerFeed:
                     state = {**state, **self.logger.open(run, state, rewind_to=rewind_to)}
                     opened = True
                     remote = self.logger.delivered_steps()
-                    if remote:  # the tracker holds more than the state file says: a kill came before the write
-                        self._delivered = {kind: max(self._delivered[kind], remote.get(kind, 0))
-                                           for kind in self._delivered}
+                    if remote is not None:  # the tracker's own record beats the state file (see delivered_steps)
+                        self._delivered = {kind: remote.get(kind, self._delivered[kind]) for kind in self._delivered}
                     pending = [row for row in pending if row.step > self._delivered[row.kind]]
                     self._write_state(state)
                 if pending:
@@ -183,7 +187,29 @@ class LoggerFeed:
         os.replace(temporary, self._state_path)
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def state_path(run_dir: Path, name: str, phase: str = "train") -> Path:
+    """RUN_DIR/loggers/<name>.json for training, <name>.<phase with / as .>.json for a test phase."""
+    suffix = "" if phase == "train" else "." + phase.replace("/", ".")
+    return Path(run_dir) / STATE_DIRNAME / f"{name}{suffix}.json"
+
+
+def display_name(run: RunView, name: str | None = None) -> str:
+    """A logger run's name: the run's (or the logger's `run_name`), with the phase for a test phase."""
+    base = name or run.run_name
+    return base if run.phase == "train" else f"{base}/{run.phase}"
+
+
+def run_tags(run: RunView) -> dict[str, str]:
+    """Tags of a logger run: the run's name, its phase, and for a sweep point its sweep (the directory of the
+    sweep, the parent of the point's run directory) and the point's number (the name of its run directory)."""
+    tags = {"hpctrain.run_name": run.run_name, "hpctrain.phase": run.phase}
+    run_dir = Path(run.run_dir)
+    if (run_dir.parent / "multirun.yaml").exists():
+        tags.update({"hpctrain.sweep": str(run_dir.parent), "hpctrain.sweep_point": run_dir.name})
+    return tags
+
+
+def read_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
