@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         local = replace(config, launcher=replace(config.launcher, name="local", num_processes=args.num_processes))
         run_local(local, run_dir, work=evaluate_rank, args=work_args)
     print(summarize(output), flush=True)
+    from hpctrain.loggers import log_test_phase
+
+    log_test_phase(config, run_dir, output)  # the run's loggers (callbacks.loggers): a logger run of its own
     if plan is not None:
         from hpctrain.predict import run_prediction, start
 

@@ -1,6 +1,7 @@
-"""Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost read back what a
-run killed twice and resumed logged (each step once, one run), and a run with a failing logger, a logger whose
-server is down and a user callback that draws random numbers ends bitwise equal to a run without any."""
+"""Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost, and W&B's and
+Comet's own offline files, read back what a run killed twice and resumed logged (each step once, one run), and a
+run with a failing logger, a logger whose server is down and a user callback that draws random numbers ends bitwise
+equal to a run without any."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
     process.wait()
 
 
-def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
+def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after_two_kills(
         tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
     mlflow_port = free_port()
     mlflow_server = Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
@@ -124,9 +125,11 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         run_dir, records = tmp_path / "run", tmp_path / "records"
         records.mkdir()
         args = tiny_overrides(tiny_data, *RUN, "callbacks.loggers=[tensorboard,{_target_: "
-                              f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{mlflow_server.url}'}}]",
+                              f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{mlflow_server.url}'}},"
+                              "wandb,comet]",
                               f"callbacks.user=[{{_target_: tests.test_loggers.RecordingCallback, "
-                              f"directory: '{records}'}}]")
+                              f"directory: '{records}'}}, {{_target_: tests.test_loggers.WaitForLoggers, "
+                              "names: [tensorboard, mlflow, wandb, comet]}]")
         kill_after_checkpoint(args, run_dir, 8)
         kill_after_checkpoint(args, run_dir, 16)
         assert "resumed from" in launch(args, run_dir=run_dir).stdout
@@ -159,6 +162,8 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         mlflow_server.stop()
+    assert_wandb_offline_run_holds_each_step_once(run_dir, train_loss, validation_loss)
+    assert_comet_offline_experiment_holds_each_step_once(run_dir, train_loss, validation_loss)
 
     tensorboard_port = free_port()
     tensorboard = Server([str(BIN / "tensorboard"), "--logdir", str(run_dir / "tensorboard"), "--host",
@@ -173,6 +178,81 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         assert [step for _, step, _ in scalars] == [6, 12, 18, 24]
     finally:
         tensorboard.stop()
+
+
+def assert_wandb_offline_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
+                                                  validation_loss: np.ndarray) -> None:
+    """W&B's offline directories, read through its own transaction-log records: one run id, each step once."""
+    from hpctrain.loggers.wandb import offline_directories, read_history, read_records
+
+    run_id = json.loads((run_dir / "loggers" / "wandb.json").read_text())["run_id"]
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert segments == offline_directories(run_dir, run_id) and len(segments) == 3, "one run id in every process"
+    history = read_history(run_dir, run_id)
+    train = [(row["_step"], row["train/loss"]) for row in history if "train/loss" in row]
+    assert [step for step, _ in train] == list(range(1, 25))  # each step once, across the segments
+    np.testing.assert_array_equal([value for _, value in train], train_loss)
+    validation = [(row["_step"], row["validation/loss"]) for row in history if "validation/loss" in row]
+    assert [step for step, _ in validation] == [6, 12, 18, 24]
+    np.testing.assert_array_equal([value for _, value in validation], validation_loss)
+    records = list(read_records(run_dir, run_id))
+    config = {item.key: json.loads(item.value_json) for record in records if record.HasField("run")
+              for item in record.run.config.update}
+    assert config["trainer"]["max_steps"] == 24 and config["hpctrain.phase"] == "train"
+    summary = {item.key: json.loads(item.value_json) for record in records if record.HasField("summary")
+               for item in record.summary.update if item.key}
+    assert "trainer.max_steps=24" in summary["hpctrain.stop_reason"]
+    assert summary["hpctrain.best_checkpoint"].startswith(str(run_dir))
+
+
+def assert_comet_offline_experiment_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
+                                                         validation_loss: np.ndarray) -> None:
+    """Comet's offline archives, read from their JSON messages: one experiment key, each step once. Both killed
+    processes left no archive (Comet archives at a process's end): the last one holds every step."""
+    import zipfile
+
+    from hpctrain.loggers.comet import archives, read_metrics
+
+    key = json.loads((run_dir / "loggers" / "comet.json").read_text())["experiment_key"]
+    assert archives(run_dir / "comet", key) == sorted((run_dir / "comet").glob("*.zip")) == \
+        [run_dir / "comet" / f"{key}.zip"]
+    metrics = read_metrics(run_dir / "comet", key)
+    train = [(step, value) for name, step, value in metrics if name == "train/loss"]
+    assert [step for step, _ in train] == list(range(1, 25))
+    np.testing.assert_array_equal([value for _, value in train], train_loss)
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == [6, 12, 18, 24]
+    np.testing.assert_array_equal([value for name, _, value in metrics if name == "validation/loss"],
+                                  validation_loss)
+    with zipfile.ZipFile(run_dir / "comet" / f"{key}.zip") as archive:
+        messages = [json.loads(line) for line in archive.read("messages.json").decode().splitlines()]
+    parameters = {message["payload"]["param"]["paramName"]: message["payload"]["param"]["paramValue"]
+                  for message in messages if message["type"] == "parameter_msg"}
+    assert str(parameters["trainer.max_steps"]) == "24"
+
+
+class WaitForLoggers:
+    """Holds each process's second step until its loggers have delivered its first one, so that a kill comes
+    after they opened their run (opening W&B or Comet takes seconds, the tiny run less)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def on_start(self, run):  # type: ignore[no-untyped-def]
+        self.state_dir, self.start_step = run.run_dir / "loggers", run.start_step
+
+    def on_step_end(self, step):  # type: ignore[no-untyped-def]
+        if step.step != self.start_step + 2:
+            return
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if all(json.loads((self.state_dir / f"{name}.json").read_text())["delivered"]["train"] > self.start_step
+                       for name in self.names):
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the loggers {self.names} delivered nothing in 120 s")
 
 
 class RaisingLogger(Logger):
@@ -284,3 +364,59 @@ def test_callbacks_restore_random_states_and_a_raising_hook_is_called_once(hook_
     callbacks.call("on_step_end", view)
     assert torch.equal(torch.rand(3), expected)
     assert calls == ([1] if hook_raises else [1, 1])
+
+
+def test_run_tags_name_a_sweep_point_and_a_test_phase_has_its_own_state_file(tmp_path: Path) -> None:
+    from hpctrain.callbacks import RunView
+    from hpctrain.loggers import run_tags, state_path
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
+    point = RunView(run_dir=tmp_path / "sweep" / "3", run_name="lr", config={}, start_step=0, parameter_groups=())
+    assert run_tags(point) == {"hpctrain.run_name": "lr", "hpctrain.phase": "train",
+                               "hpctrain.sweep": str(tmp_path / "sweep"), "hpctrain.sweep_point": "3"}
+    alone = RunView(run_dir=tmp_path / "run", run_name="lr", config={}, start_step=0, parameter_groups=(),
+                    phase="test/best")
+    assert run_tags(alone) == {"hpctrain.run_name": "lr", "hpctrain.phase": "test/best"}
+    assert state_path(tmp_path, "wandb") == tmp_path / "loggers" / "wandb.json"
+    assert state_path(tmp_path, "wandb", "test/best") == tmp_path / "loggers" / "wandb.test.best.json"
+
+
+def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume(tmp_path: Path) -> None:
+    """Two processes that end normally (a requeue: the second resumes from step 5 of the first's 10 and recomputes
+    6..10): W&B's two offline directories and Comet's two archives hold each step once, under one id; rows the
+    state file says were sent but the tracker does not hold (a kill lost them) are sent again."""
+    from hpctrain.callbacks import EndView, RunView
+    from hpctrain.loggers import LoggerFeed
+    from hpctrain.loggers.comet import CometLogger, archives, read_metrics
+    from hpctrain.loggers.wandb import WandbLogger, offline_directories, read_history
+    from hpctrain.metrics import MetricsRow
+
+    def process(start: int, stop: int, *, finished: bool) -> None:
+        run = RunView(run_dir=tmp_path, run_name="demo", config={"trainer": {"max_steps": 20}}, start_step=start,
+                      parameter_groups=("all",))
+        rows = [MetricsRow("train", step, {"loss": step / 10, "lr/all": 0.1}) for step in range(start + 1, stop + 1)]
+        for logger in (WandbLogger(), CometLogger()):
+            feed = LoggerFeed(logger, key=logger.name, close_timeout_s=120)
+            feed.on_start(run)
+            feed.metrics_flushed([*rows, MetricsRow("validation", stop, {"loss": stop / 100})])
+            feed.on_end(EndView(run_dir=tmp_path, step=stop, finished=finished, stop_reason="", best_step=stop,
+                                best_loss=0.0, best_checkpoint=None))
+
+    process(0, 10, finished=False)
+    comet_state = tmp_path / "loggers" / "comet.json"
+    state = json.loads(comet_state.read_text())
+    comet_state.write_text(json.dumps({**state, "delivered": {"train": 12, "validation": 10}}))  # 11, 12 lost
+    process(5, 20, finished=True)
+    run_id = json.loads((tmp_path / "loggers" / "wandb.json").read_text())["run_id"]
+    assert len(offline_directories(tmp_path, run_id)) == len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    history = read_history(tmp_path, run_id)
+    assert [(row["_step"], row["train/loss"]) for row in history] == [(step, step / 10) for step in range(1, 21)]
+    assert [row["_step"] for row in history if "validation/loss" in row] == [10, 20]
+    key = state["experiment_key"]
+    assert [path.name for path in archives(tmp_path / "comet", key)][0] == f"{key}.zip"
+    assert len(archives(tmp_path / "comet", key)) == len(list((tmp_path / "comet").glob("*.zip"))) == 2
+    metrics = read_metrics(tmp_path / "comet", key)
+    assert [(step, value) for name, step, value in metrics if name == "train/loss"] == \
+        [(step, step / 10) for step in range(1, 21)]
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 20]

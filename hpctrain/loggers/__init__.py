@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
-from hpctrain.config import ConfigError
+from hpctrain.config import Config, ConfigError
 from hpctrain.metrics import MetricsRow, MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,17 @@ class Logger:
         which everything logged earlier is to be dropped."""
         return state
 
+    def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
+        """The last step of each kind the tracker's own local files hold (an offline tracker), read on the
+        training loop at a (re)start, before the rows past them are taken from metrics.h5: a cheap local read,
+        nothing that can hang. It is the truth, also when it holds less than the state file says (a kill lost
+        what the tracker had not written yet: those rows are sent again). None: not known locally."""
+        return None
+
     def delivered_steps(self) -> dict[str, int] | None:
-        """The last step of each kind the tracker itself holds (e.g. from its server or its offline files), if it
-        can tell; called after `open`. It is the truth for the kinds it names, whether it holds more than the state
-        file says (a kill came before the state write) or less (a kill lost what the tracker had not yet written).
-        None: trust the state file."""
+        """The last step of each kind the tracker itself holds (e.g. its server), if it can tell; called in the
+        logger's thread after `open`. It is the truth for the kinds it names (a kill between a delivery and the
+        state write left the state file behind). None: trust the state file."""
         return None
 
     def log_rows(self, rows: list[MetricsRow]) -> None:
@@ -104,9 +110,16 @@ class LoggerFeed:
                            if self.logger.can_rewind else int(state.get("delivered", {}).get(kind, 0))
                            for kind in KINDS}
         if self.logger.can_rewind:  # one rewind point for every tag: resend the phase's kinds from the earliest
-            low = min(self._delivered[kind] for kind in (("train", "validation") if run.phase == "train"
-                                                          else ("test",)))
-            self._delivered = {kind: low for kind in self._delivered}
+            phase_kinds = ("train", "validation") if run.phase == "train" else ("test",)
+            low = min(self._delivered[kind] for kind in phase_kinds)
+            self._delivered.update({kind: low for kind in phase_kinds})
+        try:
+            stored = self.logger.stored_steps(run, state)
+        except Exception:  # unreadable files: trust the state file
+            log.exception("%s (%s): reading what it stored failed", self.key, self.logger.name)
+            stored = None
+        if stored is not None:
+            self._delivered.update({kind: step for kind, step in stored.items() if kind in self._delivered})
         self._thread = threading.Thread(target=self._deliver, args=(run, state), daemon=True,
                                         name=f"hpctrain-logger-{self.logger.name}")
         self._thread.start()
@@ -217,6 +230,34 @@ def read_state(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         log.warning("%s unreadable (%s): the logger starts a new run", path, error)
         return {}
+
+
+def log_test_phase(config: Config, run_dir: Path, test_file: Path) -> None:
+    """A test phase's means (hpctrain.test's file) to each of the run's loggers, as a logger run of its own: phase
+    `test/<file name>`, kept in `loggers/<name>.test.<file name>.json` (the same name again reopens that run and
+    logs nothing twice). A failing logger is logged, as in training; the test's result stands."""
+    import h5py
+
+    from hpctrain.components import build_loggers
+    from hpctrain.config import to_dict
+    from hpctrain.metrics import baseline_ratios
+
+    feeds = [feed for _, feed in build_loggers(config.callbacks)]
+    if not feeds:
+        return
+    with h5py.File(test_file, "r") as file:
+        means = {name: float(file[f"test/{name}"][()]) for name in file["test/per_sample"]}
+        step, checkpoint = int(file.attrs["checkpoint_step"]), Path(str(file.attrs["checkpoint"]))
+    values = {**means, **{f"loss/{name}": ratio for name, ratio in baseline_ratios(means["loss"], means).items()}}
+    run = RunView(run_dir=Path(run_dir), run_name=config.run_name, config=to_dict(config), start_step=0,
+                  parameter_groups=(), phase=f"test/{Path(test_file).stem}")
+    for feed in feeds:  # in parallel, each in its thread
+        feed.on_start(run)
+        feed.metrics_flushed([MetricsRow("test", step, values)])
+    end = EndView(run_dir=Path(run_dir), step=step, finished=True, stop_reason="test phase", best_step=step,
+                  best_loss=means["loss"], best_checkpoint=checkpoint)
+    for feed in feeds:
+        feed.on_end(end)
 
 
 def flat_config(config: Any, prefix: str = "") -> dict[str, str]:

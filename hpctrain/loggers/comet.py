@@ -3,11 +3,12 @@ the machine; `comet upload` sends it later). Its archives are in `RUN_DIR/comet/
 
 The experiment key is stored in `RUN_DIR/loggers/comet.json`. An offline experiment cannot append to an earlier
 archive: each process that logs writes one archive of its own when it ends, the first `<key>.zip`
-(`OfflineExperiment`), every later one `<key>-<suffix>.zip` (`ExistingOfflineExperiment` of the same key, which
-`comet upload` appends to the experiment). Comet keeps a process's messages in a temporary directory and
-archives them only at its end, so a SIGKILLed process leaves no archive: on reopening, the feed reads the
-archives (`read_metrics`) for the last step of each kind they hold and sends only later ones, from metrics.h5 then
-live, so each step is in exactly one archive. Online (`online: true`, the API key from Comet's own config), the
+(`OfflineExperiment` with that key), every later one `<key>-<suffix>.zip` (`ExistingOfflineExperiment` of the
+same key, which `comet upload` appends to the experiment: upload them oldest first). Comet keeps a process's
+messages in a temporary directory and archives them only at its end, so a SIGKILLed process leaves no archive:
+on reopening, the feed reads the archives (`read_metrics`) for the last step of each kind they hold and sends
+only later ones, from metrics.h5 then live, so each step is in exactly one archive (and while no archive exists,
+the next process starts the experiment anew, with the same key). Online (`online: true`, the API key from Comet's own config), the
 same key is reopened with `ExistingExperiment`, and the state file says what was sent.
 """
 
@@ -45,6 +46,8 @@ class CometLogger(Logger):
 
     def open(self, run: RunView, state: dict[str, Any], *, rewind_to: int | None) -> dict[str, Any]:
         os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")  # imported after torch: no import hooks
+        if not self.online:  # offline means nothing leaves the machine: not even Comet's error reports (Sentry)
+            os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
         import comet_ml
 
         self.key = state.get("experiment_key", "")
@@ -52,14 +55,18 @@ class CometLogger(Logger):
         project = self.project or str(run.config.get("task", {}).get("name", "hpctrain"))
         common = dict(project_name=project, workspace=self.workspace, **_QUIET)
         if self.online:
-            self.experiment = (comet_ml.ExistingExperiment(previous_experiment=self.key, **common) if self.key
-                               else comet_ml.Experiment(**common))
+            new = not self.key
+            self.experiment = (comet_ml.Experiment(**common) if new
+                               else comet_ml.ExistingExperiment(previous_experiment=self.key, **common))
         else:
+            # Appending needs the experiment's first archive: until one exists (the processes that made the key
+            # were killed before archiving), the experiment starts anew with the same key.
             self.directory.mkdir(parents=True, exist_ok=True)
             offline = dict(offline_directory=str(self.directory), **common)
-            self.experiment = (comet_ml.ExistingOfflineExperiment(previous_experiment=self.key, **offline)
-                               if self.key else comet_ml.OfflineExperiment(**offline))
-        if not self.key:  # a new experiment: its name, tags and the config as hyperparameters, once
+            new = not (self.key and archives(self.directory, self.key))
+            self.experiment = (comet_ml.OfflineExperiment(experiment_key=self.key or None, **offline) if new
+                               else comet_ml.ExistingOfflineExperiment(previous_experiment=self.key, **offline))
+        if new:  # the experiment's name, tags and the config as hyperparameters, once
             self.key = self.experiment.get_key()
             tags = run_tags(run)
             self.experiment.set_name(display_name(run, self.run_name))
@@ -69,11 +76,12 @@ class CometLogger(Logger):
             self.experiment.log_parameters(flat_config(dict(run.config)))
         return {"experiment_key": self.key, "offline_directory": str(self.directory), "online": self.online}
 
-    def delivered_steps(self) -> dict[str, int] | None:
-        if self.online:
+    def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
+        if self.online or not state.get("experiment_key"):
             return None
         steps = {kind: 0 for kind in KINDS}
-        for name, step, _ in read_metrics(self.directory, self.key):
+        directory = Path(state.get("offline_directory") or self.offline_directory or run.run_dir / "comet")
+        for name, step, _ in read_metrics(directory, state["experiment_key"]):
             kind, _, metric = name.partition("/")
             if metric == "loss" and kind in steps:
                 steps[kind] = max(steps[kind], step)

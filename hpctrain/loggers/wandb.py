@@ -13,6 +13,7 @@ the run's current one.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import uuid
 import zlib
@@ -46,6 +47,8 @@ class WandbLogger(Logger):
         self.root = Path()
 
     def open(self, run: RunView, state: dict[str, Any], *, rewind_to: int | None) -> dict[str, Any]:
+        if self.mode == "offline":  # nothing leaves the machine: not even W&B's error reports (Sentry)
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
         self.run_id = state.get("run_id") or uuid.uuid4().hex[:16]  # W&B's ids: lowercase letters and digits
@@ -60,14 +63,18 @@ class WandbLogger(Logger):
             group=self.group or tags.get("hpctrain.sweep") or run.run_name,
             job_type="train" if run.phase == "train" else "test", name=display_name(run, self.run_name),
             tags=[*self.tags, *short_tags(tags)],
-            config=None if state else {**dict(run.config), **tags, "hpctrain.run_dir": str(run.run_dir)})
+            # Every process sends the config (the same): a killed one may have written nothing of its run.
+            config={**dict(run.config), **tags, "hpctrain.run_dir": str(run.run_dir)})
         return {"run_id": self.run_id, "dir": str(self.root), "mode": self.mode}
 
-    def delivered_steps(self) -> dict[str, int] | None:
-        if self.mode != "offline":
+    def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
+        if self.mode != "offline" or not state.get("run_id"):
             return None  # online the server ignores a step below the run's current one
         steps = {kind: 0 for kind in KINDS}
-        for row in read_history(self.root, self.run_id):
+        root = Path(state.get("dir") or self.dir or run.run_dir)
+        if not offline_directories(root, state["run_id"]):
+            return steps
+        for row in read_history(root, state["run_id"]):
             for kind in KINDS:
                 if f"{kind}/loss" in row:
                     steps[kind] = max(steps[kind], int(row["_step"]))
@@ -114,19 +121,21 @@ def offline_directories(root: Path, run_id: str) -> list[Path]:
     return sorted((Path(root) / "wandb").glob(f"offline-run-*-{run_id}"))
 
 
-def read_history(root: Path, run_id: str) -> list[dict[str, Any]]:
-    """Every history row (`run.log`) of one run's offline directories, in order: {key: value, "_step": step}."""
+def read_records(root: Path, run_id: str) -> Iterator[Any]:
+    """The records (wandb's protobuf `Record`s) of one run's offline directories, in order."""
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
     for directory in offline_directories(root, run_id):
         for data in _transaction_log(directory / f"run-{run_id}.wandb"):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            yield record
+
+
+def read_history(root: Path, run_id: str) -> list[dict[str, Any]]:
+    """Every history row (`run.log`) of one run's offline directories, in order: {key: value, "_step": step}."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in read_records(root, run_id) if record.WhichOneof("record_type") == "history"]
 
 
 def _transaction_log(path: Path) -> Iterator[bytes]:
