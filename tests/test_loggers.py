@@ -420,3 +420,22 @@ def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume
     assert [(step, value) for name, step, value in metrics if name == "train/loss"] == \
         [(step, step / 10) for step in range(1, 21)]
     assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 20]
+
+
+def test_every_built_in_logger_names_an_extra_that_installs_its_packages_and_ci_installs_it() -> None:
+    import re
+
+    from hydra.utils import get_class
+
+    from hpctrain.config import LOGGERS
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    in_test = {extra for requirement in extras["test"] for group in re.findall(r"^hpctrain\[(.*)\]$", requirement)
+               for extra in group.split(",")}
+    for shorthand, target in LOGGERS.items():
+        logger = get_class(target)
+        assert logger.name == shorthand and logger.extra in extras and logger.extra in in_test
+        installed = {requirement.split(">")[0].split("=")[0].replace("-", "_") for requirement in extras[logger.extra]}
+        assert set(logger.packages) <= installed, (shorthand, logger.packages, installed)
+        logger().check()  # installed here, as in CI
