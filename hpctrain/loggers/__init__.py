@@ -1,4 +1,4 @@
-"""Experiment trackers (`callbacks.loggers`): TensorBoard, MLflow, or a user's own `Logger` subclass.
+"""Experiment trackers (`callbacks.loggers`): TensorBoard, MLflow, W&B, Comet, or a user's own `Logger` subclass.
 
 A logger receives what metrics.h5 receives, once it is in metrics.h5: every training step's row (loss, its
 components, LR per group, gradient norm, throughput) and every evaluation's means (with the loss / baseline
@@ -13,7 +13,11 @@ run reopens the same logger run, sends what metrics.h5 holds past the delivered 
 the logger), and skips live rows it already delivered: a resumed run recomputes them bit for bit, so the logger
 sees each step once with the values of one uninterrupted run. A logger that can rewind (TensorBoard's
 `purge_step`) is instead told to drop everything past the resend point, which also covers a kill between a
-delivery and the state write. docs/watching.md says per logger what a reader sees.
+delivery and the state write. A logger that can tell what its tracker holds overrides the state file: MLflow's
+store (asked in the logger's thread), or an offline tracker's files (W&B's transaction logs, Comet's archives,
+read at the start), which also brings back rows a kill lost before the tracker wrote them. Each test phase
+(hpctrain.test) is a logger run of its own (`log_test_phase`). docs/watching.md says per logger what a reader
+sees.
 """
 
 from __future__ import annotations
