@@ -169,7 +169,8 @@ def build_loggers(config: CallbacksConfig) -> list[tuple[str, Any]]:
             raise ConfigError(f"{key}: a second logger named {logger.name!r} (also {names[logger.name]}); give it "
                               f"another `name`")
         names[logger.name] = key
-        loggers.append((key, LoggerFeed(logger, key=key, close_timeout_s=config.logger_close_timeout_s)))
+        loggers.append((key, LoggerFeed(logger, key=key, close_timeout_s=config.logger_close_timeout_s,
+                                        stop_timeout_s=config.logger_stop_timeout_s)))
     return loggers
 
 

@@ -510,6 +510,10 @@ class CallbacksConfig:
     # How long the end of a run's process waits for a logger to deliver its last rows (they are not lost: the
     # next start of the run sends what is left).
     logger_close_timeout_s: float = 60.0
+    # The same for a process that stops before the end (a requeue, a preemption, a time limit): what comes after
+    # its checkpoint must fit in SLURM's KillWait (30 s by default, often less), so a logger still busy (a server
+    # slow to answer) is left; what it had not delivered, the next start sends.
+    logger_stop_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         for index, node in enumerate(self.loggers):
@@ -521,6 +525,8 @@ class CallbacksConfig:
             _require_target(f"callbacks.user[{index}]", node)
         _require(self.logger_close_timeout_s >= 0,
                  f"callbacks.logger_close_timeout_s must be >= 0, got {self.logger_close_timeout_s}")
+        _require(self.logger_stop_timeout_s >= 0,
+                 f"callbacks.logger_stop_timeout_s must be >= 0, got {self.logger_stop_timeout_s}")
 
 
 @dataclass

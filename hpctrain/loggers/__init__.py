@@ -99,8 +99,9 @@ class LoggerFeed:
 
     rank_zero_only = True
 
-    def __init__(self, logger: Logger, *, key: str, close_timeout_s: float) -> None:
-        self.logger, self.key, self.close_timeout_s = logger, key, close_timeout_s
+    def __init__(self, logger: Logger, *, key: str, close_timeout_s: float, stop_timeout_s: float = 2.0) -> None:
+        self.logger, self.key = logger, key
+        self.close_timeout_s, self.stop_timeout_s = close_timeout_s, stop_timeout_s
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._state_path: Path | None = None
@@ -142,11 +143,13 @@ class LoggerFeed:
         if self._thread is None:
             return
         self._queue.put(("end", end))
-        self._thread.join(self.close_timeout_s)
+        stopped = not end.finished and not end.error  # a requeue: SLURM's KillWait runs (config.py says more)
+        key, timeout = (("logger_stop_timeout_s", self.stop_timeout_s) if stopped
+                        else ("logger_close_timeout_s", self.close_timeout_s))
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("%s (%s): still busy after callbacks.logger_close_timeout_s=%g s; training ends without "
-                        "waiting (undelivered rows are sent by the next start of this run)", self.key,
-                        self.logger.name, self.close_timeout_s)
+            log.warning("%s (%s): still busy after callbacks.%s=%g s; training ends without waiting (undelivered "
+                        "rows are sent by the next start of this run)", self.key, self.logger.name, key, timeout)
 
     # -- in the logger's thread ------------------------------------------------------------------------------
     def _deliver(self, run: RunView, state: dict[str, Any]) -> None:

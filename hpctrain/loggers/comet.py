@@ -8,8 +8,8 @@ same key, which `comet upload` appends to the experiment: upload them oldest fir
 messages in a temporary directory and archives them only at its end, so a SIGKILLed process leaves no archive:
 on reopening, the feed reads the archives (`read_metrics`) for the last step of each kind they hold and sends
 only later ones, from metrics.h5 then live, so each step is in exactly one archive (and while no archive exists,
-the next process starts the experiment anew, with the same key). Online (`online: true`, the API key from Comet's own config), the
-same key is reopened with `ExistingExperiment`, and the state file says what was sent.
+the next process starts the experiment anew, with the same key). Online (`online: true`, the API key from Comet's
+own config), the same key is reopened with `ExistingExperiment`, and the state file says what was sent.
 """
 
 from __future__ import annotations

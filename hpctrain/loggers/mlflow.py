@@ -10,7 +10,9 @@ step is in the metric history once.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from hpctrain.callbacks import EndView, RunView
@@ -21,6 +23,21 @@ from hpctrain.metrics import MetricsRow
 _METRICS_PER_CALL = 1000
 _PARAMS_PER_CALL = 100
 _PARAM_LENGTH = 6000
+
+
+def create_sqlite_store(path: Path) -> None:
+    """An SQLite store made whole or not at all: MLflow creates its tables in a series of migrations (seconds), and a
+    process stopped among them (a requeue) would leave a store that no later start can open. So a new one is made
+    under a temporary name and renamed into place."""
+    from mlflow import MlflowClient
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments()  # creates and migrates the tables
+    os.replace(temporary, path)
 
 
 def metric_key(kind: str, name: str) -> str:
@@ -44,6 +61,8 @@ class MLflowLogger(Logger):
         from mlflow.entities import Param
 
         uri = state.get("tracking_uri") or self.tracking_uri or f"sqlite:///{run.run_dir / 'mlflow.db'}"
+        if uri.startswith("sqlite:///"):
+            create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
         if state.get("run_id"):
             self.run_id = state["run_id"]
