@@ -125,6 +125,7 @@ class LoggerFeed:
             stored = None
         if stored is not None:
             self._delivered.update({kind: step for kind, step in stored.items() if kind in self._delivered})
+        self._queue.put(("open", None))  # at once: opening a tracker takes seconds (imports, a store, a server)
         self._thread = threading.Thread(target=self._deliver, args=(run, state), daemon=True,
                                         name=f"hpctrain-logger-{self.logger.name}")
         self._thread.start()
