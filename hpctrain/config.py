@@ -600,9 +600,10 @@ class Config:
 
 
 # Overrides that do not change what is trained, left out of a sweep point's directory name, so the same sweep
-# run again with another partition, time limit or data location finds its points again.
+# run again with another partition, time limit, data location or loggers finds its points again.
 _NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.dataset.path", "data.val_dataset.path",
-                      "data.test_dataset.path", "debug")
+                      "data.test_dataset.path", "debug", "callbacks.loggers", "callbacks.user",
+                      "callbacks.logger_close_timeout_s", "callbacks.logger_stop_timeout_s")
 
 
 def sweep_point_dirname(overrides: list[str]) -> str:

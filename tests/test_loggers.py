@@ -367,16 +367,25 @@ def test_callbacks_restore_random_states_and_a_raising_hook_is_called_once(hook_
 
 def test_run_tags_name_a_sweep_point_and_a_test_phase_has_its_own_state_file(tmp_path: Path) -> None:
     from hpctrain.callbacks import RunView
-    from hpctrain.loggers import run_tags, state_path
+    from hpctrain.config import sweep_point_dirname
+    from hpctrain.loggers import run_tags, short_tags, state_path
 
-    (tmp_path / "sweep").mkdir()
+    # Hydra's layout: multirun.yaml in the sweep directory, .hydra/hydra.yaml in each point's
+    (tmp_path / "sweep" / "optim.lr=0.1" / ".hydra").mkdir(parents=True)
     (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
-    point = RunView(run_dir=tmp_path / "sweep" / "3", run_name="lr", config={}, start_step=0, parameter_groups=())
+    (tmp_path / "sweep" / "optim.lr=0.1" / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 3\n")
+    point = RunView(run_dir=tmp_path / "sweep" / "optim.lr=0.1", run_name="lr", config={}, start_step=0,
+                    parameter_groups=())
     assert run_tags(point) == {"hpctrain.run_name": "lr", "hpctrain.phase": "train",
-                               "hpctrain.sweep": str(tmp_path / "sweep"), "hpctrain.sweep_point": "3"}
+                               "hpctrain.sweep": str(tmp_path / "sweep"), "hpctrain.sweep_point": "optim.lr=0.1",
+                               "hpctrain.sweep_job_num": "3"}
     alone = RunView(run_dir=tmp_path / "run", run_name="lr", config={}, start_step=0, parameter_groups=(),
                     phase="test/best")
     assert run_tags(alone) == {"hpctrain.run_name": "lr", "hpctrain.phase": "test/best"}
+    assert short_tags(run_tags(point)) == ["phase=train", "sweep=sweep", "sweep_job_num=3"]
+    assert short_tags(run_tags(alone)) == ["phase=test/best"]
+    # Loggers do not change what is trained: adding them to a sweep run again finds its points again.
+    assert sweep_point_dirname(["optim.lr=0.1", "callbacks.loggers=[mlflow]", "callbacks.user=[]"]) == "optim.lr=0.1"
     assert state_path(tmp_path, "wandb") == tmp_path / "loggers" / "wandb.json"
     assert state_path(tmp_path, "wandb", "test/best") == tmp_path / "loggers" / "wandb.test.best.json"
 

@@ -222,12 +222,29 @@ def display_name(run: RunView, name: str | None = None) -> str:
 
 def run_tags(run: RunView) -> dict[str, str]:
     """Tags of a logger run: the run's name, its phase, and for a sweep point its sweep (the directory of the
-    sweep, the parent of the point's run directory) and the point's number (the name of its run directory)."""
+    sweep, the parent of the point's run directory), the point (its directory's name: its overrides) and Hydra's
+    job number of the point."""
     tags = {"hpctrain.run_name": run.run_name, "hpctrain.phase": run.phase}
     run_dir = Path(run.run_dir)
     if (run_dir.parent / "multirun.yaml").exists():
         tags.update({"hpctrain.sweep": str(run_dir.parent), "hpctrain.sweep_point": run_dir.name})
+        try:
+            from omegaconf import OmegaConf
+
+            tags["hpctrain.sweep_job_num"] = str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.num)
+        except Exception:  # no Hydra record of the point (a hand-made sweep directory): the point's name says it
+            pass
     return tags
+
+
+def short_tags(tags: dict[str, str]) -> list[str]:
+    """`run_tags` as short labels (W&B allows 64 characters): the phase, and a sweep point's sweep (its directory's
+    name) and job number."""
+    short = [f"phase={tags['hpctrain.phase']}"]
+    if "hpctrain.sweep" in tags:
+        short += [f"sweep={Path(tags['hpctrain.sweep']).name}",
+                  f"sweep_job_num={tags.get('hpctrain.sweep_job_num', tags['hpctrain.sweep_point'])}"]
+    return [tag[:64] for tag in short]
 
 
 def read_state(path: Path) -> dict[str, Any]:

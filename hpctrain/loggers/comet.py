@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
-from hpctrain.loggers import KINDS, Logger, display_name, flat_config, run_tags
+from hpctrain.loggers import KINDS, Logger, display_name, flat_config, run_tags, short_tags
 from hpctrain.metrics import MetricsRow
 
 # Nothing but what hpctrain logs: no code, git, environment, console or framework auto-logging.
@@ -70,8 +70,7 @@ class CometLogger(Logger):
             self.key = self.experiment.get_key()
             tags = run_tags(run)
             self.experiment.set_name(display_name(run, self.run_name))
-            self.experiment.add_tags([*self.tags, *(f"{key.removeprefix('hpctrain.')}={Path(value).name}"
-                                                    for key, value in tags.items() if key != "hpctrain.run_name")])
+            self.experiment.add_tags([*self.tags, *short_tags(tags)])
             self.experiment.log_others({**tags, "hpctrain.run_dir": str(run.run_dir)})
             self.experiment.log_parameters(flat_config(dict(run.config)))
         return {"experiment_key": self.key, "offline_directory": str(self.directory), "online": self.online}

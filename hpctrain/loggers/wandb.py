@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from hpctrain.callbacks import EndView, RunView
-from hpctrain.loggers import KINDS, Logger, display_name, run_tags
+from hpctrain.loggers import KINDS, Logger, display_name, run_tags, short_tags
 from hpctrain.metrics import MetricsRow
 
 # The framing of W&B's transaction log (`.wandb`, LevelDB's log format): a 7-byte file header, then 32 KiB blocks
@@ -106,14 +106,6 @@ class WandbLogger(Logger):
     def close(self) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1)
-
-
-def short_tags(tags: dict[str, str]) -> list[str]:
-    """W&B's tags (at most 64 characters): the phase, and a sweep point's sweep (its directory's name) and number."""
-    short = [f"phase={tags['hpctrain.phase']}"]
-    if "hpctrain.sweep" in tags:
-        short += [f"sweep={Path(tags['hpctrain.sweep']).name}", f"sweep_point={tags['hpctrain.sweep_point']}"]
-    return [tag[:64] for tag in short]
 
 
 def offline_directories(root: Path, run_id: str) -> list[Path]:
