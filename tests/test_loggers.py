@@ -447,3 +447,26 @@ def test_every_built_in_logger_names_an_extra_that_installs_its_packages_and_ci_
         installed = {requirement.split(">")[0].split("=")[0].replace("-", "_") for requirement in extras[logger.extra]}
         assert set(logger.packages) <= installed, (shorthand, logger.packages, installed)
         logger().check()  # installed here, as in CI
+
+
+def test_each_sweep_point_is_a_logger_run_of_its_own_tagged_with_its_sweep(tmp_path: Path, tiny_data: Path) -> None:
+    """A local Hydra sweep of two points with the W&B logger (offline: the cheapest to open): one W&B run per
+    point, each tagged with the sweep and Hydra's job number, and the points named without the logger."""
+    from hpctrain.loggers.wandb import read_records
+
+    launch(["-m", "optim.lr=1e-3,2e-3", *tiny_overrides(tiny_data, "trainer.max_steps=3"), "run_name=wsweep",
+            f"paths.runs_dir={tmp_path}", "callbacks.loggers=[wandb]"])
+    sweep = tmp_path / "wsweep"
+    points = sorted(path.parent.parent for path in sweep.glob("*/loggers/wandb.json"))
+    assert [point.name.split("optim.lr=")[1].split(",")[0] for point in points] == ["0.001", "0.002"]
+    assert not any("callbacks.loggers" in point.name for point in points)
+    seen = {}
+    for point in points:
+        run_id = json.loads((point / "loggers" / "wandb.json").read_text())["run_id"]
+        run = next(record.run for record in read_records(point, run_id) if record.HasField("run"))
+        config = {item.key: json.loads(item.value_json) for item in run.config.update}
+        assert config["hpctrain.sweep"] == str(sweep) and config["hpctrain.sweep_point"] == point.name
+        assert f"sweep_job_num={config['hpctrain.sweep_job_num']}" in run.tags and "sweep=wsweep" in run.tags
+        assert run.run_group == str(sweep)
+        seen[config["hpctrain.sweep_job_num"]] = run_id
+    assert sorted(seen) == ["0", "1"] and len(set(seen.values())) == 2  # a run of its own per point
