@@ -45,6 +45,9 @@ class RunView:
     parameter_groups: Sequence[str]
     rank: int = 0
     world_size: int = 1
+    # What the process does: "train", or "test/<name>" for a test phase (python -m hpctrain.test), which each
+    # logger keeps as a run of its own.
+    phase: str = "train"
 
 
 @dataclass(frozen=True)

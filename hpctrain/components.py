@@ -141,8 +141,6 @@ def prepare_data(config: Config) -> None:
 def build_callbacks(config: CallbacksConfig) -> list[tuple[str, Any]]:
     """The user's callbacks and the loggers (checked: a logger's package is installed, with the pip command if
     not; a callback has at least one hook)."""
-    from hpctrain.loggers import Logger, LoggerFeed
-
     callbacks: list[tuple[str, Any]] = []
     for index, node in enumerate(config.user):
         key = f"callbacks.user[{index}]"
@@ -150,6 +148,14 @@ def build_callbacks(config: CallbacksConfig) -> list[tuple[str, Any]]:
         if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
             raise ConfigError(f"{key}: {type(callback).__name__} has none of the hooks {', '.join(HOOKS)}")
         callbacks.append((key, callback))
+    return callbacks + build_loggers(config)
+
+
+def build_loggers(config: CallbacksConfig) -> list[tuple[str, Any]]:
+    """The loggers of callbacks.loggers, each in its LoggerFeed (checked as build_callbacks says)."""
+    from hpctrain.loggers import Logger, LoggerFeed
+
+    loggers: list[tuple[str, Any]] = []
     names: dict[str, str] = {}
     for index, node in enumerate(config.loggers):
         key = f"callbacks.loggers[{index}]"
@@ -164,8 +170,9 @@ def build_callbacks(config: CallbacksConfig) -> list[tuple[str, Any]]:
             raise ConfigError(f"{key}: a second logger named {logger.name!r} (also {names[logger.name]}); give it "
                               f"another `name`")
         names[logger.name] = key
-        callbacks.append((key, LoggerFeed(logger, key=key, close_timeout_s=config.logger_close_timeout_s)))
-    return callbacks
+        loggers.append((key, LoggerFeed(logger, key=key, close_timeout_s=config.logger_close_timeout_s,
+                                        stop_timeout_s=config.logger_stop_timeout_s)))
+    return loggers
 
 
 def build_components(config: Config) -> Components:

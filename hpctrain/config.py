@@ -479,7 +479,9 @@ class MetricsConfig:
 
 # Shorthands of callbacks.loggers entries for the built-in loggers (hpctrain.loggers).
 LOGGERS = {"tensorboard": "hpctrain.loggers.tensorboard.TensorBoardLogger",
-           "mlflow": "hpctrain.loggers.mlflow.MLflowLogger"}
+           "mlflow": "hpctrain.loggers.mlflow.MLflowLogger",
+           "wandb": "hpctrain.loggers.wandb.WandbLogger",
+           "comet": "hpctrain.loggers.comet.CometLogger"}
 
 
 @dataclass
@@ -501,7 +503,7 @@ class CallbacksConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    # Experiment trackers (docs/watching.md): a shorthand (tensorboard, mlflow) or a `_target_` node of a
+    # Experiment trackers (docs/watching.md): a shorthand (tensorboard, mlflow, wandb, comet) or a `_target_` node of a
     # hpctrain.loggers.Logger, e.g. {_target_: hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: ...}.
     loggers: List[Any] = field(default_factory=list)
     # The user's own callbacks (hpctrain.callbacks): `_target_` nodes of objects with on_step_end, ... hooks.
@@ -509,6 +511,10 @@ class CallbacksConfig:
     # How long the end of a run's process waits for a logger to deliver its last rows (they are not lost: the
     # next start of the run sends what is left).
     logger_close_timeout_s: float = 60.0
+    # The same for a process that stops before the end (a requeue, a preemption, a time limit): what comes after
+    # its checkpoint must fit in SLURM's KillWait (30 s by default, often less), so a logger still busy (a server
+    # slow to answer) is left; what it had not delivered, the next start sends.
+    logger_stop_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         for index, node in enumerate(self.loggers):
@@ -520,6 +526,8 @@ class CallbacksConfig:
             _require_target(f"callbacks.user[{index}]", node)
         _require(self.logger_close_timeout_s >= 0,
                  f"callbacks.logger_close_timeout_s must be >= 0, got {self.logger_close_timeout_s}")
+        _require(self.logger_stop_timeout_s >= 0,
+                 f"callbacks.logger_stop_timeout_s must be >= 0, got {self.logger_stop_timeout_s}")
 
 
 @dataclass
@@ -633,9 +641,10 @@ class Config:
 
 
 # Overrides that do not change what is trained, left out of a sweep point's directory name, so the same sweep
-# run again with another partition, time limit or data location finds its points again.
+# run again with another partition, time limit, data location or loggers finds its points again.
 _NOT_IN_POINT_NAME = ("launcher", "hydra", "paths", "run_name", "data.dataset.path", "data.val_dataset.path",
-                      "data.test_dataset.path", "debug")
+                      "data.test_dataset.path", "debug", "callbacks.loggers", "callbacks.user",
+                      "callbacks.logger_close_timeout_s", "callbacks.logger_stop_timeout_s")
 
 
 _MAX_POINT_NAME_BYTES = 200  # below the usual 255-byte limit, leaving room for a suffix

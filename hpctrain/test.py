@@ -7,6 +7,7 @@ test stage's own keys and `--seed`), on 1 or N local ranks or as a SLURM job wit
 Overrides are `key=value` pairs on the run's resolved config, e.g. `data.test_dataset={path: other.h5}`.
 Each sample is evaluated exactly once; the per-sample values go to `RUN_DIR/test/<name>.h5` (written to a
 temporary file and renamed), and a summary is printed. The run's checkpoints and metrics.h5 are never touched.
+The means go to the run's loggers (`callbacks.loggers`), each as a logger run of its own (docs/watching.md).
 
 Layout of a test file: `/test/per_sample/<name>` (v,) and `/test/<name>` (scalar mean) for the loss, its
 components and every metric; `/test/sample_index` (v,); attributes `checkpoint_step`, `checkpoint`,
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         local = replace(config, launcher=replace(config.launcher, name="local", num_processes=args.num_processes))
         run_local(local, run_dir, work=evaluate_rank, args=work_args)
     print(summarize(output), flush=True)
+    from hpctrain.loggers import log_test_phase
+
+    log_test_phase(config, run_dir, output)  # the run's loggers (callbacks.loggers): a logger run of its own
     if plan is not None:
         from hpctrain.predict import run_prediction, start
 

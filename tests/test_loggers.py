@@ -1,6 +1,7 @@
-"""Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost read back what a
-run killed twice and resumed logged (each step once, one run), and a run with a failing logger, a logger whose
-server is down and a user callback that draws random numbers ends bitwise equal to a run without any."""
+"""Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost, and W&B's and
+Comet's own offline files, read back what a run killed twice and resumed logged (each step once, one run), and a
+run with a failing logger, a logger whose server is down and a user callback that draws random numbers ends bitwise
+equal to a run without any."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def assert_equal_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> N
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
-def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
+def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after_two_kills(
         tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
     mlflow_port = free_port()
     mlflow_server = Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
@@ -108,11 +109,14 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         run_dir, records = tmp_path / "run", tmp_path / "records"
         records.mkdir()
         args = tiny_overrides(tiny_data, *RUN, "callbacks.loggers=[tensorboard,{_target_: "
-                              f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{mlflow_server.url}'}}]",
+                              f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{mlflow_server.url}'}},"
+                              "wandb,comet]",
                               f"callbacks.user=[{{_target_: tests.test_loggers.RecordingCallback, "
-                              f"directory: '{records}'}}]")
-        kill_after_checkpoint(args, run_dir, 8)
-        kill_after_checkpoint(args, run_dir, 16)
+                              f"directory: '{records}'}}, {{_target_: tests.test_loggers.WaitForLoggers, "
+                              "names: [tensorboard, mlflow, wandb, comet]}]")
+        # 0.2 s past each checkpoint: a few steps logged, then recomputed after the restart
+        kill_after_checkpoint(args, run_dir, 8, delay=0.2)
+        kill_after_checkpoint(args, run_dir, 16, delay=0.2)
         assert "resumed from" in launch(args, run_dir=run_dir).stdout
         assert_equal_weights(run_dir, reference)  # loggers and callbacks change nothing
         seen = [tuple(line) for line in map(json.loads, (records / "rank0.jsonl").read_text().splitlines())]
@@ -143,6 +147,8 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         mlflow_server.stop()
+    assert_wandb_offline_run_holds_each_step_once(run_dir, train_loss, validation_loss)
+    assert_comet_offline_experiment_holds_each_step_once(run_dir, train_loss, validation_loss)
 
     tensorboard_port = free_port()
     tensorboard = Server([str(BIN / "tensorboard"), "--logdir", str(run_dir / "tensorboard"), "--host",
@@ -157,6 +163,80 @@ def test_tensorboard_and_mlflow_show_each_step_once_in_one_run_after_two_kills(
         assert [step for _, step, _ in scalars] == [6, 12, 18, 24]
     finally:
         tensorboard.stop()
+
+
+def assert_wandb_offline_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
+                                                  validation_loss: np.ndarray) -> None:
+    """W&B's offline directories, read through its own transaction-log records: one run id, each step once."""
+    from hpctrain.loggers.wandb import offline_directories, read_history, read_records
+
+    run_id = json.loads((run_dir / "loggers" / "wandb.json").read_text())["run_id"]
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert segments == offline_directories(run_dir, run_id) and len(segments) == 3, "one run id in every process"
+    history = read_history(run_dir, run_id)
+    train = [(row["_step"], row["train/loss"]) for row in history if "train/loss" in row]
+    assert [step for step, _ in train] == list(range(1, 25))  # each step once, across the segments
+    np.testing.assert_array_equal([value for _, value in train], train_loss)
+    validation = [(row["_step"], row["validation/loss"]) for row in history if "validation/loss" in row]
+    assert [step for step, _ in validation] == [6, 12, 18, 24]
+    np.testing.assert_array_equal([value for _, value in validation], validation_loss)
+    records = list(read_records(run_dir, run_id))
+    config = {item.key: json.loads(item.value_json) for record in records if record.HasField("run")
+              for item in record.run.config.update}
+    assert config["trainer"]["max_steps"] == 24 and config["hpctrain.phase"] == "train"
+    summary = {item.key: json.loads(item.value_json) for record in records if record.HasField("summary")
+               for item in record.summary.update if item.key}
+    assert "trainer.max_steps=24" in summary["hpctrain.stop_reason"]
+    assert summary["hpctrain.best_checkpoint"].startswith(str(run_dir))
+
+
+def assert_comet_offline_experiment_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
+                                                         validation_loss: np.ndarray) -> None:
+    """Comet's offline archives, read from their JSON messages: one experiment key, each step once. Both killed
+    processes left no archive (Comet archives at a process's end): the last one holds every step."""
+    import zipfile
+
+    from hpctrain.loggers.comet import archives, read_metrics
+
+    key = json.loads((run_dir / "loggers" / "comet.json").read_text())["experiment_key"]
+    assert archives(run_dir / "comet", key) == sorted((run_dir / "comet").glob("*.zip")) == \
+        [run_dir / "comet" / f"{key}.zip"]
+    metrics = read_metrics(run_dir / "comet", key)
+    train = [(step, value) for name, step, value in metrics if name == "train/loss"]
+    assert [step for step, _ in train] == list(range(1, 25))
+    np.testing.assert_array_equal([value for _, value in train], train_loss)
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == [6, 12, 18, 24]
+    np.testing.assert_array_equal([value for name, _, value in metrics if name == "validation/loss"],
+                                  validation_loss)
+    with zipfile.ZipFile(run_dir / "comet" / f"{key}.zip") as archive:
+        messages = [json.loads(line) for line in archive.read("messages.json").decode().splitlines()]
+    parameters = {message["payload"]["param"]["paramName"]: message["payload"]["param"]["paramValue"]
+                  for message in messages if message["type"] == "parameter_msg"}
+    assert str(parameters["trainer.max_steps"]) == "24"
+
+
+class WaitForLoggers:
+    """Holds each process's second step until its loggers have opened their run (their state file written by this
+    process), so that a kill comes after that (opening W&B, Comet or MLflow takes seconds, the tiny run less)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def on_start(self, run):  # type: ignore[no-untyped-def]
+        self.state_dir, self.start_step, self.started = run.run_dir / "loggers", run.start_step, time.time()
+
+    def on_step_end(self, step):  # type: ignore[no-untyped-def]
+        if step.step != self.start_step + 2:
+            return
+        deadline = time.monotonic() + 300  # a first import of MLflow can take a minute on a busy machine
+        while time.monotonic() < deadline:
+            try:
+                if all((self.state_dir / f"{name}.json").stat().st_mtime >= self.started for name in self.names):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the loggers {self.names} did not open in 300 s")
 
 
 class RaisingLogger(Logger):
@@ -268,3 +348,110 @@ def test_callbacks_restore_random_states_and_a_raising_hook_is_called_once(hook_
     callbacks.call("on_step_end", view)
     assert torch.equal(torch.rand(3), expected)
     assert calls == ([1] if hook_raises else [1, 1])
+
+
+def test_run_tags_name_a_sweep_point_and_a_test_phase_has_its_own_state_file(tmp_path: Path) -> None:
+    from hpctrain.callbacks import RunView
+    from hpctrain.config import sweep_point_dirname
+    from hpctrain.loggers import run_tags, short_tags, state_path
+
+    # Hydra's layout: multirun.yaml in the sweep directory, .hydra/hydra.yaml in each point's
+    (tmp_path / "sweep" / "optim.lr=0.1" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
+    (tmp_path / "sweep" / "optim.lr=0.1" / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 3\n")
+    point = RunView(run_dir=tmp_path / "sweep" / "optim.lr=0.1", run_name="lr", config={}, start_step=0,
+                    parameter_groups=())
+    assert run_tags(point) == {"hpctrain.run_name": "lr", "hpctrain.phase": "train",
+                               "hpctrain.sweep": str(tmp_path / "sweep"), "hpctrain.sweep_point": "optim.lr=0.1",
+                               "hpctrain.sweep_job_num": "3"}
+    alone = RunView(run_dir=tmp_path / "run", run_name="lr", config={}, start_step=0, parameter_groups=(),
+                    phase="test/best")
+    assert run_tags(alone) == {"hpctrain.run_name": "lr", "hpctrain.phase": "test/best"}
+    assert short_tags(run_tags(point)) == ["phase=train", "sweep=sweep", "sweep_job_num=3"]
+    assert short_tags(run_tags(alone)) == ["phase=test/best"]
+    # Loggers do not change what is trained: adding them to a sweep run again finds its points again.
+    assert sweep_point_dirname(["optim.lr=0.1", "callbacks.loggers=[mlflow]", "callbacks.user=[]"]) == "optim.lr=0.1"
+    assert state_path(tmp_path, "wandb") == tmp_path / "loggers" / "wandb.json"
+    assert state_path(tmp_path, "wandb", "test/best") == tmp_path / "loggers" / "wandb.test.best.json"
+
+
+def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume(tmp_path: Path) -> None:
+    """Two processes that end normally (a requeue: the second resumes from step 5 of the first's 10 and recomputes
+    6..10): W&B's two offline directories and Comet's two archives hold each step once, under one id; rows the
+    state file says were sent but the tracker does not hold (a kill lost them) are sent again."""
+    from hpctrain.callbacks import EndView, RunView
+    from hpctrain.loggers import LoggerFeed
+    from hpctrain.loggers.comet import CometLogger, archives, read_metrics
+    from hpctrain.loggers.wandb import WandbLogger, offline_directories, read_history
+    from hpctrain.metrics import MetricsRow
+
+    def process(start: int, stop: int, *, finished: bool) -> None:
+        run = RunView(run_dir=tmp_path, run_name="demo", config={"trainer": {"max_steps": 20}}, start_step=start,
+                      parameter_groups=("all",))
+        rows = [MetricsRow("train", step, {"loss": step / 10, "lr/all": 0.1}) for step in range(start + 1, stop + 1)]
+        for logger in (WandbLogger(), CometLogger()):
+            feed = LoggerFeed(logger, key=logger.name, close_timeout_s=120, stop_timeout_s=120)
+            feed.on_start(run)
+            feed.metrics_flushed([*rows, MetricsRow("validation", stop, {"loss": stop / 100})])
+            feed.on_end(EndView(run_dir=tmp_path, step=stop, finished=finished, stop_reason="", best_step=stop,
+                                best_loss=0.0, best_checkpoint=None))
+
+    process(0, 10, finished=False)
+    comet_state = tmp_path / "loggers" / "comet.json"
+    state = json.loads(comet_state.read_text())
+    comet_state.write_text(json.dumps({**state, "delivered": {"train": 12, "validation": 10}}))  # 11, 12 lost
+    process(5, 20, finished=True)
+    run_id = json.loads((tmp_path / "loggers" / "wandb.json").read_text())["run_id"]
+    assert len(offline_directories(tmp_path, run_id)) == len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    history = read_history(tmp_path, run_id)
+    assert [(row["_step"], row["train/loss"]) for row in history] == [(step, step / 10) for step in range(1, 21)]
+    assert [row["_step"] for row in history if "validation/loss" in row] == [10, 20]
+    key = state["experiment_key"]
+    assert [path.name for path in archives(tmp_path / "comet", key)][0] == f"{key}.zip"
+    assert len(archives(tmp_path / "comet", key)) == len(list((tmp_path / "comet").glob("*.zip"))) == 2
+    metrics = read_metrics(tmp_path / "comet", key)
+    assert [(step, value) for name, step, value in metrics if name == "train/loss"] == \
+        [(step, step / 10) for step in range(1, 21)]
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 20]
+
+
+def test_every_built_in_logger_names_an_extra_that_installs_its_packages_and_ci_installs_it() -> None:
+    import re
+
+    from hydra.utils import get_class
+
+    from hpctrain.config import LOGGERS
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    in_test = {extra for requirement in extras["test"] for group in re.findall(r"^hpctrain\[(.*)\]$", requirement)
+               for extra in group.split(",")}
+    for shorthand, target in LOGGERS.items():
+        logger = get_class(target)
+        assert logger.name == shorthand and logger.extra in extras and logger.extra in in_test
+        installed = {requirement.split(">")[0].split("=")[0].replace("-", "_") for requirement in extras[logger.extra]}
+        assert set(logger.packages) <= installed, (shorthand, logger.packages, installed)
+        logger().check()  # installed here, as in CI
+
+
+def test_each_sweep_point_is_a_logger_run_of_its_own_tagged_with_its_sweep(tmp_path: Path, tiny_data: Path) -> None:
+    """A local Hydra sweep of two points with the W&B logger (offline: the cheapest to open): one W&B run per
+    point, each tagged with the sweep and Hydra's job number, and the points named without the logger."""
+    from hpctrain.loggers.wandb import read_records
+
+    launch(["-m", "optim.lr=1e-3,2e-3", *tiny_overrides(tiny_data, "trainer.max_steps=3"), "run_name=wsweep",
+            f"paths.runs_dir={tmp_path}", "callbacks.loggers=[wandb]"])
+    sweep = tmp_path / "wsweep"
+    points = sorted(path.parent.parent for path in sweep.glob("*/loggers/wandb.json"))
+    assert [point.name.split("optim.lr=")[1].split(",")[0] for point in points] == ["0.001", "0.002"]
+    assert not any("callbacks.loggers" in point.name for point in points)
+    seen = {}
+    for point in points:
+        run_id = json.loads((point / "loggers" / "wandb.json").read_text())["run_id"]
+        run = next(record.run for record in read_records(point, run_id) if record.HasField("run"))
+        config = {item.key: json.loads(item.value_json) for item in run.config.update}
+        assert config["hpctrain.sweep"] == str(sweep) and config["hpctrain.sweep_point"] == point.name
+        assert f"sweep_job_num={config['hpctrain.sweep_job_num']}" in run.tags and "sweep=wsweep" in run.tags
+        assert run.run_group == str(sweep)
+        seen[config["hpctrain.sweep_job_num"]] = run_id
+    assert sorted(seen) == ["0", "1"] and len(set(seen.values())) == 2  # a run of its own per point

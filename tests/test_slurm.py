@@ -136,18 +136,23 @@ def test_two_node_gloo_job_trains_and_completes(two_node_run: Path) -> None:
 
 # USR2 is what submitit asks SLURM to send; some clusters send only SIGTERM. With a loader worker, the signal
 # also reaches the worker process, which must leave it to the training process. `scontrol requeue` (an operator,
-# or PreemptMode=REQUEUE) requeues the job itself: the job checkpoints and leaves the requeue to SLURM.
+# or PreemptMode=REQUEUE) requeues the job itself: the job checkpoints and leaves the requeue to SLURM. That run
+# also logs to MLflow (an SQLite store in the run directory; each process holds its second step until MLflow has
+# its first, so the run exists before the requeue): one MLflow run, reopened, each step once across the requeue.
 @pytest.mark.parametrize("action,workers", [("USR2", 0), ("TERM", 1), ("requeue", 0)])
 def test_preempted_job_requeues_once_and_ends_bitwise_equal_to_an_uninterrupted_run(
         tmp_path: Path, tiny_data: Path, two_node_run: Path, action: str, workers: int) -> None:
     run_dir = tmp_path / "preempted"
-    launch(tiny_overrides(tiny_data, *TWO_NODES, f"data.num_workers={workers}"), run_dir=run_dir)
+    loggers = ["callbacks.loggers=[mlflow]", "callbacks.user=[{_target_: tests.test_loggers.WaitForLoggers, "
+               "names: [mlflow]}]"] if action == "requeue" else []
+    launch(tiny_overrides(tiny_data, *TWO_NODES, f"data.num_workers={workers}", *loggers), run_dir=run_dir)
     job_id = recorded_job_id(run_dir)
     manager = CheckpointManager(run_dir, keep_last=2)
     target = random.Random().randint(4, 40)  # well before the end (step 100), or the job may finish first
     wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
                what=f"a checkpoint at step >= {target}", interval=0.05)
     time.sleep(random.uniform(0.0, 0.2))
+    requeued_at = time.time()
     if action == "requeue":
         sh("scontrol", "requeue", job_id)
     else:
@@ -166,6 +171,25 @@ def test_preempted_job_requeues_once_and_ends_bitwise_equal_to_an_uninterrupted_
         assert history_reasons(run_dir) == ["requeued_preemption", "completed"]
     assert "resumed from" in logs
     assert_same_weights(two_node_run, run_dir)
+    if loggers:
+        assert_one_mlflow_run_with_each_step_once(run_dir, created_before=requeued_at)
+
+
+def assert_one_mlflow_run_with_each_step_once(run_dir: Path, *, created_before: float) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert len(runs) == 1, "one MLflow run across the requeue"
+    assert runs[0].info.start_time < created_before * 1000, "made before the requeue, reopened after it"
+    run_id = runs[0].info.run_id
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        train_loss, validation_steps = file["train/loss"][()], file["validation/step"][()].tolist()
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda point: point.step)
+    assert [point.step for point in history] == list(range(1, 101))  # each step once
+    np.testing.assert_array_equal([point.value for point in history], train_loss)
+    assert sorted(point.step for point in client.get_metric_history(run_id, "validation/loss")) == validation_steps
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 # A real preemption: a job in the higher-tier partition `urgent` needs both nodes. In `debug` (PreemptMode=REQUEUE)

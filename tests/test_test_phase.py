@@ -94,3 +94,26 @@ def test_the_test_phase_runs_as_a_slurm_job(finished_run: Path) -> None:
     assert slurm["_index"].tolist() == list(range(192))
     for name in local:
         np.testing.assert_allclose(slurm[name], local[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@shares_the_run
+def test_a_test_phase_is_a_logger_run_of_its_own(finished_run: Path) -> None:
+    """The test phase's means reach the run's loggers (here given on the command line): an MLflow run of its own
+    in the run directory's SQLite store, tagged with its phase, holding each test value once at the checkpoint's
+    step."""
+    from mlflow import MlflowClient
+
+    run_test(finished_run, "--name", "logged", "callbacks.loggers=[mlflow]")
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["hpctrain.phase"] == "test/logged" and run.info.run_name.endswith("/test/logged")
+    assert run.data.tags["hpctrain.run_dir"] == str(finished_run) and run.info.status == "FINISHED"
+    with h5py.File(finished_run / "test" / "logged.h5") as file:
+        expected = {name: float(file[f"test/{name}"][()]) for name in file["test/per_sample"]}
+    for name in ("loss", "baseline_label_mean"):
+        history = client.get_metric_history(run.info.run_id, f"test/{name}")
+        assert [(point.step, point.value) for point in history] == [(20, expected[name])]
+    assert "test/loss/baseline_label_mean" in run.data.metrics
+    assert (finished_run / "loggers" / "mlflow.test.logged.json").exists()

@@ -1,4 +1,4 @@
-"""Experiment trackers (`callbacks.loggers`): TensorBoard, MLflow, or a user's own `Logger` subclass.
+"""Experiment trackers (`callbacks.loggers`): TensorBoard, MLflow, W&B, Comet, or a user's own `Logger` subclass.
 
 A logger receives what metrics.h5 receives, once it is in metrics.h5: every training step's row (loss, its
 components, LR per group, gradient norm, throughput) and every evaluation's means (with the loss / baseline
@@ -13,7 +13,11 @@ run reopens the same logger run, sends what metrics.h5 holds past the delivered 
 the logger), and skips live rows it already delivered: a resumed run recomputes them bit for bit, so the logger
 sees each step once with the values of one uninterrupted run. A logger that can rewind (TensorBoard's
 `purge_step`) is instead told to drop everything past the resend point, which also covers a kill between a
-delivery and the state write. docs/watching.md says per logger what a reader sees.
+delivery and the state write. A logger that can tell what its tracker holds overrides the state file: MLflow's
+store (asked in the logger's thread), or an offline tracker's files (W&B's transaction logs, Comet's archives,
+read at the start), which also brings back rows a kill lost before the tracker wrote them. Each test phase
+(hpctrain.test) is a logger run of its own (`log_test_phase`). docs/watching.md says per logger what a reader
+sees.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
-from hpctrain.config import ConfigError
+from hpctrain.config import Config, ConfigError
 from hpctrain.metrics import MetricsRow, MetricsWriter
 
 log = logging.getLogger(__name__)
 
 STATE_DIRNAME = "loggers"
+# The kinds of rows: training steps, evaluations, and a test phase's means (one row, at the checkpoint's step).
+KINDS = ("train", "validation", "test")
 # Rows a logger that keeps failing may hold before the oldest are dropped (a logger's outage, not training's).
 MAX_PENDING_ROWS = 1_000_000
 
@@ -64,9 +70,17 @@ class Logger:
         which everything logged earlier is to be dropped."""
         return state
 
+    def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
+        """The last step of each kind the tracker's own local files hold (an offline tracker), read on the
+        training loop at a (re)start, before the rows past them are taken from metrics.h5: a cheap local read,
+        nothing that can hang. It is the truth, also when it holds less than the state file says (a kill lost
+        what the tracker had not written yet: those rows are sent again). None: not known locally."""
+        return None
+
     def delivered_steps(self) -> dict[str, int] | None:
-        """The last step of each kind the tracker itself holds (e.g. from its server), if it can tell; called
-        after `open`. None: trust the state file."""
+        """The last step of each kind the tracker itself holds (e.g. its server), if it can tell; called in the
+        logger's thread after `open`. It is the truth for the kinds it names (a kill between a delivery and the
+        state write left the state file behind). None: trust the state file."""
         return None
 
     def log_rows(self, rows: list[MetricsRow]) -> None:
@@ -85,23 +99,33 @@ class LoggerFeed:
 
     rank_zero_only = True
 
-    def __init__(self, logger: Logger, *, key: str, close_timeout_s: float) -> None:
-        self.logger, self.key, self.close_timeout_s = logger, key, close_timeout_s
+    def __init__(self, logger: Logger, *, key: str, close_timeout_s: float, stop_timeout_s: float = 2.0) -> None:
+        self.logger, self.key = logger, key
+        self.close_timeout_s, self.stop_timeout_s = close_timeout_s, stop_timeout_s
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._state_path: Path | None = None
-        self._delivered = {"train": 0, "validation": 0}
+        self._delivered = {kind: 0 for kind in KINDS}
 
     # -- on the training loop's side (cheap: hand over and return) --------------------------------------------
     def on_start(self, run: RunView) -> None:
-        self._state_path = run.run_dir / STATE_DIRNAME / f"{self.logger.name}.json"
-        state = _read_state(self._state_path)
+        self._state_path = state_path(run.run_dir, self.logger.name, run.phase)
+        state = read_state(self._state_path)
         self._delivered = {kind: min(int(state.get("delivered", {}).get(kind, 0)), run.start_step)
                            if self.logger.can_rewind else int(state.get("delivered", {}).get(kind, 0))
-                           for kind in ("train", "validation")}
-        if self.logger.can_rewind:  # one rewind point for every tag: resend both kinds from the earlier one
-            low = min(self._delivered.values())
-            self._delivered = {kind: low for kind in self._delivered}
+                           for kind in KINDS}
+        if self.logger.can_rewind:  # one rewind point for every tag: resend the phase's kinds from the earliest
+            phase_kinds = ("train", "validation") if run.phase == "train" else ("test",)
+            low = min(self._delivered[kind] for kind in phase_kinds)
+            self._delivered.update({kind: low for kind in phase_kinds})
+        try:
+            stored = self.logger.stored_steps(run, state)
+        except Exception:  # unreadable files: trust the state file
+            log.exception("%s (%s): reading what it stored failed", self.key, self.logger.name)
+            stored = None
+        if stored is not None:
+            self._delivered.update({kind: step for kind, step in stored.items() if kind in self._delivered})
+        self._queue.put(("open", None))  # at once: opening a tracker takes seconds (imports, a store, a server)
         self._thread = threading.Thread(target=self._deliver, args=(run, state), daemon=True,
                                         name=f"hpctrain-logger-{self.logger.name}")
         self._thread.start()
@@ -120,11 +144,13 @@ class LoggerFeed:
         if self._thread is None:
             return
         self._queue.put(("end", end))
-        self._thread.join(self.close_timeout_s)
+        stopped = not end.finished and not end.error  # a requeue: SLURM's KillWait runs (config.py says more)
+        key, timeout = (("logger_stop_timeout_s", self.stop_timeout_s) if stopped
+                        else ("logger_close_timeout_s", self.close_timeout_s))
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("%s (%s): still busy after callbacks.logger_close_timeout_s=%g s; training ends without "
-                        "waiting (undelivered rows are sent by the next start of this run)", self.key,
-                        self.logger.name, self.close_timeout_s)
+            log.warning("%s (%s): still busy after callbacks.%s=%g s; training ends without waiting (undelivered "
+                        "rows are sent by the next start of this run)", self.key, self.logger.name, key, timeout)
 
     # -- in the logger's thread ------------------------------------------------------------------------------
     def _deliver(self, run: RunView, state: dict[str, Any]) -> None:
@@ -143,9 +169,8 @@ class LoggerFeed:
                     state = {**state, **self.logger.open(run, state, rewind_to=rewind_to)}
                     opened = True
                     remote = self.logger.delivered_steps()
-                    if remote:  # the tracker holds more than the state file says: a kill came before the write
-                        self._delivered = {kind: max(self._delivered[kind], remote.get(kind, 0))
-                                           for kind in self._delivered}
+                    if remote is not None:  # the tracker's own record beats the state file (see delivered_steps)
+                        self._delivered = {kind: remote.get(kind, self._delivered[kind]) for kind in self._delivered}
                     pending = [row for row in pending if row.step > self._delivered[row.kind]]
                     self._write_state(state)
                 if pending:
@@ -183,7 +208,46 @@ class LoggerFeed:
         os.replace(temporary, self._state_path)
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def state_path(run_dir: Path, name: str, phase: str = "train") -> Path:
+    """RUN_DIR/loggers/<name>.json for training, <name>.<phase with / as .>.json for a test phase."""
+    suffix = "" if phase == "train" else "." + phase.replace("/", ".")
+    return Path(run_dir) / STATE_DIRNAME / f"{name}{suffix}.json"
+
+
+def display_name(run: RunView, name: str | None = None) -> str:
+    """A logger run's name: the run's (or the logger's `run_name`), with the phase for a test phase."""
+    base = name or run.run_name
+    return base if run.phase == "train" else f"{base}/{run.phase}"
+
+
+def run_tags(run: RunView) -> dict[str, str]:
+    """Tags of a logger run: the run's name, its phase, and for a sweep point its sweep (the directory of the
+    sweep, the parent of the point's run directory), the point (its directory's name: its overrides) and Hydra's
+    job number of the point."""
+    tags = {"hpctrain.run_name": run.run_name, "hpctrain.phase": run.phase}
+    run_dir = Path(run.run_dir)
+    if (run_dir.parent / "multirun.yaml").exists():
+        tags.update({"hpctrain.sweep": str(run_dir.parent), "hpctrain.sweep_point": run_dir.name})
+        try:
+            from omegaconf import OmegaConf
+
+            tags["hpctrain.sweep_job_num"] = str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.num)
+        except Exception:  # no Hydra record of the point (a hand-made sweep directory): the point's name says it
+            pass
+    return tags
+
+
+def short_tags(tags: dict[str, str]) -> list[str]:
+    """`run_tags` as short labels (W&B allows 64 characters): the phase, and a sweep point's sweep (its directory's
+    name) and job number."""
+    short = [f"phase={tags['hpctrain.phase']}"]
+    if "hpctrain.sweep" in tags:
+        short += [f"sweep={Path(tags['hpctrain.sweep']).name}",
+                  f"sweep_job_num={tags.get('hpctrain.sweep_job_num', tags['hpctrain.sweep_point'])}"]
+    return [tag[:64] for tag in short]
+
+
+def read_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -191,6 +255,34 @@ def _read_state(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         log.warning("%s unreadable (%s): the logger starts a new run", path, error)
         return {}
+
+
+def log_test_phase(config: Config, run_dir: Path, test_file: Path) -> None:
+    """A test phase's means (hpctrain.test's file) to each of the run's loggers, as a logger run of its own: phase
+    `test/<file name>`, kept in `loggers/<name>.test.<file name>.json` (the same name again reopens that run and
+    logs nothing twice). A failing logger is logged, as in training; the test's result stands."""
+    import h5py
+
+    from hpctrain.components import build_loggers
+    from hpctrain.config import to_dict
+    from hpctrain.metrics import baseline_ratios
+
+    feeds = [feed for _, feed in build_loggers(config.callbacks)]
+    if not feeds:
+        return
+    with h5py.File(test_file, "r") as file:
+        means = {name: float(file[f"test/{name}"][()]) for name in file["test/per_sample"]}
+        step, checkpoint = int(file.attrs["checkpoint_step"]), Path(str(file.attrs["checkpoint"]))
+    values = {**means, **{f"loss/{name}": ratio for name, ratio in baseline_ratios(means["loss"], means).items()}}
+    run = RunView(run_dir=Path(run_dir), run_name=config.run_name, config=to_dict(config), start_step=0,
+                  parameter_groups=(), phase=f"test/{Path(test_file).stem}")
+    for feed in feeds:  # in parallel, each in its thread
+        feed.on_start(run)
+        feed.metrics_flushed([MetricsRow("test", step, values)])
+    end = EndView(run_dir=Path(run_dir), step=step, finished=True, stop_reason="test phase", best_step=step,
+                  best_loss=means["loss"], best_checkpoint=checkpoint)
+    for feed in feeds:
+        feed.on_end(end)
 
 
 def flat_config(config: Any, prefix: str = "") -> dict[str, str]:

@@ -10,18 +10,34 @@ step is in the metric history once.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from hpctrain.callbacks import EndView, RunView
-from hpctrain.loggers import Logger, flat_config
+from hpctrain.loggers import KINDS, Logger, display_name, flat_config, read_state, run_tags, state_path
 from hpctrain.metrics import MetricsRow
 
 # MLflow's limits: 1000 metrics and 100 params per log_batch call; metric keys of [\w\-. /].
 _METRICS_PER_CALL = 1000
 _PARAMS_PER_CALL = 100
 _PARAM_LENGTH = 6000
+
+
+def create_sqlite_store(path: Path) -> None:
+    """An SQLite store made whole or not at all: MLflow creates its tables in a series of migrations (seconds), and a
+    process stopped among them (a requeue) would leave a store that no later start can open. So a new one is made
+    under a temporary name and renamed into place."""
+    from mlflow import MlflowClient
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments()  # creates and migrates the tables
+    os.replace(temporary, path)
 
 
 def metric_key(kind: str, name: str) -> str:
@@ -45,6 +61,8 @@ class MLflowLogger(Logger):
         from mlflow.entities import Param
 
         uri = state.get("tracking_uri") or self.tracking_uri or f"sqlite:///{run.run_dir / 'mlflow.db'}"
+        if uri.startswith("sqlite:///"):
+            create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
         if state.get("run_id"):
             self.run_id = state["run_id"]
@@ -60,7 +78,10 @@ class MLflowLogger(Logger):
         else:
             experiment_id = experiment.experiment_id
         tags = {"hpctrain.run_dir": str(run.run_dir), **run_tags(run), **self.tags}
-        created = self.client.create_run(experiment_id, run_name=self.run_name or run.run_name, tags=tags)
+        training = read_state(state_path(run.run_dir, self.name)) if run.phase != "train" else {}
+        if training.get("run_id") and training.get("tracking_uri") == uri:  # a test phase, under its training run
+            tags["mlflow.parentRunId"] = training["run_id"]
+        created = self.client.create_run(experiment_id, run_name=display_name(run, self.run_name), tags=tags)
         self.run_id = created.info.run_id
         params = [Param(key[:250], value[:_PARAM_LENGTH]) for key, value in flat_config(dict(run.config)).items()]
         for start in range(0, len(params), _PARAMS_PER_CALL):
@@ -69,7 +90,7 @@ class MLflowLogger(Logger):
 
     def delivered_steps(self) -> dict[str, int]:
         steps = {}
-        for kind in ("train", "validation"):
+        for kind in KINDS:
             history = self.client.get_metric_history(self.run_id, metric_key(kind, "loss"))
             steps[kind] = max((point.step for point in history), default=0)
         return steps
@@ -95,11 +116,3 @@ class MLflowLogger(Logger):
         # A requeued or killed process leaves the run KILLED; its next start sets it RUNNING again.
         self.client.set_terminated(self.run_id, status="FINISHED" if end.finished else
                                    "FAILED" if end.error else "KILLED")
-
-
-def run_tags(run: RunView) -> dict[str, str]:
-    """A sweep point's tags: the sweep directory it belongs to (its run directory's parent)."""
-    tags = {"hpctrain.run_name": run.run_name}
-    if (Path(run.run_dir).parent / "multirun.yaml").exists():
-        tags["hpctrain.sweep"] = str(Path(run.run_dir).parent)
-    return tags

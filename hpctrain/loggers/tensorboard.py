@@ -1,4 +1,5 @@
-"""TensorBoard (`torch.utils.tensorboard`): event files in `RUN_DIR/tensorboard/`, one run per run directory.
+"""TensorBoard (`torch.utils.tensorboard`): event files in `RUN_DIR/tensorboard/`, one run per run directory (and
+one per test phase, in `tensorboard/test/<name>/`).
 
 A restart opens its writer with `purge_step`: TensorBoard's readers drop every event an earlier writer logged at
 that step or later, and the feed resends those rows from metrics.h5, so each step appears once.
@@ -29,6 +30,8 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = Path(self.log_dir) if self.log_dir else run.run_dir / "tensorboard"
+        if run.phase != "train":  # a test phase: a run of its own in TensorBoard, e.g. test/step_000000024
+            log_dir = log_dir / run.phase
         # purge_step: the first step whose earlier events readers discard (nothing to discard in a new run).
         purge = rewind_to + 1 if rewind_to is not None and state else None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge, flush_secs=self.flush_secs)
