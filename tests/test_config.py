@@ -168,9 +168,9 @@ def test_a_long_sweep_point_name_fits_a_file_name_and_stays_distinct() -> None:
     from hpctrain.config import sweep_point_dirname
     short = ["optim.lr=0.001", "model.width=8"]
     assert sweep_point_dirname(short) == "model.width=8,optim.lr=0.001"
-    long_a = [f"callbacks.user.{i}.some_long_option_name=value_{i}" for i in range(12)]
-    long_b = long_a[:-1] + ["callbacks.user.11.some_long_option_name=other"]
+    long_a = [f"model.block_{i}.some_long_option_name=value_{i}" for i in range(12)]
+    long_b = long_a[:-1] + ["model.block_11.some_long_option_name=other"]
     names = {sweep_point_dirname(long_a), sweep_point_dirname(long_b)}
     assert len(names) == 2 and all(len(name.encode()) <= 200 for name in names)
     assert sweep_point_dirname(list(reversed(long_a))) == sweep_point_dirname(long_a)  # the order does not matter
-    assert all(name.startswith("callbacks.user.0.some_long_option_name=value_0,") for name in names)
+    assert all(name.startswith("model.block_0.some_long_option_name=value_0,") for name in names)
