@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from hpctrain.breakdown import StepClock
 from hpctrain.callbacks import Callbacks, CheckpointView, EndView, EvaluationView, RunView, StepView, read_only
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.compile import compile_model
@@ -159,6 +160,8 @@ class Trainer:
                                              keep_steps=config.callbacks.checkpoint.keep_steps)
         self.state = TrainState()
         self.metrics: MetricsWriter | None = None
+        # Where each step's time goes, into rank 0's metrics rows (hpctrain.breakdown); marks only, no device sync.
+        self.clock = StepClock(self.device, enabled=dist.is_main)
         # What watches the run (the user's callbacks, the loggers): called with copies, never changing training.
         self.watchers = components.callbacks
         self.callbacks = Callbacks(components.callbacks, is_main=dist.is_main)
@@ -210,6 +213,7 @@ class Trainer:
         which DDP's gradient averaging divides out again), so the update equals that of one big batch, also for
         the shorter last step of an epoch.
         """
+        self.clock.step_started()
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
         record = self.record_train_samples
@@ -240,6 +244,7 @@ class Trainer:
                 sums[name] = sums[name] + contribution if name in sums else contribution
             if record and size:
                 recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
+        self.clock.backward_done()
 
         if self._scaling:
             for group in self.groups:
@@ -281,6 +286,7 @@ class Trainer:
                 self.grad_scaler.update()
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
+        self.clock.step_done()
         result = StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
                             grad_norm=grad_norm, num_samples=num_samples, nonfinite=nonfinite,
                             stop_requested=stop)
@@ -444,6 +450,7 @@ class Trainer:
             raise
         finally:
             stop_loader_workers()
+            self.clock.close()
             if self.metrics is not None:
                 self.metrics.close()  # its last flush hands the last rows to the loggers
             if self.plots is not None:
@@ -484,11 +491,14 @@ class Trainer:
                         disable=not (self.dist.is_main and trainer_cfg.progress_bar), dynamic_ncols=True,
                         mininterval=1.0 if sys.stderr.isatty() else 30.0)
         batches = None
+        self.clock.restart()
         while not self._limit_reached():
             step_started = time.perf_counter()  # throughput counts data loading, not evaluation or checkpoints
+            self.clock.data_started()
             if batches is None:
                 self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.train_loader)
+            self.clock.data_done()
             if self.freeze.enabled:
                 phase = self.freeze.phase(self.state.step)
                 if self.phase is None or phase.index != self.phase.index:
@@ -497,7 +507,7 @@ class Trainer:
             learning_rates = self._set_learning_rates()
             # The micro-batches are referenced by the step only: freed when it returns, their memory (likely still
             # in the CPU cache) takes the next step's.
-            result = self.train_step([next(batches) for _ in sizes], sizes,
+            result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
                                      num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
 
             self.state.step += 1
@@ -517,11 +527,13 @@ class Trainer:
 
             samples_per_second = result.num_samples / max(time.perf_counter() - step_started, 1e-9)
             if self.metrics is not None:
+                times, device_times = self.clock.row()
                 self.metrics.log_step(step=self.state.step, epoch=epoch, loss=result.loss,
                                       grad_norm=result.grad_norm, samples_per_second=samples_per_second,
                                       nonfinite=result.nonfinite, learning_rates=learning_rates,
                                       loss_components=result.loss_components,
-                                      max_memory_allocated=step_peak_memory(self.device))
+                                      max_memory_allocated=step_peak_memory(self.device), extra=times,
+                                      deferred=device_times)
                 if result.sample_index is not None:
                     self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
                                                    loss=result.sample_loss)
@@ -549,18 +561,28 @@ class Trainer:
                         f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
                         f"{self.checkpoints.directory}")
 
-            self._after_step(result)
+            after_step_started = time.perf_counter()
+            if self._after_step(result):  # an evaluation or a checkpoint: time between steps, no step's
+                self.clock.excluded(time.perf_counter() - after_step_started)
             if self.state.finished or result.stop_requested:
                 break
         progress.close()
 
-    def _after_step(self, result: StepResult) -> None:
-        """Evaluate, decide whether to stop, and checkpoint, in that order."""
+    def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
+        """The step's micro-batches from the loader, timed as the step's data wait."""
+        self.clock.data_started()
+        microbatches = [next(batches) for _ in range(count)]
+        self.clock.data_done()
+        return microbatches
+
+    def _after_step(self, result: StepResult) -> bool:
+        """Evaluate, decide whether to stop, and checkpoint, in that order; True if it evaluated or checkpointed."""
         checkpoint_cfg = self.config.callbacks.checkpoint
         step = self.state.step
         limit = self._limit_reached()
         improved = False
-        if step % self.config.trainer.val_every_steps == 0 or limit:
+        evaluated = step % self.config.trainer.val_every_steps == 0 or bool(limit)
+        if evaluated:
             with watchdog.paused("evaluation"):
                 evaluation = self.validate()
             per_sample = evaluation.per_sample
@@ -597,10 +619,12 @@ class Trainer:
             self.state.finished, self.state.stop_reason = True, limit
             if self.dist.is_main:
                 log.info("training finished at step %d: %s", step, limit)
-        if (limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
-                or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best)):
+        checkpointed = bool(limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
+                            or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best))
+        if checkpointed:
             with watchdog.paused("checkpoint"):
                 self.save_checkpoint()
             if self.callbacks.wants("on_checkpoint"):
                 self.callbacks.call("on_checkpoint", CheckpointView(
                     step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
+        return evaluated or checkpointed
