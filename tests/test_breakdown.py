@@ -5,6 +5,7 @@ inspect's lines: tests/test_train.py (test_an_untracked_norm_is_recorded_as_nan_
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import torch
 
 from hpctrain import breakdown
 from hpctrain.breakdown import Breakdown, StepClock, advice, format_breakdown, summarize
+from hpctrain.inspect import format_summary
+from hpctrain.inspect import summarize as summarize_run
+from hpctrain.metrics import MetricsWriter
 
 
 class ScriptedTime:
@@ -113,3 +117,15 @@ def test_format_breakdown_lines() -> None:
                         "optimizer 5%, bookkeeping 3%")
     assert lines[1] == "memory     RSS 1.00 GiB, GPU utilisation 71%"
     assert lines[2].startswith("advice     data 62% of step time: raise data.num_workers (now 0)")
+
+
+def test_inspect_reads_a_metrics_file_from_before_the_breakdown(tmp_path: Path) -> None:
+    writer = MetricsWriter(tmp_path / "metrics.h5", parameter_groups=["default"],
+                           validation_sample_index=np.arange(3), config_json="{}", task_name="toy", cursor=None)
+    for step in range(1, 4):
+        writer.log_step(step=step, epoch=0, loss=1.0, grad_norm=0.5, samples_per_second=10.0, nonfinite=False,
+                        learning_rates=[0.1])
+    writer.close()
+    summary = summarize_run(tmp_path)
+    assert summary["steps_logged"] == 3 and summary["breakdown"] is None
+    assert "time       " not in format_summary(summary)
