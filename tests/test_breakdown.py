@@ -69,7 +69,8 @@ def columns(step: list[float], data: list[float], forward_backward: list[float],
             ) -> dict[str, np.ndarray]:
     bookkeeping = [s - d - f - o for s, d, f, o in zip(step, data, forward_backward, optimizer)]
     return {"time_step": np.array(step), "time_data": np.array(data),
-            "time_forward_backward": np.array(forward_backward), "time_optimizer": np.array(optimizer), "time_bookkeeping": np.array(bookkeeping),
+            "time_forward_backward": np.array(forward_backward), "time_optimizer": np.array(optimizer),
+            "time_bookkeeping": np.array(bookkeeping),
             "rss": np.array([1.0, 2.0, 3.0 * 2**30, np.nan][:len(step)])}
 
 
