@@ -348,11 +348,12 @@ def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatch
 
 # -- the step time breakdown -----------------------------------------------------------------------------------
 def breakdown_on_off_seconds(config: Config, components: Components, steps: int, run_dir: Path
-                             ) -> tuple[np.ndarray, np.ndarray]:
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One run whose steps take turns with the breakdown (hpctrain.breakdown) on and off: the seconds of the
-    steps with it and of those without. Pairs a fraction of a second apart, which no drift of the machine tells
-    apart; the clock is switched between steps (the private `StepClock.enabled`), so a step's own loop work,
-    its reads and its marks all run with one setting."""
+    steps with it, of those without, and each step with it minus the mean of its two neighbours without (steps
+    a fraction of a second apart, which no drift of the machine tells apart, a linear one cancelled). The clock
+    is switched between steps (the private `StepClock.enabled`), so a step's own loop work, its reads and its
+    marks all run with one setting."""
     clocks = []
 
     def toggle() -> None:
@@ -362,7 +363,9 @@ def breakdown_on_off_seconds(config: Config, components: Components, steps: int,
                                       clocks.append(trainer.clock))
     # Step k (0-based) ran with the setting toggled k times: on for even k; durations[i] is step WARMUP_STEPS + i.
     on = (WARMUP_STEPS + np.arange(len(durations))) % 2 == 0
-    return durations[on], durations[~on]
+    inner = np.flatnonzero(on[1:-1]) + 1
+    paired = durations[inner] - (durations[inner - 1] + durations[inner + 1]) / 2
+    return durations[on], durations[~on], paired
 
 
 def clock_seconds_per_step(repeats: int = 20_000) -> float:
@@ -474,19 +477,23 @@ def bench_breakdown(config: Config, *, rounds: int, steps: int, tiny_steps: int,
             if tiny:
                 base = tiny_components(base, components)
             initial = copy.deepcopy(components.model.state_dict())
-            on, off = [], []
+            on, off, paired = [], [], []
             for index in range(rounds):
                 components.model.load_state_dict(initial)
-                with_it, without = breakdown_on_off_seconds(base, components, count,
-                                                            Path(directory) / f"{tiny}-{index}")
+                with_it, without, differences = breakdown_on_off_seconds(base, components, count,
+                                                                         Path(directory) / f"{tiny}-{index}")
                 on.append(float(np.median(with_it)))
                 off.append(float(np.median(without)))
+                paired.append(differences)
             label = "tiny model" if tiny else type(components.model).__name__
             print(ratio_line(f"step with the breakdown, {label}", on, off, "s/step", higher_is_better=False))
-            difference = [a - b for a, b in zip(on, off)]
-            print(f"  {'':<46} difference of the median steps: {statistics.median(difference) * 1e6:+.1f} us "
-                  f"({min(difference) * 1e6:+.1f} to {max(difference) * 1e6:+.1f}); the clock's own calls "
-                  f"{cost * 1e6:.1f} us per step = {cost / statistics.median(off):.2%} of the step")
+            step = statistics.median(off)
+            difference = np.concatenate(paired)
+            low, high = np.percentile(difference, [25, 75])
+            print(f"  {'':<46} per-step cost, median over {len(difference)} steps of a step with it minus its two "
+                  f"neighbours without: {np.median(difference) * 1e6:+.1f} us = {np.median(difference) / step:+.3%} "
+                  f"of the step (quartiles {low * 1e6:+.1f} to {high * 1e6:+.1f} us); the clock's own calls alone "
+                  f"{cost * 1e6:.1f} us = {cost / step:.3%}")
         base = step_config(config, profile_steps)
         components = build_components(base)
         lines = profiled_breakdown(base, components, profile_steps, Path(directory) / "profiled")

@@ -567,7 +567,6 @@ class Trainer:
         if checkpointed:
             with watchdog.paused("checkpoint"):
                 self.save_checkpoint()
-            if self.callbacks.wants("on_checkpoint"):  # no built-in observer watches checkpoints
-                self.callbacks.call("on_checkpoint", CheckpointView(
-                    step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
+            self.callbacks.call("on_checkpoint", CheckpointView(
+                step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
         return evaluated or checkpointed
