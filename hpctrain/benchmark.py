@@ -11,6 +11,9 @@ per-round ratios.
               (the difference is then the loop's bookkeeping alone), on the run's model and on a tiny model;
               then the two taking turns step by step (one hpctrain step, one raw step, ...), which a machine
               whose speed drifts between rounds cannot tell apart
+  breakdown   the step with the step time breakdown (hpctrain.breakdown) on vs off, taking turns step by step
+              in one run, on the run's model and on a tiny model; then the breakdown of the run's model next to
+              torch.profiler's view of the same steps
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
@@ -31,7 +34,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -42,6 +45,9 @@ from hpctrain.config import Config, ConfigError
 from hpctrain.data import BatchReader, DistributedBatchSampler
 from hpctrain.loader import make_loader
 from hpctrain.launch import compose_config, fail
+
+if TYPE_CHECKING:
+    from hpctrain.train import Trainer
 
 
 def ratio_line(label: str, ours: list[float], reference: list[float], unit: str, *, higher_is_better: bool) -> str:
@@ -179,11 +185,13 @@ def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str
 
 def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path,
                           between: Callable[[], None] | None = None,
-                          device: torch.device = torch.device("cpu")) -> np.ndarray:
+                          device: torch.device = torch.device("cpu"),
+                          built: Callable[[Trainer], None] | None = None) -> np.ndarray:
     """hpctrain's loop, the seconds of each step: from the end of one step to the end of the next, so each counts
     reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
     run's start and end (and no evaluation or checkpoint, which are configured away) are not timed. `between`, if
-    given, runs after each step, untimed (the next step's time starts when it returns)."""
+    given, runs after each step, untimed (the next step's time starts when it returns); `built`, if given,
+    receives the trainer before it starts."""
     from hpctrain.distributed import DistributedContext
     from hpctrain.train import Trainer
 
@@ -191,6 +199,8 @@ def hpctrain_loop_seconds(config: Config, components: Components, steps: int, ru
     run_dir.mkdir(parents=True)
     config = replace(config, trainer=replace(config.trainer, max_steps=steps))
     trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
+    if built is not None:
+        built(trainer)
     ends: list[float] = []
     resumes: list[float] = []
     step = trainer.train_step
@@ -264,19 +274,25 @@ def step_config(config: Config, steps: int) -> Config:
                    task=replace(config.task, plot=None))  # a plot process starting would share the CPU
 
 
+def tiny_components(base: Config, components: Components) -> Config:
+    """Swap the run's model and loss for the tiny ones (in `components`); returns the config that feeds it."""
+    sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]
+    width = int(np.prod(sample[base.task.inputs[0]].shape[1:]))
+    outputs = components.model(*model_inputs(sample, base.task.inputs))
+    components.model = TinyModel(width, outputs.shape[-1])
+    base = replace(base, task=replace(base.task, inputs=base.task.inputs[:1]))
+    target = next((name for name, value in sample.items() if name not in base.task.inputs
+                   and value.is_floating_point() and value.shape == outputs.shape), None)
+    if target is not None:
+        components.loss = TinyLoss(target)
+    return base
+
+
 def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
     base = step_config(config, steps)
     components = build_components(base)
     if tiny:
-        sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]
-        width = int(np.prod(sample[base.task.inputs[0]].shape[1:]))
-        outputs = components.model(*model_inputs(sample, base.task.inputs))
-        components.model = TinyModel(width, outputs.shape[-1])
-        base = replace(base, task=replace(base.task, inputs=base.task.inputs[:1]))
-        target = next((name for name, value in sample.items() if name not in base.task.inputs
-                       and value.is_floating_point() and value.shape == outputs.shape), None)
-        if target is not None:
-            components.loss = TinyLoss(target)
+        base = tiny_components(base, components)
     initial = copy.deepcopy(components.model.state_dict())
     reader = BatchReader(components.split.train_dataset, transforms=components.transforms, seed=base.seed)
     sampler = DistributedBatchSampler(components.split.train_indices, micro_batch_size=base.trainer.micro_batch_size,
@@ -330,6 +346,162 @@ def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatch
                 return
 
 
+# -- the step time breakdown -----------------------------------------------------------------------------------
+def breakdown_on_off_seconds(config: Config, components: Components, steps: int, run_dir: Path
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One run whose steps take turns with the breakdown (hpctrain.breakdown) on and off: the seconds of the
+    steps with it, of those without, and each step with it minus the mean of its two neighbours without (steps
+    a fraction of a second apart, which no drift of the machine tells apart, a linear one cancelled). The clock
+    is switched between steps (the private `StepClock.enabled`), so a step's own loop work, its reads and its
+    marks all run with one setting."""
+    clocks = []
+
+    def toggle() -> None:
+        clocks[0].enabled = not clocks[0].enabled
+
+    durations = hpctrain_loop_seconds(config, components, steps, run_dir, between=toggle, built=lambda trainer:
+                                      clocks.append(trainer.clock))
+    # Step k (0-based) ran with the setting toggled k times: on for even k; durations[i] is step WARMUP_STEPS + i.
+    on = (WARMUP_STEPS + np.arange(len(durations))) % 2 == 0
+    inner = np.flatnonzero(on[1:-1]) + 1
+    paired = durations[inner] - (durations[inner - 1] + durations[inner + 1]) / 2
+    return durations[on], durations[~on], paired
+
+
+def clock_seconds_per_step(repeats: int = 20_000) -> float:
+    """The breakdown's own calls for one step (its marks and its row) on this machine, in a loop of their own."""
+    from hpctrain.breakdown import StepClock
+
+    clock = StepClock(torch.device("cpu"), enabled=True)
+    clock.restart()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        clock.data_started()
+        clock.data_done()
+        clock.step_started()
+        clock.backward_done()
+        clock.step_done()
+        clock.row()
+    seconds = (time.perf_counter() - started) / repeats
+    clock.close()
+    return seconds
+
+
+def profiled_breakdown(config: Config, components: Components, steps: int, run_dir: Path) -> list[str]:
+    """The breakdown of `steps` steps next to torch.profiler's view of the same steps: each step is a profiler
+    range from one metrics row to the next (the breakdown's time_step), the model's forward start an instant range
+    (a forward pre-hook); the profiler's forward+backward runs from there to the end of the step's last autograd
+    event, its optimizer from there to the end of the last optimizer range (zero_grad), and the rest is the data
+    wait plus the loop's bookkeeping. Means over the steps after the warm-up."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    from hpctrain.metrics import METRICS_FILENAME, open_for_reading
+
+    ranges: list[record_function] = []
+    trainers: list[Trainer] = []
+
+    def next_range() -> None:
+        started = time.perf_counter()
+        if ranges:
+            ranges[-1].__exit__(None, None, None)
+        ranges.append(record_function("hpctrain.benchmark step"))
+        ranges[-1].__enter__()
+        if trainers:  # the profiler's range switch is no step's time (the profiler's ranges leave it out too)
+            trainers[0].clock.excluded(time.perf_counter() - started)
+
+    def built(trainer: Trainer) -> None:
+        trainers.append(trainer)
+        row = trainer.clock.row
+
+        def row_after_a_range() -> tuple[dict[str, float], Callable[[], dict[str, float]] | None]:
+            next_range()
+            return row()
+
+        trainer.clock.row = row_after_a_range  # type: ignore[method-assign]
+        next_range()
+
+    def forward_started(module: nn.Module, inputs: object) -> None:
+        with record_function("hpctrain.benchmark forward"):
+            pass
+
+    hook = components.model.register_forward_pre_hook(forward_started)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            hpctrain_loop_seconds(config, components, steps, run_dir, built=built)
+            ranges[-1].__exit__(None, None, None)
+    finally:
+        hook.remove()
+    events = profiler.events()
+    spans = sorted((event for event in events if event.name == "hpctrain.benchmark step"),
+                   key=lambda event: event.time_range.start)[:steps]  # step k's range ends when step k does
+    forwards = sorted(event.time_range.start for event in events if event.name == "hpctrain.benchmark forward")
+    backward_ends = sorted(event.time_range.end for event in events
+                           if event.name.startswith("autograd::engine::evaluate_function"))
+    optimizer_ends = sorted(event.time_range.end for event in events if event.name.startswith("Optimizer."))
+    profiled = {"data+bookkeeping": [], "forward+backward": [], "optimizer": [], "step": []}
+    for span in spans[WARMUP_STEPS:]:
+        start, end = span.time_range.start, span.time_range.end
+        forward = next(t for t in forwards if start <= t <= end)
+        backward_end = max(t for t in backward_ends if forward <= t <= end)
+        optimizer_end = max(t for t in optimizer_ends if backward_end <= t <= end)
+        profiled["data+bookkeeping"].append((forward - start) + (end - optimizer_end))
+        profiled["forward+backward"].append(backward_end - forward)
+        profiled["optimizer"].append(optimizer_end - backward_end)
+        profiled["step"].append(end - start)
+    optimizer_calls = [event.cpu_time_total for event in events if event.name.startswith("Optimizer.step#")]
+    with open_for_reading(run_dir / METRICS_FILENAME) as file:
+        train = {name: file[f"train/{name}"][WARMUP_STEPS:steps] for name in
+                 ("time_step", "time_data", "time_bookkeeping", "time_forward_backward", "time_optimizer")}
+    ours = {"data+bookkeeping": train["time_data"] + train["time_bookkeeping"],
+            "forward+backward": train["time_forward_backward"], "optimizer": train["time_optimizer"],
+            "step": train["time_step"]}
+    lines = [f"  {'part (mean per step)':<24} {'breakdown':>12} {'profiler':>12}  ratio"]
+    for part in ("data+bookkeeping", "forward+backward", "optimizer", "step"):
+        mine, theirs = float(np.mean(ours[part])) * 1e3, float(np.mean(profiled[part])) / 1e3
+        lines.append(f"  {part:<24} {mine:9.3f} ms {theirs:9.3f} ms  {mine / theirs:.3f}")
+    lines.append(f"  (the profiler's Optimizer.step ranges alone: {np.mean(optimizer_calls[WARMUP_STEPS:]) / 1e3:.3f} "
+                 f"ms per step)")
+    return lines
+
+
+def bench_breakdown(config: Config, *, rounds: int, steps: int, tiny_steps: int, profile_steps: int) -> None:
+    """What recording the step time breakdown costs (on vs off, taking turns step by step, on the run's model
+    and the tiny one), and the breakdown next to torch.profiler's view of the same steps."""
+    print(f"breakdown: {rounds} rounds; the step with the time breakdown on vs off, taking turns step by step")
+    cost = clock_seconds_per_step()
+    with tempfile.TemporaryDirectory() as directory, _quiet():
+        for tiny, count in ((False, steps), (True, tiny_steps)):
+            base = step_config(config, count)
+            components = build_components(base)
+            if tiny:
+                base = tiny_components(base, components)
+            initial = copy.deepcopy(components.model.state_dict())
+            on, off, paired = [], [], []
+            for index in range(rounds):
+                components.model.load_state_dict(initial)
+                with_it, without, differences = breakdown_on_off_seconds(base, components, count,
+                                                                         Path(directory) / f"{tiny}-{index}")
+                on.append(float(np.median(with_it)))
+                off.append(float(np.median(without)))
+                paired.append(differences)
+            label = "tiny model" if tiny else type(components.model).__name__
+            print(ratio_line(f"step with the breakdown, {label}", on, off, "s/step", higher_is_better=False))
+            step = statistics.median(off)
+            difference = np.concatenate(paired)
+            low, high = np.percentile(difference, [25, 75])
+            print(f"  {'':<46} per-step cost, median over {len(difference)} steps of a step with it minus its two "
+                  f"neighbours without: {np.median(difference) * 1e6:+.1f} us = {np.median(difference) / step:+.3%} "
+                  f"of the step (quartiles {low * 1e6:+.1f} to {high * 1e6:+.1f} us); the clock's own calls alone "
+                  f"{cost * 1e6:.1f} us = {cost / step:.3%}")
+        base = step_config(config, profile_steps)
+        components = build_components(base)
+        lines = profiled_breakdown(base, components, profile_steps, Path(directory) / "profiled")
+    print(f"breakdown vs torch.profiler, {profile_steps - WARMUP_STEPS} steps of "
+          f"{type(components.model).__name__} (the profiler's own overhead slows the op-heavy parts)")
+    print("\n".join(lines))
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
     from hpctrain.checkpoint import CheckpointManager
@@ -364,7 +536,8 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=["loader", "step", "checkpoint", "all"])
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=["loader", "step", "breakdown", "checkpoint", "all"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hpctrain.launch")
     parser.add_argument("--config-dir", "-cd", help="your own config directory (as Hydra's --config-dir)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison")
@@ -375,10 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transform-repeats", type=int, default=0,
                         help="add a CPU-costly transform to the loader: N FFT round trips per sample")
     parser.add_argument("--checkpoint-mb", type=int, default=62, help="size of the checkpointed state")
+    parser.add_argument("--profile-steps", type=int, default=20,
+                        help="training steps profiled to compare the step time breakdown with torch.profiler's")
     args = parser.parse_intermixed_args(argv)
-    if args.what in ("step", "all") and min(args.steps, args.tiny_steps) <= WARMUP_STEPS:
+    if args.what in ("step", "breakdown", "all") and min(args.steps, args.tiny_steps) <= WARMUP_STEPS:
         parser.error(f"--steps and --tiny-steps must be > {WARMUP_STEPS} (the untimed warm-up steps), got "
                      f"{args.steps} and {args.tiny_steps}")
+    if args.what in ("breakdown", "all") and min(args.steps, args.tiny_steps, args.profile_steps) <= WARMUP_STEPS + 1:
+        parser.error(f"breakdown: --steps, --tiny-steps and --profile-steps must be > {WARMUP_STEPS + 1} (the "
+                     f"untimed warm-up steps, then a step with and one without the breakdown)")
     try:
         config = compose_config(args.overrides, config_dir=args.config_dir)
         components = check_run_inputs(config, prepare=True) if args.what != "checkpoint" else None
@@ -394,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
               f"reading them through hpctrain's loader (0 workers)")
         bench_step(config, rounds=args.rounds, steps=args.steps, tiny=False)
         bench_step(config, rounds=args.rounds, steps=args.tiny_steps, tiny=True)
+    if args.what in ("breakdown", "all"):
+        bench_breakdown(config, rounds=args.rounds, steps=args.steps, tiny_steps=args.tiny_steps,
+                        profile_steps=args.profile_steps)
     if args.what in ("checkpoint", "all"):
         bench_checkpoint(rounds=args.rounds, megabytes=args.checkpoint_mb)
     return 0

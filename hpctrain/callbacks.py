@@ -1,5 +1,6 @@
 """What watches a run: the observer interface (`Callback`), the read-only views its hooks receive, and
-`Callbacks`, which calls a list of them from the training loop.
+`Callbacks`, which calls a list of them from the training loop: hpctrain's own observers first (the metrics
+writer, the plots, the progress bar: hpctrain.observers), then the user's callbacks and the loggers.
 
 A callback is any object with some of the hooks below (all optional), built from a `_target_` node of
 `callbacks.user` (the user's own) or `callbacks.loggers` (hpctrain.loggers, built on the same interface):
@@ -118,9 +119,12 @@ class _RandomStates:
 
 
 class Callbacks:
-    """Calls each hook of a list of callbacks, isolated from the loop (see the module docstring)."""
+    """Calls each hook of a list of callbacks, isolated from the loop (see the module docstring), and of the
+    built-in observers (`builtin`, hpctrain.observers), which get the loop's event itself, first (on_start: last),
+    and are not isolated: an error in one is training's. An event with a `view()` method gives the read-only view
+    the user's callbacks receive; another event is the view itself."""
 
-    def __init__(self, callbacks: Sequence[tuple[str, Any]], *, is_main: bool) -> None:
+    def __init__(self, callbacks: Sequence[tuple[str, Any]], *, is_main: bool, builtin: Sequence[Any] = ()) -> None:
         # (config key, callback) of those that run on this rank, each with the hooks it has.
         self._hooks: dict[str, list[tuple[str, Any]]] = {hook: [] for hook in HOOKS}
         for key, callback in callbacks:
@@ -129,14 +133,35 @@ class Callbacks:
             for hook in HOOKS:
                 if callable(getattr(callback, hook, None)):
                     self._hooks[hook].append((key, callback))
+        self.builtin = list(builtin)
+        self._builtin_hooks = {hook: [getattr(observer, hook) for observer in self.builtin
+                                      if callable(getattr(observer, hook, None))] for hook in HOOKS}
         self._failed: set[int] = set()
         self._random_states = _RandomStates()
         self.active = any(self._hooks.values())
 
     def wants(self, hook: str) -> bool:
+        """Whether a user's callback or a logger has this hook."""
         return bool(self._hooks[hook])
 
-    def call(self, hook: str, view: Any) -> None:
+    def call(self, hook: str, event: Any) -> None:
+        if hook != "on_start":
+            for method in self._builtin_hooks[hook]:
+                method(event)
+        if self._hooks[hook]:
+            self._call_isolated(hook, event.view() if hasattr(event, "view") else event)
+        if hook == "on_start":  # after the loggers' on_start, which reads the state their catch-up starts from
+            for method in self._builtin_hooks[hook]:
+                method(event)
+
+    def close(self) -> None:
+        """End the built-in observers' work (the last metrics flush, the plot process), in their order."""
+        for observer in self.builtin:
+            close = getattr(observer, "close", None)
+            if callable(close):
+                close()
+
+    def _call_isolated(self, hook: str, view: Any) -> None:
         for key, callback in self._hooks[hook]:
             if id(callback) in self._failed:
                 continue

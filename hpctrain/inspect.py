@@ -2,9 +2,10 @@
 directory, one line per point (state, SLURM job, steps, best validation loss); given a tune directory
 (hpctrain.tune), the study: its best trial, the trials by state, and Optuna's plots written to TUNE_DIR/plots/.
 
-Prints steps done, the latest metrics, the best evaluation (by the run's callbacks.monitor: the validation loss
-unless it names a metric, min or max), the checkpoints, and the SHA-256 digest of the newest checkpoint's model
-weights: two runs with equal digests have bitwise-equal weights.
+Prints steps done, the latest metrics, where the step time goes (data, forward+backward, optimizer, bookkeeping;
+memory) with advice, the best evaluation (by the run's callbacks.monitor: the validation loss unless it names a
+metric, min or max), the checkpoints, and the SHA-256 digest of the newest checkpoint's model weights: two runs
+with equal digests have bitwise-equal weights.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hpctrain import breakdown
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
 from hpctrain.config import ConfigError
 from hpctrain.history import attempts, format_history, read as read_history
@@ -42,6 +45,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                     "lr": [float(v) for v in file["train/lr"][last]],
                 }
                 summary["nonfinite_steps"] = int(file["train/nonfinite"][()].sum())
+                summary["breakdown"] = _breakdown(file)
             summary["task"] = str(file.attrs.get("task", ""))
             validation_loss = file["validation/loss"][()] if "validation/loss" in file else []
             if len(validation_loss):
@@ -74,6 +78,23 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _breakdown(file: Any) -> dict[str, Any] | None:
+    """Where the latest steps' time went, and the advice it gives (None: a metrics.h5 from before the breakdown)."""
+    train = file["train"]
+    first = max(0, train["step"].shape[0] - breakdown.SUMMARY_ROWS - 1)
+    names = ["time_step", *breakdown.PARTS, "rss", "max_memory_allocated", "gpu_utilization"]
+    found = breakdown.summarize({name: train[name][first:] for name in names if name in train})
+    if found is None:
+        return None
+    try:
+        config = json.loads(file["config"][()])
+        settings = {"num_workers": int(config["data"]["num_workers"]),
+                    "flush_every_seconds": float(config["callbacks"]["metrics"]["flush_every_seconds"])}
+    except (KeyError, TypeError, ValueError):
+        settings = {}
+    return {**asdict(found), "advice": breakdown.advice(found, **settings)}
+
+
 def _monitor(file: Any) -> tuple[str, str]:
     """The run's callbacks.monitor (metric, mode) from the config metrics.h5 holds; a run from before it: loss."""
     try:
@@ -97,6 +118,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"lr {lr}, {latest['samples_per_second']:.0f} samples/s")
         if summary.get("nonfinite_steps"):
             lines.append(f"nonfinite  {summary['nonfinite_steps']} steps skipped (NaN/Inf)")
+        if summary.get("breakdown"):
+            found = dict(summary["breakdown"])
+            advice = found.pop("advice")
+            lines += breakdown.format_breakdown(breakdown.Breakdown(**found), advice)
     if "best_validation" in summary:
         best, latest_validation = summary["best_validation"], summary["latest_validation"]
         monitor = best.get("monitor", {"metric": "loss", "mode": "min", "value": best["loss"]})

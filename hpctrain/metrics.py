@@ -12,6 +12,11 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
   /train/max_memory_allocated (n,) on a GPU only: the most memory (bytes) rank 0's tensors held since the previous
                                  step's row (torch.cuda.max_memory_allocated, reset at every step; the evaluation
                                  or checkpoint between two steps counts for the next); absent on a CPU
+  /train/time_step, time_data, time_forward_backward, time_optimizer, time_bookkeeping (n,)  where the step's
+                                 time went, in seconds; /train/rss (n,) resident bytes; /train/gpu_utilization
+                                 (n,) percent, on a GPU with NVML (hpctrain.breakdown says what each counts).
+                                 A file from before them lacks them; rows from before a restart that added them
+                                 are NaN
   /train/lr            (n, g)    learning rate of each parameter group (attr `parameter_groups`)
   /train/nonfinite     (n,)      1 where the step was skipped because loss or gradient was NaN/Inf
   /validation/step     (m,)      step after which each evaluation ran
@@ -36,7 +41,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import h5py
 import numpy as np
@@ -85,6 +90,8 @@ class MetricsWriter:
         self._train_buffer: list[dict[str, float]] = []
         self._sample_buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._lr_buffer: list[Sequence[float]] = []
+        # (row in _train_buffer, callable giving more of its columns): GPU times, read at the flush (breakdown.py)
+        self._deferred: list[tuple[int, Callable[[], Mapping[str, float]]]] = []
         self._validation_buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._num_validation_samples = len(validation_sample_index)
         self._open_datasets: dict[str, h5py.Dataset] = {}
@@ -159,12 +166,20 @@ class MetricsWriter:
     # -- writing ---------------------------------------------------------------------------------------------
     def log_step(self, *, step: int, epoch: int, loss: float, grad_norm: float, samples_per_second: float,
                  nonfinite: bool, learning_rates: Sequence[float],
-                 loss_components: dict[str, float] | None = None, max_memory_allocated: float = math.nan) -> None:
+                 loss_components: dict[str, float] | None = None, max_memory_allocated: float = math.nan,
+                 extra: Mapping[str, float] | None = None,
+                 deferred: Callable[[], Mapping[str, float]] | None = None) -> None:
+        """`extra`: more columns of the row (the step's time breakdown); `deferred`: a callable giving more columns,
+        called at the flush (GPU times that are ready by then without waiting on the device now)."""
         row = {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
                "samples_per_second": samples_per_second, "nonfinite": int(nonfinite)}
         if not math.isnan(max_memory_allocated):  # NaN: not on a GPU
             row["max_memory_allocated"] = max_memory_allocated
         row.update({f"loss.{name}": value for name, value in (loss_components or {}).items()})
+        if extra:
+            row.update(extra)
+        if deferred is not None:
+            self._deferred.append((len(self._train_buffer), deferred))
         self._train_buffer.append(row)
         self._lr_buffer.append(tuple(learning_rates))
 
@@ -196,6 +211,9 @@ class MetricsWriter:
         dataset[start:] = rows
 
     def flush(self) -> None:
+        for index, deferred in self._deferred:
+            self._train_buffer[index].update(deferred())
+        self._deferred.clear()
         rows = self._listener_rows() if self.listeners else []
         if self._train_buffer:
             offset = self.file["train/step"].shape[0]

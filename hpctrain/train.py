@@ -11,31 +11,31 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from hpctrain.callbacks import Callbacks, CheckpointView, EndView, EvaluationView, RunView, StepView, read_only
+from hpctrain.breakdown import StepClock
+from hpctrain.callbacks import Callbacks, CheckpointView, RunView
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.compile import compile_model
 from hpctrain.components import Batch, Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError, to_dict, to_json
 from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
 from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
-from hpctrain.distributed import DistributedContext, available_cpus, step_peak_memory
-from hpctrain.evaluate import Evaluation, Evaluator, PlotWorker, autocast_for
+from hpctrain.distributed import DistributedContext, available_cpus
+from hpctrain.evaluate import Evaluation, Evaluator, autocast_for
 from hpctrain.fine_tune import initialise_from
 from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
-from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
+from hpctrain.metrics import MetricsCursor
+from hpctrain.observers import EvaluationEnded, MetricsRecorder, RunEnded, StepEnded, build_observers
 from hpctrain import watchdog
 from hpctrain.optim import build_parameter_groups
 from hpctrain.resume_check import check_checkpoint_fits
@@ -156,16 +156,18 @@ class Trainer:
                                    device=self.device, autocast=self._autocast, gather=config.task.gather,
                                    on_cpu=config.task.evaluate_on_cpu,
                                    device_transforms=components.device_transforms, seed=config.seed)
-        # The task's plot hook, for rank 0, drawn in a process of its own (started in fit).
-        self.plot = components.plot if dist.is_main else None
-        self.plots: PlotWorker | None = None
+        self.plot = components.plot  # the task's plot hook (rank 0 draws it: hpctrain.observers.TaskPlots)
         self.checkpoints = CheckpointManager(run_dir, keep_last=config.callbacks.checkpoint.keep_last,
                                              keep_steps=config.callbacks.checkpoint.keep_steps)
         self.state = TrainState()
-        self.metrics: MetricsWriter | None = None
-        # What watches the run (the user's callbacks, the loggers): called with copies, never changing training.
+        # Where each step's time goes, into rank 0's metrics rows (hpctrain.breakdown); marks only, no device sync.
+        self.clock = StepClock(self.device, enabled=dist.is_main)
+        # What watches the run, built by fit once it knows where it resumes (hpctrain.observers): the metrics
+        # recorder (rank 0; its flush and cursor are part of the checkpoint protocol), the plots, the progress bar,
+        # then the user's callbacks and the loggers (`watchers`: called with copies, never changing training).
+        self.metrics: MetricsRecorder | None = None
         self.watchers = components.callbacks
-        self.callbacks = Callbacks(components.callbacks, is_main=dist.is_main)
+        self.callbacks = Callbacks((), is_main=dist.is_main)  # nothing watches before fit
         log.info("rank %d: %d training / %d validation samples, global batch %d (%d x %d micro-batches x %d "
                  "ranks), %d steps per epoch, %d loader workers, %d threads", dist.rank, len(split.train_indices),
                  len(split.val_indices), self.sampler.global_batch_size, trainer_cfg.micro_batch_size,
@@ -214,6 +216,7 @@ class Trainer:
         which DDP's gradient averaging divides out again), so the update equals that of one big batch, also for
         the shorter last step of an epoch.
         """
+        self.clock.step_started()
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
         record = self.record_train_samples
@@ -244,6 +247,7 @@ class Trainer:
                 sums[name] = sums[name] + contribution if name in sums else contribution
             if record and size:
                 recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
+        self.clock.backward_done()
 
         if self._scaling:
             for group in self.groups:
@@ -285,6 +289,7 @@ class Trainer:
                 self.grad_scaler.update()
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
+        self.clock.step_done()
         result = StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
                             grad_norm=grad_norm, num_samples=num_samples, nonfinite=nonfinite,
                             stop_requested=stop)
@@ -428,18 +433,17 @@ class Trainer:
                      self.state.stop_reason)
             return self.state
         self.state.finished, self.state.stop_reason = False, ""
-        if self.dist.is_main:
-            self.metrics = MetricsWriter(
-                self.run_dir / METRICS_FILENAME, parameter_groups=[group.name for group in self.groups],
-                validation_sample_index=self.split.val_indices, config_json=to_json(self.config),
-                task_name=self.config.task.name, cursor=cursor,
-                # global batches: optimizer steps per epoch, and validation batches of the whole set
-                batches_per_epoch=(self.sampler.steps_per_epoch, math.ceil(len(self.split.val_indices) / (
-                    self.config.data.val_batch_size or self.config.trainer.micro_batch_size))),
-                flush_every_s=self.config.callbacks.metrics.flush_every_seconds)
-        if self.plot is not None:
-            self.plots = PlotWorker(self.plot, self.run_dir / "plots")
-        self._start_watchers()
+        parameter_groups = tuple(group.name for group in self.groups)
+        self.metrics, builtin = build_observers(
+            self.config, run_dir=self.run_dir, is_main=self.dist.is_main, device=self.device, clock=self.clock,
+            cursor=cursor, start_step=self.state.step, parameter_groups=parameter_groups,
+            validation_sample_index=self.split.val_indices, steps_per_epoch=self.sampler.steps_per_epoch,
+            plot=self.plot, watchers=self.watchers)
+        self.callbacks = Callbacks(self.watchers, is_main=self.dist.is_main, builtin=builtin)
+        self.callbacks.call("on_start", RunView(
+            run_dir=self.run_dir, run_name=self.config.run_name, config=to_dict(self.config),
+            start_step=self.state.step, parameter_groups=parameter_groups, rank=self.dist.rank,
+            world_size=self.dist.world_size))
         error = ""
         try:
             with watchdog.stepping():
@@ -449,51 +453,28 @@ class Trainer:
             raise
         finally:
             stop_loader_workers()
-            if self.metrics is not None:
-                self.metrics.close()  # its last flush hands the last rows to the loggers
-            if self.plots is not None:
-                self.plots.close()
+            self.clock.close()
+            self.callbacks.close()  # the metrics writer's last flush (its last rows to the loggers), the plot process
             # The run (or a preemption's requeue) ends only once its last checkpoint is complete.
             self.checkpoints.close()
-            plots = []
-            if not error and self.dist.is_main and self.state.finished and self.config.callbacks.metrics.plots:
-                plots = plot_run(self.run_dir)
-            if self.callbacks.active:
-                self.callbacks.call("on_end", self._end_view(plots, error))
+            best = self.checkpoints.path_of(self.state.best_step) if self.state.best_step else None
+            self.callbacks.call("on_end", RunEnded(
+                run_dir=self.run_dir, step=self.state.step, finished=self.state.finished,
+                stop_reason=self.state.stop_reason, best_step=self.state.best_step, best_loss=self.state.best_loss,
+                best_checkpoint=best if best and best.exists() else None, error=error))
         return self.state
-
-    def _start_watchers(self) -> None:
-        if not self.callbacks.active:
-            return
-        self.callbacks.call("on_start", RunView(
-            run_dir=self.run_dir, run_name=self.config.run_name, config=to_dict(self.config),
-            start_step=self.state.step, parameter_groups=tuple(group.name for group in self.groups),
-            rank=self.dist.rank, world_size=self.dist.world_size))
-        if self.metrics is not None:  # the loggers: fed by the metrics writer's flushes, from what it holds
-            for _, watcher in self.watchers:
-                if hasattr(watcher, "metrics_flushed"):
-                    watcher.metrics_attached(self.metrics)
-                    self.metrics.listeners.append(watcher)
-
-    def _end_view(self, plots: list[Path], error: str) -> EndView:
-        best = self.checkpoints.path_of(self.state.best_step) if self.state.best_step else None
-        task_plots = sorted((self.run_dir / "plots").glob("*.png")) if self.state.finished else []
-        return EndView(run_dir=self.run_dir, step=self.state.step, finished=self.state.finished,
-                       stop_reason=self.state.stop_reason, best_step=self.state.best_step,
-                       best_loss=self.state.best_loss, best_checkpoint=best if best and best.exists() else None,
-                       plots=tuple([*plots, *task_plots]), error=error)
 
     def _loop(self) -> None:
         trainer_cfg = self.config.trainer
-        progress = tqdm(total=trainer_cfg.max_steps, initial=self.state.step, desc="train", unit="step",
-                        disable=not (self.dist.is_main and trainer_cfg.progress_bar), dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
         batches = None
+        self.clock.restart()
         while not self._limit_reached():
             step_started = time.perf_counter()  # throughput counts data loading, not evaluation or checkpoints
+            self.clock.data_started()
             if batches is None:
                 self.sampler.set_position(self.state.epoch, self.state.step_in_epoch)
                 batches = iter(self.train_loader)
+            self.clock.data_done()
             if self.freeze.enabled:
                 phase = self.freeze.phase(self.state.step)
                 if self.phase is None or phase.index != self.phase.index:
@@ -502,7 +483,7 @@ class Trainer:
             learning_rates = self._set_learning_rates()
             # The micro-batches are referenced by the step only: freed when it returns, their memory (likely still
             # in the CPU cache) takes the next step's.
-            result = self.train_step([next(batches) for _ in sizes], sizes,
+            result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
                                      num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
 
             self.state.step += 1
@@ -521,25 +502,9 @@ class Trainer:
                 self.state.consecutive_nonfinite_steps = 0
 
             samples_per_second = result.num_samples / max(time.perf_counter() - step_started, 1e-9)
-            if self.metrics is not None:
-                self.metrics.log_step(step=self.state.step, epoch=epoch, loss=result.loss,
-                                      grad_norm=result.grad_norm, samples_per_second=samples_per_second,
-                                      nonfinite=result.nonfinite, learning_rates=learning_rates,
-                                      loss_components=result.loss_components,
-                                      max_memory_allocated=step_peak_memory(self.device))
-                if result.sample_index is not None:
-                    self.metrics.log_train_samples(step=self.state.step, index=result.sample_index,
-                                                   loss=result.sample_loss)
-                self.metrics.flush_if_due()
-            if self.callbacks.wants("on_step_end"):
-                self.callbacks.call("on_step_end", StepView(
-                    step=self.state.step, epoch=epoch, loss=result.loss,
-                    loss_components=dict(result.loss_components), learning_rates=tuple(learning_rates),
-                    grad_norm=result.grad_norm, samples_per_second=samples_per_second, nonfinite=result.nonfinite))
-            progress.update(1)
-            if not progress.disable:
-                progress.set_postfix(loss=f"{result.loss:.4g}", lr=f"{learning_rates[0]:.3g}",
-                                     samples_per_s=f"{samples_per_second:.0f}", refresh=False)
+            self.callbacks.call("on_step_end", StepEnded(step=self.state.step, epoch=epoch, result=result,
+                                                         learning_rates=learning_rates,
+                                                         samples_per_second=samples_per_second))
 
             if result.nonfinite:
                 log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d so far)",
@@ -554,18 +519,27 @@ class Trainer:
                         f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
                         f"{self.checkpoints.directory}")
 
-            self._after_step(result)
+            after_step_started = time.perf_counter()
+            if self._after_step(result):  # an evaluation or a checkpoint: time between steps, no step's
+                self.clock.excluded(time.perf_counter() - after_step_started)
             if self.state.finished or result.stop_requested:
                 break
-        progress.close()
 
-    def _after_step(self, result: StepResult) -> None:
-        """Evaluate, decide whether to stop, and checkpoint, in that order."""
+    def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
+        """The step's micro-batches from the loader, timed as the step's data wait."""
+        self.clock.data_started()
+        microbatches = [next(batches) for _ in range(count)]
+        self.clock.data_done()
+        return microbatches
+
+    def _after_step(self, result: StepResult) -> bool:
+        """Evaluate, decide whether to stop, and checkpoint, in that order; True if it evaluated or checkpointed."""
         checkpoint_cfg = self.config.callbacks.checkpoint
         step = self.state.step
         limit = self._limit_reached()
         improved = False
-        if step % self.config.trainer.val_every_steps == 0 or limit:
+        evaluated = step % self.config.trainer.val_every_steps == 0 or bool(limit)
+        if evaluated:
             with watchdog.paused("evaluation"):
                 evaluation = self.validate()
             per_sample = evaluation.per_sample
@@ -574,19 +548,6 @@ class Trainer:
             improved = self._update_early_stopping(means)
             for group in self.scheduled_groups:  # before the checkpoint below, which must hold the new state
                 group.after_evaluation(means)
-            if self.metrics is not None:
-                self.metrics.log_validation(step=step, per_sample=per_sample)
-                self.metrics.flush()
-            if self.callbacks.wants("on_validation_end"):
-                self.callbacks.call("on_validation_end", EvaluationView(
-                    step=step, means=means, per_sample={name: read_only(values) for name, values in
-                                                       per_sample.items()},
-                    sample_index=read_only(evaluation.sample_index), best_step=self.state.best_step,
-                    improved=improved))
-            if self.dist.is_main:
-                shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
-                log.info("step %d: validation %s (best %s %.5g at step %d)", step, shown,
-                         self.config.callbacks.monitor.metric, self.state.best_value, self.state.best_step)
             early_stopping = self.config.callbacks.early_stopping
             if (early_stopping.enabled
                     and self.state.evaluations_without_improvement >= early_stopping.patience):
@@ -598,19 +559,24 @@ class Trainer:
                     monitored = means[self.config.callbacks.monitor.metric]
                     reason = self.evaluation_stop(step, monitored) if self.dist.is_main else ""
                     limit = limit or self.dist.broadcast_object(reason)
-            every = self.config.callbacks.metrics.task_plot_every_evaluations
             evaluation.final = bool(limit)
-            if self.plots is not None and (evaluation.final or (every and step // self.config.trainer.val_every_steps
-                                                                % every == 0)):
-                self.plots.submit(evaluation)
+            # metrics.h5 (flushed), the task's plots, the user's callbacks and the loggers
+            self.callbacks.call("on_validation_end", EvaluationEnded(step=step, evaluation=evaluation, means=means,
+                                                                     best_step=self.state.best_step,
+                                                                     improved=improved))
+            if self.dist.is_main:
+                shown = ", ".join(f"{name} {value:.5g}" for name, value in means.items() if "." not in name)
+                log.info("step %d: validation %s (best %s %.5g at step %d)", step, shown,
+                         self.config.callbacks.monitor.metric, self.state.best_value, self.state.best_step)
         if limit:
             self.state.finished, self.state.stop_reason = True, limit
             if self.dist.is_main:
                 log.info("training finished at step %d: %s", step, limit)
-        if (limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
-                or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best)):
+        checkpointed = bool(limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
+                            or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best))
+        if checkpointed:
             with watchdog.paused("checkpoint"):
                 self.save_checkpoint()
-            if self.callbacks.wants("on_checkpoint"):
-                self.callbacks.call("on_checkpoint", CheckpointView(
-                    step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
+            self.callbacks.call("on_checkpoint", CheckpointView(
+                step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
+        return evaluated or checkpointed

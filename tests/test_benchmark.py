@@ -17,13 +17,15 @@ RATIO = r"\s+(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"
 @pytest.mark.slow
 def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
     command = [PYTHON, "-m", "hpctrain.benchmark", "all", *tiny_overrides(tiny_data), "--rounds", "2",
-               "--batches", "3", "--workers", "0,1", "--steps", "5", "--tiny-steps", "6", "--checkpoint-mb", "2"]
+               "--batches", "3", "--workers", "0,1", "--steps", "5", "--tiny-steps", "6", "--checkpoint-mb", "2",
+               "--profile-steps", "5"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for label in ("shuffle=samples, 0 workers", "shuffle=samples, 1 workers", "shuffle=blocks, 1 workers",
                   "step, DistopticaNet, raw loop batches in RAM", "step, DistopticaNet, raw loop reading the file",
-                  "step, tiny model, raw loop reading the file", "checkpoint stall (synchronous)",
+                  "step, tiny model, raw loop reading the file", "step with the breakdown, DistopticaNet",
+                  "step with the breakdown, tiny model", "checkpoint stall (synchronous)",
                   "checkpoint stall (asynchronous=true)"):
         match = re.search(re.escape(label) + RATIO, out)
         assert match, f"no ratio line for {label!r} in:\n{out}"
@@ -32,3 +34,7 @@ def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
     pairs = re.findall(r"taking turns step by step with the raw loop reading the file, (\d+) pairs: (\d+\.\d+)x", out)
     assert [int(count) for count, _ in pairs] == [2 * 5 - 3, 2 * 6 - 3]  # rounds x steps, less the warm-up steps
     assert all(float(ratio) > 0 for _, ratio in pairs)
+    profiled = re.findall(r"^  (data\+bookkeeping|forward\+backward|optimizer|step) +(\d+\.\d+) ms +(\d+\.\d+) ms", out,
+                          re.MULTILINE)
+    assert [part for part, _, _ in profiled] == ["data+bookkeeping", "forward+backward", "optimizer", "step"], out
+    assert all(float(ours) > 0 and float(theirs) > 0 for _, ours, theirs in profiled)

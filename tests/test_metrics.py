@@ -97,6 +97,35 @@ def test_resume_truncates_to_the_checkpoint_cursor(tmp_path: Path) -> None:
         assert file["validation/per_sample/epe"].shape == (1, 5) and file["validation/epe"].shape == (1,)
 
 
+def test_breakdown_columns_deferred_to_the_flush_reach_the_file_and_the_listeners_and_an_older_file_resumes(
+        tmp_path: Path) -> None:
+    """A file written before the breakdown (no time columns), resumed by a run that records it: the old rows read
+    NaN, the new ones their values; deferred columns (a GPU's event times) are asked for at the flush, once."""
+    metrics = writer(tmp_path / "metrics.h5")
+    log_steps(metrics, range(1, 4))
+    metrics.close()
+    metrics = writer(tmp_path / "metrics.h5", cursor=MetricsCursor(train_rows=3))
+    received: list = []
+    metrics.listeners.append(type("Listener", (), {"metrics_flushed": lambda self, rows: received.extend(rows)})())
+    asked: list[int] = []
+    for step in (4, 5):
+        metrics.log_step(step=step, epoch=0, loss=1.0, grad_norm=0.5, samples_per_second=1.0, nonfinite=False,
+                         learning_rates=[1e-3, 1e-4], extra={"time_step": 0.1 * step},
+                         deferred=lambda step=step: asked.append(step) or {"time_optimizer": 0.01 * step})
+    assert asked == []
+    metrics.flush()
+    metrics.flush()
+    assert asked == [4, 5]
+    metrics.close()
+    with open_for_reading(tmp_path / "metrics.h5") as file:
+        assert file["train/step"][()].tolist() == [1, 2, 3, 4, 5]
+        assert np.isnan(file["train/time_step"][:3]).all() and file["train/time_step"][3:].tolist() == [0.4, 0.5]
+        assert np.isnan(file["train/time_optimizer"][:3]).all()
+        assert file["train/time_optimizer"][3:].tolist() == [0.04, 0.05]
+    assert [(row.step, row.values["time_step"], row.values["time_optimizer"]) for row in received] == [
+        (4, 0.4, 0.04), (5, 0.5, 0.05)]
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, numpy as np
     from pathlib import Path

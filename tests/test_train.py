@@ -1,5 +1,5 @@
 """The training loop's policies: NaN/Inf steps, early stopping with the best checkpoint kept, parameter groups
-with their own schedules, frozen parameters, bf16 autocast on CPU."""
+with their own schedules, frozen parameters, bf16 autocast on CPU; the step time breakdown of a real run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from hpctrain import breakdown
 from hpctrain.components import build_components
 from hpctrain.config import OptimConfig, ScheduleConfig
 from hpctrain.distributed import DistributedContext
+from hpctrain.inspect import format_summary, summarize
 from hpctrain.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups, make_multiplier
 from hpctrain.train import NonFiniteLossError, Trainer
@@ -103,6 +105,14 @@ def test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update(tmp_path: Pa
             open_for_reading(tmp_path / "untracked" / "metrics.h5") as b:
         assert np.isfinite(a["train/grad_norm"][()]).all() and np.isnan(b["train/grad_norm"][()]).all()
         assert not b["train/nonfinite"][()].any() and len(b["train/step"]) == 12
+        # Where the step time went (hpctrain.breakdown), a row per step; on a CPU the parts add up to the step.
+        times = {name: b[f"train/{name}"][()] for name in ("time_step", *breakdown.PARTS, "rss")}
+    assert all(len(values) == 12 and np.isfinite(values).all() for values in times.values())
+    assert (times["time_step"] > 0).all() and (times["rss"] > 0).all()
+    assert np.allclose(sum(times[part] for part in breakdown.PARTS), times["time_step"])
+    summary = summarize(tmp_path / "untracked")
+    assert summary["breakdown"]["steps"] == 11 and set(summary["breakdown"]["shares"]) == set(breakdown.PARTS)
+    assert "time       " in format_summary(summary) and "forward+backward" in format_summary(summary)
 
 
 def test_nonfinite_policy_stop_raises_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
