@@ -350,7 +350,7 @@ def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatch
 def breakdown_on_off_seconds(config: Config, components: Components, steps: int, run_dir: Path
                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One run whose steps take turns with the breakdown (hpctrain.breakdown) on and off: the seconds of the
-    steps with it, of those without, and each step with it minus the mean of its two neighbours without (steps
+    steps with it, of those without, and each step with it minus the mean of its neighbours without (steps
     a fraction of a second apart, which no drift of the machine tells apart, a linear one cancelled). The clock
     is switched between steps (the private `StepClock.enabled`), so a step's own loop work, its reads and its
     marks all run with one setting."""
@@ -363,9 +363,9 @@ def breakdown_on_off_seconds(config: Config, components: Components, steps: int,
                                       clocks.append(trainer.clock))
     # Step k (0-based) ran with the setting toggled k times: on for even k; durations[i] is step WARMUP_STEPS + i.
     on = (WARMUP_STEPS + np.arange(len(durations))) % 2 == 0
-    inner = np.flatnonzero(on[1:-1]) + 1
-    paired = durations[inner] - (durations[inner - 1] + durations[inner + 1]) / 2
-    return durations[on], durations[~on], paired
+    paired = [durations[i] - np.mean([durations[j] for j in (i - 1, i + 1) if 0 <= j < len(durations)])
+              for i in np.flatnonzero(on)]  # a step at either end has one neighbour
+    return durations[on], durations[~on], np.asarray(paired)
 
 
 def clock_seconds_per_step(repeats: int = 20_000) -> float:
