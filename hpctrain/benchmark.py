@@ -535,6 +535,9 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="all",
                         choices=["loader", "step", "breakdown", "checkpoint", "all"])

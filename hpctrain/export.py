@@ -135,6 +135,9 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     from hpctrain.launch import fail
 
     parser = argparse.ArgumentParser(prog="python -m hpctrain.export", description=(

@@ -294,6 +294,9 @@ def write_result(out: Path, result: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work directory (default "
                         "runs/gpu_check); the JSON of results is written there")

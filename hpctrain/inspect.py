@@ -169,6 +169,9 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -22,6 +22,7 @@ from multiprocessing.connection import wait
 from hpctrain.config import Config, ConfigError
 from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
                                   shutdown_distributed)
+from hpctrain.exit import skip_final_collection
 from hpctrain.seeding import configure_determinism
 from hpctrain.watchdog import watching
 
@@ -100,6 +101,7 @@ def _free_port() -> int:
 def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, rank: int, world_size: int, port: int,
                      args: tuple) -> None:
     exit_with_parent()
+    skip_final_collection()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     configure_rank_logging(rank)

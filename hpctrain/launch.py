@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
+from hpctrain.exit import skip_final_collection
 from hpctrain.job import check_run_dir_writable, remove_launcher_leftovers, run_local
 from hpctrain.resume_check import check_run_dir_continues
 from hpctrain.slurm import check_resources, follow_instructions, run_srun_task, submit_run
@@ -167,6 +168,7 @@ def run() -> None:
     # composition errors are caught inside it, before Hydra formats them; everything else goes on to Hydra.
     from hydra._internal import utils as hydra_internal
 
+    skip_final_collection()
     report = getattr(hydra_internal, "run_and_report", None)
     if report is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()

@@ -583,6 +583,9 @@ def run_prediction(plan_path: Path, *, config: Config, num_processes: int, slurm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     from hpctrain.launch import fail
     from hpctrain.runs import load_run
 

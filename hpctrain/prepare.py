@@ -17,6 +17,9 @@ from hpctrain.launch import compose_config, fail
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hpctrain.launch")
     parser.add_argument("--config-dir", "-cd", help="your own config directory (as Hydra's --config-dir)")

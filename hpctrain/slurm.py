@@ -36,6 +36,7 @@ import submitit  # noqa: E402
 from hpctrain import history, watchdog  # noqa: E402
 from hpctrain.config import Config, ConfigError, LauncherConfig  # noqa: E402
 from hpctrain.distributed import RunDirectoryTakenOver  # noqa: E402
+from hpctrain.exit import skip_final_collection  # noqa: E402
 from hpctrain.signals import Cause, classify, combine, query_job, requeue  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> d
 
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
     STOP.install()  # again: submitit replaced the early handlers with its own
+    skip_final_collection()
     # overwrite: a tune worker (hpctrain.tune_worker) trains several trials in one process, each exporting the same.
     environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                         overwrite=True)

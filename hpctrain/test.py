@@ -141,6 +141,9 @@ class TestJob:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     from hpctrain.launch import fail
 
     parser = argparse.ArgumentParser(prog="python -m hpctrain.test", description=__doc__.splitlines()[0])

@@ -199,6 +199,9 @@ def run(overrides: list[str], config_dir: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpctrain.exit import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--config-dir", default=None, help="your own config directory (as for hpctrain.launch)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides; key=<search expression> sweeps")

@@ -136,9 +136,11 @@ def _train_slurm(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, 
 def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
     """Worker `index`'s loop; returns why it ended: "done" (n_trials taken) or "stopped" (a stop request: the
     trial it was training stays RUNNING, to be resumed)."""
+    from hpctrain.exit import skip_final_collection
     from hpctrain.job import configure_rank_logging
     from hpctrain.launch import compose_config
 
+    skip_final_collection()
     configure_rank_logging(0)
     tune_dir = spec.path
     base = compose_config(spec.overrides, config_dir=spec.config_dir)
