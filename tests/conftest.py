@@ -46,16 +46,31 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 _running: pytest.Item | None = None  # the test being run (its fixtures included)
+# HPCTRAIN_CPU_PROFILE=FILE: each test's wall and CPU seconds (fixtures included; this process and the subprocesses
+# it waited for) appended to FILE. On a machine shared with other work wall times swell with the load, CPU seconds
+# much less (docs/development.md).
+_CPU_PROFILE = os.environ.get("HPCTRAIN_CPU_PROFILE")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     global _running
     _running = item
+    wall, cpu = time.monotonic(), _cpu_seconds()
     try:
         return (yield)
     finally:
         _running = None
+        if _CPU_PROFILE:
+            with open(_CPU_PROFILE, "a") as file:
+                file.write(f"{item.nodeid}\t{time.monotonic() - wall:.2f}\t{_cpu_seconds() - cpu:.2f}\n")
 
 
 def expect_slow_test() -> None:
