@@ -98,13 +98,19 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert list(manager.directory.glob(".*tmp*")) == []
 
 
+# The loop goes on after save_async and the process dies while the thread writes: once its temporary file is
+# there. fsync is slowed down so that the write cannot finish first on a busy machine (it did: a flaky test).
 ASYNC_WRITER = textwrap.dedent("""
-    import os, signal, sys, torch
+    import os, signal, sys, time, torch
     from pathlib import Path
     from hpctrain.checkpoint import CheckpointManager
-    manager = CheckpointManager(Path(sys.argv[1]), keep_last=2)
+    os.fsync = lambda fd: time.sleep(60)
+    directory = Path(sys.argv[1])
+    manager = CheckpointManager(directory, keep_last=2)
     manager.save_async(2, {"model": {"weight": torch.ones(64 << 20 // 4)}, "step": 2})
-    os.kill(os.getpid(), signal.SIGKILL)  # the loop went on; the process dies while the thread writes
+    while not list((directory / "checkpoints").glob(".step_000000002.pt.tmp-*")):
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
 """)
 
 
