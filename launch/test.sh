@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
-# Three pytest-xdist workers on this 2-core machine: the SLURM tests (one group, in order, on the shared test
-# cluster) mostly wait for the cluster, so one worker waits with them while two run the rest (12.5 min against
-# 15.5 with two workers, docs/development.md).
-exec .venv/bin/python -m pytest -n 3 --dist loadgroup "$@"
+# Two pytest-xdist workers: much of the suite waits on subprocesses and SLURM, and the SLURM tests (one group,
+# in order, on the shared test cluster) overlap with the rest. Three were faster (docs/development.md) but starved
+# the SLURM jobs of CPU: a preempted job's stop handler missed SLURM's kill timeout once.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
