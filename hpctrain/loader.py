@@ -8,6 +8,7 @@ their end.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import logging
 import multiprocessing
@@ -30,14 +31,28 @@ from hpctrain.distributed import exit_with_parent
 log = logging.getLogger(__name__)
 
 WORKER_STACKS_SIGNAL = signal.SIGUSR1
+# SLURM signals every process of a job step. A preemption's SIGTERM/USR2 is the training process's to handle
+# (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM/USR2 back in this thread while loader workers are forked: a worker inherits the mask, and torch's
+    worker loop installs a SIGTERM handler that re-raises the signal with the default action (death) before
+    `_init_worker` can ignore it. The worker unblocks them once they are ignored; here they are delivered on exit."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_worker(worker_id: int) -> None:
     exit_with_parent()
-    # SLURM signals every process of a job step. A preemption's SIGTERM/USR2 is the training process's to handle
-    # (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while this worker started: now dropped
     # The hang watchdog asks a worker for its Python stacks with SIGUSR1 (dump_loader_worker_stacks); faulthandler
     # answers from C, so it works even while the worker is stuck.
     faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True, chain=False)
@@ -245,11 +260,19 @@ class SlotLoader:
         return len(self.loader)
 
 
+class _WorkerLoader(DataLoader):
+    """A DataLoader whose workers start with SLURM's stop signals held back (`_stop_signals_held`)."""
+
+    def __iter__(self) -> Any:
+        with _stop_signals_held():
+            return super().__iter__()
+
+
 def _data_loader(dataset: Dataset, sampler: Sampler, *, seed: int, num_workers: int, pin_memory: bool,
                  config: DataConfig) -> DataLoader:
     # A generator of its own for the workers' base seed: otherwise each iter() draws from torch's global one, and
     # a model's random stream (dropout) would depend on whether the loader has workers.
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+    return _WorkerLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor,
                       worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed))
 

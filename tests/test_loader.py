@@ -5,6 +5,7 @@ than a slot (which go torch's own way)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,3 +80,49 @@ def test_workers_that_are_not_persistent_use_torchs_hand_over() -> None:
                          pin_memory=False)
     assert isinstance(loader, DataLoader)
     assert_same(passes(InProcessLoader(reader, sampler, pin_memory=False)), passes(loader))
+
+
+# A rank-like process: SLURM's stop signals go to the training process's handler, and to every loader worker from
+# the moment it is forked, while new (not persistent) workers start at each pass.
+_STORM = """
+import os, signal, sys, threading, time
+from dataclasses import replace
+from pathlib import Path
+import numpy as np
+from hpctrain.data import BatchReader, DistributedBatchSampler
+from hpctrain.loader import make_loader
+from hpctrain.signals import STOP
+from tests.test_loader import CONFIG, Synthetic
+
+STOP.install()
+reader = BatchReader(Synthetic(), seed=3)
+sampler = DistributedBatchSampler(np.arange(64), micro_batch_size=16, num_microbatches=1, rank=0, world_size=1,
+                                  seed=3)
+loader = make_loader(reader, sampler, config=replace(CONFIG, persistent_workers=False), num_workers=2,
+                     pin_memory=False)
+done = threading.Event()
+
+def storm():
+    signals = (signal.SIGTERM, signal.SIGUSR2)
+    while not done.is_set():
+        os.killpg(0, signals[int(time.monotonic() * 1e4) % 2])
+        time.sleep(0.0005)
+
+threading.Thread(target=storm, daemon=True).start()
+batches = sum(1 for _ in range(int(sys.argv[1])) for _ in loader)
+done.set()
+print(batches, len(STOP.signals) > 0)
+"""
+
+
+def test_loader_workers_started_while_slurm_signals_arrive_never_die_of_them(tmp_path) -> None:
+    """torch's worker loop sets a SIGTERM handler that dies of the signal before the worker's own set-up can ignore
+    it; the workers start with the stop signals held back (a preempted job failed instead of requeueing)."""
+    import subprocess
+    import sys
+
+    passes_ = 12
+    result = subprocess.run([sys.executable, "-c", _STORM, str(passes_)], capture_output=True, text=True, timeout=120,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(passes_ * 4), "True"]
