@@ -242,7 +242,9 @@ ReturnToService=2
 SlurmctldParameters=preempt_send_user_signal
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-KillWait=5
+# Seconds from SIGTERM to SIGKILL: a signalled job checkpoints, asks SLURM why and logs it in this time. 30 by
+# default; 5 was too short for two ranks sharing the machine's 2 cores with the test suite.
+KillWait=15
 MinJobAge=3600
 # Start jobs quickly.
 SchedulerType=sched/backfill

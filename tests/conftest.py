@@ -13,6 +13,7 @@ import torch
 
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig, generate_dataset
+from tests import zygote
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -111,8 +112,7 @@ def launch(args: list[str], *, run_dir: Path | None = None, check: bool = True, 
     command = [PYTHON, "-m", "hpctrain.launch", *args]
     if run_dir is not None:
         command.append(f"hydra.run.dir={run_dir}")
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    result = zygote.run(command, cwd=cwd, timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -124,8 +124,7 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, step: int, *, delay: f
     complete (steps past it are then trained, logged and lost), and return the newest complete checkpoint's step.
     Fails if the run ended first: the test's run must be longer."""
     expect_slow_test()
-    process = subprocess.Popen([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=cwd,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = zygote.start([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env)
     manager = CheckpointManager(run_dir, keep_last=2)
     deadline = time.monotonic() + timeout
     reached = False

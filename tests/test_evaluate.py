@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hpctrain.metrics import open_for_reading
+from . import zygote
 
 from .conftest import PYTHON, REPO, launch, tiny_overrides
 
@@ -69,8 +69,8 @@ def test_task_plots_are_valid_pngs_and_baselines_are_reported(tmp_path: Path, ti
             assert (directory / name).read_bytes().startswith(PNG_SIGNATURE)
     for name in ("loss.png", "metrics.png", "lr.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
-    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tmp_path), "--json"], cwd=REPO,
-                                        check=True, capture_output=True, text=True).stdout)
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tmp_path), "--json"], cwd=REPO,
+                                    check=True).stdout)
     best = summary["best_validation"]
     with open_for_reading(tmp_path / "metrics.h5") as file:
         row = int(np.argmin(file["validation/loss"][()]))

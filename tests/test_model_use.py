@@ -24,6 +24,7 @@ import torch
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.config import ConfigError
 
+from . import zygote
 from .conftest import PYTHON, final_weights, kill_after_checkpoint, launch, tiny_overrides
 from .test_own_model import SHORT, installed, make_project, user_env, user_inspect, user_launch  # noqa: F401
 
@@ -63,8 +64,8 @@ def trained(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Traine
 def user_tool(trained: Trained, module: str, *args: str, check: bool = True, cwd: Path | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess:
     command = [PYTHON, "-m", f"hpctrain.{module}", *map(str, args)]
-    result = subprocess.run(command, cwd=cwd or trained.project, env=user_env(trained.installed, trained.project),
-                            capture_output=True, text=True, timeout=timeout)
+    result = zygote.run(command, cwd=cwd or trained.project, env=user_env(trained.installed, trained.project),
+                        timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -257,10 +258,8 @@ def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Train
 
     output = tmp_path / "interrupted.h5"
     parts = tmp_path / "interrupted.h5.parts"
-    process = subprocess.Popen([PYTHON, "-m", "hpctrain.predict", str(trained.run_dir), *map(str, common),
-                                "--output", str(output)], cwd=trained.project,
-                               env=user_env(trained.installed, trained.project), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = zygote.start([PYTHON, "-m", "hpctrain.predict", str(trained.run_dir), *map(str, common), "--output",
+                            str(output)], cwd=trained.project, env=user_env(trained.installed, trained.project))
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline and len(list(parts.glob("chunk_*.json"))) < 4:
         time.sleep(0.005)

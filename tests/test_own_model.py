@@ -18,6 +18,7 @@ import torch
 
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
+from . import zygote
 
 from .conftest import PYTHON, REPO, TINY_DEFAULTS, expect_slow_test, final_weights, kill_after_checkpoint
 
@@ -84,16 +85,15 @@ def user_launch(installed: Path, project: Path, *overrides: str, run_dir: Path, 
     expect_slow_test()
     command = [PYTHON, "-m", "hpctrain.launch", "--config-dir", "conf", "task=molecules", *overrides,
                f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, cwd=project, env=user_env(installed, project), capture_output=True,
-                            text=True, timeout=timeout)
+    result = zygote.run(command, cwd=project, env=user_env(installed, project), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
 
 
 def user_inspect(installed: Path, project: Path, run_dir: Path) -> dict:
-    result = subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], cwd=project, check=True,
-                            env=user_env(installed, project), capture_output=True, text=True)
+    result = zygote.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], cwd=project, check=True,
+                        env=user_env(installed, project))
     return json.loads(result.stdout)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from . import zygote
 
 from .conftest import PYTHON, REPO, expect_slow_test, final_weights, tiny_overrides
 
@@ -58,8 +59,7 @@ def test_sweep_recipe(tmp_path: Path, tiny_data: Path) -> None:
     deadline = time.monotonic() + 400
     rows: list = []
     while time.monotonic() < deadline:
-        summary = subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(sweep_dir), "--json"], capture_output=True,
-                                 text=True, check=True)
+        summary = zygote.run([PYTHON, "-m", "hpctrain.inspect", str(sweep_dir), "--json"], check=True)
         rows = json.loads(summary.stdout)
         if all(row["state"] == "FINISHED" for row in rows):
             break

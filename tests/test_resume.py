@@ -15,6 +15,7 @@ import torch
 
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
+from . import zygote
 
 from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 
@@ -26,8 +27,7 @@ RUN = ["trainer.max_steps=36", "trainer.val_every_steps=6", "callbacks.checkpoin
 
 
 def inspect_json(run_dir: Path) -> dict:
-    result = subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], capture_output=True,
-                            text=True, check=True, cwd=REPO)
+    result = zygote.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir), "--json"], check=True, cwd=REPO)
     return json.loads(result.stdout)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from hpctrain.checkpoint import CheckpointManager
 from hpctrain.config import OptimConfig, ScheduleConfig
 from hpctrain.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups
+from . import zygote
 
 from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 from .device_plugins import expected_draws
@@ -165,8 +165,8 @@ def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_e
 
 @pytest.mark.slow
 def test_the_device_transform_runs_in_the_test_phase_with_the_test_keys(plateau_reference: Path) -> None:
-    result = subprocess.run([PYTHON, "-m", "hpctrain.test", str(plateau_reference), "--checkpoint", "latest",
-                             "--seed", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = zygote.run([PYTHON, "-m", "hpctrain.test", str(plateau_reference), "--checkpoint", "latest",
+                         "--seed", "3"], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     [test_file] = (plateau_reference / "test").glob("*.h5")
     with open_for_reading(test_file) as file:
@@ -198,8 +198,8 @@ def test_early_stopping_and_the_best_checkpoint_follow_a_max_metric(tiny_data: P
     assert result["stop_reason"].startswith("early stopping") and "best negative_epe" in result["stop_reason"]
     assert len(steps) - 1 - best == 2 and result["step"] == steps[-1] < 40
     assert any(info.step == steps[best] for info in CheckpointManager(tmp_path, keep_last=2).complete())
-    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tmp_path), "--json"], cwd=REPO,
-                                        capture_output=True, text=True, check=True).stdout)
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tmp_path), "--json"], cwd=REPO,
+                                    check=True).stdout)
     assert summary["best_validation"]["step"] == steps[best]
     assert summary["best_validation"]["monitor"] == {"metric": "negative_epe", "mode": "max",
                                                      "value": float(monitored[best])}

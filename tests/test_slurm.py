@@ -20,6 +20,7 @@ from hpctrain.checkpoint import CheckpointManager
 from hpctrain.metrics import open_for_reading
 from hpctrain.slurm import ACTIVE_STATES, recorded_job_id
 
+from . import zygote
 from .conftest import REPO, final_weights, launch, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -260,7 +261,7 @@ def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
     assert "resumed from" in job_logs(run_dir, new_id)
     assert history_reasons(run_dir) == ["cancelled", "completed"]
     assert_same_weights(two_node_run, run_dir)
-    inspect = subprocess.run([*launch_inspect(run_dir)[:-1]], capture_output=True, text=True, check=True).stdout
+    inspect = zygote.run(launch_inspect(run_dir)[:-1], check=True).stdout
     assert f"job {job_id} (restart 0)" in inspect and "cancelled" in inspect
 
 
@@ -380,8 +381,7 @@ def test_time_limit_requeues_bit_exact_and_max_num_timeout_ends_the_job_with_its
     logs = job_logs(runs["exhausted"], ids["exhausted"])
     assert "launcher.max_num_timeout=0: not requeued, the job ends here" in logs and "Traceback" not in logs
     assert history_reasons(runs["exhausted"]) == ["time_limit_exhausted"]
-    inspect = subprocess.run(launch_inspect(runs["exhausted"])[:-1], capture_output=True, text=True,
-                             check=True).stdout
+    inspect = zygote.run(launch_inspect(runs["exhausted"])[:-1], check=True).stdout
     assert "ended: time limit, launcher.max_num_timeout used up" in inspect
     assert CheckpointManager(runs["exhausted"], keep_last=2).complete()  # it checkpointed before ending
 
@@ -422,7 +422,7 @@ def test_sweep_is_one_job_array_and_a_cancelled_point_ends_while_the_others_go_o
     new_id = recorded_job_id(points[1])
     assert new_id != job_ids[1] and recorded_job_id(points[0]) == job_ids[0]
     wait_until(lambda: queue_state(new_id) == "", timeout=300, what="the resubmitted point")
-    summary = subprocess.run([*launch_inspect(tmp_path / "sweep")], capture_output=True, text=True, check=True)
+    summary = zygote.run(launch_inspect(tmp_path / "sweep"), check=True)
     rows = json.loads(summary.stdout)
     assert [row["state"] for row in rows] == ["FINISHED"] * 3 and all(row["step"] == 60 for row in rows)
     assert history_reasons(points[1]) == ["cancelled", "completed"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from . import zygote
 
 from .conftest import PYTHON, REPO, expect_slow_test, launch, tiny_overrides
 
@@ -22,8 +23,7 @@ NOISE = "data.transforms=[{_target_: hpctrain.transforms.AddNoise, field: image,
 
 def run_test(run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     expect_slow_test()
-    result = subprocess.run([PYTHON, "-m", "hpctrain.test", str(run_dir), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = zygote.run([PYTHON, "-m", "hpctrain.test", str(run_dir), *args], cwd=REPO, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"hpctrain.test failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -27,6 +27,7 @@ optuna = pytest.importorskip("optuna")
 from hpctrain import tune  # noqa: E402
 from hpctrain.tune_space import distribution, split_overrides, trial_overrides  # noqa: E402
 from hpctrain.tune_study import check_storage  # noqa: E402
+from . import zygote
 
 # A trial: 15 steps, an evaluation every 3 (the pruner's chances), a checkpoint every 3 (a kill's resume point).
 TRIAL = ["trainer.max_steps=15", "trainer.val_every_steps=3", "callbacks.checkpoint.every_steps=3",
@@ -116,8 +117,7 @@ def test_preflight_without_optuna_says_how_to_install_it(tmp_path: Path, capsys:
 # -- slow: a local study, a killed worker, the rerun ---------------------------------------------------------------
 def run_tune(args: list[str], *, timeout: float = 300) -> subprocess.CompletedProcess:
     expect_slow_test()
-    return subprocess.run([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return zygote.run([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, timeout=timeout)
 
 
 def mariadb_url() -> str:
@@ -185,8 +185,8 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting 1 local worker(s)" in second.stdout  # only the killed worker's trial was left
 
-    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
-                                        capture_output=True, text=True, check=True).stdout)
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                    check=True).stdout)
     states = [trial["state"] for trial in summary["trials"]]
     assert [trial["number"] for trial in summary["trials"]] == list(range(6)), states
     # The first trial to complete cannot be pruned (nothing to compare with): at least one is complete.
@@ -251,8 +251,8 @@ def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bi
     release_when_requeued(job_ids[0])
     wait_until(lambda: sh("squeue", "--noheader", "--jobs", array_id) == "", timeout=400, what="the job array")
 
-    summary = json.loads(subprocess.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
-                                        capture_output=True, text=True, check=True).stdout)
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                    check=True).stdout)
     assert [(t["number"], t["state"]) for t in summary["trials"]] == [(n, "complete") for n in range(4)]
     run_dir = tune_dir / f"trial_{requeued['number']:04d}"
     assert history_reasons(run_dir) == ["requeued_by_slurm", "completed"]  # trained by one worker, resumed once

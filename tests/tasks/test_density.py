@@ -31,6 +31,7 @@ from hpctrain.tasks.density import (
     generate_example,
 )
 
+from .. import zygote
 from ..conftest import PYTHON, REPO, launch
 
 SMALL = DensityGeneratorConfig(num_samples=24, image_size=16, chunk_samples=8, seed=0)
@@ -108,12 +109,12 @@ def test_generate_command_in_two_processes_writes_the_same_data(generated: dict[
     command = [PYTHON, "-m", "hpctrain.tasks.density.generate", "data.prepare.num_samples=24",
                "data.prepare.image_size=16", "data.prepare.chunk_samples=8", f"data.dataset.path={target}",
                "--processes", "2"]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    result = zygote.run(command, cwd=REPO, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wrote 24 samples of 16x16" in result.stdout
     for a, b in zip(_read(generated["one"]), _read(target)):
         assert a.tobytes() == b.tobytes()
-    again = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    again = zygote.run(command, cwd=REPO, env=_env(), timeout=300)
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
 
 
