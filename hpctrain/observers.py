@@ -21,6 +21,7 @@ waited for; `on_end` comes after it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -90,9 +91,9 @@ class RunEnded:
 
     def view(self) -> EndView:
         task_plots = sorted((self.run_dir / "plots").glob("*.png")) if self.finished else []
-        return EndView(run_dir=self.run_dir, step=self.step, finished=self.finished, stop_reason=self.stop_reason,
-                       best_step=self.best_step, best_loss=self.best_loss, best_checkpoint=self.best_checkpoint,
-                       plots=tuple([*self.plots, *task_plots]), error=self.error)
+        # EndView is the frozen, public copy of these same fields (callbacks see nothing they could change).
+        values = {name.name: getattr(self, name.name) for name in dataclasses.fields(self)}
+        return EndView(**{**values, "plots": tuple([*self.plots, *task_plots])})
 
 
 # -- the built-in observers ---------------------------------------------------------------------------------------
