@@ -16,7 +16,13 @@ else
     # PyTorch index cannot be reached (an offline mirror), pip goes on with its configured indexes at once.
     "${pip[@]}" --retries 0 --timeout 15 "torch==${torch_version}" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-"${pip[@]}" -e ".${extras:+[$extras]}"
+# The rest (about 150 packages with the test extras) through uv, which fetches and installs them at once: 85 s with
+# pip here, under 10 with uv. pip does it where uv cannot be installed. Either keeps the torch installed above.
+if "${pip[@]}" uv >/dev/null 2>&1; then
+    .venv/bin/python -m uv pip install --python .venv/bin/python --quiet -e ".${extras:+[$extras]}"
+else
+    "${pip[@]}" -e ".${extras:+[$extras]}"
+fi
 .venv/bin/python - <<'PY'
 import torch, hpctrain
 print(f"hpctrain ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
