@@ -28,15 +28,12 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The SLURM tests share the one test cluster: under pytest-xdist (launch/test.sh runs three workers) they run
-    in order in one worker, and first, as the longest group, while the other workers take everything else: the
-    slow tests first, so that the quick ones fill the end instead of one long test running on alone."""
+    """The SLURM tests share the one test cluster: under pytest-xdist (launch/test.sh runs two workers) they run
+    in order in one worker, and first, as the longest group, while the other worker takes everything else."""
     slurm = [item for item in items if item.get_closest_marker("slurm")]
     for item in slurm:
         item.add_marker(pytest.mark.xdist_group("slurm"))
-    rest = [item for item in items if not item.get_closest_marker("slurm")]
-    items[:] = (slurm + [item for item in rest if item.get_closest_marker("slow")]
-                + [item for item in rest if not item.get_closest_marker("slow")])
+    items[:] = slurm + [item for item in items if not item.get_closest_marker("slurm")]
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist has put the group into the node ids
