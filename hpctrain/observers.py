@@ -92,7 +92,7 @@ class RunEnded:
     def view(self) -> EndView:
         task_plots = sorted((self.run_dir / "plots").glob("*.png")) if self.finished else []
         # EndView is the frozen, public copy of these same fields (callbacks see nothing they could change).
-        values = {name.name: getattr(self, name.name) for name in dataclasses.fields(self)}
+        values = {field_.name: getattr(self, field_.name) for field_ in dataclasses.fields(self)}
         return EndView(**{**values, "plots": tuple([*self.plots, *task_plots])})
 
 
