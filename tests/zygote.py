@@ -120,10 +120,6 @@ class _Zygote:
             raise RuntimeError(f"the test zygote ended ({self.process.wait()})")
         return json.loads(line)
 
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(60)
-
     def ask(self, request: dict[str, Any]) -> Any:
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
@@ -141,17 +137,11 @@ def eligible(command: list[str]) -> bool:
         "hpctrain.")
 
 
-KEEP_ZYGOTES = 3  # per pytest worker: a user's project in each test's own directory is a new PYTHONPATH each time
-
-
 def _zygote_for(env: dict[str, str]) -> _Zygote:
     key = tuple(sorted(_import_environment(env).items()))
-    zygote = _zygotes.pop(key, None)  # and back in at the end: the dict is in order of last use
+    zygote = _zygotes.get(key)
     if zygote is None or zygote.process.poll() is not None:
-        while len(_zygotes) >= KEEP_ZYGOTES:  # the least recently used one ends (its stdin closed)
-            _zygotes.pop(next(iter(_zygotes))).close()
-        zygote = _Zygote(env)
-    _zygotes[key] = zygote
+        zygote = _zygotes[key] = _Zygote(env)
     return zygote
 
 
