@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wall time and machine-wide busy CPU seconds (from /proc/stat) of a command:
 #   bash benchmarks/busy_cpu.sh .venv/bin/python -m pytest -m "not slurm" -n 2
-# The test suite's own CPU profile (HPCTRAIN_CPU_PROFILE, tests/conftest.py) counts only a test's process and the
-# children it waited for: not the SLURM jobs (slurmd runs them) nor the commands forked by tests/zygote.py. This
+# The test suite's own CPU profile (HPCTRAIN_CPU_PROFILE, tests/conftest.py) counts a test's process, the
+# children it waited for and the commands forked by tests/zygote.py, not the SLURM jobs (slurmd runs them). This
 # counts everything the machine did meanwhile, so run it on an otherwise idle machine.
 set -uo pipefail
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }

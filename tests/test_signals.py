@@ -204,6 +204,15 @@ def test_a_deadlocked_loader_worker_is_found_and_its_stack_shown(tmp_path: Path,
     assert "wait_forever_in_worker" in worker and "HangInLoaderWorker" not in worker.split("\n")[0], worker[:3000]
 
 
+def local_ranks(launcher: int) -> list[int]:
+    """The pids of a launcher's local ranks: the children of its forkserver (hpctrain.job)."""
+    def children(pid: int) -> list[int]:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    servers = [pid for pid in children(launcher) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+    return [rank for server in servers for rank in children(server)]
+
+
 @pytest.mark.slow
 def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
     """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
@@ -217,8 +226,7 @@ def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path
     deadline = time.monotonic() + 300
     while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
-    ranks = [int(pid) for pid in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
-             if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    ranks = local_ranks(job.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGSTOP)
     stopped_at = time.monotonic()

@@ -14,7 +14,7 @@ installed hpctrain on PYTHONPATH, preloads that hpctrain. Only `-m hpctrain.*` c
 HPCTRAIN_TEST_FRESH=1 sends every command to a fresh interpreter, to check that nothing depends on it.
 
 Protocol (JSON lines over the zygote's stdin/stdout): {"start": {...}} -> {"pid": N}; {"wait": N, "timeout": S}
--> {"returncode": code or null}. The zygote is the children's parent, so it reaps them and reports exit codes
+-> {"returncode": code or null, "cpu_s": the child's CPU seconds}. The zygote is the children's parent, so it reaps them and reports exit codes
 like subprocess does (negative: killed by that signal).
 """
 
@@ -70,14 +70,18 @@ def _serve() -> dict[str, Any]:
                 return request["start"]
             replies.write(json.dumps({"pid": pid}).encode() + b"\n")
         elif "wait" in request:
-            deadline = time.monotonic() + request["timeout"] if request["timeout"] is not None else None
-            while True:
-                done, status = os.waitpid(request["wait"], os.WNOHANG)
-                if done or (deadline is not None and time.monotonic() >= deadline):
-                    break
-                time.sleep(0.01)
-            code = os.waitstatus_to_exitcode(status) if done else None
-            replies.write(json.dumps({"returncode": code}).encode() + b"\n")
+            pid, timeout = request["wait"], request["timeout"]
+            if timeout is None:
+                done, status, usage = os.wait4(pid, 0)
+            else:
+                deadline = time.monotonic() + timeout
+                while not (reaped := os.wait4(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                done, status, usage = reaped
+            reply = {"returncode": os.waitstatus_to_exitcode(status) if done else None,
+                     # the child's CPU and that of the descendants it waited for (conftest's CPU profile)
+                     "cpu_s": usage.ru_utime + usage.ru_stime if done else 0.0}
+            replies.write(json.dumps(reply).encode() + b"\n")
     sys.exit(0)
 
 
@@ -126,6 +130,10 @@ class _Zygote:
         return self._read()
 
 
+# CPU seconds of the children reaped so far: they are the zygotes' children, not this process's, so
+# RUSAGE_CHILDREN does not count them.
+children_cpu_s = 0.0
+
 # One zygote per import environment (the suite's own; a user's, with an installed hpctrain on PYTHONPATH).
 _zygotes: dict[tuple, _Zygote] = {}
 
@@ -163,10 +171,13 @@ class Child:
                                           "env": env, "stdout": stdout, "stderr": stderr}})["pid"]
 
     def wait(self, timeout: float | None = None) -> int:
+        global children_cpu_s
         if self.returncode is None:
-            self.returncode = self.zygote.ask({"wait": self.pid, "timeout": timeout})["returncode"]
-            if self.returncode is None:
+            reply = self.zygote.ask({"wait": self.pid, "timeout": timeout})
+            if reply["returncode"] is None:
                 raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = reply["returncode"]
+            children_cpu_s += reply["cpu_s"]
         return self.returncode
 
     def poll(self) -> int | None:
