@@ -6,11 +6,14 @@ two thirds of a tiny run. A zygote is one Python per pytest worker that imports 
 child per command. The child becomes what `python -m MODULE ARGS` would be (working directory, environment,
 `sys.argv`, `sys.path[0]`, standard streams, fresh random seeds) and runs the module as `__main__` with `runpy`,
 as `-m` does; it ends through the interpreter's normal exit (atexit handlers, exit code, traceback). It is a real
-process of its own: signals, SIGKILL, its own ranks (spawned, fresh interpreters) and loader workers are as before.
+process of its own: signals, SIGKILL, its own ranks (forked from a fresh forkserver) and loader workers are as
+before.
 
 What is read at start-up or import (PYTHONPATH, thread counts, ...: `IMPORT_ENVIRONMENT`) cannot change after
 the fork, so each such environment has a zygote of its own, started with it: a user's environment, with an
-installed hpctrain on PYTHONPATH, preloads that hpctrain. Only `-m hpctrain.*` commands go through a zygote;
+installed hpctrain on PYTHONPATH, preloads that hpctrain. A PYTHONPATH entry that holds none of the preloaded
+packages (a user's project, with their own package) cannot change what was preloaded, so it does not need a zygote
+of its own: the child puts its own PYTHONPATH on `sys.path` in place of the zygote's. Only `-m hpctrain.*` commands go through a zygote;
 HPCTRAIN_TEST_FRESH=1 sends every command to a fresh interpreter, to check that nothing depends on it.
 
 Protocol (JSON lines over the zygote's stdin/stdout): {"start": {...}} -> {"pid": N}; {"wait": N, "timeout": S}
@@ -41,8 +44,23 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "h5py", "hydra", "omegaconf", "sub
            "hpctrain.tasks.cbed.model", "hpctrain.tasks.cbed.loss", "hpctrain.tasks.cbed.generator")
 
 
+def _python_path(env: dict[str, str]) -> list[str]:
+    return [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+
+def _preloads_from(entry: str) -> bool:
+    """Whether a PYTHONPATH entry holds one of the preloaded packages (and so decides what the zygote preloads)."""
+    return any((Path(entry) / top).is_dir() or (Path(entry) / f"{top}.py").is_file()
+               for top in {name.split(".")[0] for name in PRELOAD})
+
+
 def _import_environment(env: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if key.startswith(IMPORT_ENVIRONMENT)}
+    """What a child's zygote must have been started with: the variables read at start-up or import, with only
+    the PYTHONPATH entries that hold preloaded packages (a user's project does not need a zygote of its own)."""
+    environment = {key: value for key, value in env.items() if key.startswith(IMPORT_ENVIRONMENT)}
+    if "PYTHONPATH" in environment:
+        environment["PYTHONPATH"] = os.pathsep.join(filter(_preloads_from, _python_path(env)))
+    return environment
 
 
 # -- the zygote itself -------------------------------------------------------------------------------------------
@@ -90,9 +108,12 @@ def _become(start: dict[str, Any]) -> None:
     import random
     import runpy
 
+    import importlib
+
     import numpy as np
     import torch
 
+    zygote_path = {os.path.abspath(entry) for entry in _python_path(os.environ)}
     os.chdir(start["cwd"])
     os.environ.clear()
     os.environ.update(start["env"])
@@ -100,7 +121,10 @@ def _become(start: dict[str, Any]) -> None:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
     module, args = start["module"], start["args"]
     sys.argv = [module, *args]
-    sys.path.insert(0, os.getcwd())  # what -m puts first
+    # What -m puts first, then the child's own PYTHONPATH where the zygote's was (the same preloading entries)
+    sys.path[:] = [os.getcwd(), *(os.path.abspath(entry) for entry in _python_path(os.environ)),
+                   *(entry for entry in sys.path if entry not in zygote_path)]
+    importlib.invalidate_caches()
     random.seed()
     np.random.seed()
     torch.seed()
