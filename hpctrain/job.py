@@ -16,13 +16,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
 from hpctrain.config import Config, ConfigError
-from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, run_lock,
-                                  shutdown_distributed)
+from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, preloaded_forkserver,
+                                  run_lock, shutdown_distributed)
 from hpctrain.exit import skip_final_collection
 from hpctrain.seeding import configure_determinism
 from hpctrain.watchdog import watching
@@ -110,17 +109,8 @@ def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, ra
 
 
 def _rank_context(work: Callable[..., Any]) -> BaseContext:
-    """How local ranks start: forked from a forkserver that has imported torch and hpctrain's training modules once.
-    Spawned, each rank was a fresh interpreter spending ~2 s of CPU on those imports; forked, N ranks pay once.
-    The forkserver is a fresh single-threaded process without CUDA (what is safe to fork), started by the first
-    run_local; a rank's parent is the forkserver, which ends when this process does, so `exit_with_parent`
-    still ends the ranks of a killed launcher."""
-    context = mp.get_context("forkserver")
-    preload = ["hpctrain.job", "hpctrain.components", "hpctrain.train"]
-    if work.__module__ not in (*preload, "__main__"):
-        preload.append(work.__module__)
-    context.set_forkserver_preload(preload)
-    return context
+    """Local ranks fork from a forkserver that has imported hpctrain's training modules (and `work`'s) once."""
+    return preloaded_forkserver(work, "hpctrain.job", "hpctrain.components", "hpctrain.train")
 
 
 def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None = None,
