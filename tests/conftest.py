@@ -60,9 +60,26 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + zygote.children_cpu_s
 
 
+# The SLURM tests are the suite's longest chain, and the SLURM jobs (run by slurmd, at its priority) compete for the
+# two cores with the other workers' tests: a worker that runs a test that is not a SLURM test lowers its own
+# priority (and its zygotes'), so that the jobs the chain waits for get the CPU first and the other tests take
+# what is left. It only ever lowers it: a worker that ran the SLURM group goes on to other tests afterwards.
+_OTHER_TESTS_NICE = 5
+
+
+def _yield_to_the_slurm_jobs() -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ or os.nice(0) >= _OTHER_TESTS_NICE:
+        return
+    os.nice(_OTHER_TESTS_NICE - os.nice(0))
+    for process in zygote.processes():
+        os.setpriority(os.PRIO_PROCESS, process, _OTHER_TESTS_NICE)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     global _running
+    if not item.get_closest_marker("slurm"):
+        _yield_to_the_slurm_jobs()
     _running = item
     wall, cpu = time.monotonic(), _cpu_seconds()
     try:

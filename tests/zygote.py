@@ -13,12 +13,13 @@ What is read at start-up or import (PYTHONPATH, thread counts, ...: `IMPORT_ENVI
 the fork, so each such environment has a zygote of its own, started with it: a user's environment, with an
 installed hpctrain on PYTHONPATH, preloads that hpctrain. A PYTHONPATH entry that holds none of the preloaded
 packages (a user's project, with their own package) cannot change what was preloaded, so it does not need a zygote
-of its own: the child puts its own PYTHONPATH on `sys.path` in place of the zygote's. Only `-m hpctrain.*` commands go through a zygote;
-HPCTRAIN_TEST_FRESH=1 sends every command to a fresh interpreter, to check that nothing depends on it.
+of its own: the child puts its own PYTHONPATH on `sys.path` in place of the zygote's. Only `-m hpctrain.*`
+commands go through a zygote; HPCTRAIN_TEST_FRESH=1 sends every command to a fresh interpreter, to check that
+nothing depends on it.
 
 Protocol (JSON lines over the zygote's stdin/stdout): {"start": {...}} -> {"pid": N}; {"wait": N, "timeout": S}
--> {"returncode": code or null, "cpu_s": the child's CPU seconds}. The zygote is the children's parent, so it reaps them and reports exit codes
-like subprocess does (negative: killed by that signal).
+-> {"returncode": code or null, "cpu_s": the child's CPU seconds}. The zygote is the children's parent, so it
+reaps them and reports exit codes like subprocess does (negative: killed by that signal).
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ children_cpu_s = 0.0
 
 # One zygote per import environment (the suite's own; a user's, with an installed hpctrain on PYTHONPATH).
 _zygotes: dict[tuple, _Zygote] = {}
+
+
+def processes() -> list[int]:
+    """The pids of this process's zygotes that are running."""
+    return [zygote.process.pid for zygote in _zygotes.values() if zygote.process.poll() is None]
 
 
 def eligible(command: list[str]) -> bool:
