@@ -44,7 +44,9 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    # The commands run in the repository (cwd=REPO), which -m and -c put first on sys.path: no PYTHONPATH, so that
+    # they share the suite's zygote instead of starting one of their own.
+    return {**os.environ, "HYDRA_FULL_ERROR": "0"}
 
 
 # ---------------------------------------------------------------------------------------------------- generator
