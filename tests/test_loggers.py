@@ -33,6 +33,13 @@ RUN = ["trainer.max_steps=24", "trainer.val_every_steps=6", "callbacks.checkpoin
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _preload_the_loggers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run here imports the logger libraries (MLflow alone ~5 s of CPU): its zygote imports them once."""
+    monkeypatch.setenv("HPCTRAIN_TEST_PRELOAD", "mlflow,comet_ml,wandb,torch.utils.tensorboard,hpctrain.loggers.mlflow,"
+                       "hpctrain.loggers.comet,hpctrain.loggers.wandb,hpctrain.loggers.tensorboard")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What a fresh interpreter reads at start-up or at import: a child whose environment differs from the zygote's in
 # any of these starts fresh (an installed package on PYTHONPATH must not meet the preloaded hpctrain).
-IMPORT_ENVIRONMENT = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA", "LD_", "KMP_", "NCCL_", "GLOO_",
+IMPORT_ENVIRONMENT = ("HPCTRAIN_TEST_PRELOAD", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA", "LD_", "KMP_", "NCCL_", "GLOO_",
                       "VIRTUAL_ENV", "PATH")
 PRELOAD = ("torch", "torch._dynamo", "numpy", "h5py", "hydra", "omegaconf", "submitit", "hpctrain.components",
            "hpctrain.config", "hpctrain.job", "hpctrain.slurm", "hpctrain.train", "hpctrain.predict",
@@ -45,14 +45,20 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "h5py", "hydra", "omegaconf", "sub
            "hpctrain.tasks.cbed.model", "hpctrain.tasks.cbed.loss", "hpctrain.tasks.cbed.generator")
 
 
+def _preload(env: dict[str, str]) -> tuple[str, ...]:
+    """PRELOAD and the modules a test adds with HPCTRAIN_TEST_PRELOAD=a,b (heavy imports only its commands make:
+    the logger libraries); such a test's commands get a zygote of their own."""
+    return (*PRELOAD, *filter(None, env.get("HPCTRAIN_TEST_PRELOAD", "").split(",")))
+
+
 def _python_path(env: dict[str, str]) -> list[str]:
     return [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
 
 
-def _preloads_from(entry: str) -> bool:
+def _preloads_from(entry: str, env: dict[str, str]) -> bool:
     """Whether a PYTHONPATH entry holds one of the preloaded packages (and so decides what the zygote preloads)."""
     return any((Path(entry) / top).is_dir() or (Path(entry) / f"{top}.py").is_file()
-               for top in {name.split(".")[0] for name in PRELOAD})
+               for top in {name.split(".")[0] for name in _preload(env)})
 
 
 def _import_environment(env: dict[str, str]) -> dict[str, str]:
@@ -60,7 +66,7 @@ def _import_environment(env: dict[str, str]) -> dict[str, str]:
     the PYTHONPATH entries that hold preloaded packages (a user's project does not need a zygote of its own)."""
     environment = {key: value for key, value in env.items() if key.startswith(IMPORT_ENVIRONMENT)}
     if "PYTHONPATH" in environment:
-        environment["PYTHONPATH"] = os.pathsep.join(filter(_preloads_from, _python_path(env)))
+        environment["PYTHONPATH"] = os.pathsep.join(entry for entry in _python_path(env) if _preloads_from(entry, env))
     return environment
 
 
@@ -74,7 +80,7 @@ def _serve() -> dict[str, Any]:
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)  # stray prints while preloading must not corrupt the replies
-    for name in PRELOAD:
+    for name in _preload(os.environ):
         importlib.import_module(name)
     replies.write(b'"ready"\n')
     for line in requests:
