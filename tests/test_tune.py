@@ -147,7 +147,7 @@ def trial_record(tune_dir: Path, index: int) -> dict:
         return {}
 
 
-def kill_a_worker_mid_trial(tune_dir: Path, process: subprocess.Popen) -> int:
+def kill_a_worker_mid_trial(tune_dir: Path, process: zygote.Child | subprocess.Popen) -> int:
     """SIGKILL the first worker seen with a checkpoint of an unfinished trial; returns that trial's number."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -172,13 +172,15 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     args = [*tiny_overrides(tiny_data, *TRIAL), *STUDY, *extra, f"paths.runs_dir={tmp_path}", "run_name=study"]
     tune_dir = tmp_path / "study"
     expect_slow_test()
-    first = subprocess.Popen([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "first.log"
+    first = zygote.start([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, output=log, merge_stderr=True)
     try:
         killed = kill_a_worker_mid_trial(tune_dir, first)
     except AssertionError:
-        raise AssertionError(first.communicate(timeout=300)[0][-3000:]) from None
-    output = first.communicate(timeout=300)[0]
+        first.wait(timeout=300)
+        raise AssertionError(log.read_text()[-3000:]) from None
+    first.wait(timeout=300)
+    output = log.read_text()
     assert first.returncode == 1 and "-9)]; run the same command again" in output, output[-3000:]
 
     second = run_tune(args)
