@@ -135,45 +135,53 @@ def test_two_node_gloo_job_trains_and_completes(two_node_run: Path) -> None:
     assert np.all(np.isfinite(per_sample)) and np.all(per_sample > 0)
 
 
-# USR2 is what submitit asks SLURM to send; some clusters send only SIGTERM. With a loader worker, the signal
-# also reaches the worker process, which must leave it to the training process. `scontrol requeue` (an operator,
-# or PreemptMode=REQUEUE) requeues the job itself: the job checkpoints and leaves the requeue to SLURM. That run
-# also logs to MLflow (an SQLite store in the run directory; each process holds its second step until MLflow has
-# its first, so the run exists before the requeue): one MLflow run, reopened, each step once across the requeue.
-@pytest.mark.parametrize("action,workers", [("USR2", 0), ("TERM", 1), ("requeue", 0)])
-def test_preempted_job_requeues_once_and_ends_bitwise_equal_to_an_uninterrupted_run(
-        tmp_path: Path, tiny_data: Path, two_node_run: Path, action: str, workers: int) -> None:
+# One job, interrupted three times at random steps, each a different way: USR2 (what submitit asks SLURM to send),
+# SIGTERM (what some clusters send instead), then `scontrol requeue` (an operator, or PreemptMode=REQUEUE: SLURM
+# requeues the job itself, and the job checkpoints and leaves the requeue to SLURM). A loader worker runs all along:
+# each signal also reaches the worker process, which must leave it to the training process. The job also logs to
+# MLflow (an SQLite store in the run directory; each process holds its second step until MLflow has its first, so
+# the run exists before the first requeue): one MLflow run, reopened three times, each step once.
+INTERRUPTIONS = ("USR2", "TERM", "requeue")
+
+
+def test_preempted_job_requeues_once_per_signal_and_ends_bitwise_equal_to_an_uninterrupted_run(
+        tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     run_dir = tmp_path / "preempted"
     loggers = ["callbacks.loggers=[mlflow]", "callbacks.user=[{_target_: tests.test_loggers.WaitForLoggers, "
-               "names: [mlflow]}]"] if action == "requeue" else []
-    launch(tiny_overrides(tiny_data, *TWO_NODES, f"data.num_workers={workers}", *loggers), run_dir=run_dir)
+               "names: [mlflow]}]"]
+    launch(tiny_overrides(tiny_data, *TWO_NODES, "data.num_workers=1", *loggers), run_dir=run_dir)
     job_id = recorded_job_id(run_dir)
     manager = CheckpointManager(run_dir, keep_last=2)
-    target = random.Random().randint(4, 40)  # well before the end (step 100), or the job may finish first
-    wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
-               what=f"a checkpoint at step >= {target}", interval=0.05)
-    time.sleep(random.uniform(0.0, 0.2))
-    requeued_at = time.time()
-    if action == "requeue":
-        sh("scontrol", "requeue", job_id)
-    else:
-        sh("scancel", f"--signal={action}", job_id)
-    release_when_requeued(job_id)
+    # Each interruption a few checkpoints (every 4 steps) after the last one resumed from, all well before the end
+    # (step 100), or the job may finish first; a checkpoint past the last one is the new allocation's own.
+    target, requeued_at = random.Random().randint(4, 16), time.time()
+    for number, action in enumerate(INTERRUPTIONS):
+        wait_until(lambda: any(info.step >= target for info in manager.complete()), timeout=300,
+                   what=f"a checkpoint at step >= {target} before the {action} interruption", interval=0.05)
+        time.sleep(random.uniform(0.0, 0.2))
+        if number == 0:
+            requeued_at = time.time()
+        if action == "requeue":
+            sh("scontrol", "requeue", job_id)
+        else:
+            sh("scancel", f"--signal={action}", job_id)
+        release_when_requeued(job_id)
+        print(f"job {job_id}: {action} after the checkpoint at step {max(i.step for i in manager.complete())}")
+        target = max(info.step for info in manager.complete()) + random.Random().randint(4, 12)
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the requeued job to end")
     assert final_state(job_id) == "COMPLETED"
-    assert allocations(job_id) == ["REQUEUED", "COMPLETED"]  # requeued exactly once
+    assert allocations(job_id) == ["REQUEUED"] * len(INTERRUPTIONS) + ["COMPLETED"]  # requeued once per signal
     logs = job_logs(run_dir, job_id)
     assert "Traceback" not in logs and "CalledProcessError" not in logs
-    if action == "requeue":
-        assert "SLURM is requeueing the job itself" in logs and "without a second requeue" in logs
-        assert history_reasons(run_dir) == ["requeued_by_slurm", "completed"]
-    else:
-        assert f"SIG{action} received: preemption" in logs and "not counted" in logs
-        assert history_reasons(run_dir) == ["requeued_preemption", "completed"]
-    assert "resumed from" in logs
+    assert "SLURM is requeueing the job itself" in logs and "without a second requeue" in logs
+    for action in ("USR2", "TERM"):
+        assert f"SIG{action} received: preemption" in logs
+    assert "not counted" in logs
+    assert history_reasons(run_dir) == ["requeued_preemption", "requeued_preemption", "requeued_by_slurm",
+                                        "completed"]
+    assert logs.count("resumed from") >= len(INTERRUPTIONS)
     assert_same_weights(two_node_run, run_dir)
-    if loggers:
-        assert_one_mlflow_run_with_each_step_once(run_dir, created_before=requeued_at)
+    assert_one_mlflow_run_with_each_step_once(run_dir, created_before=requeued_at)
 
 
 def assert_one_mlflow_run_with_each_step_once(run_dir: Path, *, created_before: float) -> None:
