@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -16,6 +15,8 @@ import pytest
 import torch
 
 from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+
+from . import zygote
 
 
 def state(step: int) -> dict:
@@ -79,7 +80,7 @@ WRITER = textwrap.dedent("""
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep_last=2)
     manager.save(1, state(1))
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    writer = zygote.start([sys.executable, "-c", WRITER, str(tmp_path)])
     deadline = time.monotonic() + 120
     temporaries: list[Path] = []
     while time.monotonic() < deadline and writer.poll() is None:
@@ -119,7 +120,7 @@ def test_sigkill_during_a_background_write_leaves_the_previous_one_newest(tmp_pa
     manager.save_async(1, state(1))
     manager.close()  # a finished background write is complete
     assert [info.step for info in manager.complete()] == [1]
-    writer = subprocess.run([sys.executable, "-c", ASYNC_WRITER, str(tmp_path)], timeout=120)
+    writer = zygote.run([sys.executable, "-c", ASYNC_WRITER, str(tmp_path)], timeout=120)
     assert writer.returncode == -signal.SIGKILL
     assert not (manager.directory / "step_000000002.json").exists()
     info = manager.newest_valid()

@@ -128,8 +128,8 @@ print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "
 def test_load_model_reproduces_the_validation_of_training_from_another_directory(trained: Trained,
                                                                                  tmp_path: Path) -> None:
     command = [PYTHON, "-c", LOAD_AND_VALIDATE, str(trained.run_dir), str(trained.project / "molecules.h5")]
-    found = json.loads(subprocess.run(command, cwd=tmp_path, env=user_env(trained.installed, trained.project),
-                                      capture_output=True, text=True, check=True).stdout)
+    found = json.loads(zygote.run(command, cwd=tmp_path, env=user_env(trained.installed, trained.project),
+                                  check=True).stdout)
     assert found["class"] == "molecules.EnergyNet" and found["training"] is False
     assert found["hpctrain"].startswith(str(trained.installed))
     assert found["step"] == 24 and found["steps"][0] == 24  # best = the last evaluation here

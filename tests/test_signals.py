@@ -27,6 +27,7 @@ from hpctrain import history
 from hpctrain.signals import Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state
 from hpctrain.watchdog import Watchdog
 
+from . import zygote
 from .conftest import PYTHON, REPO, launch, tiny_overrides
 
 VIEWS = json.loads((Path(__file__).parent / "data" / "slurm_signal_views.json").read_text())["views"]
@@ -257,12 +258,12 @@ def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> N
     started = time.monotonic()
     processes = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29000 + os.getpid() % 1000 + rank)}
-        processes.append(subprocess.Popen([PYTHON, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=env))
+        processes.append(zygote.start([PYTHON, "-c", script], cwd=REPO, env=env, output=tmp_path / f"rank{rank}.out"))
     for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
+        process.wait(timeout=300)
+        stdout, stderr = process.read_output()
         elapsed = time.monotonic() - started
         assert "REFUSED" in stdout and "rendezvous_timeout_s=5" in stdout, stderr[-2000:]
         assert elapsed < 120, elapsed

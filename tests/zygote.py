@@ -13,7 +13,7 @@ What is read at start-up or import (PYTHONPATH, thread counts, ...: `IMPORT_ENVI
 the fork, so each such environment has a zygote of its own, started with it: a user's environment, with an
 installed hpctrain on PYTHONPATH, preloads that hpctrain. A PYTHONPATH entry that holds none of the preloaded
 packages (a user's project, with their own package) cannot change what was preloaded, so it does not need a zygote
-of its own: the child puts its own PYTHONPATH on `sys.path` in place of the zygote's. Only `-m hpctrain.*`
+of its own: the child puts its own PYTHONPATH on `sys.path` in place of the zygote's. Only `-m hpctrain.*` and `-c`
 commands go through a zygote; HPCTRAIN_TEST_FRESH=1 sends every command to a fresh interpreter, to check that
 nothing depends on it.
 
@@ -114,6 +114,7 @@ def _become(start: dict[str, Any]) -> None:
     """Turn this forked child into `python -m MODULE ARGS` started in `cwd` with `env`, and run it."""
     import random
     import runpy
+    import types
 
     import importlib
 
@@ -126,15 +127,22 @@ def _become(start: dict[str, Any]) -> None:
     os.environ.update(start["env"])
     for fd, path in ((1, start["stdout"]), (2, start["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
-    module, args = start["module"], start["args"]
-    sys.argv = [module, *args]
-    # What -m puts first, then the child's own PYTHONPATH where the zygote's was (the same preloading entries)
-    sys.path[:] = [os.getcwd(), *(os.path.abspath(entry) for entry in _python_path(os.environ)),
+    module, code, args = start.get("module"), start.get("code"), start["args"]
+    sys.argv = [module if code is None else "-c", *args]
+    # What -m (the working directory) or -c (the empty entry: the working directory, whatever it becomes) puts
+    # first, then the child's own PYTHONPATH where the zygote's was (the same preloading entries)
+    sys.path[:] = [os.getcwd() if code is None else "", *(os.path.abspath(entry) for entry in _python_path(os.environ)),
                    *(entry for entry in sys.path if entry not in zygote_path)]
     importlib.invalidate_caches()
     random.seed()
     np.random.seed()
     torch.seed()
+    if code is not None:  # as `python -c code`: a fresh __main__ module without a file
+        main = types.ModuleType("__main__")
+        main.__builtins__ = __builtins__
+        sys.modules["__main__"] = main
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+        return
     sys.modules.pop(module, None)  # runpy runs it afresh as __main__, as -m does
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
@@ -177,8 +185,9 @@ def processes() -> list[int]:
 def eligible(command: list[str]) -> bool:
     if os.environ.get("HPCTRAIN_TEST_FRESH") == "1":
         return False
-    return len(command) >= 3 and command[0] == sys.executable and command[1] == "-m" and command[2].startswith(
-        "hpctrain.")
+    if len(command) < 3 or command[0] != sys.executable:
+        return False
+    return command[1] == "-c" or (command[1] == "-m" and command[2].startswith("hpctrain."))
 
 
 def _zygote_for(env: dict[str, str]) -> _Zygote:
@@ -203,8 +212,9 @@ class Child:
             stdout, stderr = str(output), str(output if merge_stderr else output.with_suffix(".err"))
             for path in {stdout, stderr}:
                 Path(path).write_bytes(b"")
-        self.pid = self.zygote.ask({"start": {"module": command[2], "args": command[3:], "cwd": str(cwd),
-                                          "env": env, "stdout": stdout, "stderr": stderr}})["pid"]
+        what = {"code" if command[1] == "-c" else "module": command[2]}
+        self.pid = self.zygote.ask({"start": {**what, "args": command[3:], "cwd": str(cwd), "env": env,
+                                          "stdout": stdout, "stderr": stderr}})["pid"]
 
     def wait(self, timeout: float | None = None) -> int:
         global children_cpu_s
