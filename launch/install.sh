@@ -18,11 +18,15 @@ else
 fi
 # The rest (about 150 packages with the test extras) through uv, which fetches and installs them at once: 85 s with
 # pip here, under 10 with uv. pip does it where uv cannot be installed. Either keeps the torch installed above.
+# Both write the packages' bytecode now (pip by default, uv when asked): otherwise, where PYTHONDONTWRITEBYTECODE is
+# set or site-packages is read-only, every Python compiles Hydra, OmegaConf, submitit, ... again at each start (0.4
+# CPU-s more for each launch, rank and SLURM task; 4 s more for importing the logger libraries). So is hpctrain's.
 if "${pip[@]}" uv >/dev/null 2>&1; then
-    .venv/bin/python -m uv pip install --python .venv/bin/python --quiet -e ".${extras:+[$extras]}"
+    .venv/bin/python -m uv pip install --python .venv/bin/python --quiet --compile-bytecode -e ".${extras:+[$extras]}"
 else
     "${pip[@]}" -e ".${extras:+[$extras]}"
 fi
+.venv/bin/python -m compileall -q -j 0 hpctrain hydra_plugins tests benchmarks >/dev/null
 .venv/bin/python - <<'PY'
 import torch, hpctrain
 print(f"hpctrain ready: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
