@@ -182,8 +182,19 @@ def parse_sacct_state(sacct_output: str) -> str:
     return ""
 
 
+# SLURM signals every process of a job step, so a `scontrol` or `sacct` that a rank runs while the job is stopping
+# (SIGTERM at a requeue or cancel, USR2 at a preemption) is signalled too: `scontrol requeue` was killed by the very
+# SIGTERM its own requeue caused, before it could report success. They run with both signals ignored (an ignored
+# signal stays ignored across exec); SIGKILL, KillWait after SIGTERM, still ends them.
+_IGNORING_STOP_SIGNALS = ["sh", "-c", 'trap "" TERM USR2; exec "$@"', "sh"]
+
+
+def _run_slurm_command(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*_IGNORING_STOP_SIGNALS, *command], capture_output=True, text=True, timeout=timeout)
+
+
 def _command(command: list[str], timeout: float = 30) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    result = _run_slurm_command(command, timeout)
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
     return result.stdout
@@ -263,7 +274,7 @@ def requeue(job_id: str, *, restart_count: int) -> tuple[bool, str]:
         view = None
     if view is not None and (view.restarts > restart_count or view.job_state in REQUEUE_STATES):
         return False, f"already being requeued by SLURM (JobState={view.job_state}, Restarts={view.restarts})"
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    result = _run_slurm_command(["scontrol", "requeue", job_id], timeout=60)
     if result.returncode == 0:
         return True, "requeued"
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from hpctrain import history
-from hpctrain.signals import Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state
+from hpctrain.signals import Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state, requeue
 from hpctrain.watchdog import Watchdog
 
 from . import zygote
@@ -88,6 +88,27 @@ def test_preemption_time_and_restarts() -> None:
     assert combine([Cause.PREEMPTED, Cause.TIME_LIMIT]) is Cause.TIME_LIMIT
     assert parse_duration_s("1-02:03:04") == 93784 and parse_duration_s("05:00") == 300
     assert parse_duration_s("UNLIMITED") is None and parse_duration_s("INVALID") is None
+
+
+def test_scontrol_requeue_outlives_the_signals_of_its_own_requeue(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a requeue SLURM sends SIGTERM to every process of the job step, the rank's own `scontrol requeue` among
+    them: killed before it exited 0, the requeue it had made was recorded as SLURM's (a time-limit requeue then
+    escaped launcher.max_num_timeout). This `scontrol` signals itself as slurmstepd would, then succeeds."""
+    marker = tmp_path / "requeued"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        [ "$1" = requeue ] || exit 1  # `scontrol show job`: SLURM cannot be asked, so requeue() just requeues
+        kill -TERM $$
+        kill -USR2 $$
+        echo "$2" > {marker}
+        """))
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    assert requeue("7", restart_count=0) == (True, "requeued")
+    assert marker.read_text() == "7\n"
 
 
 def test_history_counts_each_attempt_once_and_lists_redone_steps(tmp_path: Path,
