@@ -51,28 +51,35 @@ class Cause(str, enum.Enum):
 
 # -- the flag ---------------------------------------------------------------------------------------------------
 class StopFlag:
-    """Set by USR2/SIGTERM; read by the trainer at step boundaries. The handler records the signal and sets an
-    event, nothing else; a helper thread (`start_classifier`) asks SLURM why, outside the handler."""
+    """Set by USR2/SIGTERM; read by the trainer at step boundaries. The handler records the signal and sets a flag,
+    nothing else; a helper thread (`start_classifier`) asks SLURM why, outside the handler."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._wake = threading.Event()
+        self._stopped = False
         self.signals: list[tuple[str, float]] = []  # (name, time.time()) in arrival order
         self.causes: list[tuple[Cause, str]] = []  # classifications made at signal time (rank 0)
         self._classifier: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._wake_fd: int | None = None  # the write end of the classifier's pipe
+        self._lock = threading.Lock()  # self.causes, between the classifier and its readers; never in the handler
 
     def install(self) -> None:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # A handler runs between two bytecodes of the main thread, also of another handler when a second signal
+        # comes at once (SLURM's USR2 then SIGTERM), so it takes no lock: threading.Event.set() does, and a nested
+        # handler waited forever for the lock of the one it interrupted. A write to a pipe wakes the classifier.
         self.signals.append((signal.Signals(signum).name, time.time()))
-        self._event.set()
-        self._wake.set()
+        self._stopped = True
+        if self._wake_fd is not None:
+            try:
+                os.write(self._wake_fd, b"\0")
+            except OSError:  # the pipe is full: the classifier has wake-ups pending anyway
+                pass
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._stopped
 
     @property
     def signal_name(self) -> str:
@@ -85,12 +92,12 @@ class StopFlag:
         """Classify each signal when it arrives, in a daemon thread (scontrol must not run in a handler)."""
         if self._classifier is not None:
             return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
 
         def loop() -> None:
             seen = 0
             while True:
-                self._wake.wait()
-                self._wake.clear()
                 while seen < len(self.signals):
                     seen = len(self.signals)
                     try:
@@ -101,11 +108,11 @@ class StopFlag:
                     with self._lock:
                         self.causes.append(result)
                     log.info("%s received: %s (%s)", self.signals[seen - 1][0], result[0].value, result[1])
+                os.read(read_fd, 4096)  # until the handler writes: signals after the check above wake it too
 
+        self._wake_fd = write_fd
         self._classifier = threading.Thread(target=loop, name="hpctrain-signal-classifier", daemon=True)
         self._classifier.start()
-        if self.signals:
-            self._wake.set()
 
     def classified(self) -> list[tuple[Cause, str]]:
         with self._lock:

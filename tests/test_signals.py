@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from hpctrain import history
-from hpctrain.signals import Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state, requeue
+from hpctrain.signals import (Cause, JobView, StopFlag, classify, combine, parse_duration_s, parse_sacct_state,
+                              requeue)
 from hpctrain.watchdog import Watchdog
 
 from . import zygote
@@ -88,6 +89,35 @@ def test_preemption_time_and_restarts() -> None:
     assert combine([Cause.PREEMPTED, Cause.TIME_LIMIT]) is Cause.TIME_LIMIT
     assert parse_duration_s("1-02:03:04") == 93784 and parse_duration_s("05:00") == 300
     assert parse_duration_s("UNLIMITED") is None and parse_duration_s("INVALID") is None
+
+
+def test_the_stop_handler_takes_no_lock_and_still_wakes_the_classifier() -> None:
+    """A handler runs between two bytecodes of whatever the main thread was doing, also of another handler when
+    a second signal comes at once (SLURM's USR2, then SIGTERM). It used to set a threading.Event, whose lock the
+    interrupted handler held: the nested one waited for it forever (test_loader's signal storm hung in CI)."""
+    flag = StopFlag()
+    classified: list[list[str]] = []
+    flag.start_classifier(lambda names: classified.append(names) or (Cause.PREEMPTED, "a test"))
+    entered: list[str] = []
+
+    def profile(frame, event: str, arg) -> None:
+        if event == "call" and frame.f_code.co_name in ("__enter__", "acquire", "wait"):
+            entered.append(frame.f_code.co_qualname)
+        elif event == "c_call" and getattr(arg, "__name__", "") in ("__enter__", "acquire", "acquire_lock"):
+            entered.append(repr(arg))
+
+    sys.setprofile(profile)
+    try:
+        flag._handle(signal.SIGUSR2, None)
+        flag._handle(signal.SIGTERM, None)
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    assert flag.is_set() and flag.signal_names() == ["SIGUSR2", "SIGTERM"]
+    deadline = time.monotonic() + 10
+    while len(flag.classified()) < 1 or classified[-1] != ["SIGUSR2", "SIGTERM"]:
+        assert time.monotonic() < deadline, classified
+        time.sleep(0.01)
 
 
 def test_scontrol_requeue_outlives_the_signals_of_its_own_requeue(tmp_path: Path,
