@@ -94,7 +94,8 @@ def test_preemption_time_and_restarts() -> None:
 def test_the_stop_handler_takes_no_lock_and_still_wakes_the_classifier() -> None:
     """A handler runs between two bytecodes of whatever the main thread was doing, also of another handler when
     a second signal comes at once (SLURM's USR2, then SIGTERM). It used to set a threading.Event, whose lock the
-    interrupted handler held: the nested one waited for it forever (test_loader's signal storm hung in CI)."""
+    interrupted handler held: the nested one waited for it forever (test_loader's signal storm hung in a clean-clone
+    run)."""
     flag = StopFlag()
     classified: list[list[str]] = []
     flag.start_classifier(lambda names: classified.append(names) or (Cause.PREEMPTED, "a test"))
