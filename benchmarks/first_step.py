@@ -27,7 +27,7 @@ DATA = REPO / "data" / "cbed_64px_4096.h5"
 # The launcher, unchanged, with the first return of Trainer.train_step reported.
 HPCTRAIN = """
 import os, runpy, sys, time
-import hpctrain.train
+import hpctrain.run.trainer
 
 step = hpctrain.train.Trainer.train_step
 def first_step(self, *args, **kwargs):

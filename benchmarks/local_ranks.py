@@ -25,7 +25,7 @@ DATA = REPO / "data" / "cbed_64px_4096.h5"
 
 LAUNCH = """
 import multiprocessing, runpy, sys
-import hpctrain.job
+import hpctrain.launching.job
 
 if sys.argv[1] == "spawn":
     hpctrain.job._rank_context = lambda work: multiprocessing.get_context("spawn")

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpctrain.hdf5_reader import RowReader  # noqa: E402
+from hpctrain.data.hdf5_reader import RowReader  # noqa: E402
 
 Method = Callable[[np.ndarray], np.ndarray]
 

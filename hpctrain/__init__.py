@@ -19,7 +19,7 @@ def __getattr__(name: str):  # noqa: ANN202
     """`hpctrain.load_model` and `hpctrain.load_run` (hpctrain.runs), imported on first use: importing torch here
     would slow the start of every `python -m hpctrain.*` command."""
     if name in ("load_model", "load_run"):
-        from hpctrain import runs
+        from hpctrain.use import runs
 
         return getattr(runs, name)
     raise AttributeError(f"module 'hpctrain' has no attribute {name!r}")

@@ -40,14 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpctrain.components import Components, build_components, check_run_inputs, model_inputs, per_sample_components
+from hpctrain.components import build_components, check_run_inputs
+
+from hpctrain.run.contract import Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError
-from hpctrain.data import BatchReader, DistributedBatchSampler
-from hpctrain.loader import make_loader
-from hpctrain.launch import compose_config, fail
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
+from hpctrain.data.loader import make_loader
+from hpctrain.launching.app import compose_config, fail
 
 if TYPE_CHECKING:
-    from hpctrain.train import Trainer
+    from hpctrain.run.trainer import Trainer
 
 
 def ratio_line(label: str, ours: list[float], reference: list[float], unit: str, *, higher_is_better: bool) -> str:
@@ -192,8 +194,8 @@ def hpctrain_loop_seconds(config: Config, components: Components, steps: int, ru
     run's start and end (and no evaluation or checkpoint, which are configured away) are not timed. `between`, if
     given, runs after each step, untimed (the next step's time starts when it returns); `built`, if given,
     receives the trainer before it starts."""
-    from hpctrain.distributed import DistributedContext
-    from hpctrain.train import Trainer
+    from hpctrain.process.distributed import DistributedContext
+    from hpctrain.run.trainer import Trainer
 
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     run_dir.mkdir(parents=True)
@@ -228,7 +230,7 @@ def interleaved_seconds(config: Config, components: Components, raw_batches: Ite
     On a GPU the raw step copies its batch there (non-blocking, from pinned memory if the loader pins) and ends
     with a synchronisation, as hpctrain's step ends with its one host sync; both run under trainer.precision's
     autocast."""
-    from hpctrain.evaluate import autocast_for
+    from hpctrain.run.evaluate import autocast_for
 
     model = copy.deepcopy(components.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
@@ -370,7 +372,7 @@ def breakdown_on_off_seconds(config: Config, components: Components, steps: int,
 
 def clock_seconds_per_step(repeats: int = 20_000) -> float:
     """The breakdown's own calls for one step (its marks and its row) on this machine, in a loop of their own."""
-    from hpctrain.breakdown import StepClock
+    from hpctrain.run.breakdown import StepClock
 
     clock = StepClock(torch.device("cpu"), enabled=True)
     clock.restart()
@@ -396,7 +398,7 @@ def profiled_breakdown(config: Config, components: Components, steps: int, run_d
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    from hpctrain.metrics import METRICS_FILENAME, open_for_reading
+    from hpctrain.run.metrics import METRICS_FILENAME, open_for_reading
 
     ranges: list[record_function] = []
     trainers: list[Trainer] = []
@@ -504,7 +506,7 @@ def bench_breakdown(config: Config, *, rounds: int, steps: int, tiny_steps: int,
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
 
     state = {"model": {f"w{i}": torch.randn(megabytes * (1 << 20) // 4 // 16) for i in range(16)}, "step": 1}
     ours, background, reference = [], [], []
@@ -535,7 +537,7 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpctrain.exit import skip_final_collection
+    from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])

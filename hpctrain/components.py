@@ -25,36 +25,14 @@ from torch.utils.data import Dataset
 
 from hpctrain.callbacks import HOOKS
 from hpctrain.config import LOGGERS, CallbacksConfig, Config, ConfigError, DataConfig, is_target_node
-from hpctrain.data import BatchReader, Split, make_split
+from hpctrain.data.dataset import BatchReader, Split, make_split
 from hpctrain.instantiate import build, first_line
 from hpctrain.optim import build_parameter_groups
-from hpctrain.seeding import seed_everything
+from hpctrain.process.seeding import seed_everything
+from hpctrain.run.contract import Batch, Components, PerSampleFunction, describe, model_inputs, per_sample_components
 from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
-
-Batch = dict[str, torch.Tensor]
-PerSampleFunction = Callable[[Any, Batch], Any]
-
-
-@dataclass
-class Components:
-    """Everything a rank trains with, built once from the config."""
-
-    model: nn.Module
-    loss: PerSampleFunction
-    metrics: dict[str, PerSampleFunction]
-    split: Split
-    transforms: list[Callable[[Batch], Batch]]
-    # data.test_dataset, built (and so checked) with the others; None when the config names none.
-    test_dataset: Dataset | None = None
-    # task.plot, the plot hook (hpctrain.evaluate); None when the config names none.
-    plot: Callable[..., Any] | None = None
-    # task.device_transforms, run on the device before the forward pass (hpctrain.transforms).
-    device_transforms: list[Callable[..., Batch]] = field(default_factory=list)
-    # (config key, callback) of callbacks.user and callbacks.loggers (each logger in its LoggerFeed).
-    callbacks: list[tuple[str, Any]] = field(default_factory=list)
-
 
 # -- building --------------------------------------------------------------------------------------------------
 def _target_nodes(value: Any, key: str) -> list[tuple[str, str]]:
@@ -209,34 +187,6 @@ def build_components(config: Config) -> Components:
 
 
 # -- the contract, checked --------------------------------------------------------------------------------------
-def model_inputs(batch: Batch, inputs: list[str]) -> list[torch.Tensor]:
-    return [batch[name] for name in inputs]
-
-
-def per_sample_components(value: Any, batch_size: int, *, key: str) -> dict[str, torch.Tensor]:
-    """A loss's or metric's result as named per-sample tensors; raises ValueError naming `key` on a bad shape."""
-    items = value.items() if isinstance(value, Mapping) else [("", value)]
-    components = {}
-    for name, tensor in items:
-        where = f"{key}[{name!r}]" if name else key
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{where} returned {type(tensor).__name__}, not a per-sample tensor of shape "
-                             f"({batch_size},)")
-        if tuple(tensor.shape) != (batch_size,):
-            raise ValueError(f"{where} returned shape {tuple(tensor.shape)}; it must return one value per sample, "
-                             f"shape ({batch_size},) (reduce every other axis, e.g. .mean(dim=1))")
-        components[name] = tensor
-    if not components:
-        raise ValueError(f"{key} returned an empty dict")
-    return components
-
-
-def describe(batch: Batch, names: list[str] | None = None) -> str:
-    shown = names if names is not None else [name for name in batch if name != "index"]
-    return ", ".join(f"{name} {tuple(batch[name].shape)} {str(batch[name].dtype).replace('torch.', '')}"
-                     for name in shown if name in batch)
-
-
 def read_checked_batch(reader: BatchReader, indices: np.ndarray, inputs: list[str], *,
                        device_transforms: list[Any] = (), seed: int = 0, stage: str = "train") -> dict[str, Any]:
     """Samples `indices` read and put through the device transforms (on CPU), or one ConfigError naming what
@@ -346,12 +296,23 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     # Patterns match, and a torch scheduler's node builds around an optimizer?
     build_parameter_groups(components.model, config.optim, max_steps=1, steps_per_epoch=1,
                            monitor=config.callbacks.monitor.metric, monitor_mode=config.callbacks.monitor.mode)
-    from hpctrain.freeze import check_schedule
+    from hpctrain.run.freeze import check_schedule
 
     check_schedule(components.model, config.optim.freeze)
     if config.trainer.init_from.run is not None:
-        from hpctrain.fine_tune import initial_weights
+        from hpctrain.run.fine_tune import initial_weights
 
         initial_weights(components.model, config.trainer.init_from)  # the run, its checkpoint, patterns, shapes
     check_monitored(config, dry_step(config, components) if config.trainer.dry_step else None)
     return components
+
+
+def build_trainer(config: Config, run_dir: Any, dist: Any, components: Components | None = None, *,
+                  stop_requested: Callable[[], bool] = lambda: False,
+                  evaluation_stop: Callable[[int, float], str] | None = None) -> Any:
+    """The trainer of one rank, with every part it trains with built here."""
+    from hpctrain.run.trainer import Trainer
+
+    return Trainer(config=config, run_dir=run_dir, dist=dist,
+                   components=components if components is not None else build_components(config),
+                   stop_requested=stop_requested, evaluation_stop=evaluation_stop)

@@ -97,8 +97,8 @@ def launch(check: Check, name: str, *overrides: str, timeout: float = 300) -> tu
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """What a finished run's metrics.h5 and newest checkpoint say: losses, throughput, GPU memory, weights."""
-    from hpctrain.checkpoint import CheckpointManager, state_dict_digest
-    from hpctrain.metrics import open_for_reading
+    from hpctrain.run.checkpoint import CheckpointManager, state_dict_digest
+    from hpctrain.run.metrics import open_for_reading
 
     with open_for_reading(run_dir / "metrics.h5") as file:
         loss = file["train/loss"][()]
@@ -146,7 +146,7 @@ def check_training(check: Check) -> None:
 
 
 def check_resume(check: Check) -> None:
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
 
     print("2. fp32, deterministic kernels: SIGKILL mid-run, restart, compare with the uninterrupted run", flush=True)
     name, overrides = "fp32_killed", ["trainer.precision=fp32", "trainer.deterministic=true"]
@@ -211,11 +211,11 @@ def check_speed(check: Check, *, rounds: int, steps: int) -> None:
     from hpctrain.benchmark import (_epochs, _quiet, interleaved_seconds, loader_rate, ratio_line, raw_step,
                                     step_config)
     from hpctrain.components import build_components, check_run_inputs
-    from hpctrain.data import BatchReader, DistributedBatchSampler
-    from hpctrain.distributed import available_cpus
-    from hpctrain.evaluate import autocast_for
-    from hpctrain.launch import compose_config
-    from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
+    from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
+    from hpctrain.process.distributed import available_cpus
+    from hpctrain.run.evaluate import autocast_for
+    from hpctrain.launching.app import compose_config
+    from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
 
     device = torch.device(check.device)
     precision = "bf16" if check.device == "cuda" else "fp32"
@@ -294,7 +294,7 @@ def write_result(out: Path, result: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpctrain.exit import skip_final_collection
+    from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.gpu_check", description=__doc__.splitlines()[0])

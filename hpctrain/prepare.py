@@ -13,11 +13,11 @@ import sys
 
 from hpctrain.components import check_run_inputs
 from hpctrain.config import ConfigError
-from hpctrain.launch import compose_config, fail
+from hpctrain.launching.app import compose_config, fail
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpctrain.exit import skip_final_collection
+    from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
     parser = argparse.ArgumentParser(prog="python -m hpctrain.prepare", description=__doc__.splitlines()[0])

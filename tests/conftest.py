@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.tasks.cbed.generator import CBEDGeneratorConfig, generate_dataset
 from tests import zygote
 

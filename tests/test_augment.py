@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hpctrain.config import DataConfig
-from hpctrain.data import BatchReader, DistributedBatchSampler, HDF5Dataset
-from hpctrain.loader import make_loader
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler, HDF5Dataset
+from hpctrain.data.loader import make_loader
 from hpctrain.transforms import AddLitter, AddNoise
 
 from .conftest import launch, tiny_overrides
@@ -94,7 +94,7 @@ def test_run_with_noise_and_litter_killed_and_restarted_is_bit_exact(tmp_path: P
     assert inspect_json(tmp_path / "reference")["newest_checkpoint"]["model_sha256"] == \
         inspect_json(tmp_path / "resumed")["newest_checkpoint"]["model_sha256"]
     # It did augment: the run's own reader (built from the run's config, as training built it) changes the images.
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
     from hpctrain.components import build_components
     from hpctrain.config import from_json
 

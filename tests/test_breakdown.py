@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain import breakdown
-from hpctrain.breakdown import Breakdown, StepClock, advice, format_breakdown, summarize
-from hpctrain.inspect import format_summary
-from hpctrain.inspect import summarize as summarize_run
-from hpctrain.metrics import MetricsWriter
+from hpctrain.run import breakdown
+from hpctrain.run.breakdown import Breakdown, StepClock, advice, format_breakdown, summarize
+from hpctrain.use.inspect import format_summary
+from hpctrain.use.inspect import summarize as summarize_run
+from hpctrain.run.metrics import MetricsWriter
 
 
 class ScriptedTime:

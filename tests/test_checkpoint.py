@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.run.checkpoint import CheckpointManager, state_dict_digest
 
 from . import zygote
 
@@ -70,7 +70,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path, cap
 WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
     manager = CheckpointManager(Path(sys.argv[1]), keep_last=2)
     # ~400 MB: the write takes long enough to be killed in the middle of it.
     manager.save(2, {"step": 2, "model": {"weight": torch.ones(100_000_000)}})
@@ -104,7 +104,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
 ASYNC_WRITER = textwrap.dedent("""
     import os, signal, sys, time, torch
     from pathlib import Path
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
     os.fsync = lambda fd: time.sleep(60)
     directory = Path(sys.argv[1])
     manager = CheckpointManager(directory, keep_last=2)
@@ -144,7 +144,7 @@ def test_async_writes_keep_the_state_of_their_step_and_commit_in_order(tmp_path:
 
 def test_record_crc32_is_left_out_in_the_saving_thread_only() -> None:
     """A background checkpoint write must not change how the training thread's own torch.save calls write."""
-    from hpctrain.checkpoint import _without_record_crc32
+    from hpctrain.run.checkpoint import _without_record_crc32
 
     entered, checked, inside = threading.Event(), threading.Event(), []
 
@@ -185,8 +185,8 @@ def test_pruning_skips_a_run_directory_taken_over(tmp_path: Path, monkeypatch: p
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A background pruning that finds the run taken over deletes nothing and raises nothing (the next save's own
     commit check speaks for the new owner)."""
-    from hpctrain import checkpoint
-    from hpctrain.distributed import RunDirectoryTakenOver
+    from hpctrain.run import checkpoint
+    from hpctrain.process.distributed import RunDirectoryTakenOver
 
     manager = CheckpointManager(tmp_path, keep_last=5)
     for step in (1, 2, 3):

@@ -118,8 +118,8 @@ def test_bad_compile_settings_are_refused_with_the_key(value: str, message: str)
 
 
 def test_the_watchdog_does_not_time_a_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpctrain import watchdog
-    from hpctrain.compile import compile_model
+    from hpctrain.process import watchdog
+    from hpctrain.run.compile import compile_model
 
     dog = watchdog.Watchdog(limit_s=1.0, rank=0)  # its thread not started: only its pause state is looked at
     monkeypatch.setattr(watchdog, "_active", dog)

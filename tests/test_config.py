@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import pytest
 from hpctrain.config import Config, ConfigError, from_json, to_json
-from hpctrain.launch import compose_config as launch_compose
+from hpctrain.launching.app import compose_config as launch_compose
 
 from .conftest import launch, tiny_overrides
 

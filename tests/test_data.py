@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.data import BatchReader, DistributedBatchSampler, HDF5Dataset, ShardSampler
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler, HDF5Dataset, ShardSampler
 
 CBED_FIELDS = {"image": "images", "labels": "labels"}
 
@@ -194,9 +194,9 @@ def test_ragged_fields_arrive_padded_with_their_lengths_from_several_files(tmp_p
 ])
 def test_bad_ragged_offsets_are_refused_whole_when_the_dataset_is_built(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offsets: list[int], message: str) -> None:
-    import hpctrain.data
+    import hpctrain.data.dataset
 
-    monkeypatch.setattr(hpctrain.data, "OFFSETS_CHECK_BLOCK", 4)  # several reads: the check spans their edges
+    monkeypatch.setattr(hpctrain.data.dataset, "OFFSETS_CHECK_BLOCK", 4)  # several reads: the check spans their edges
     path, _ = ragged_file(tmp_path / "bad.h5", [1, 1, 1, 1, 2])  # 6 values
     with h5py.File(path, "r+") as file:
         file["atoms/offsets"][...] = offsets

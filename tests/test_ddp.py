@@ -84,8 +84,8 @@ class AllReduceCounter:
 
 
 def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, results) -> None:
-    from hpctrain.distributed import init_distributed, shutdown_distributed
-    from hpctrain.train import Trainer
+    from hpctrain.process.distributed import init_distributed, shutdown_distributed
+    from hpctrain.run.trainer import Trainer
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -115,7 +115,7 @@ def test_gradients_are_all_reduced_only_on_the_last_microbatch(tmp_path: Path, t
     config = compose_config(*tiny_overrides(tiny_data, "trainer.micro_batch_size=4"))
     context = mp.get_context("spawn")
     results = context.Queue()
-    from hpctrain.job import _free_port
+    from hpctrain.launching.job import _free_port
 
     port = _free_port()
     processes = [context.Process(target=_count_allreduces, args=(rank, config, str(tmp_path), port, results))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.metrics import open_for_reading
 from . import zygote
 
 from .conftest import PYTHON, REPO, launch, tiny_overrides

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.config import ConfigError, FreezeScheduleConfig
-from hpctrain.freeze import FreezeSchedule
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.freeze import FreezeSchedule
+from hpctrain.run.metrics import open_for_reading
 
 from .conftest import final_weights, launch, tiny_overrides
 from .test_config import compose_config

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain import seeding
+from hpctrain.process import seeding
 from hpctrain.components import build_components
-from hpctrain.distributed import DistributedContext, process_group_environment, step_peak_memory
-from hpctrain.metrics import MetricsWriter, open_for_reading
-from hpctrain.train import Trainer
+from hpctrain.process.distributed import DistributedContext, process_group_environment, step_peak_memory
+from hpctrain.run.metrics import MetricsWriter, open_for_reading
+from hpctrain.run.trainer import Trainer
 
 from .conftest import tiny_overrides
 from .test_config import compose_config

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hpctrain import hdf5_reader
-from hpctrain.hdf5_reader import RowReader
+from hpctrain.data import hdf5_reader
+from hpctrain.data.hdf5_reader import RowReader
 
 N = 203  # not a multiple of any chunk size below: every chunked case has a partial last chunk
 
@@ -242,7 +242,7 @@ def test_vlen_falls_back_to_h5py(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=np.array(values + [None], dtype=object)[:-1], dtype=h5py.vlen_dtype("i4"))
         f.create_dataset("s", data=[f"string {i}" for i in range(N)], dtype=h5py.string_dtype())
-    with h5py.File(path, "r") as f, caplog.at_level(logging.WARNING, logger="hpctrain.hdf5_reader"):
+    with h5py.File(path, "r") as f, caplog.at_level(logging.WARNING, logger="hpctrain.data.hdf5_reader"):
         reader = RowReader(f["x"])
         strings = RowReader(f["s"])
         assert reader.mode == "h5py" and "variable-length" in reader.reason
@@ -302,7 +302,7 @@ def test_failed_self_check_hands_decoding_to_hdf5(tmp_path: Path, caplog: pytest
     path = _make(tmp_path, CASES["gzip"][0])
     with h5py.File(path, "r+") as f:
         f["x"].id.write_direct_chunk((0, 0, 0), b"not deflate data")  # chunk 0 holds probed row 0
-    with h5py.File(path, "r") as f, caplog.at_level(logging.DEBUG, logger="hpctrain.hdf5_reader"):
+    with h5py.File(path, "r") as f, caplog.at_level(logging.DEBUG, logger="hpctrain.data.hdf5_reader"):
         reader = RowReader(f["x"])
         assert reader.mode == "chunks" and "self-check" in reader.reason and "through HDF5" in reader.reason
         _same(reader.read(np.array([100, 20])), f["x"][[20, 100]][::-1])
@@ -453,7 +453,7 @@ def test_file_appended_by_another_process(tmp_path: Path, compression: str | Non
     first = np.arange(100 * 3, dtype="f4").reshape(100, 3)
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=first, chunks=(16, 3), maxshape=(None, 3), compression=compression)
-    with h5py.File(path, "r") as f, caplog.at_level(logging.INFO, logger="hpctrain.hdf5_reader"):
+    with h5py.File(path, "r") as f, caplog.at_level(logging.INFO, logger="hpctrain.data.hdf5_reader"):
         reader = RowReader(f["x"])
         assert reader.mode == ("chunks" if compression else "memmap")
         _same(reader.read(np.array([99, 0, 50])), first[[99, 0, 50]])
@@ -547,7 +547,7 @@ def test_file_replaced_by_rename(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     replacement = _make(tmp_path, lambda f: f.create_dataset("x", data=np.arange(50, dtype="i8"),
                                                              compression="lzf", chunks=(8,)), "new.h5")
     os.replace(replacement, path)
-    with caplog.at_level(logging.INFO, logger="hpctrain.hdf5_reader"):
+    with caplog.at_level(logging.INFO, logger="hpctrain.data.hdf5_reader"):
         _same(reader.read(np.array([49, 0])), np.array([49, 0], dtype="i8"))
     assert reader.mode == "chunks" and reader.shape == (50,)
     assert any(r.levelno == logging.WARNING and "memmap -> chunks" in r.getMessage() for r in caplog.records)
@@ -571,8 +571,8 @@ def test_process_exit_with_a_reader_still_open(tmp_path: Path) -> None:
     path = _make(tmp_path, CASES["lzf-1d"][0])  # decoded through HDF5: the reader keeps an h5py handle
     script = f"""
 import ctypes, h5py, numpy as np
-from hpctrain import hdf5_reader
-from hpctrain.hdf5_reader import RowReader
+from hpctrain.data import hdf5_reader
+from hpctrain.data.hdf5_reader import RowReader
 with h5py.File({str(path)!r}, "r") as f:
     reader = RowReader(f["x"])
 assert reader.mode == "chunks"

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpctrain.config import DataConfig
-from hpctrain.data import BatchReader, DistributedBatchSampler
-from hpctrain.loader import InProcessLoader, SlotLoader, make_loader
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
+from hpctrain.data.loader import InProcessLoader, SlotLoader, make_loader
 
 CONFIG = DataConfig(dataset={"_target_": "x"}, persistent_workers=True, prefetch_factor=2)
 
@@ -89,9 +89,9 @@ import os, signal, sys, threading, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
-from hpctrain.data import BatchReader, DistributedBatchSampler
-from hpctrain.loader import make_loader
-from hpctrain.signals import STOP
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
+from hpctrain.data.loader import make_loader
+from hpctrain.process.signals import STOP
 from tests.test_loader import CONFIG, Synthetic
 
 STOP.install()

@@ -393,7 +393,7 @@ def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume
     from hpctrain.loggers import LoggerFeed
     from hpctrain.loggers.comet import CometLogger, archives, read_metrics
     from hpctrain.loggers.wandb import WandbLogger, offline_directories, read_history
-    from hpctrain.metrics import MetricsRow
+    from hpctrain.run.metrics import MetricsRow
 
     def process(start: int, stop: int, *, finished: bool) -> None:
         run = RunView(run_dir=tmp_path, run_name="demo", config={"trainer": {"max_steps": 20}}, start_step=start,

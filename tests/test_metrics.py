@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpctrain.metrics import MetricsCursor, MetricsWriter, open_for_reading
+from hpctrain.run.metrics import MetricsCursor, MetricsWriter, open_for_reading
 
 
 def writer(path: Path, cursor: MetricsCursor | None = None) -> MetricsWriter:
@@ -129,7 +129,7 @@ def test_breakdown_columns_deferred_to_the_flush_reach_the_file_and_the_listener
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, numpy as np
     from pathlib import Path
-    from hpctrain.metrics import MetricsWriter
+    from hpctrain.run.metrics import MetricsWriter
     metrics = MetricsWriter(Path(sys.argv[1]), parameter_groups=["default"], validation_sample_index=np.arange(3),
                             config_json="{}", task_name="toy", cursor=None)
     for step in range(1, 1_000_000):

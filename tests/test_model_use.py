@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.config import ConfigError
 
 from . import zygote
@@ -98,7 +98,7 @@ LOAD_AND_VALIDATE = """
 import json, sys
 import h5py, numpy as np, torch
 import hpctrain
-from hpctrain.data import BatchReader
+from hpctrain.data.dataset import BatchReader
 
 run_dir, data = sys.argv[1], sys.argv[2]
 model = hpctrain.load_model(run_dir)
@@ -142,7 +142,7 @@ def test_load_model_reproduces_the_validation_of_training_from_another_directory
 def test_a_corrupt_checkpoint_is_refused_with_its_file_named(trained: Trained, tmp_path: Path) -> None:
     import shutil
 
-    from hpctrain.runs import load_model
+    from hpctrain.use.runs import load_model
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained.run_dir, run_dir)
@@ -180,8 +180,8 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
     # The same values as the model loaded in Python, on the same samples.
     sys.path.insert(0, str(trained.project))
     try:
-        from hpctrain.data import HDF5Dataset
-        from hpctrain.runs import load_model
+        from hpctrain.data.dataset import HDF5Dataset
+        from hpctrain.use.runs import load_model
 
         model = load_model(trained.run_dir)
         batch = HDF5Dataset(trained.unlabelled, {"positions": {"values": "atoms/positions",
@@ -195,8 +195,8 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
     np.testing.assert_array_equal(predicted[:5], direct)
 
     # A SLURM attempt requeued in the moment the file was completed starts again: it finds the file complete.
-    from hpctrain.predict import dataset_node, holds_result, make_plan, predict_rank
-    from hpctrain.runs import load_run
+    from hpctrain.use.predict import dataset_node, holds_result, make_plan, predict_rank
+    from hpctrain.use.runs import load_run
 
     sys.path.insert(0, str(trained.project))
     try:
@@ -217,7 +217,7 @@ def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Tra
     output = tmp_path / "ragged.h5"
     user_tool(trained, "predict", trained.run_dir, "model._target_=molecules.PerAtomEnergies", "--input",
               trained.other, "--chunk-size", 5, "--batch-size", 3, "--num-processes", 2, "--output", output)
-    from hpctrain.data import HDF5Dataset
+    from hpctrain.data.dataset import HDF5Dataset
 
     predicted = HDF5Dataset(output, {"per_atom": {"values": "outputs/per_atom/values",
                                                   "offsets": "outputs/per_atom/offsets"},
@@ -230,7 +230,7 @@ def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Tra
     # Each molecule's energy is its atoms' sum plus the descriptor term: the rows belong to the right molecules.
     sys.path.insert(0, str(trained.project))
     try:
-        from hpctrain.runs import load_model
+        from hpctrain.use.runs import load_model
 
         model = load_model(trained.run_dir)
         with h5py.File(trained.other, "r") as file, torch.no_grad():
@@ -428,7 +428,7 @@ def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
     from torch import nn
 
     from hpctrain.config import InitFromConfig
-    from hpctrain.fine_tune import initial_weights, initialise_from
+    from hpctrain.run.fine_tune import initial_weights, initialise_from
 
     class WithNewHead(nn.Module):  # the trained backbone's names, another head
         def __init__(self) -> None:
@@ -469,7 +469,7 @@ def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, t
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch.export", "torchscript"])
 def test_cbed_model_export_round_trip(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, kind: str) -> None:
-    from hpctrain.export import export_run
+    from hpctrain.use.export import export_run
 
     run_dir = tmp_path_factory.getbasetemp() / "cbed_export_run"
     if not (run_dir / "result.json").exists():  # one tiny run for both formats
@@ -479,7 +479,7 @@ def test_cbed_model_export_round_trip(tiny_data: Path, tmp_path_factory: pytest.
     reloaded = torch.export.load(str(artefact)).module() if kind == "torch.export" else torch.jit.load(str(artefact))
     with h5py.File(tiny_data, "r") as file:
         images = torch.from_numpy(file["images"][:3]).float()
-    from hpctrain.runs import load_model
+    from hpctrain.use.runs import load_model
 
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), load_model(run_dir)(images))

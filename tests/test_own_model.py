@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.metrics import open_for_reading
 
 from . import zygote
 from .conftest import PYTHON, REPO, TINY_DEFAULTS, expect_slow_test, final_weights, kill_after_checkpoint

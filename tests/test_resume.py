@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.checkpoint import CheckpointManager
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.metrics import open_for_reading
 from . import zygote
 
 from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
@@ -139,7 +139,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_extending_a_run_continues_its_schedule_only_when_told(tmp_path: Path, tiny_data: Path) -> None:
-    from hpctrain.launch import compose_config
+    from hpctrain.launching.app import compose_config
     from hpctrain.optim import make_multiplier
 
     args = tiny_overrides(tiny_data, "optim.schedule.warmup=2", "callbacks.early_stopping.enabled=false",

@@ -9,8 +9,8 @@ import pytest
 from torch import nn
 
 from hpctrain.config import to_json
-from hpctrain.launch import compose_config
-from hpctrain.resume_check import model_differences, schedule_change
+from hpctrain.launching.app import compose_config
+from hpctrain.run.resume_check import model_differences, schedule_change
 
 
 def test_model_differences_name_every_kind_of_entry_load_state_dict_refuses() -> None:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.config import OptimConfig, ScheduleConfig
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups
 from . import zygote
 
@@ -208,8 +208,8 @@ def test_early_stopping_and_the_best_checkpoint_follow_a_max_metric(tiny_data: P
 def test_a_checkpoint_from_before_the_monitor_and_schedulers_resumes(tiny_data: Path, tmp_path: Path) -> None:
     """Old checkpoints have no train_state.best_value and no schedulers: they load, as monitoring the loss."""
     from hpctrain.components import build_components
-    from hpctrain.distributed import DistributedContext
-    from hpctrain.train import Trainer
+    from hpctrain.process.distributed import DistributedContext
+    from hpctrain.run.trainer import Trainer
 
     from .test_config import compose_config
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from hpctrain import history
-from hpctrain.signals import (Cause, JobView, StopFlag, classify, combine, parse_duration_s, parse_sacct_state,
+from hpctrain.process import history
+from hpctrain.process.signals import (Cause, JobView, StopFlag, classify, combine, parse_duration_s, parse_sacct_state,
                               requeue)
-from hpctrain.watchdog import Watchdog
+from hpctrain.process.watchdog import Watchdog
 
 from . import zygote
 from .conftest import PYTHON, REPO, launch, tiny_overrides
@@ -204,7 +204,7 @@ def test_a_hung_rank_logs_its_stack_and_exits(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import logging, time
         from types import SimpleNamespace
-        from hpctrain import watchdog
+        from hpctrain.process import watchdog
         logging.basicConfig(level=logging.INFO)
         config = SimpleNamespace(trainer=SimpleNamespace(watchdog_s=1.0))
         def stuck_in_a_collective():
@@ -270,7 +270,7 @@ def local_ranks(launcher: int) -> list[int]:
 def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
     """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
     kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever."""
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
 
     command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER, "launcher.num_processes=2",
                                                                 "trainer.watchdog_s=5"), f"hydra.run.dir={tmp_path}"]
@@ -300,7 +300,7 @@ def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path
 def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> None:
     """Rank 0 of 2 with no rank 1 (it died at launch): fails after trainer.rendezvous_timeout_s, not 600 s."""
     script = textwrap.dedent("""
-        from hpctrain.distributed import init_distributed, RendezvousError
+        from hpctrain.process.distributed import init_distributed, RendezvousError
         try:
             init_distributed(device_preference="cpu", timeout_s=600, rendezvous_timeout_s=5)
         except RendezvousError as error:
@@ -330,7 +330,7 @@ def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_on
                                                                                   tiny_data: Path) -> None:
     """Old run stopped (SIGSTOP) mid-training; its directory deleted and re-created by a new run; the old one
     continued: it writes no checkpoint into the new run and ends with its reason."""
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
 
     run_dir = tmp_path / "run"
     command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER), f"hydra.run.dir={run_dir}"]
@@ -359,8 +359,8 @@ def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_on
 def test_a_checkpoint_commit_checks_the_lock_it_holds(tmp_path: Path) -> None:
     import torch
 
-    from hpctrain.checkpoint import CheckpointManager
-    from hpctrain.distributed import RunDirectoryTakenOver, run_lock
+    from hpctrain.run.checkpoint import CheckpointManager
+    from hpctrain.process.distributed import RunDirectoryTakenOver, run_lock
 
     run_dir = tmp_path / "run"
     with run_lock(run_dir):

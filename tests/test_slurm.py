@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from hpctrain.checkpoint import CheckpointManager
-from hpctrain.metrics import open_for_reading
-from hpctrain.slurm import ACTIVE_STATES, recorded_job_id
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.metrics import open_for_reading
+from hpctrain.launching.slurm import ACTIVE_STATES, recorded_job_id
 
 from . import zygote
 from .conftest import REPO, final_weights, launch, tiny_overrides
@@ -104,7 +104,7 @@ def rank_pid(job_id: str, rank: int) -> int | None:
 
 
 def history_reasons(run_dir: Path) -> list[str]:
-    from hpctrain.history import attempts, read
+    from hpctrain.process.history import attempts, read
 
     return [row["reason"] for row in attempts(read(run_dir))]
 
@@ -326,7 +326,7 @@ def test_a_stopped_rank_is_found_by_the_watchdog_and_the_job_resumes(tmp_path: P
     logs = job_logs(run_dir, job_id)
     assert "rank 0 made no progress" in logs and "hpctrain watchdog: Python stacks of rank 0" in logs
     stacks = logs.split("--- hpctrain watchdog: Python stacks of rank 0")[1]
-    assert 'in train_step' in stacks.split("hpctrain.slurm")[0]  # faulthandler's frames of the training thread
+    assert 'in train_step' in stacks.split("hpctrain.launching.slurm")[0]  # faulthandler's frames of the training thread
     sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the resumed job")
     assert final_state(job_id) == "COMPLETED"
@@ -440,7 +440,7 @@ def test_sweep_is_one_job_array_and_a_cancelled_point_ends_while_the_others_go_o
     rows = json.loads(summary.stdout)
     assert [row["state"] for row in rows] == ["FINISHED"] * 3 and all(row["step"] == 60 for row in rows)
     assert history_reasons(points[1]) == ["cancelled", "completed"]
-    from hpctrain.history import attempts, read
+    from hpctrain.process.history import attempts, read
 
     assert attempts(read(points[1]))[1]["resume_step"] >= 6  # resumed from the cancelled point's checkpoint
 

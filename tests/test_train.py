@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain import breakdown
+from hpctrain.run import breakdown
 from hpctrain.components import build_components
 from hpctrain.config import OptimConfig, ScheduleConfig
-from hpctrain.distributed import DistributedContext
-from hpctrain.inspect import format_summary, summarize
-from hpctrain.metrics import open_for_reading
+from hpctrain.process.distributed import DistributedContext
+from hpctrain.use.inspect import format_summary, summarize
+from hpctrain.run.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups, make_multiplier
-from hpctrain.train import NonFiniteLossError, Trainer
+from hpctrain.run.trainer import NonFiniteLossError, Trainer
 
 from .conftest import final_weights, launch, tiny_overrides
 from .test_config import compose_config

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from hpctrain.checkpoint import CheckpointManager, state_dict_digest
+from hpctrain.run.checkpoint import CheckpointManager, state_dict_digest
 from hpctrain.config import ConfigError
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.metrics import open_for_reading
 
 from .conftest import PYTHON, REPO, expect_slow_test, final_weights, launch, tiny_overrides
 
 optuna = pytest.importorskip("optuna")
 
-from hpctrain import tune  # noqa: E402
-from hpctrain.tune_space import distribution, split_overrides, trial_overrides  # noqa: E402
-from hpctrain.tune_study import check_storage  # noqa: E402
+from hpctrain.tuning import command as tune  # noqa: E402
+from hpctrain.tuning.space import distribution, split_overrides, trial_overrides  # noqa: E402
+from hpctrain.tuning.study import check_storage  # noqa: E402
 from . import zygote
 
 # A trial: 15 steps, an evaluation every 3 (the pruner's chances), a checkpoint every 3 (a kill's resume point).
@@ -56,7 +56,7 @@ def test_hydra_optuna_sweeper_expressions_become_optuna_distributions() -> None:
 
 def test_pruners_and_samplers_by_name() -> None:
     from hpctrain.config import TuneConfig
-    from hpctrain.tune_study import make_pruner, make_sampler
+    from hpctrain.tuning.study import make_pruner, make_sampler
 
     kinds = {name: type(make_pruner(TuneConfig(pruner=name))).__name__
              for name in ("median", "successive_halving", "hyperband", "none")}
@@ -231,7 +231,7 @@ def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bi
     tune_dir = tmp_path / "study"
     submitted = run_tune(args, timeout=120)
     assert submitted.returncode == 0 and "submitted job array" in submitted.stdout, submitted.stderr[-3000:]
-    from hpctrain.slurm import recorded_job_id
+    from hpctrain.launching.slurm import recorded_job_id
 
     job_ids = [recorded_job_id(tune_dir / "workers" / str(index)) for index in (0, 1)]
     array_id = job_ids[0].split("_")[0]

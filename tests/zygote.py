@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMPORT_ENVIRONMENT = ("HPCTRAIN_TEST_PRELOAD", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA", "LD_", "KMP_", "NCCL_", "GLOO_",
                       "VIRTUAL_ENV", "PATH")
 PRELOAD = ("torch", "torch._dynamo", "numpy", "h5py", "hydra", "omegaconf", "submitit", "hpctrain.components",
-           "hpctrain.config", "hpctrain.job", "hpctrain.slurm", "hpctrain.train", "hpctrain.predict",
-           "hpctrain.export", "hpctrain.test", "hpctrain.inspect", "hpctrain.tune", "hpctrain.tune_worker",
+           "hpctrain.config", "hpctrain.launching.job", "hpctrain.launching.slurm", "hpctrain.run.trainer", "hpctrain.predict",
+           "hpctrain.export", "hpctrain.test", "hpctrain.inspect", "hpctrain.tune", "hpctrain.tuning.worker",
            "hpctrain.tasks.cbed.model", "hpctrain.tasks.cbed.loss", "hpctrain.tasks.cbed.generator")
 
 

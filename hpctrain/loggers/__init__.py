@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.config import Config, ConfigError
-from hpctrain.metrics import MetricsRow, MetricsWriter
+from hpctrain.run.metrics import MetricsRow, MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -257,17 +257,15 @@ def read_state(path: Path) -> dict[str, Any]:
         return {}
 
 
-def log_test_phase(config: Config, run_dir: Path, test_file: Path) -> None:
+def log_test_phase(feeds: list[Any], config: Config, run_dir: Path, test_file: Path) -> None:
     """A test phase's means (hpctrain.test's file) to each of the run's loggers, as a logger run of its own: phase
     `test/<file name>`, kept in `loggers/<name>.test.<file name>.json` (the same name again reopens that run and
     logs nothing twice). A failing logger is logged, as in training; the test's result stands."""
     import h5py
 
-    from hpctrain.components import build_loggers
     from hpctrain.config import to_dict
-    from hpctrain.metrics import baseline_ratios
+    from hpctrain.run.metrics import baseline_ratios
 
-    feeds = [feed for _, feed in build_loggers(config.callbacks)]
     if not feeds:
         return
     with h5py.File(test_file, "r") as file:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, flat_config, run_tags, short_tags
-from hpctrain.metrics import MetricsRow
+from hpctrain.run.metrics import MetricsRow
 
 # Nothing but what hpctrain logs: no code, git, environment, console or framework auto-logging.
 _QUIET = dict(log_code=False, log_graph=False, auto_param_logging=False, auto_metric_logging=False,

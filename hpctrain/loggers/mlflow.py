@@ -17,7 +17,7 @@ from typing import Any
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, flat_config, read_state, run_tags, state_path
-from hpctrain.metrics import MetricsRow
+from hpctrain.run.metrics import MetricsRow
 
 # MLflow's limits: 1000 metrics and 100 params per log_batch call; metric keys of [\w\-. /].
 _METRICS_PER_CALL = 1000

@@ -12,7 +12,7 @@ from typing import Any
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import Logger, flat_config
-from hpctrain.metrics import MetricsRow
+from hpctrain.run.metrics import MetricsRow
 
 
 class TensorBoardLogger(Logger):

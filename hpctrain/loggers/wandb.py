@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, run_tags, short_tags
-from hpctrain.metrics import MetricsRow
+from hpctrain.run.metrics import MetricsRow
 
 # The framing of W&B's transaction log (`.wandb`, LevelDB's log format): a 7-byte file header, then 32 KiB blocks
 # of chunks, each with a header of CRC-32 (of its type and data), length and type (full, first, middle, last).

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpctrain.config import ConfigError
-from hpctrain.launch import compose_config, fail
+from hpctrain.launching.app import compose_config, fail
 
 # Keys of a `data.prepare` node that are the hook's, not the generator's.
 HOOK_KEYS = ("_target_", "path", "generate_if_missing", "num_processes")

@@ -43,8 +43,8 @@ class HpctrainSlurmLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hpctrain.config import ConfigError
-        from hpctrain.launch import checked_config, fail
-        from hpctrain.sweep import SweepPoint, submit_sweep
+        from hpctrain.launching.app import checked_config, fail
+        from hpctrain.launching.sweep import SweepPoint, submit_sweep
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

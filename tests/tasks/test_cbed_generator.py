@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpctrain import hdf5_writer
+from hpctrain.data import hdf5_writer
 from hpctrain.tasks.cbed import (
     PARAMETER_NAMES,
     PARAMETER_RANGES,

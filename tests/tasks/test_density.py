@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.metrics import open_for_reading
+from hpctrain.run.metrics import open_for_reading
 from hpctrain.tasks.density import (
     DensityGeneratorConfig,
     DensityPlots,

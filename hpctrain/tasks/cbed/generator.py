@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpctrain.hdf5_writer import write_in_chunks
+from hpctrain.data.hdf5_writer import write_in_chunks
 
 PARAMETER_NAMES: tuple[str, ...] = (
     "quadratic_radial_distortion_amplitude",

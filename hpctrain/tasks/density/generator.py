@@ -36,7 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpctrain.hdf5_writer import write_in_chunks
+from hpctrain.data.hdf5_writer import write_in_chunks
 
 FORMAT_NAME = "hpctrain.density_reversion"
 FORMAT_VERSION = 1

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpctrain import watchdog
+from hpctrain.process import watchdog
 
 log = logging.getLogger(__name__)
 

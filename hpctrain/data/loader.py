@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hpctrain import watchdog
+from hpctrain.process import watchdog
 from hpctrain.config import DataConfig
-from hpctrain.data import BatchReader
-from hpctrain.distributed import exit_with_parent
+from hpctrain.data.dataset import BatchReader
+from hpctrain.process.distributed import exit_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from hpctrain.config import ConfigError
-from hpctrain.hdf5_reader import RowReader, read_together
+from hpctrain.data.hdf5_reader import RowReader, read_together
 from hpctrain.transforms import TransformContext, takes_context
 
 log = logging.getLogger(__name__)

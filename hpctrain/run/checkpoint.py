@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from hpctrain.distributed import RunDirectoryTakenOver, check_run_owner
+from hpctrain.config import ConfigError
+from hpctrain.process.distributed import RunDirectoryTakenOver, check_run_owner
 
 try:
     from torch.utils.serialization import config as serialization_config
@@ -354,3 +355,42 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# -- choosing a run's checkpoint for use (load_model, predict, test, export, trainer.init_from) ---------------------
+def choose_checkpoint(run_dir: Path, which: str | int) -> CheckpointInfo:
+    """The complete checkpoint `which` names: best (the run's best validation loss), latest (the newest intact
+    one) or a step."""
+    manager = CheckpointManager(run_dir, keep_last=2)
+    complete = manager.complete()
+    if not complete:
+        raise ConfigError(f"{run_dir} holds no complete checkpoint")
+    which = str(which)
+    if which == "latest":
+        info = manager.newest_valid()
+        if info is None:
+            raise ConfigError(f"{run_dir}: every checkpoint is corrupt or unreadable ({complete[0].path}, ...)")
+        return info
+    if which == "best":
+        result = run_dir / "result.json"
+        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
+        if best_step is None:
+            best_step = load_checkpoint(complete[0])["train_state"]["best_step"]
+        which = str(best_step)
+    try:
+        step = int(which)
+    except ValueError:
+        raise ConfigError(f"checkpoint must be best, latest or a step, got {which!r}") from None
+    for info in complete:
+        if info.step == step:
+            return info
+    raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
+                      f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
+
+
+def load_checkpoint(info: CheckpointInfo, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint's state, verified against its manifest; a ConfigError naming the file if it does not match."""
+    try:
+        return CheckpointManager.load(info, map_location=map_location)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint {info.path} is unusable: {error}") from None

@@ -26,21 +26,19 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from hpctrain.breakdown import StepClock
+from hpctrain.run.breakdown import StepClock
 from hpctrain.callbacks import EndView, EvaluationView, RunView, StepView, read_only
 from hpctrain.config import Config, to_json
-from hpctrain.distributed import step_peak_memory
-from hpctrain.evaluate import Evaluation, PlotWorker
-from hpctrain.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
-
-if TYPE_CHECKING:
-    from hpctrain.train import StepResult
+from hpctrain.process.distributed import step_peak_memory
+from hpctrain.run.evaluate import Evaluation, PlotWorker
+from hpctrain.run.step import StepResult
+from hpctrain.run.metrics import METRICS_FILENAME, MetricsCursor, MetricsWriter, plot_run
 
 
 # -- the events ---------------------------------------------------------------------------------------------------

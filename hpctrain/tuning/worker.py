@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from hpctrain import slurm  # first: under SLURM it installs the stop-signal handlers early
+from hpctrain.launching import slurm  # first: under SLURM it installs the stop-signal handlers early
 from hpctrain.config import Config
-from hpctrain.distributed import RunDirectoryTakenOver
-from hpctrain.tune_space import trial_overrides
-from hpctrain.tune_study import StudySpec, ask_lock, asked, make_pruner, make_sampler, open_study
+from hpctrain.process.distributed import RunDirectoryTakenOver
+from hpctrain.tuning.space import trial_overrides
+from hpctrain.tuning.study import StudySpec, ask_lock, asked, make_pruner, make_sampler, open_study
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ class TrialJudge:
 
 
 def _train_local(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
-    from hpctrain.job import run_local
+    from hpctrain.launching.job import run_local
 
     return run_local(config, run_dir, work=_local_rank, args=(judge,))
 
 
 def _local_rank(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
-    from hpctrain.job import run_rank
+    from hpctrain.launching.job import run_rank
 
     return run_rank(config, run_dir, evaluation_stop=judge)
 
@@ -136,9 +136,9 @@ def _train_slurm(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, 
 def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
     """Worker `index`'s loop; returns why it ended: "done" (n_trials taken) or "stopped" (a stop request: the
     trial it was training stays RUNNING, to be resumed)."""
-    from hpctrain.exit import skip_final_collection
-    from hpctrain.job import configure_rank_logging
-    from hpctrain.launch import compose_config
+    from hpctrain.process.exit import skip_final_collection
+    from hpctrain.launching.job import configure_rank_logging
+    from hpctrain.launching.app import compose_config
 
     skip_final_collection()
     configure_rank_logging(0)
@@ -215,7 +215,7 @@ def _resume_or_ask(study: Any, spec: StudySpec, index: int) -> Any:
             trial = optuna.trial.Trial(study, trials[mine]._trial_id)
             log.info("worker %d: resuming trial %d", index, mine)
         elif asked(study) < spec.n_trials:
-            from hpctrain.tune_space import distributions
+            from hpctrain.tuning.space import distributions
 
             trial = study.ask(distributions(spec.search_space))
         else:
@@ -240,7 +240,7 @@ def _trial_log(run_dir: Path) -> Iterator[None]:
 
 def local_worker_main(spec: StudySpec, index: int) -> None:
     """A local worker process (launcher=local)."""
-    from hpctrain.distributed import exit_with_parent
+    from hpctrain.process.distributed import exit_with_parent
 
     exit_with_parent()
     with alive(spec.path, index):

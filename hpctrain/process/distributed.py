@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from hpctrain import watchdog
+from hpctrain.process import watchdog
 from hpctrain.config import ConfigError
 
 log = logging.getLogger(__name__)

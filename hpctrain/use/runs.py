@@ -23,52 +23,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hpctrain.checkpoint import CheckpointInfo, CheckpointManager
+from hpctrain.run.checkpoint import CheckpointInfo, CheckpointManager, choose_checkpoint, load_checkpoint
 from hpctrain.config import Config, ConfigError, to_config, to_dict
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from hpctrain.components import Components
-
-
-def choose_checkpoint(run_dir: Path, which: str | int) -> CheckpointInfo:
-    """The complete checkpoint `which` names: best (the run's best validation loss), latest (the newest intact
-    one) or a step."""
-    manager = CheckpointManager(run_dir, keep_last=2)
-    complete = manager.complete()
-    if not complete:
-        raise ConfigError(f"{run_dir} holds no complete checkpoint")
-    which = str(which)
-    if which == "latest":
-        info = manager.newest_valid()
-        if info is None:
-            raise ConfigError(f"{run_dir}: every checkpoint is corrupt or unreadable ({complete[0].path}, ...)")
-        return info
-    if which == "best":
-        result = run_dir / "result.json"
-        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
-        if best_step is None:
-            best_step = load_checkpoint(complete[0])["train_state"]["best_step"]
-        which = str(best_step)
-    try:
-        step = int(which)
-    except ValueError:
-        raise ConfigError(f"checkpoint must be best, latest or a step, got {which!r}") from None
-    for info in complete:
-        if info.step == step:
-            return info
-    raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
-                      f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
-
-
-def load_checkpoint(info: CheckpointInfo, map_location: Any = "cpu") -> dict[str, Any]:
-    """The checkpoint's state, verified against its manifest; a ConfigError naming the file if it does not match."""
-    try:
-        return CheckpointManager.load(info, map_location=map_location)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"checkpoint {info.path} is unusable: {error}") from None
+    from hpctrain.run.contract import Components
 
 
 def config_with_overrides(config_json: str, overrides: Sequence[str]) -> Config:
@@ -128,7 +90,7 @@ class Run:
 
     @property
     def model_sha256(self) -> str:
-        from hpctrain.checkpoint import state_dict_digest
+        from hpctrain.run.checkpoint import state_dict_digest
 
         return state_dict_digest(self.state["model"])
 
@@ -150,11 +112,3 @@ def load_model(run_dir: str | Path, checkpoint: str | int = "best", device: "str
     """The run's model (the user's own class, rebuilt from the run's config) with the weights of `checkpoint`
     (best, latest or a step), verified, in eval mode, on `device`."""
     return load_run(run_dir, checkpoint=checkpoint, overrides=overrides).model(device)
-
-
-def how_to_use(run_dir: Path) -> str:
-    """What a finished run's user can do next (printed at the end of a local run)."""
-    return (f"trained: {run_dir}\n"
-            f"  in Python:  model = hpctrain.load_model({str(run_dir)!r})   # best checkpoint, eval mode\n"
-            f"  predict:    python -m hpctrain.predict {run_dir} --input FILE.h5   # -> {run_dir}/predictions/\n"
-            f"  export:     python -m hpctrain.export {run_dir} --format torch.export")

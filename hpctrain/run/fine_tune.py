@@ -38,7 +38,7 @@ def _listed(names: list[str], limit: int = 8) -> str:
 
 def initial_weights(model: nn.Module, config: InitFromConfig) -> dict[str, torch.Tensor]:
     """The weights `config` takes from the other run for `model`; a ConfigError naming the keys at fault."""
-    from hpctrain.runs import choose_checkpoint, load_checkpoint
+    from hpctrain.run.checkpoint import choose_checkpoint, load_checkpoint
 
     assert config.run is not None
     run_dir = Path(config.run).absolute()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from hpctrain.signals import STOP, in_job_step
+from hpctrain.process.signals import STOP, in_job_step
 
 if in_job_step() and ("SUBMITIT_FOLDER" in os.environ or "launcher=srun" in sys.argv):
     STOP.install()
@@ -33,11 +33,13 @@ from typing import Any  # noqa: E402
 
 import submitit  # noqa: E402
 
-from hpctrain import history, watchdog  # noqa: E402
+from hpctrain.process import history  # noqa: E402
+
+from hpctrain.process import watchdog
 from hpctrain.config import Config, ConfigError, LauncherConfig  # noqa: E402
-from hpctrain.distributed import RunDirectoryTakenOver  # noqa: E402
-from hpctrain.exit import skip_final_collection  # noqa: E402
-from hpctrain.signals import Cause, classify, combine, query_job, requeue  # noqa: E402
+from hpctrain.process.distributed import RunDirectoryTakenOver  # noqa: E402
+from hpctrain.process.exit import skip_final_collection  # noqa: E402
+from hpctrain.process.signals import Cause, classify, combine, query_job, requeue  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ def classify_now(signal_names: list[str], launcher: LauncherConfig) -> tuple[Cau
 
 
 def _newest_checkpoint_step(run_dir: Path) -> int:
-    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.run.checkpoint import CheckpointManager
 
     complete = CheckpointManager(run_dir, keep_last=2).complete()
     return complete[0].step if complete else 0
@@ -197,8 +199,7 @@ def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> d
     the cause (docs/signals.md): cancelled -> end; SLURM already requeueing -> end, no second requeue; time limit
     -> requeue, counted against launcher.max_num_timeout (then end with EXIT_TIME_LIMIT and a message);
     preemption -> requeue. Every attempt's start and end go to the run's history (jobs.jsonl)."""
-    import hpctrain
-    from hpctrain.job import configure_rank_logging, run_rank
+    from hpctrain.launching.job import configure_rank_logging, run_rank
 
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
     STOP.install()  # again: submitit replaced the early handlers with its own
@@ -211,7 +212,7 @@ def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> d
     job, restart = history.job_identity()
     launcher = config.launcher
     if rank == 0:
-        log.info("job %s (restart %d), hpctrain from %s", job, restart, list(hpctrain.__path__))
+        log.info("job %s (restart %d), hpctrain from %s", job, restart, str(Path(__file__).resolve().parents[1]))
         STOP.start_classifier(lambda names: classify_now(names, launcher))
         history.record_start(run_dir, resume_step=_newest_checkpoint_step(run_dir))
     watchdog.add_hang_action(_hang_action(config, run_dir))

@@ -15,9 +15,9 @@ from typing import Any
 
 from hpctrain.config import Config, ConfigError
 from hpctrain.components import check_run_inputs
-from hpctrain.job import RESULT_FILENAME, check_run_dir_writable
-from hpctrain.resume_check import check_run_dir_continues
-from hpctrain.slurm import (ACTIVE_STATES, SUBMITIT_DIRNAME, TrainingJob, check_resources, job_state,
+from hpctrain.launching.job import RESULT_FILENAME, check_run_dir_writable
+from hpctrain.run.resume_check import check_run_dir_continues
+from hpctrain.launching.slurm import (ACTIVE_STATES, SUBMITIT_DIRNAME, TrainingJob, check_resources, job_state,
                             make_executor, record_job, recorded_job_id)
 
 

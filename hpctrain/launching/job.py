@@ -20,11 +20,11 @@ from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
 from hpctrain.config import Config, ConfigError
-from hpctrain.distributed import (DistributedContext, exit_with_parent, init_distributed, preloaded_forkserver,
+from hpctrain.process.distributed import (DistributedContext, exit_with_parent, init_distributed, preloaded_forkserver,
                                   run_lock, shutdown_distributed)
-from hpctrain.exit import skip_final_collection
-from hpctrain.seeding import configure_determinism
-from hpctrain.watchdog import watching
+from hpctrain.process.exit import skip_final_collection
+from hpctrain.process.seeding import configure_determinism
+from hpctrain.process.watchdog import watching
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
 def _train(config: Config, run_dir: Path, dist: DistributedContext, stop_requested: Callable[[], bool],
            evaluation_stop: Callable[[int, float], str] | None = None) -> dict[str, Any]:
     from hpctrain.components import build_components
-    from hpctrain.train import Trainer
+    from hpctrain.run.trainer import Trainer
 
     if config.trainer.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -110,7 +110,7 @@ def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, ra
 
 def _rank_context(work: Callable[..., Any]) -> BaseContext:
     """Local ranks fork from a forkserver that has imported hpctrain's training modules (and `work`'s) once."""
-    return preloaded_forkserver(work, "hpctrain.job", "hpctrain.components", "hpctrain.train")
+    return preloaded_forkserver(work, "hpctrain.launching.job", "hpctrain.components", "hpctrain.run.trainer")
 
 
 def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None = None,

@@ -22,24 +22,25 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hpctrain.breakdown import StepClock
+from hpctrain.run.breakdown import StepClock
 from hpctrain.callbacks import Callbacks, CheckpointView, RunView
-from hpctrain.checkpoint import CheckpointManager
-from hpctrain.compile import compile_model
-from hpctrain.components import Batch, Components, model_inputs, per_sample_components
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.compile import compile_model
+from hpctrain.run.contract import Batch, Components, model_inputs, per_sample_components
 from hpctrain.config import Config, ConfigError, to_dict, to_json
-from hpctrain.data import BatchReader, DistributedBatchSampler, ShardSampler
-from hpctrain.loader import make_loader, resolve_num_workers, stop_loader_workers
-from hpctrain.distributed import DistributedContext, available_cpus
-from hpctrain.evaluate import Evaluation, Evaluator, autocast_for
-from hpctrain.fine_tune import initialise_from
-from hpctrain.freeze import FreezeSchedule, Phase, apply_phase
-from hpctrain.metrics import MetricsCursor
-from hpctrain.observers import EvaluationEnded, MetricsRecorder, RunEnded, StepEnded, build_observers
-from hpctrain import watchdog
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler, ShardSampler
+from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
+from hpctrain.process.distributed import DistributedContext, available_cpus
+from hpctrain.run.evaluate import Evaluation, Evaluator, autocast_for
+from hpctrain.run.fine_tune import initialise_from
+from hpctrain.run.freeze import FreezeSchedule, Phase, apply_phase
+from hpctrain.run.metrics import MetricsCursor
+from hpctrain.run.step import StepResult
+from hpctrain.run.observers import EvaluationEnded, MetricsRecorder, RunEnded, StepEnded, build_observers
+from hpctrain.process import watchdog
 from hpctrain.optim import build_parameter_groups
-from hpctrain.resume_check import check_checkpoint_fits
-from hpctrain.seeding import capture_rng_state, configure_determinism, restore_rng_state
+from hpctrain.run.resume_check import check_checkpoint_fits
+from hpctrain.process.seeding import capture_rng_state, configure_determinism, restore_rng_state
 from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,6 @@ class TrainState:
     consecutive_nonfinite_steps: int = 0
     finished: bool = False
     stop_reason: str = ""
-
-
-@dataclass
-class StepResult:
-    loss: float
-    # Mean of each named per-sample loss component (empty when the loss returns one tensor).
-    loss_components: dict[str, float] = field(default_factory=dict)
-    # With callbacks.metrics.per_sample_train, on rank 0: the step's sample indices and their losses (all ranks).
-    sample_index: np.ndarray | None = None
-    sample_loss: np.ndarray | None = None
-    grad_norm: float = 0.0
-    num_samples: int = 0
-    nonfinite: bool = False
-    stop_requested: bool = False
 
 
 class Trainer:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpctrain.components import Batch, PerSampleFunction, model_inputs, per_sample_components
-from hpctrain.distributed import DistributedContext
+from hpctrain.run.contract import Batch, PerSampleFunction, model_inputs, per_sample_components
+from hpctrain.process.distributed import DistributedContext
 from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.config import Config, ConfigError
 from hpctrain.optim import SCHEDULES_WITH_LENGTH, make_multiplier, schedule_length
 
 if TYPE_CHECKING:
-    from hpctrain.components import Components
+    from hpctrain.run.contract import Components
 
 SHOWN_PER_KIND = 4  # differing model entries named per kind; the rest are counted
 
