@@ -29,12 +29,12 @@ HPCTRAIN = """
 import os, runpy, sys, time
 import hpctrain.run.trainer
 
-step = hpctrain.train.Trainer.train_step
+step = hpctrain.run.trainer.Trainer.train_step
 def first_step(self, *args, **kwargs):
     step(self, *args, **kwargs)
     print(f"FIRST_STEP {time.time():.6f}", flush=True)
     os._exit(0)
-hpctrain.train.Trainer.train_step = first_step
+hpctrain.run.trainer.Trainer.train_step = first_step
 sys.argv = ["hpctrain.launch", *sys.argv[1:]]
 runpy.run_module("hpctrain.launch", run_name="__main__")
 """

@@ -1,11 +1,11 @@
-"""Local ranks forked from a preloaded forkserver (hpctrain.job) against spawned ones: a whole
+"""Local ranks forked from a preloaded forkserver (hpctrain.launching.job) against spawned ones: a whole
 `python -m hpctrain.launch debug=fast launcher.num_processes=N` run each way, in alternating rounds.
 
     python benchmarks/local_ranks.py [--rounds 5] [--num-processes 2] [--steps 20]
 
 Reports each way's wall time and the machine's busy CPU seconds during the run (from /proc/stat, so it counts
 the ranks, the forkserver and every helper process; run it on an otherwise idle machine). The spawn side is the
-same launcher with `hpctrain.job._rank_context` returning multiprocessing's spawn context, which is how local ranks
+same launcher with `hpctrain.launching.job._rank_context` returning multiprocessing's spawn context, which is how local ranks
 started before. Uses the debug dataset (data/cbed_64px_4096.h5), generated first if missing.
 """
 
@@ -28,7 +28,7 @@ import multiprocessing, runpy, sys
 import hpctrain.launching.job
 
 if sys.argv[1] == "spawn":
-    hpctrain.job._rank_context = lambda work: multiprocessing.get_context("spawn")
+    hpctrain.launching.job._rank_context = lambda work: multiprocessing.get_context("spawn")
 sys.argv = ["hpctrain.launch", *sys.argv[2:]]
 runpy.run_module("hpctrain.launch", run_name="__main__")
 """

@@ -1,5 +1,6 @@
-"""The benchmark suite runs end to end on a small file and prints every comparison it promises (the numbers
-themselves are measured on purpose-run machines and reported in docs/benchmarks.md, never asserted)."""
+"""The benchmark suite (benchmarks/bench.py) runs end to end on a small file and prints every comparison it
+promises (the numbers themselves are measured on purpose-run machines and reported in docs/benchmarks.md, never
+asserted)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ RATIO = r"\s+(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"
 
 @pytest.mark.slow
 def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
-    command = [PYTHON, "-m", "hpctrain.benchmark", "all", *tiny_overrides(tiny_data), "--rounds", "2",
+    command = [PYTHON, str(REPO / "benchmarks" / "bench.py"), "all", *tiny_overrides(tiny_data), "--rounds", "2",
                "--batches", "3", "--workers", "0,1", "--steps", "5", "--tiny-steps", "6", "--checkpoint-mb", "2",
                "--profile-steps", "5"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

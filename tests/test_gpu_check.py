@@ -28,9 +28,10 @@ def test_without_cuda_the_gpu_check_is_skipped(tmp_path: Path) -> None:
 def test_the_dry_run_on_cpu_passes_every_stage(tmp_path: Path, tiny_data: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cbed_32px_192.h5").symlink_to(tiny_data)  # the file the dry run would generate
-    result = subprocess.run([PYTHON, "-m", "hpctrain.gpu_check", "--device", "cpu", "--out", str(tmp_path), "--steps",
-                             "8", "--speed-rounds", "1", "--speed-steps", "5"], capture_output=True, text=True,
-                            timeout=600, cwd=tmp_path)  # from elsewhere than the checkout, as a user may run it
+    # from elsewhere than the checkout, as a user may run it
+    result = subprocess.run([PYTHON, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--out",
+                             str(tmp_path), "--steps", "8", "--speed-rounds", "1", "--speed-steps", "5"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["status"] == "passed" and report["failures"] == []

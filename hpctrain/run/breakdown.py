@@ -255,7 +255,7 @@ def advice(breakdown: Breakdown, *, num_workers: int | None = None, flush_every_
         now = ("" if num_workers is None else " (now -1: chosen automatically, hpctrain.log says how many)"
                if num_workers < 0 else f" (now {num_workers})")
         lines.append(f"data {share('time_data'):.0%} of step time: raise data.num_workers{now}; if more workers do "
-                     f"not help, the file system or the transforms bound the step (python -m hpctrain.benchmark "
+                     f"not help, the file system or the transforms bound the step (python benchmarks/bench.py "
                      f"loader)")
     if share("time_bookkeeping") >= BOOKKEEPING_ADVICE_SHARE:
         flush = (f"; callbacks.metrics.flush_every_seconds={flush_every_seconds:g}"

@@ -1,4 +1,4 @@
-"""`python -m hpctrain.gpu_check [--out DIR] [--steps N]` (or `bash benchmarks/gpu_check.sh`): the GPU path checked
+"""`bash benchmarks/gpu_check.sh [--out DIR] [--steps N]` (or `python benchmarks/gpu_check.py`): the GPU path checked
 end to end on one GPU in a few minutes, with what is installed (it installs nothing). On the demo task (the CBED
 distortion task, its synthetic data generated into DIR/data) it
 
@@ -9,8 +9,9 @@ distortion task, its synthetic data generated into DIR/data) it
   3. runs the test phase (`python -m hpctrain.test`) of the fp32 run and, if this hpctrain has `hpctrain.predict`,
      a prediction over the data file, both on the GPU;
   4. prints, alternating, hpctrain's step time against a raw PyTorch loop on the same GPU (one step each in turn,
-     hpctrain.benchmark.interleaved_seconds; the target is <= 1.03x) and the loader's samples/s against the samples
-     the GPU consumes per second (the raw step on batches already on the GPU; above 1x the loader keeps up);
+     harness.interleaved_seconds, benchmarks/harness.py; the target is <= 1.03x) and the loader's samples/s
+     against the samples the GPU consumes per second (the raw step on batches already on the GPU; above 1x the
+     loader keeps up);
   5. writes everything to DIR/gpu_check.json and exits 1 if a check failed.
 
 Without a CUDA device it says so, writes {"status": "skipped"} and exits 0. `--device cpu` runs the same on the
@@ -37,6 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's hpctrain (as benchmarks/reader.py)
+from harness import epochs, interleaved_seconds, loader_rate, quiet, ratio_line, raw_step, step_config  # noqa: E402
+from hpctrain.config import Config  # noqa: E402
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler  # noqa: E402
+from hpctrain.run.contract import Components  # noqa: E402
 
 RESULT_FILENAME = "gpu_check.json"
 
@@ -208,16 +215,9 @@ def check_test_and_predict(check: Check) -> None:
 
 def check_speed(check: Check, *, rounds: int, steps: int) -> None:
     """hpctrain's step against a raw loop taking turns on the same device, then the loader against the device."""
-    from hpctrain.benchmark import (_epochs, _quiet, interleaved_seconds, loader_rate, ratio_line, raw_step,
-                                    step_config)
     from hpctrain.components import build_components, check_run_inputs
-    from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
-    from hpctrain.process.distributed import available_cpus
-    from hpctrain.run.evaluate import autocast_for
     from hpctrain.launching.app import compose_config
-    from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
 
-    device = torch.device(check.device)
     precision = "bf16" if check.device == "cuda" else "fp32"
     print(f"4. speed ({precision}): hpctrain's step and a raw PyTorch loop on the same {check.device}, taking "
           f"turns; then the loader against what the {check.device} consumes", flush=True)
@@ -229,37 +229,71 @@ def check_speed(check: Check, *, rounds: int, steps: int) -> None:
     reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=base.seed)
     sampler = DistributedBatchSampler(split.train_indices, micro_batch_size=base.trainer.micro_batch_size,
                                       num_microbatches=1, rank=0, world_size=1, seed=base.seed)
-    pin = device.type == "cuda"
-    loader = make_loader(reader, sampler, config=base.data, num_workers=0, pin_memory=pin)
-    model_name = type(components.model).__name__
-    with _quiet():
-        ours, raw = interleaved_seconds(base, components, _epochs(loader, sampler, 10**9), steps * rounds,
-                                        check.out / "runs" / "speed", device=device)
+    speed = Speed(base=base, components=components, reader=reader, sampler=sampler,
+                  device=torch.device(check.device), precision=precision)
+    check_step_speed(check, speed, rounds=rounds, steps=steps)
+    check_loader_speed(check, speed, config, rounds=rounds)
+
+
+@dataclass
+class Speed:
+    """What both speed comparisons measure with: the step config, its components, the reader and sampler of its
+    training split, on `device` in `precision`."""
+
+    base: Config
+    components: Components
+    reader: BatchReader
+    sampler: DistributedBatchSampler
+    device: torch.device
+    precision: str
+
+    @property
+    def pin(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def check_step_speed(check: Check, speed: Speed, *, rounds: int, steps: int) -> None:
+    """hpctrain's step and the raw step taking turns, one each, `steps * rounds` times (less the warm-up)."""
+    from hpctrain.data.loader import make_loader
+
+    loader = make_loader(speed.reader, speed.sampler, config=speed.base.data, num_workers=0, pin_memory=speed.pin)
+    model_name = type(speed.components.model).__name__
+    with quiet():
+        ours, raw = interleaved_seconds(speed.base, speed.components, epochs(loader, speed.sampler, 10**9),
+                                        steps * rounds, check.out / "runs" / "speed", device=speed.device)
     ratio = float(np.median(ours) / np.median(raw))
     print(f"  step, {model_name}, taking turns with the raw loop, {len(ours)} pairs: {ratio:.3f}x (hpctrain "
           f"{np.median(ours) * 1e3:.3f} ms, raw {np.median(raw) * 1e3:.3f} ms per step; target <= 1.03x)",
           flush=True)
-    check.results["step"] = {"precision": precision, "pairs": int(len(ours)), "ratio_of_medians": ratio,
+    check.results["step"] = {"precision": speed.precision, "pairs": int(len(ours)), "ratio_of_medians": ratio,
                              "hpctrain_median_s": float(np.median(ours)), "raw_median_s": float(np.median(raw)),
                              "target": 1.03}
 
-    # The loader as the run would have it (its automatic worker count, pinned memory on a GPU) against the raw
-    # step over batches already on the device: the samples per second each can give and take.
-    workers = resolve_num_workers(config.data, available_cpus(), reader=reader, indices=split.train_indices,
+
+def check_loader_speed(check: Check, speed: Speed, config: Config, *, rounds: int) -> None:
+    """The loader as the run would have it (its automatic worker count, pinned memory on a GPU) against the raw
+    step over batches already on the device: the samples per second each can give and take."""
+    from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
+    from hpctrain.process.distributed import available_cpus
+    from hpctrain.run.evaluate import autocast_for
+
+    base, device, reader, sampler = speed.base, speed.device, speed.reader, speed.sampler
+    workers = resolve_num_workers(config.data, available_cpus(), reader=reader,
+                                  indices=speed.components.split.train_indices,
                                   batch_size=base.trainer.micro_batch_size)
     run_loader = make_loader(reader, sampler, config=replace(config.data, persistent_workers=True),
-                             num_workers=workers, pin_memory=pin)
+                             num_workers=workers, pin_memory=speed.pin)
     num_batches = max(2, min(40, sampler.steps_per_epoch - 2))
-    model = components.model.to(device)
+    model = speed.components.model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=base.optim.lr)
-    autocast = autocast_for(device, precision)
+    autocast = autocast_for(device, speed.precision)
     on_device = [{name: value.to(device) for name, value in reader[request.indices].items()}
                  for request, _ in zip(sampler, range(num_batches))]
 
     def consumption_rate() -> float:
         started = time.perf_counter()
         for batch in on_device:
-            raw_step(model, optimizer, components.loss, batch, base.task.inputs, autocast)
+            raw_step(model, optimizer, speed.components.loss, batch, base.task.inputs, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return sum(len(batch["index"]) for batch in on_device) / (time.perf_counter() - started)
@@ -278,8 +312,8 @@ def check_speed(check: Check, *, rounds: int, steps: int) -> None:
 
 
 def environment() -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "python": platform.python_version(),
-                            "host": platform.node(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda_build": torch.version.cuda,
+                            "python": platform.python_version(), "host": platform.node(), "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
@@ -297,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
-    parser = argparse.ArgumentParser(prog="python -m hpctrain.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work directory (default "
                         "runs/gpu_check); the JSON of results is written there")
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")

@@ -1,7 +1,7 @@
-"""`python -m hpctrain.benchmark [loader|step|checkpoint|all] [--rounds N] [OVERRIDES]`: measure, on your machine
-and file system, hpctrain against the reference that bounds it, side by side in alternating rounds (A, B, A, B, ...)
-so a busy machine slows both alike; each line prints hpctrain / reference as the median and min-max of the
-per-round ratios.
+"""`python benchmarks/bench.py [loader|step|breakdown|checkpoint|all] [--rounds N] [OVERRIDES]`: measure, on your
+machine and file system, hpctrain against the reference that bounds it, side by side in alternating rounds (A, B,
+A, B, ...) so a busy machine slows both alike; each line prints hpctrain / reference as the median and min-max of
+the per-round ratios.
 
   loader      the loader's samples/s for each shuffle mode and worker count vs a random gather from the whole
               training set held in RAM (the ceiling: no file system, no HDF5, no processes); with
@@ -11,65 +11,46 @@ per-round ratios.
               (the difference is then the loop's bookkeeping alone), on the run's model and on a tiny model;
               then the two taking turns step by step (one hpctrain step, one raw step, ...), which a machine
               whose speed drifts between rounds cannot tell apart
-  breakdown   the step with the step time breakdown (hpctrain.breakdown) on vs off, taking turns step by step
-              in one run, on the run's model and on a tiny model; then the breakdown of the run's model next to
-              torch.profiler's view of the same steps
+  breakdown   the step with the step time breakdown (hpctrain.run.breakdown) on vs off, taking turns step by
+              step in one run, on the run's model and on a tiny model; then the breakdown of the run's model next
+              to torch.profiler's view of the same steps
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
 It composes the same config as the launcher (`--config-dir` for yours), so the numbers are for the run you are
-about to start. The numbers measured on the development machine are in docs/benchmarks.md.
+about to start. The numbers measured on the development machine are in docs/benchmarks.md. The measuring pieces
+it shares with benchmarks/gpu_check.py are in benchmarks/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import os
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from hpctrain.components import build_components, check_run_inputs
-
-from hpctrain.run.contract import Components, model_inputs, per_sample_components
-from hpctrain.config import Config, ConfigError
-from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
-from hpctrain.data.loader import make_loader
-from hpctrain.launching.app import compose_config, fail
-
-if TYPE_CHECKING:
-    from hpctrain.run.trainer import Trainer
-
-
-def ratio_line(label: str, ours: list[float], reference: list[float], unit: str, *, higher_is_better: bool) -> str:
-    """Per-round ratios ours/reference: median (min-max), and the medians of both."""
-    ratios = [a / b for a, b in zip(ours, reference)]
-    return (f"  {label:<46} {statistics.median(ratios):6.3f}x ({min(ratios):.3f}-{max(ratios):.3f})   "
-            f"hpctrain {statistics.median(ours):10.4g} {unit}, reference {statistics.median(reference):10.4g} {unit}"
-            f"{'' if higher_is_better else '  (lower is better)'}")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's hpctrain (as benchmarks/reader.py)
+from harness import (WARMUP_STEPS, epochs, hpctrain_loop_seconds, interleaved_seconds,  # noqa: E402
+                     loader_rate, quiet, ratio_line, raw_loop_seconds, step_config, tiny_components)
+from hpctrain.components import build_components, check_run_inputs  # noqa: E402
+from hpctrain.config import Config, ConfigError  # noqa: E402
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler  # noqa: E402
+from hpctrain.data.loader import make_loader  # noqa: E402
+from hpctrain.launching.app import compose_config, fail  # noqa: E402
+from hpctrain.run.contract import Components  # noqa: E402
 
 
 # -- loader -----------------------------------------------------------------------------------------------------
-def loader_rate(loader, num_batches: int) -> float:
-    batches = iter(loader)
-    next(batches)  # worker start-up is not throughput
-    started, samples = time.perf_counter(), 0
-    for _ in range(num_batches):
-        samples += len(next(batches)["index"])
-    return samples / (time.perf_counter() - started)
-
-
 def ram_gather_rate(arrays: dict[str, np.ndarray], batches: list[np.ndarray]) -> float:
     started, samples = time.perf_counter(), 0
     for indices in batches:
@@ -132,164 +113,6 @@ def bench_loader(config: Config, components: Components, *, rounds: int, num_bat
 
 
 # -- the training step ------------------------------------------------------------------------------------------
-class TinyModel(nn.Module):
-    """A model whose step costs almost nothing, so the loop's own bookkeeping shows."""
-
-    def __init__(self, inputs: int, outputs: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(inputs, outputs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
-
-
-class TinyLoss:
-    """Per-sample mean squared error against a batch field of the outputs' shape: a loss that costs almost nothing
-    (the task's own may cost more than a tiny model's whole step)."""
-
-    def __init__(self, field: str) -> None:
-        self.field = field
-
-    def __call__(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (outputs - batch[self.field]).square().flatten(1).mean(dim=1)
-
-
-WARMUP_STEPS = 3  # not timed: first-call allocations, lazy initialisation
-
-
-def step_durations(stamps: list[float]) -> np.ndarray:
-    """Seconds of each step after the warm-up steps, from the times at which the steps ended."""
-    return np.diff(stamps[WARMUP_STEPS - 1:])
-
-
-def raw_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_function, batch: dict[str, torch.Tensor],
-             inputs: list[str], autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
-    """The reference step: forward, per-sample loss (under `autocast`), mean, backward, AdamW, zero_grad."""
-    with autocast():
-        terms = per_sample_components(loss_function(model(*model_inputs(batch, inputs)), batch),
-                                      len(batch["index"]), key="task.loss")
-    sum(terms.values()).mean().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def raw_loop_seconds(model: nn.Module, loss_function, batches: Iterable[dict[str, torch.Tensor]], inputs: list[str],
-                     lr: float) -> np.ndarray:
-    """The reference: a plain PyTorch loop of `raw_step` over batches already in RAM, or read by hpctrain's
-    loader; the seconds of each step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    stamps = []
-    for batch in batches:
-        raw_step(model, optimizer, loss_function, batch, inputs)
-        stamps.append(time.perf_counter())
-    return step_durations(stamps)
-
-
-def hpctrain_loop_seconds(config: Config, components: Components, steps: int, run_dir: Path,
-                          between: Callable[[], None] | None = None,
-                          device: torch.device = torch.device("cpu"),
-                          built: Callable[[Trainer], None] | None = None) -> np.ndarray:
-    """hpctrain's loop, the seconds of each step: from the end of one step to the end of the next, so each counts
-    reading its batches from the file, the step, and the loop's bookkeeping (metrics, schedule, progress); the
-    run's start and end (and no evaluation or checkpoint, which are configured away) are not timed. `between`, if
-    given, runs after each step, untimed (the next step's time starts when it returns); `built`, if given,
-    receives the trainer before it starts."""
-    from hpctrain.process.distributed import DistributedContext
-    from hpctrain.run.trainer import Trainer
-
-    context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
-    run_dir.mkdir(parents=True)
-    config = replace(config, trainer=replace(config.trainer, max_steps=steps))
-    trainer = Trainer(config=config, run_dir=run_dir, dist=context, components=components)
-    if built is not None:
-        built(trainer)
-    ends: list[float] = []
-    resumes: list[float] = []
-    step = trainer.train_step
-
-    def timed_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        ends.append(time.perf_counter())
-        if between is not None:
-            between()
-        resumes.append(time.perf_counter())
-        return result
-
-    trainer.train_step = timed_step  # type: ignore[method-assign]
-    trainer.fit()
-    return np.subtract(ends[WARMUP_STEPS:], resumes[WARMUP_STEPS - 1:-1])
-
-
-def interleaved_seconds(config: Config, components: Components, raw_batches: Iterator[dict[str, torch.Tensor]],
-                        steps: int, run_dir: Path, device: torch.device = torch.device("cpu")
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """hpctrain's steps and raw steps (on a copy of the model, reading `raw_batches`) taking turns, one step each:
-    pairs measured within a fraction of a second of each other, which a machine whose speed drifts between
-    rounds cannot tell apart. The seconds of each hpctrain step and of each raw step (the read included).
-
-    On a GPU the raw step copies its batch there (non-blocking, from pinned memory if the loader pins) and ends
-    with a synchronisation, as hpctrain's step ends with its one host sync; both run under trainer.precision's
-    autocast."""
-    from hpctrain.run.evaluate import autocast_for
-
-    model = copy.deepcopy(components.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
-    autocast = autocast_for(device, config.trainer.precision)
-    raw: list[float] = []
-
-    def one_raw_step() -> None:
-        started = time.perf_counter()
-        batch = next(raw_batches)
-        if device.type != "cpu":
-            batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
-        raw_step(model, optimizer, components.loss, batch, config.task.inputs, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        raw.append(time.perf_counter() - started)
-
-    ours = hpctrain_loop_seconds(config, components, steps, run_dir, between=one_raw_step, device=device)
-    return ours, np.array(raw[WARMUP_STEPS:len(ours) + WARMUP_STEPS])
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    import logging
-
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def step_config(config: Config, steps: int) -> Config:
-    """The run's config for timing `steps` steps: no evaluation, checkpoint, plot, clipping, schedule or loader worker."""
-    return replace(config, trainer=replace(config.trainer, max_steps=steps, max_epochs=None, progress_bar=False,
-                                           val_every_steps=10**9),
-                   data=replace(config.data, num_workers=0),
-                   optim=replace(config.optim, clip_grad_norm=None,
-                                 schedule=replace(config.optim.schedule, name="constant")),
-                   callbacks=replace(config.callbacks, checkpoint=replace(config.callbacks.checkpoint,
-                                                                          every_steps=10**9),
-                                     metrics=replace(config.callbacks.metrics, plots=False)),
-                   task=replace(config.task, plot=None))  # a plot process starting would share the CPU
-
-
-def tiny_components(base: Config, components: Components) -> Config:
-    """Swap the run's model and loss for the tiny ones (in `components`); returns the config that feeds it."""
-    sample = BatchReader(components.split.train_dataset)[components.split.train_indices[:1]]
-    width = int(np.prod(sample[base.task.inputs[0]].shape[1:]))
-    outputs = components.model(*model_inputs(sample, base.task.inputs))
-    components.model = TinyModel(width, outputs.shape[-1])
-    base = replace(base, task=replace(base.task, inputs=base.task.inputs[:1]))
-    target = next((name for name, value in sample.items() if name not in base.task.inputs
-                   and value.is_floating_point() and value.shape == outputs.shape), None)
-    if target is not None:
-        components.loss = TinyLoss(target)
-    return base
-
-
 def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
     base = step_config(config, steps)
     components = build_components(base)
@@ -308,15 +131,15 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
     def raw(batch_source: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
         return raw_loop_seconds(components.model, components.loss, batch_source, base.task.inputs, base.optim.lr)
 
-    with tempfile.TemporaryDirectory() as directory, _quiet():
+    with tempfile.TemporaryDirectory() as directory, quiet():
         for index in range(rounds):
-            loops = [("ram", lambda: raw(batches)), ("file", lambda: raw(_epochs(loader, sampler, steps))),
+            loops = [("ram", lambda: raw(batches)), ("file", lambda: raw(epochs(loader, sampler, steps))),
                      ("ours", lambda: hpctrain_loop_seconds(base, components, steps, Path(directory) / f"r{index}"))]
             for name, loop in loops[index % 3:] + loops[:index % 3]:  # each loop in each position in turn
                 components.model.load_state_dict(initial)
                 runs[name].append(loop())
         components.model.load_state_dict(initial)
-        paired_ours, paired_raw = interleaved_seconds(base, components, _epochs(loader, sampler, 10**9),
+        paired_ours, paired_raw = interleaved_seconds(base, components, epochs(loader, sampler, 10**9),
                                                       steps * rounds, Path(directory) / "interleaved")
     label = "tiny model" if tiny else f"{type(components.model).__name__}"
     ours = [float(durations.mean()) for durations in runs["ours"]]
@@ -336,22 +159,14 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
           f"difference of a pair: {np.median(difference):+.3f} ms (quartiles {low:+.3f} to {high:+.3f})")
 
 
-def _epochs(loader: Iterable[dict[str, torch.Tensor]], sampler: DistributedBatchSampler,
-            steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """`steps` batches read by `loader`, epoch after epoch, as hpctrain's loop reads them."""
-    for epoch in itertools.count():
-        sampler.set_position(epoch, 0)
-        for batch in loader:
-            yield batch
-            steps -= 1
-            if steps == 0:
-                return
-
-
 # -- the step time breakdown -----------------------------------------------------------------------------------
+STEP_RANGE, FORWARD_RANGE = "hpctrain bench step", "hpctrain bench forward"  # the profiler ranges it records
+PARTS = ("data+bookkeeping", "forward+backward", "optimizer", "step")
+
+
 def breakdown_on_off_seconds(config: Config, components: Components, steps: int, run_dir: Path
                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One run whose steps take turns with the breakdown (hpctrain.breakdown) on and off: the seconds of the
+    """One run whose steps take turns with the breakdown (hpctrain.run.breakdown) on and off: the seconds of the
     steps with it, of those without, and each step with it minus the mean of its neighbours without (steps
     a fraction of a second apart, which no drift of the machine tells apart, a linear one cancelled). The clock
     is switched between steps (the private `StepClock.enabled`), so a step's own loop work, its reads and its
@@ -389,30 +204,26 @@ def clock_seconds_per_step(repeats: int = 20_000) -> float:
     return seconds
 
 
-def profiled_breakdown(config: Config, components: Components, steps: int, run_dir: Path) -> list[str]:
-    """The breakdown of `steps` steps next to torch.profiler's view of the same steps: each step is a profiler
-    range from one metrics row to the next (the breakdown's time_step), the model's forward start an instant range
-    (a forward pre-hook); the profiler's forward+backward runs from there to the end of the step's last autograd
-    event, its optimizer from there to the end of the last optimizer range (zero_grad), and the rest is the data
-    wait plus the loop's bookkeeping. Means over the steps after the warm-up."""
+def profiled_events(config: Config, components: Components, steps: int, run_dir: Path) -> list[Any]:
+    """torch.profiler's CPU events of an hpctrain run of `steps` steps, with each step a STEP_RANGE from one
+    metrics row to the next (the breakdown's time_step) and the model's forward start a FORWARD_RANGE instant (a
+    forward pre-hook)."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    from hpctrain.run.metrics import METRICS_FILENAME, open_for_reading
-
     ranges: list[record_function] = []
-    trainers: list[Trainer] = []
+    trainers: list[Any] = []
 
     def next_range() -> None:
         started = time.perf_counter()
         if ranges:
             ranges[-1].__exit__(None, None, None)
-        ranges.append(record_function("hpctrain.benchmark step"))
+        ranges.append(record_function(STEP_RANGE))
         ranges[-1].__enter__()
         if trainers:  # the profiler's range switch is no step's time (the profiler's ranges leave it out too)
             trainers[0].clock.excluded(time.perf_counter() - started)
 
-    def built(trainer: Trainer) -> None:
+    def built(trainer: Any) -> None:
         trainers.append(trainer)
         row = trainer.clock.row
 
@@ -420,11 +231,11 @@ def profiled_breakdown(config: Config, components: Components, steps: int, run_d
             next_range()
             return row()
 
-        trainer.clock.row = row_after_a_range  # type: ignore[method-assign]
+        trainer.clock.row = row_after_a_range
         next_range()
 
     def forward_started(module: nn.Module, inputs: object) -> None:
-        with record_function("hpctrain.benchmark forward"):
+        with record_function(FORWARD_RANGE):
             pass
 
     hook = components.model.register_forward_pre_hook(forward_started)
@@ -434,32 +245,53 @@ def profiled_breakdown(config: Config, components: Components, steps: int, run_d
             ranges[-1].__exit__(None, None, None)
     finally:
         hook.remove()
-    events = profiler.events()
-    spans = sorted((event for event in events if event.name == "hpctrain.benchmark step"),
+    return list(profiler.events())
+
+
+def profiler_parts(events: list[Any], steps: int) -> dict[str, list[float]]:
+    """The profiler's microseconds of each part of each step after the warm-up: forward+backward from the forward's
+    start to the end of the step's last autograd event, the optimizer from there to the end of the last optimizer
+    range (zero_grad), and the rest of the step the data wait plus the loop's bookkeeping."""
+    spans = sorted((event for event in events if event.name == STEP_RANGE),
                    key=lambda event: event.time_range.start)[:steps]  # step k's range ends when step k does
-    forwards = sorted(event.time_range.start for event in events if event.name == "hpctrain.benchmark forward")
+    forwards = sorted(event.time_range.start for event in events if event.name == FORWARD_RANGE)
     backward_ends = sorted(event.time_range.end for event in events
                            if event.name.startswith("autograd::engine::evaluate_function"))
     optimizer_ends = sorted(event.time_range.end for event in events if event.name.startswith("Optimizer."))
-    profiled = {"data+bookkeeping": [], "forward+backward": [], "optimizer": [], "step": []}
+    parts: dict[str, list[float]] = {part: [] for part in PARTS}
     for span in spans[WARMUP_STEPS:]:
         start, end = span.time_range.start, span.time_range.end
         forward = next(t for t in forwards if start <= t <= end)
         backward_end = max(t for t in backward_ends if forward <= t <= end)
         optimizer_end = max(t for t in optimizer_ends if backward_end <= t <= end)
-        profiled["data+bookkeeping"].append((forward - start) + (end - optimizer_end))
-        profiled["forward+backward"].append(backward_end - forward)
-        profiled["optimizer"].append(optimizer_end - backward_end)
-        profiled["step"].append(end - start)
-    optimizer_calls = [event.cpu_time_total for event in events if event.name.startswith("Optimizer.step#")]
+        parts["data+bookkeeping"].append((forward - start) + (end - optimizer_end))
+        parts["forward+backward"].append(backward_end - forward)
+        parts["optimizer"].append(optimizer_end - backward_end)
+        parts["step"].append(end - start)
+    return parts
+
+
+def breakdown_parts(run_dir: Path, steps: int) -> dict[str, np.ndarray]:
+    """The breakdown's seconds of the same parts of each step after the warm-up, from the run's metrics.h5."""
+    from hpctrain.run.metrics import METRICS_FILENAME, open_for_reading
+
     with open_for_reading(run_dir / METRICS_FILENAME) as file:
         train = {name: file[f"train/{name}"][WARMUP_STEPS:steps] for name in
                  ("time_step", "time_data", "time_bookkeeping", "time_forward_backward", "time_optimizer")}
-    ours = {"data+bookkeeping": train["time_data"] + train["time_bookkeeping"],
+    return {"data+bookkeeping": train["time_data"] + train["time_bookkeeping"],
             "forward+backward": train["time_forward_backward"], "optimizer": train["time_optimizer"],
             "step": train["time_step"]}
+
+
+def profiled_breakdown(config: Config, components: Components, steps: int, run_dir: Path) -> list[str]:
+    """The breakdown of `steps` steps next to torch.profiler's view of the same steps (profiler_parts): means over
+    the steps after the warm-up, as lines to print."""
+    events = profiled_events(config, components, steps, run_dir)
+    profiled = profiler_parts(events, steps)
+    optimizer_calls = [event.cpu_time_total for event in events if event.name.startswith("Optimizer.step#")]
+    ours = breakdown_parts(run_dir, steps)
     lines = [f"  {'part (mean per step)':<24} {'breakdown':>12} {'profiler':>12}  ratio"]
-    for part in ("data+bookkeeping", "forward+backward", "optimizer", "step"):
+    for part in PARTS:
         mine, theirs = float(np.mean(ours[part])) * 1e3, float(np.mean(profiled[part])) / 1e3
         lines.append(f"  {part:<24} {mine:9.3f} ms {theirs:9.3f} ms  {mine / theirs:.3f}")
     lines.append(f"  (the profiler's Optimizer.step ranges alone: {np.mean(optimizer_calls[WARMUP_STEPS:]) / 1e3:.3f} "
@@ -472,7 +304,7 @@ def bench_breakdown(config: Config, *, rounds: int, steps: int, tiny_steps: int,
     and the tiny one), and the breakdown next to torch.profiler's view of the same steps."""
     print(f"breakdown: {rounds} rounds; the step with the time breakdown on vs off, taking turns step by step")
     cost = clock_seconds_per_step()
-    with tempfile.TemporaryDirectory() as directory, _quiet():
+    with tempfile.TemporaryDirectory() as directory, quiet():
         for tiny, count in ((False, steps), (True, tiny_steps)):
             base = step_config(config, count)
             components = build_components(base)
@@ -513,7 +345,7 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         manager = CheckpointManager(Path(directory) / "run", keep_last=2)
         plain = Path(directory) / "plain.pt"
-        with _quiet():
+        with quiet():
             for step in range(1, rounds + 1):
                 plain.unlink(missing_ok=True)  # a new file, as a checkpoint is (truncating one costs like unlinking)
                 started = time.perf_counter()
@@ -536,11 +368,9 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
     print(ratio_line("checkpoint stall (asynchronous=true)", background, reference, "s", higher_is_better=False))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hpctrain.process.exit import skip_final_collection
-
-    skip_final_collection()
-    parser = argparse.ArgumentParser(prog="python -m hpctrain.benchmark", description=__doc__.splitlines()[0])
+# -- the command ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="all",
                         choices=["loader", "step", "breakdown", "checkpoint", "all"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hpctrain.launch")
@@ -562,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("breakdown", "all") and min(args.steps, args.tiny_steps, args.profile_steps) <= WARMUP_STEPS + 1:
         parser.error(f"breakdown: --steps, --tiny-steps and --profile-steps must be > {WARMUP_STEPS + 1} (the "
                      f"untimed warm-up steps, then a step with and one without the breakdown)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpctrain.process.exit import skip_final_collection
+
+    skip_final_collection()
+    args = parse_args(argv)
     try:
         config = compose_config(args.overrides, config_dir=args.config_dir)
         components = check_run_inputs(config, prepare=True) if args.what != "checkpoint" else None
