@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -25,11 +25,20 @@ from torch.utils.data import Dataset
 
 from hpctrain.callbacks import HOOKS
 from hpctrain.config import LOGGERS, CallbacksConfig, Config, ConfigError, DataConfig, is_target_node
-from hpctrain.data.dataset import BatchReader, Split, make_split
+from hpctrain.data.dataset import BatchReader, DistributedBatchSampler, ShardSampler, make_split
+from hpctrain.data.loader import make_loader, resolve_num_workers
 from hpctrain.instantiate import build, first_line
 from hpctrain.optim import build_parameter_groups
-from hpctrain.process.seeding import seed_everything
-from hpctrain.run.contract import Batch, Components, PerSampleFunction, describe, model_inputs, per_sample_components
+from hpctrain.process.distributed import DistributedContext, available_cpus
+from hpctrain.process.seeding import configure_determinism, seed_everything
+from hpctrain.run.breakdown import StepClock
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.compile import compile_model
+from hpctrain.run.contract import Components, describe, model_inputs, per_sample_components
+from hpctrain.run.evaluate import Evaluator
+from hpctrain.run.freeze import FreezeSchedule
+from hpctrain.run.step import TrainStep
+from hpctrain.run.trainer import Trainer, TrainingParts
 from hpctrain.transforms import apply_device_transforms
 
 log = logging.getLogger(__name__)
@@ -307,12 +316,70 @@ def check_run_inputs(config: Config, *, prepare: bool) -> Components:
     return components
 
 
-def build_trainer(config: Config, run_dir: Any, dist: Any, components: Components | None = None, *,
-                  stop_requested: Callable[[], bool] = lambda: False,
-                  evaluation_stop: Callable[[int, float], str] | None = None) -> Any:
-    """The trainer of one rank, with every part it trains with built here."""
-    from hpctrain.run.trainer import Trainer
 
-    return Trainer(config=config, run_dir=run_dir, dist=dist,
-                   components=components if components is not None else build_components(config),
-                   stop_requested=stop_requested, evaluation_stop=evaluation_stop)
+# -- a rank's trainer ----------------------------------------------------------------------------------------------
+def build_trainer(config: Config, run_dir: Path, dist: DistributedContext, components: Components | None = None, *,
+                  stop_requested: Callable[[], bool] = lambda: False,
+                  evaluation_stop: Callable[[int, float], str] | None = None) -> Trainer:
+    """The trainer of one rank, with every part it trains with built here: the components (seeded, so identical
+    initial weights on every rank), the model on its device, the parameter groups and freeze schedule, the step,
+    the sampler and loaders, the evaluator and the checkpoint manager."""
+    components = components if components is not None else build_components(config)
+    trainer_config = config.trainer
+    cpus_per_rank = max(1, available_cpus() // dist.local_world_size)
+    torch.set_num_threads(trainer_config.num_threads or cpus_per_rank)
+    configure_determinism(trainer_config.deterministic)
+    model = components.model.to(dist.device)
+    sampler = DistributedBatchSampler(
+        components.split.train_indices, micro_batch_size=trainer_config.micro_batch_size,
+        num_microbatches=trainer_config.num_microbatches, rank=dist.rank, world_size=dist.world_size,
+        seed=config.seed, block_size=config.data.block_size if config.data.shuffle == "blocks" else 1)
+    # Before DDP wraps the model (the trainer's first phase): frozen groups must be frozen when DDP records which
+    # parameters get gradients.
+    freeze = FreezeSchedule(config.optim.freeze, steps_per_epoch=sampler.steps_per_epoch)
+    groups = build_parameter_groups(model, config.optim, max_steps=trainer_config.max_steps,
+                                    steps_per_epoch=sampler.steps_per_epoch,
+                                    phase_factor=freeze.lr_factor if freeze.enabled else None,
+                                    monitor=config.callbacks.monitor.metric, monitor_mode=config.callbacks.monitor.mode)
+    clock = StepClock(dist.device, enabled=dist.is_main)
+    step = TrainStep(loss=components.loss, inputs=config.task.inputs, groups=groups, dist=dist, clock=clock,
+                     precision=trainer_config.precision, clip_grad_norm=config.optim.clip_grad_norm,
+                     track_grad_norm=config.optim.track_grad_norm, device_transforms=components.device_transforms,
+                     seed=config.seed, record_samples=config.callbacks.metrics.per_sample_train,
+                     stop_requested=stop_requested)
+    train_loader, val_loader = _build_loaders(config, components, dist, sampler, cpus_per_rank)
+    evaluator = Evaluator(inputs=list(config.task.inputs), loss=components.loss, metrics=components.metrics,
+                          dist=dist, device=dist.device, autocast=step.autocast, gather=config.task.gather,
+                          on_cpu=config.task.evaluate_on_cpu, device_transforms=components.device_transforms,
+                          seed=config.seed)
+    checkpoints = CheckpointManager(run_dir, keep_last=config.callbacks.checkpoint.keep_last,
+                                    keep_steps=config.callbacks.checkpoint.keep_steps)
+    parts = TrainingParts(model=model, compiled_model=compile_model(model, trainer_config.compile), groups=groups,
+                          freeze=freeze, step=step, sampler=sampler, train_loader=train_loader,
+                          val_loader=val_loader, evaluator=evaluator, checkpoints=checkpoints, clock=clock,
+                          split=components.split, plot=components.plot, watchers=components.callbacks)
+    return Trainer(config=config, run_dir=run_dir, dist=dist, parts=parts, evaluation_stop=evaluation_stop)
+
+
+def _build_loaders(config: Config, components: Components, dist: DistributedContext,
+                   sampler: DistributedBatchSampler, cpus_per_rank: int) -> tuple[Any, Any]:
+    """The training loader (over `sampler`) and the validation loader (this rank's shard), with as many workers
+    as data.num_workers asks for or the automatic count finds (hpctrain.data.loader)."""
+    split, micro_batch_size = components.split, config.trainer.micro_batch_size
+    train_reader = BatchReader(split.train_dataset, transforms=components.transforms, seed=config.seed,
+                               stage="train")
+    num_workers = resolve_num_workers(config.data, cpus_per_rank, reader=train_reader, indices=split.train_indices,
+                                      batch_size=micro_batch_size)
+    pin_memory = config.data.pin_memory and dist.device.type == "cuda"
+    train_loader = make_loader(train_reader, sampler, config=config.data, num_workers=num_workers,
+                               pin_memory=pin_memory)
+    val_loader = make_loader(
+        BatchReader(split.val_dataset, transforms=components.transforms, seed=config.seed, stage="validation"),
+        ShardSampler(split.val_indices, batch_size=config.data.val_batch_size or micro_batch_size, rank=dist.rank,
+                     world_size=dist.world_size),
+        config=config.data, num_workers=num_workers, pin_memory=pin_memory)
+    log.info("rank %d: %d training / %d validation samples, global batch %d (%d x %d micro-batches x %d ranks), "
+             "%d steps per epoch, %d loader workers, %d threads", dist.rank, len(split.train_indices),
+             len(split.val_indices), sampler.global_batch_size, micro_batch_size, config.trainer.num_microbatches,
+             dist.world_size, sampler.steps_per_epoch, num_workers, torch.get_num_threads())
+    return train_loader, val_loader

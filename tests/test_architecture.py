@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tuning", ("hpctrain.tuning",)),
     ("use", ("hpctrain.use",)),
     ("commands", ("hpctrain.launch", "hpctrain.predict", "hpctrain.test", "hpctrain.export", "hpctrain.inspect",
-                  "hpctrain.tune", "hpctrain.prepare", "hpctrain.gpu_check", "hpctrain.benchmark")),
+                  "hpctrain.tune", "hpctrain.prepare")),
     ("package", ("hpctrain",)),  # hpctrain/__init__.py: load_model, load_run
     ("tasks", ("hpctrain.tasks",)),  # plug-ins: they may use anything; nothing of the core may use them
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from hpctrain.components import build_components
+from hpctrain.components import build_components, build_trainer
 from hpctrain.config import Config
 
 from .conftest import final_weights, launch, tiny_overrides
@@ -85,8 +85,7 @@ class AllReduceCounter:
 
 def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, results) -> None:
     from hpctrain.process.distributed import init_distributed, shutdown_distributed
-    from hpctrain.run.trainer import Trainer
-
+    
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist = init_distributed(device_preference="cpu", timeout_s=120)
@@ -94,9 +93,8 @@ def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, result
     for num_microbatches in (1, 3):
         trainer_config = config.trainer.__class__(**{**config.trainer.__dict__,
                                                      "num_microbatches": num_microbatches})
-        trainer = Trainer(config=config.__class__(**{**config.__dict__, "trainer": trainer_config}),
-                          run_dir=Path(run_dir) / str(num_microbatches), dist=dist,
-                          components=build_components(config))
+        trainer = build_trainer(config.__class__(**{**config.__dict__, "trainer": trainer_config}),
+                                Path(run_dir) / str(num_microbatches), dist, build_components(config))
         counter = AllReduceCounter()
         trainer.ddp_model.register_comm_hook(counter, AllReduceCounter.hook)
         batches = iter(trainer.train_loader)

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from hpctrain.process import seeding
-from hpctrain.components import build_components
+from hpctrain.components import build_components, build_trainer
 from hpctrain.process.distributed import DistributedContext, process_group_environment, step_peak_memory
 from hpctrain.run.metrics import MetricsWriter, open_for_reading
-from hpctrain.run.trainer import Trainer
 
 from .conftest import tiny_overrides
 from .test_config import compose_config
@@ -89,15 +88,15 @@ def test_fp16_grad_scaler_state_goes_through_the_checkpoint_and_back(tmp_path: P
     config = compose_config(*tiny_overrides(tiny_data, "trainer.precision=fp16", "trainer.device=cpu",
                                             "trainer.max_steps=3", "callbacks.early_stopping.enabled=false"))
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    trainer = Trainer(config=config, run_dir=tmp_path, dist=context, components=build_components(config))
-    assert trainer.grad_scaler.is_enabled()
+    trainer = build_trainer(config, tmp_path, context, build_components(config))
+    assert trainer.step.scaler.is_enabled()
     trainer.fit()
-    trained = trainer.grad_scaler.state_dict()
+    trained = trainer.step.scaler.state_dict()
     assert trained["_growth_tracker"] == 3 - trainer.state.nonfinite_steps and trained["scale"] > 0
-    resumed = Trainer(config=config, run_dir=tmp_path, dist=context, components=build_components(config))
-    assert resumed.grad_scaler.state_dict() != trained  # a fresh scaler
+    resumed = build_trainer(config, tmp_path, context, build_components(config))
+    assert resumed.step.scaler.state_dict() != trained  # a fresh scaler
     resumed.resume()
-    assert resumed.grad_scaler.state_dict() == trained
+    assert resumed.step.scaler.state_dict() == trained
 
 
 def test_gpu_memory_column_only_on_a_gpu(tmp_path: Path) -> None:

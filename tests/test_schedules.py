@@ -207,16 +207,15 @@ def test_early_stopping_and_the_best_checkpoint_follow_a_max_metric(tiny_data: P
 
 def test_a_checkpoint_from_before_the_monitor_and_schedulers_resumes(tiny_data: Path, tmp_path: Path) -> None:
     """Old checkpoints have no train_state.best_value and no schedulers: they load, as monitoring the loss."""
-    from hpctrain.components import build_components
+    from hpctrain.components import build_components, build_trainer
     from hpctrain.process.distributed import DistributedContext
-    from hpctrain.run.trainer import Trainer
 
     from .test_config import compose_config
 
     config = compose_config(*tiny_overrides(tiny_data, "trainer.max_steps=4", "trainer.val_every_steps=2",
                                             "callbacks.checkpoint.every_steps=2"))
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    Trainer(config=config, run_dir=tmp_path, dist=context, components=build_components(config)).fit()
+    build_trainer(config, tmp_path, context, build_components(config)).fit()
     manager = CheckpointManager(tmp_path, keep_last=2)
     newest = manager.newest_valid()
     assert newest is not None
@@ -224,7 +223,7 @@ def test_a_checkpoint_from_before_the_monitor_and_schedulers_resumes(tiny_data: 
     assert state["schedulers"] == [None] and not math.isnan(state["train_state"]["best_value"])
     del state["schedulers"], state["train_state"]["best_value"]
     manager.save(newest.step, state)
-    resumed = Trainer(config=config, run_dir=tmp_path, dist=context, components=build_components(config))
+    resumed = build_trainer(config, tmp_path, context, build_components(config))
     resumed.resume()
     assert resumed.state.best_value == resumed.state.best_loss == state["train_state"]["best_loss"]
     manager.close()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpctrain.run import breakdown
-from hpctrain.components import build_components
+from hpctrain.components import build_components, build_trainer
 from hpctrain.config import OptimConfig, ScheduleConfig
 from hpctrain.process.distributed import DistributedContext
 from hpctrain.use.inspect import format_summary, summarize
@@ -59,7 +59,7 @@ def poisoned_trainer(tmp_path: Path, tiny_data: Path, *overrides: str, poisoned:
     components.loss = poison(components.loss, poisoned)
     tmp_path.mkdir(parents=True, exist_ok=True)
     context = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    return Trainer(config=config, run_dir=tmp_path, dist=context, components=components)
+    return build_trainer(config, tmp_path, context, components)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path, tiny_data: Path) -> None:

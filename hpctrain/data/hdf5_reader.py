@@ -186,53 +186,13 @@ def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
         return _Layout("h5py", "rows hold no bytes", **base)
 
     if layout == h5d.CONTIGUOUS:
-        offset = ds.id.get_offset()
-        n = shape[0]
-        table = np.array([-1 if offset is None else offset], dtype=np.int64)
-        if offset is not None and offset + n * row_bytes > file_size:
-            return _Layout("h5py", f"contiguous storage ends past the end of the file ({file_size} bytes)", **base)
-        where = "never written (reads as the fill value)" if offset is None else f"at byte {offset}"
-        result = _Layout("memmap", f"uncompressed contiguous dataset {where}", chunk_rows=max(n, 1),
-                         chunk_offsets=table, **base)
+        result = _contiguous_layout(ds, row_bytes, file_size, base)
+    elif tuple(ds.chunks[1:]) != row_shape or dcpl.get_nfilters():
+        result = _filtered_layout(ds, dcpl, row_bytes, file_size, base)
     else:
-        chunks = ds.chunks
-        chunk_rows, whole_rows = chunks[0], tuple(chunks[1:]) == row_shape
-        pipeline = tuple(dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters()))
-        if pipeline or not whole_rows:
-            names = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(len(pipeline))]
-            why = (f"compressed/filtered chunks ({', '.join(names)})" if pipeline else
-                   f"uncompressed chunks {chunks} that do not hold whole rows of shape {row_shape}")
-            band_bytes = chunk_rows * row_bytes
-            if band_bytes > MAX_BAND_BYTES:
-                return _Layout("h5py", f"{why}; a band of chunks holding {chunk_rows} rows is {band_bytes} bytes, "
-                                       f"over {MAX_BAND_BYTES}", **base)
-            through_hdf5 = _Layout("chunks", f"{why}: each needed chunk is read and decoded through HDF5 once per "
-                                             f"read, decoded chunks are cached", chunk_rows=chunk_rows, **base)
-            if not whole_rows or not set(pipeline) <= _OWN_FILTERS:
-                return through_hdf5
-            table = _chunk_table(ds, chunk_rows, file_size)
-            if isinstance(table, str):
-                return through_hdf5
-            result = _Layout("chunks", f"{why}: each needed chunk is read from the mapped file and decoded here "
-                                       f"(zlib, unshuffle) once per read, decoded chunks are cached",
-                             chunk_rows=chunk_rows, chunk_offsets=table[0], chunk_sizes=table[1],
-                             chunk_masks=table[2], pipeline=pipeline, **base)
-            if (result.chunk_offsets < 0).any() and isinstance(_fill_row(ds, row_shape), str):
-                return through_hdf5  # HDF5 decides what unwritten chunks read as
-        else:
-            table = _chunk_table(ds, chunk_rows, file_size)
-            chunk_bytes = chunk_rows * row_bytes  # edge chunks are stored full-size too
-            if not isinstance(table, str):
-                odd = np.flatnonzero((table[0] >= 0) & ((table[1] != chunk_bytes) | (table[2] != 0)))
-                if odd.size:
-                    k = int(odd[0])
-                    table = f"chunk {k} has {table[1][k]} bytes, filter mask {table[2][k]} (expected {chunk_bytes})"
-            if isinstance(table, str):
-                return _Layout("h5py", f"unexpected chunk storage: {table}", **base)
-            written = int((table[0] >= 0).sum())
-            reason = (f"uncompressed chunked dataset: {written} of {table[0].size} chunks of {chunk_rows} rows "
-                      f"located" + ("" if written == table[0].size else "; the others read as the fill value"))
-            result = _Layout("memmap", reason, chunk_rows=chunk_rows, chunk_offsets=table[0], **base)
+        result = _whole_row_chunks_layout(ds, row_bytes, file_size, base)
+    if result.mode == "h5py" or result.chunk_offsets is None:
+        return result
 
     if (result.chunk_offsets < 0).any():
         fill = _fill_row(ds, row_shape)
@@ -240,6 +200,62 @@ def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
             return _Layout("h5py", f"some chunks were never written and {fill}", **base)
         result.fill_row = fill
     return result
+
+
+def _contiguous_layout(ds: h5py.Dataset, row_bytes: int, file_size: int, base: dict[str, Any]) -> _Layout:
+    offset, n = ds.id.get_offset(), ds.shape[0]
+    table = np.array([-1 if offset is None else offset], dtype=np.int64)
+    if offset is not None and offset + n * row_bytes > file_size:
+        return _Layout("h5py", f"contiguous storage ends past the end of the file ({file_size} bytes)", **base)
+    where = "never written (reads as the fill value)" if offset is None else f"at byte {offset}"
+    return _Layout("memmap", f"uncompressed contiguous dataset {where}", chunk_rows=max(n, 1), chunk_offsets=table,
+                   **base)
+
+
+def _filtered_layout(ds: h5py.Dataset, dcpl: Any, row_bytes: int, file_size: int, base: dict[str, Any]) -> _Layout:
+    """Compressed/filtered chunks, or chunks that do not hold whole rows: read in bands of chunks."""
+    chunks, row_shape = ds.chunks, tuple(ds.shape[1:])
+    chunk_rows, whole_rows = chunks[0], tuple(chunks[1:]) == row_shape
+    pipeline = tuple(dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters()))
+    names = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(len(pipeline))]
+    why = (f"compressed/filtered chunks ({', '.join(names)})" if pipeline else
+           f"uncompressed chunks {chunks} that do not hold whole rows of shape {row_shape}")
+    band_bytes = chunk_rows * row_bytes
+    if band_bytes > MAX_BAND_BYTES:
+        return _Layout("h5py", f"{why}; a band of chunks holding {chunk_rows} rows is {band_bytes} bytes, "
+                               f"over {MAX_BAND_BYTES}", **base)
+    through_hdf5 = _Layout("chunks", f"{why}: each needed chunk is read and decoded through HDF5 once per "
+                                     f"read, decoded chunks are cached", chunk_rows=chunk_rows, **base)
+    if not whole_rows or not set(pipeline) <= _OWN_FILTERS:
+        return through_hdf5
+    table = _chunk_table(ds, chunk_rows, file_size)
+    if isinstance(table, str):
+        return through_hdf5
+    result = _Layout("chunks", f"{why}: each needed chunk is read from the mapped file and decoded here "
+                               f"(zlib, unshuffle) once per read, decoded chunks are cached",
+                     chunk_rows=chunk_rows, chunk_offsets=table[0], chunk_sizes=table[1],
+                     chunk_masks=table[2], pipeline=pipeline, **base)
+    if (result.chunk_offsets < 0).any() and isinstance(_fill_row(ds, row_shape), str):
+        return through_hdf5  # HDF5 decides what unwritten chunks read as
+    return result
+
+
+def _whole_row_chunks_layout(ds: h5py.Dataset, row_bytes: int, file_size: int, base: dict[str, Any]) -> _Layout:
+    """Uncompressed chunks of whole rows: each located in the file, to be read from the mapped file."""
+    chunk_rows = ds.chunks[0]
+    table = _chunk_table(ds, chunk_rows, file_size)
+    chunk_bytes = chunk_rows * row_bytes  # edge chunks are stored full-size too
+    if not isinstance(table, str):
+        odd = np.flatnonzero((table[0] >= 0) & ((table[1] != chunk_bytes) | (table[2] != 0)))
+        if odd.size:
+            k = int(odd[0])
+            table = f"chunk {k} has {table[1][k]} bytes, filter mask {table[2][k]} (expected {chunk_bytes})"
+    if isinstance(table, str):
+        return _Layout("h5py", f"unexpected chunk storage: {table}", **base)
+    written = int((table[0] >= 0).sum())
+    reason = (f"uncompressed chunked dataset: {written} of {table[0].size} chunks of {chunk_rows} rows "
+              f"located" + ("" if written == table[0].size else "; the others read as the fill value"))
+    return _Layout("memmap", reason, chunk_rows=chunk_rows, chunk_offsets=table[0], **base)
 
 
 def _chunk_table(ds: h5py.Dataset, chunk_rows: int,

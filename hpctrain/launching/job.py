@@ -69,13 +69,11 @@ def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool
 
 def _train(config: Config, run_dir: Path, dist: DistributedContext, stop_requested: Callable[[], bool],
            evaluation_stop: Callable[[int, float], str] | None = None) -> dict[str, Any]:
-    from hpctrain.components import build_components
-    from hpctrain.run.trainer import Trainer
+    from hpctrain.components import build_trainer
 
     if config.trainer.precision == "fp16" and dist.device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    trainer = Trainer(config=config, run_dir=run_dir, dist=dist, components=build_components(config),
-                      stop_requested=stop_requested, evaluation_stop=evaluation_stop)
+    trainer = build_trainer(config, run_dir, dist, stop_requested=stop_requested, evaluation_stop=evaluation_stop)
     state = trainer.fit()
     summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
                "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -283,13 +282,9 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
     """One rank of a prediction: compute this rank's unfinished chunks; rank 0 then assembles the file."""
     import torch
 
-    from hpctrain.run.checkpoint import state_dict_digest
-    from hpctrain.run.contract import model_inputs
-    from hpctrain.transforms import apply_device_transforms
-    from hpctrain.process.distributed import available_cpus, init_distributed, shutdown_distributed
-    from hpctrain.run.evaluate import autocast_for
     from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
-    from hpctrain.run.checkpoint import choose_checkpoint, load_checkpoint
+    from hpctrain.process.distributed import available_cpus, init_distributed, shutdown_distributed
+    from hpctrain.run.checkpoint import choose_checkpoint, load_checkpoint, state_dict_digest
     from hpctrain.use.runs import build_model
 
     plan = Plan(**json.loads(plan_json))
@@ -317,22 +312,8 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
         batches = ChunkBatches(plan, todo)
         num_workers = resolve_num_workers(config.data, cpus) if len(batches) > 1 else 0
         loader = make_loader(reader, batches, config=config.data, num_workers=num_workers, pin_memory=False)
-        autocast = autocast_for(dist.device, config.trainer.precision)
-        current: ChunkOutputs | None = None
-        with torch.no_grad():
-            for (chunk, indices), batch in zip(batches.batches, loader):
-                if current is None or current.chunk != chunk:
-                    if current is not None:
-                        current.write(plan.work_dir)
-                    current = ChunkOutputs(chunk, plan.chunk_range(chunk))
-                if dist.device.type != "cpu":
-                    batch = {name: value.to(dist.device, non_blocking=True) for name, value in batch.items()}
-                batch = apply_device_transforms(device_transforms, batch, seed=plan.seed, stage=plan.stage)
-                with autocast():
-                    outputs = model(*model_inputs(batch, config.task.inputs))
-                current.add(named_outputs(outputs, len(indices)))
-        if current is not None:
-            current.write(plan.work_dir)
+        compute_chunks(model, zip(batches.batches, loader), plan, config=config, device=dist.device,
+                       device_transforms=device_transforms)
         stop_loader_workers()
         if dist.is_distributed:
             dist.barrier()  # every chunk is written
@@ -341,6 +322,34 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
         clean = True
     finally:
         shutdown_distributed(clean=clean)
+
+
+def compute_chunks(model: Any, batches: Any, plan: Plan, *, config: Config, device: Any,
+                   device_transforms: list[Any]) -> None:
+    """Run the model over ((chunk, indices), batch) pairs, in chunk order, and write each chunk's outputs as it
+    completes (a requeued prediction keeps the chunks written)."""
+    import torch
+
+    from hpctrain.run.contract import model_inputs
+    from hpctrain.run.evaluate import autocast_for
+    from hpctrain.transforms import apply_device_transforms
+
+    autocast = autocast_for(device, config.trainer.precision)
+    current: ChunkOutputs | None = None
+    with torch.no_grad():
+        for (chunk, indices), batch in batches:
+            if current is None or current.chunk != chunk:
+                if current is not None:
+                    current.write(plan.work_dir)
+                current = ChunkOutputs(chunk, plan.chunk_range(chunk))
+            if device.type != "cpu":
+                batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+            batch = apply_device_transforms(device_transforms, batch, seed=plan.seed, stage=plan.stage)
+            with autocast():
+                outputs = model(*model_inputs(batch, config.task.inputs))
+            current.add(named_outputs(outputs, len(indices)))
+    if current is not None:
+        current.write(plan.work_dir)
 
 
 # -- the final file ---------------------------------------------------------------------------------------------

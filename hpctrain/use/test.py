@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,12 +140,7 @@ class TestJob:
         evaluate_rank(*self.args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hpctrain.process.exit import skip_final_collection
-
-    skip_final_collection()
-    from hpctrain.launching.app import fail
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hpctrain.test", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
@@ -159,7 +153,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-outputs", action="store_true",
                         help="also write the model's outputs of every test sample to <test file>.outputs.h5 "
                              "(hpctrain.predict's layout)")
-    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
+    return parser
+
+
+def _evaluate(config: Config, run_dir: Path, work_args: tuple[str, str, int], *, num_processes: int,
+              slurm: bool) -> None:
+    """Evaluate the checkpoint over the test set on `num_processes` local ranks or as a SLURM job; the test file
+    is written by rank 0."""
+    from hpctrain.launching.app import fail
+
+    if slurm:
+        from hpctrain.launching.slurm import check_resources, make_executor
+
+        try:
+            check_resources(config.launcher)
+            executor = make_executor(run_dir / TEST_DIRNAME / "submitit", config.launcher)
+        except ConfigError as error:
+            fail(str(error))
+        job = executor.submit(TestJob(config, run_dir, *work_args))
+        print(f"submitted SLURM test job {job.job_id}; waiting for it", flush=True)
+        job.results()
+    else:
+        from dataclasses import replace
+
+        from hpctrain.launching.job import run_local
+
+        local = replace(config, launcher=replace(config.launcher, name="local", num_processes=num_processes))
+        run_local(local, run_dir, work=evaluate_rank, args=work_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpctrain.process.exit import skip_final_collection
+
+    skip_final_collection()
+    from hpctrain.launching.app import fail
+
+    args = _parser().parse_intermixed_args(argv)  # options may come between the overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     run_dir = args.run_dir.absolute()
     try:
@@ -181,30 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             else None
     except ConfigError as error:
         fail(str(error))
-    work_args = (str(info.path), str(output), seed)
-    if args.slurm:
-        from hpctrain.launching.slurm import check_resources, make_executor
-
-        try:
-            check_resources(config.launcher)
-            executor = make_executor(run_dir / TEST_DIRNAME / "submitit", config.launcher)
-        except ConfigError as error:
-            fail(str(error))
-        job = executor.submit(TestJob(config, run_dir, *work_args))
-        print(f"submitted SLURM test job {job.job_id}; waiting for it", flush=True)
-        job.results()
-    else:
-        from dataclasses import replace
-
-        from hpctrain.launching.job import run_local
-
-        local = replace(config, launcher=replace(config.launcher, name="local", num_processes=args.num_processes))
-        run_local(local, run_dir, work=evaluate_rank, args=work_args)
+    _evaluate(config, run_dir, (str(info.path), str(output), seed), num_processes=args.num_processes,
+              slurm=args.slurm)
     print(summarize(output), flush=True)
     from hpctrain.components import build_loggers
     from hpctrain.loggers import log_test_phase
 
-    log_test_phase([feed for _, feed in build_loggers(config.callbacks)], config, run_dir, output)  # the run's loggers (callbacks.loggers): a logger run of its own
+    # The run's loggers (callbacks.loggers): the test phase is a logger run of its own.
+    log_test_phase([feed for _, feed in build_loggers(config.callbacks)], config, run_dir, output)
     if plan is not None:
         from hpctrain.use.predict import run_prediction, start
 
