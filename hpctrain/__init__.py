@@ -16,7 +16,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def __getattr__(name: str):  # noqa: ANN202
-    """`hpctrain.load_model` and `hpctrain.load_run` (hpctrain.runs), imported on first use: importing torch here
+    """`hpctrain.load_model` and `hpctrain.load_run` (hpctrain.use.runs), imported on first use: importing torch here
     would slow the start of every `python -m hpctrain.*` command."""
     if name in ("load_model", "load_run"):
         from hpctrain.use import runs

@@ -1,6 +1,6 @@
 """What watches a run: the observer interface (`Callback`), the read-only views its hooks receive, and
 `Callbacks`, which calls a list of them from the training loop: hpctrain's own observers first (the metrics
-writer, the plots, the progress bar: hpctrain.observers), then the user's callbacks and the loggers.
+writer, the plots, the progress bar: hpctrain.run.observers), then the user's callbacks and the loggers.
 
 A callback is any object with some of the hooks below (all optional), built from a `_target_` node of
 `callbacks.user` (the user's own) or `callbacks.loggers` (hpctrain.loggers, built on the same interface):
@@ -120,7 +120,7 @@ class _RandomStates:
 
 class Callbacks:
     """Calls each hook of a list of callbacks, isolated from the loop (see the module docstring), and of the
-    built-in observers (`builtin`, hpctrain.observers), which get the loop's event itself, first (on_start: last),
+    built-in observers (`builtin`, hpctrain.run.observers), which get the loop's event itself, first (on_start: last),
     and are not isolated: an error in one is training's. An event with a `view()` method gives the read-only view
     the user's callbacks receive; another event is the view itself."""
 

@@ -73,7 +73,7 @@ class TaskConfig:
     # every validation and stored per sample in metrics.h5.
     metrics: Dict[str, Any] = field(default_factory=dict)
     # `_target_` node of a plot hook plot(evaluation, directory) -> PNG paths, drawn for rank 0 in a process of
-    # its own after every evaluation and at the end (hpctrain.evaluate); null: none.
+    # its own after every evaluation and at the end (hpctrain.run.evaluate); null: none.
     plot: Any = None
     # Batch fields (and `outputs`) of every validation sample to gather for the plot hook (Evaluation.gathered).
     gather: List[str] = field(default_factory=list)
@@ -244,7 +244,7 @@ class FreezePhaseConfig:
 
 @dataclass
 class FreezeScheduleConfig:
-    """VirtuaLearn3D's freeze training (hpctrain.freeze): none | explicit | round_robin | random."""
+    """VirtuaLearn3D's freeze training (hpctrain.run.freeze): none | explicit | round_robin | random."""
 
     strategy: str = "none"
     interval: str = "step"
@@ -331,7 +331,7 @@ class OptimConfig:
 
 @dataclass
 class InitFromConfig:
-    """Fine-tuning (hpctrain.fine_tune): the model's initial weights, only those, from another run's checkpoint,
+    """Fine-tuning (hpctrain.run.fine_tune): the model's initial weights, only those, from another run's checkpoint,
     taken when this run starts without a checkpoint of its own (a resumed run resumes from its own)."""
 
     # The other run's directory; null: no fine-tuning (the model's own initialisation).
@@ -377,7 +377,7 @@ class TrainerConfig:
     watchdog_s: float = 0.0
     # Fine-tuning: start from another run's model weights (InitFromConfig; off while its `run` is null).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
-    # torch.compile the model (hpctrain.compile): false, true (torch's defaults) or a dict of torch.compile
+    # torch.compile the model (hpctrain.run.compile): false, true (torch's defaults) or a dict of torch.compile
     # options, e.g. {mode: max-autotune}. The batch dimension is marked dynamic unless the dict sets `dynamic`.
     compile: Any = False
 

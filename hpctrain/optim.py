@@ -40,7 +40,7 @@ class LRMultiplier:
     cycle_multiplier: float
     # schedule.name=custom: the user's f(interval index) -> multiplier.
     function: Callable[[int], float] | None = None
-    # A factor of the current freeze-training phase (hpctrain.freeze), a function of the step.
+    # A factor of the current freeze-training phase (hpctrain.run.freeze), a function of the step.
     phase_factor: Callable[[int], float] | None = None
 
     def __call__(self, step: int) -> float:

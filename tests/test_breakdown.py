@@ -1,4 +1,4 @@
-"""Where the step time goes (hpctrain.breakdown): the clock's arithmetic on a scripted clock, the summary of a
+"""Where the step time goes (hpctrain.run.breakdown): the clock's arithmetic on a scripted clock, the summary of a
 metrics.h5's columns (also one from before the breakdown), and inspect's advice. The columns of a real run and
 inspect's lines: tests/test_train.py (test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update)."""
 

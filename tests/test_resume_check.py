@@ -1,4 +1,4 @@
-"""What a config may change in a run directory with checkpoints (hpctrain.resume_check), as unit tests of its logic;
+"""What a config may change in a run directory with checkpoints (hpctrain.run.resume_check), as unit tests of its logic;
 the launcher's refusals end to end are in tests/test_resume.py."""
 
 from __future__ import annotations

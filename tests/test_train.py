@@ -105,7 +105,7 @@ def test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update(tmp_path: Pa
             open_for_reading(tmp_path / "untracked" / "metrics.h5") as b:
         assert np.isfinite(a["train/grad_norm"][()]).all() and np.isnan(b["train/grad_norm"][()]).all()
         assert not b["train/nonfinite"][()].any() and len(b["train/step"]) == 12
-        # Where the step time went (hpctrain.breakdown), a row per step; on a CPU the parts add up to the step.
+        # Where the step time went (hpctrain.run.breakdown), a row per step; on a CPU the parts add up to the step.
         times = {name: b[f"train/{name}"][()] for name in ("time_step", *breakdown.PARTS, "rss")}
     assert all(len(values) == 12 and np.isfinite(values).all() for values in times.values())
     assert (times["time_step"] > 0).all() and (times["rss"] > 0).all()

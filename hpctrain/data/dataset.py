@@ -1,7 +1,7 @@
 """Data: the built-in HDF5 dataset (named fields of any shape and dtype, ragged fields, several files; lazy
 per-process file handles, one read per batch and field), the reader that turns any map-style dataset into batches
 of named tensors, and a deterministic distributed batch sampler that can start in the middle of an epoch. How the
-batches reach the loop (in process, or from loader workers) is `hpctrain.loader`.
+batches reach the loop (in process, or from loader workers) is `hpctrain.data.loader`.
 
 Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e) (with
 `data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices). Optimizer step s
@@ -89,7 +89,7 @@ class HDF5Dataset(Dataset):
 
     The files are checked when the dataset is built (on the launching machine, before anything is queued) and
     opened lazily in the process that reads (each DataLoader worker has its own handles; an h5py handle inherited
-    across fork returns garbage). Rows are read by hpctrain.hdf5_reader.RowReader: uncompressed data is gathered
+    across fork returns garbage). Rows are read by hpctrain.data.hdf5_reader.RowReader: uncompressed data is gathered
     straight from a memory map of the file (random order at about the speed of RAM), compressed data one decoded
     chunk at a time through an LRU cache of `chunk_cache_mb` per field and worker, anything else with one sorted
     h5py read per batch; never one read per sample.
@@ -161,7 +161,7 @@ class HDF5Dataset(Dataset):
         return self.num_samples
 
     def _open(self) -> list[_FileReaders]:
-        """Per file: fast row readers (hpctrain.hdf5_reader) of its plain fields, and of its ragged fields with
+        """Per file: fast row readers (hpctrain.data.hdf5_reader) of its plain fields, and of its ragged fields with
         their offsets."""
         if self._readers is None or self._pid != os.getpid():
             self._readers = []
@@ -180,7 +180,7 @@ class HDF5Dataset(Dataset):
         return self._readers
 
     def read_modes(self) -> list[dict[str, str]]:
-        """Per file, each field's read path in this process (hpctrain.hdf5_reader: memmap, chunks or h5py)."""
+        """Per file, each field's read path in this process (hpctrain.data.hdf5_reader: memmap, chunks or h5py)."""
         modes = []
         for file in self._open():
             by_field = {**dict(zip(self._plain_names, (reader.mode for reader in file.plain))),
@@ -190,7 +190,7 @@ class HDF5Dataset(Dataset):
 
     def _log_summary(self) -> None:
         """One line for the whole dataset; each field's layout and why its mode was chosen is logged by
-        hpctrain.hdf5_reader at DEBUG level (`hydra.verbose=hpctrain.hdf5_reader` shows it)."""
+        hpctrain.data.hdf5_reader at DEBUG level (`hydra.verbose=hpctrain.data.hdf5_reader` shows it)."""
         self._summary_logged = True
         fields_by_mode: dict[str, list[str]] = {}
         ragged = {spec.name for spec in self.specs if spec.offsets is not None}

@@ -17,7 +17,7 @@ A process killed during a background write leaves only a temporary file: the pre
 valid one.
 
 Only the owner commits: before writing and before each rename, `save` checks that this process still holds the
-run directory's lock (`hpctrain.distributed.check_run_owner`), so a lingering rank of an old job cannot commit a
+run directory's lock (`hpctrain.process.distributed.check_run_owner`), so a lingering rank of an old job cannot commit a
 checkpoint into a run directory another job has taken over.
 """
 

@@ -33,7 +33,7 @@ class Components:
     transforms: list[Callable[[Batch], Batch]]
     # data.test_dataset, built (and so checked) with the others; None when the config names none.
     test_dataset: Dataset | None = None
-    # task.plot, the plot hook (hpctrain.evaluate); None when the config names none.
+    # task.plot, the plot hook (hpctrain.run.evaluate); None when the config names none.
     plot: Callable[..., Any] | None = None
     # task.device_transforms, run on the device before the forward pass (hpctrain.transforms).
     device_transforms: list[Callable[..., Batch]] = field(default_factory=list)

@@ -14,7 +14,7 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
                                  or checkpoint between two steps counts for the next); absent on a CPU
   /train/time_step, time_data, time_forward_backward, time_optimizer, time_bookkeeping (n,)  where the step's
                                  time went, in seconds; /train/rss (n,) resident bytes; /train/gpu_utilization
-                                 (n,) percent, on a GPU with NVML (hpctrain.breakdown says what each counts).
+                                 (n,) percent, on a GPU with NVML (hpctrain.run.breakdown says what each counts).
                                  A file from before them lacks them; rows from before a restart that added them
                                  are NaN
   /train/lr            (n, g)    learning rate of each parameter group (attr `parameter_groups`)
@@ -97,7 +97,7 @@ class MetricsWriter:
         self._open_datasets: dict[str, h5py.Dataset] = {}
         self.listeners: list[MetricsListener] = []
         # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
-        # crash. Rank 0 holding the run lock (hpctrain.distributed.run_lock) makes it the only writer.
+        # crash. Rank 0 holding the run lock (hpctrain.process.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
         self._create_layout(validation_sample_index, task_name)
         if batches_per_epoch is not None:

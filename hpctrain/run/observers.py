@@ -3,7 +3,7 @@
 
 Called in this order at every hook (on rank 0; the other ranks have none of them):
 
-  MetricsRecorder  metrics.h5: a row per step (with the step time breakdown of hpctrain.breakdown) and per
+  MetricsRecorder  metrics.h5: a row per step (with the step time breakdown of hpctrain.run.breakdown) and per
                    evaluation; its flushes feed the loggers; the flush and the row counts (cursor) a checkpoint
                    records, which the Trainer asks for (`flush`, `cursor`) as part of the checkpoint protocol
   TaskPlots        the task's plot hook, drawn in a process of its own at the evaluations

@@ -1,5 +1,5 @@
 """What a config may change in a run directory that already holds checkpoints: checked by the launcher before a
-run starts or is queued (`check_run_dir_continues`), and again by each rank when it resumes (hpctrain.train calls
+run starts or is queued (`check_run_dir_continues`), and again by each rank when it resumes (hpctrain.run.trainer calls
 `check_checkpoint_fits` with the checkpoint it loads).
 
 - The newest checkpoint's model must load into the model this config builds: a changed architecture (another

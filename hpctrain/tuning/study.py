@@ -160,7 +160,7 @@ def open_study(spec: StudySpec, *, sampler: Any = None, pruner: Any = None, crea
 @contextlib.contextmanager
 def ask_lock(tune_dir: Path) -> Iterator[None]:
     """Held while a worker counts the study's trials and asks for one, so that no more than n_trials are asked.
-    A POSIX record lock, like a run directory's (hpctrain.distributed.run_lock): it holds across NFS clients."""
+    A POSIX record lock, like a run directory's (hpctrain.process.distributed.run_lock): it holds across NFS clients."""
     with open(tune_dir / ".ask.lock", "a") as handle:
         fcntl.lockf(handle, fcntl.LOCK_EX)
         try:
