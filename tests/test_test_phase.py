@@ -83,6 +83,24 @@ def test_noise_uses_the_test_seed_and_another_file_can_be_named(finished_run: Pa
     assert refused.returncode == 2 and "data.test_dataset: data file /nope.h5 does not exist" in refused.stderr
 
 
+@shares_the_run
+def test_a_nan_test_sample_is_named_and_left_out_of_the_means(finished_run: Path, tiny_data: Path,
+                                                              tmp_path: Path) -> None:
+    poisoned = tmp_path / "poisoned.h5"
+    with h5py.File(tiny_data) as source, h5py.File(poisoned, "w") as target:
+        target["images"], target["labels"] = source["images"][:40], source["labels"][:40]
+        image = target["images"][17]
+        image.flat[3] = np.nan
+        target["images"][17] = image
+    result = run_test(finished_run, f"data.test_dataset.path={poisoned}", "--name", "poisoned")
+    assert f"sample 17 ({poisoned}, row 17): non-finite image" in result.stderr
+    assert "1 sample(s) with a non-finite loss or value, left out of the means" in result.stdout
+    with h5py.File(finished_run / "test" / "poisoned.h5") as file:
+        losses, mean = file["test/per_sample/loss"][()], float(file["test/loss"][()])
+        assert int(file["test/nonfinite_samples"][()]) == 1
+    assert np.isnan(losses[17]) and mean == np.delete(losses, 17).astype(np.float64).mean()
+
+
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_the_test_phase_runs_as_a_slurm_job(finished_run: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from hpctrain.process.distributed import DistributedContext
 from hpctrain.use.inspect import format_summary, summarize
 from hpctrain.run.metrics import open_for_reading
 from hpctrain.optim import build_parameter_groups, make_multiplier
-from hpctrain.run.trainer import NonFiniteLossError, Trainer
+from hpctrain.run.checkpoint import CheckpointManager
+from hpctrain.run.state import NONFINITE_STOP
+from hpctrain.run.trainer import Trainer
 
 from .conftest import final_weights, launch, tiny_overrides
 from .test_config import compose_config
@@ -84,12 +87,14 @@ def test_a_nan_gradient_under_a_finite_loss_is_skipped_by_the_tracked_norm(tmp_p
 
 def test_an_untracked_nan_gradient_stops_the_run_through_the_next_losses(tmp_path: Path, tiny_data: Path) -> None:
     """Without clipping or a tracked norm (the default), a NaN gradient under a finite loss is applied; the next
-    losses are NaN, max_consecutive_nonfinite ends the run with a clear error, and no checkpoint of the NaN
-    weights is written (every 2 steps: step 6's is refused), so the last good one stays the newest."""
+    losses are NaN, max_consecutive_nonfinite ends the run with a clear stop reason, and no checkpoint of the NaN
+    weights is written (every 2 steps and at the stop: step 6's and 8's are refused), so the last good one stays
+    the newest."""
     trainer = poisoned_trainer(tmp_path, tiny_data, "optim.clip_grad_norm=null", "trainer.max_consecutive_nonfinite=3",
                                "callbacks.checkpoint.every_steps=2", poisoned={4}, poison=NaNGradient)
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
-        trainer.fit()
+    state = trainer.fit()
+    assert state.finished and state.stop_reason.startswith(NONFINITE_STOP)
+    assert "3 consecutive non-finite steps" in state.stop_reason
     with open_for_reading(tmp_path / "metrics.h5") as file:
         assert file["train/nonfinite"][()].tolist() == [0] * 5 + [1] * 3
     newest = trainer.checkpoints.newest_valid()
@@ -115,12 +120,18 @@ def test_an_untracked_norm_is_recorded_as_nan_and_changes_no_update(tmp_path: Pa
     assert "time       " in format_summary(summary) and "forward+backward" in format_summary(summary)
 
 
-def test_nonfinite_policy_stop_raises_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
-    trainer = poisoned_trainer(tmp_path, tiny_data, "trainer.nonfinite=stop", poisoned={6})
-    with pytest.raises(NonFiniteLossError, match="at step 7 .*trainer.nonfinite=stop"):
-        trainer.fit()
+def test_nonfinite_policy_stop_ends_with_a_clear_reason_and_the_last_good_weights(tmp_path: Path,
+                                                                                    tiny_data: Path) -> None:
+    trainer = poisoned_trainer(tmp_path, tiny_data, "trainer.nonfinite=stop", "callbacks.checkpoint.every_steps=6",
+                               poisoned={6})
+    state = trainer.fit()
+    assert state.finished and re.search("at step 7 .*trainer.nonfinite=stop", state.stop_reason)
     with open_for_reading(tmp_path / "metrics.h5") as file:
         assert file["train/step"][()].tolist() == list(range(1, 8))
+    # The stop's checkpoint (step 7) holds the weights of step 6: the failing update was not applied.
+    checkpoints = {info.step: info for info in trainer.checkpoints.complete()}
+    stopped, good = (CheckpointManager.load(checkpoints[step])["model"] for step in (7, 6))
+    assert all(torch.equal(stopped[name], good[name]) for name in good)
 
 
 @pytest.mark.slow

@@ -4,10 +4,11 @@ of named tensors, and a deterministic distributed batch sampler that can start i
 batches reach the loop (in process, or from loader workers) is `hpctrain.data.loader`.
 
 Order of samples: epoch e visits the training indices in the permutation drawn from (seed, e) (with
-`data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices). Optimizer step s
-of the epoch takes the s-th slice of `global_batch_size` samples (the last slice, the epoch's tail, is shorter and
-still stepped). The slice is split evenly over ranks and each rank's share over its micro-batches, so the set of
-samples in an optimizer step does not depend on the number of ranks or micro-batches.
+`data.shuffle=blocks`, a permutation of blocks of consecutive samples, so batches are read as a few slices).
+Optimizer step s of the epoch takes the s-th slice of `global_batch_size` samples (the last slice, the epoch's
+tail, is shorter and still stepped). The slice is split evenly over ranks and each rank's share over its
+micro-batches, so the set of samples in an optimizer step does not depend on the number of ranks or
+micro-batches.
 """
 
 from __future__ import annotations
@@ -258,6 +259,11 @@ class HDF5Dataset(Dataset):
         batch = self.__getitems__([index])
         return {name: value[0] for name, value in batch.items()}
 
+    def locate(self, index: int) -> tuple[Path, int]:
+        """The file holding sample `index` and its row there."""
+        file = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.paths[file], int(index - self.offsets[file])
+
     def __getstate__(self) -> dict:
         # Never send an open handle to another process: each process makes its own readers.
         return {**self.__dict__, "_readers": None, "_pid": None}
@@ -300,6 +306,26 @@ def _pad(samples: list[np.ndarray], row_shape: tuple[int, ...], dtype: np.dtype)
     for position, sample in enumerate(samples):
         padded[position, :len(sample)] = sample
     return padded, lengths
+
+
+def where_is(dataset: Dataset, index: int, fields: Sequence[str] = ()) -> str:
+    """A sample named for a person: its index, its file and row (for a dataset that can say: `locate`), and the
+    fields holding a non-finite value, if given."""
+    text = f"sample {index}"
+    locate = getattr(dataset, "locate", None)
+    if callable(locate):
+        path, row = locate(index)
+        text += f" ({path}, row {row})"
+    if fields:
+        text += f": non-finite {', '.join(fields)}"
+    return text
+
+
+def nonfinite_fields(batch: Mapping[str, torch.Tensor], row: int) -> list[str]:
+    """The floating-point fields of one sample of a batch that hold a NaN or an infinity."""
+    return [name for name, value in batch.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0
+            and not bool(torch.isfinite(value[row]).all())]
 
 
 class BatchRequest(NamedTuple):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from hpctrain.process.distributed import (DistributedContext, exit_with_parent, 
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.seeding import configure_determinism
 from hpctrain.process.watchdog import watching
+from hpctrain.run.state import NONFINITE_STOP, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,32 @@ def _train(config: Config, run_dir: Path, dist: DistributedContext, stop_request
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     trainer = build_trainer(config, run_dir, dist, stop_requested=stop_requested, evaluation_stop=evaluation_stop)
     state = trainer.fit()
-    summary = {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
-               "stop_reason": state.stop_reason, "best_validation_loss": state.best_loss,
-               "best_step": state.best_step, "best_metric": config.callbacks.monitor.metric,
-               "best_value": state.best_value, "nonfinite_steps": state.nonfinite_steps}
+    summary = summarize(state, run_dir, monitor=config.callbacks.monitor.metric)
     if dist.is_main and state.finished:
-        (run_dir / RESULT_FILENAME).write_text(json.dumps(summary, indent=1))
+        write_result(run_dir, summary)
     return summary
+
+
+def summarize(state: TrainState, run_dir: Path, *, monitor: str) -> dict[str, Any]:
+    """What a rank returns and result.json holds: strict JSON (a value that is not finite, such as the best loss
+    of a run whose evaluations were all NaN, is null), `best_step` null when no evaluation was ever the best (so
+    no command looks for its checkpoint), `failed` true for a run stopped by a non-finite loss."""
+    def number(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    has_best = math.isfinite(state.best_value)
+    return {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
+            "stop_reason": state.stop_reason, "failed": state.stop_reason.startswith(NONFINITE_STOP),
+            "best_validation_loss": number(state.best_loss) if has_best else None,
+            "best_step": state.best_step if has_best else None, "best_metric": monitor,
+            "best_value": number(state.best_value), "nonfinite_steps": state.nonfinite_steps}
+
+
+def write_result(run_dir: Path, summary: dict[str, Any]) -> None:
+    """result.json, written whole or not at all (a temporary file renamed over it)."""
+    temporary = run_dir / f".{RESULT_FILENAME}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(summary, indent=1, allow_nan=False))
+    os.replace(temporary, run_dir / RESULT_FILENAME)
 
 
 def configure_rank_logging(rank: int) -> None:

@@ -372,10 +372,11 @@ def choose_checkpoint(run_dir: Path, which: str | int) -> CheckpointInfo:
             raise ConfigError(f"{run_dir}: every checkpoint is corrupt or unreadable ({complete[0].path}, ...)")
         return info
     if which == "best":
-        result = run_dir / "result.json"
-        best_step = json.loads(result.read_text()).get("best_step") if result.exists() else None
-        if best_step is None:
-            best_step = load_checkpoint(complete[0])["train_state"]["best_step"]
+        best_step = _best_step(run_dir, complete[0])
+        if not best_step:  # no evaluation was ever the best (all NaN, or none yet): the newest verified one
+            log.warning("%s has no best evaluation (none was finite, or none ran): using its newest intact "
+                        "checkpoint", run_dir)
+            return choose_checkpoint(run_dir, "latest")
         which = str(best_step)
     try:
         step = int(which)
@@ -386,6 +387,17 @@ def choose_checkpoint(run_dir: Path, which: str | int) -> CheckpointInfo:
             return info
     raise ConfigError(f"{run_dir} has no checkpoint of step {step} (it has {[i.step for i in complete]}); "
                       f"checkpoints kept: the last few, the best (callbacks.checkpoint.keep_best) and keep_steps")
+
+
+def _best_step(run_dir: Path, newest: CheckpointInfo) -> int | None:
+    """The best evaluation's step: result.json's (a finished run; null when none was the best), else the newest
+    checkpoint's (0 when none was)."""
+    result = run_dir / "result.json"
+    if result.exists():
+        summary = json.loads(result.read_text())
+        if "best_step" in summary:
+            return summary["best_step"]
+    return load_checkpoint(newest)["train_state"]["best_step"]
 
 
 def load_checkpoint(info: CheckpointInfo, map_location: Any = "cpu") -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpctrain.data.dataset import nonfinite_fields, where_is
 from hpctrain.run.contract import Batch, PerSampleFunction, model_inputs, per_sample_components
 from hpctrain.process.distributed import DistributedContext
 from hpctrain.transforms import apply_device_transforms
@@ -54,6 +55,9 @@ class Evaluation:
     # The fields named by task.gather (and `outputs` if listed) of every sample, in sample order.
     gathered: dict[str, np.ndarray] = field(default_factory=dict)
     final: bool = False
+    # (sample index, its floating-point fields holding a NaN/Inf) of every sample whose loss or a value is not
+    # finite, in index order; the means (hpctrain.run.metrics.finite_means) leave them out.
+    nonfinite: list[tuple[int, list[str]]] = field(default_factory=list)
 
 
 def _to_cpu(value: Any) -> Any:
@@ -110,6 +114,7 @@ class Evaluator:
         local: dict[str, list[np.ndarray]] = {}
         gathered: dict[str, list[np.ndarray]] = {}
         examples: dict[str, np.ndarray] = {}
+        nonfinite: list[tuple[int, list[str]]] = []
         for batch in loader:
             batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
             batch = apply_device_transforms(self.device_transforms, batch, seed=self.seed, stage=self.stage)
@@ -124,6 +129,7 @@ class Evaluator:
             for name, value in values.items():
                 local.setdefault(name, []).append(value.float().cpu().numpy())
             local.setdefault("_index", []).append(batch["index"].cpu().numpy())
+            nonfinite += _nonfinite_samples(batch, {name: parts[-1] for name, parts in local.items()})
             arrays = {**{name: value.cpu().numpy() for name, value in batch.items()}, **_as_numpy(outputs, "outputs")}
             if not examples:
                 examples = arrays
@@ -132,7 +138,10 @@ class Evaluator:
                     if key == name or key.startswith(f"{name}."):
                         gathered.setdefault(key, []).append(array)
         model.train(was_training)
-        shards = self.dist.all_gather_object({name: np.concatenate(parts) for name, parts in local.items()})
+        gathered_local = self.dist.all_gather_object(
+            ({name: np.concatenate(parts) for name, parts in local.items()}, nonfinite))
+        shards = [values for values, _ in gathered_local]
+        nonfinite = sorted(sample for _, samples in gathered_local for sample in samples)
         names = sorted({name for shard in shards for name in shard})
         per_sample = {name: np.concatenate([shard[name] for shard in shards if name in shard]) for name in names}
         sample_index = per_sample.pop("_index", np.empty(0, dtype=np.int64))
@@ -144,7 +153,30 @@ class Evaluator:
         else:
             gathered_arrays = {}
         return Evaluation(step=step, per_sample=per_sample, sample_index=sample_index, examples=examples,
-                          gathered=gathered_arrays)
+                          gathered=gathered_arrays, nonfinite=nonfinite)
+
+
+def report_nonfinite(samples: list[tuple[int, list[str]]], dataset: Any, where: str, *, shown: int = 5) -> None:
+    """Log the samples with a non-finite loss or value (how many, the first few by file, row and field): they
+    are left out of the means, and a NaN in the data is found where it is."""
+    if samples:
+        log.warning("%s: %d sample(s) with a non-finite loss or value, left out of the means: %s", where,
+                    len(samples), describe_samples(samples, dataset, shown=shown))
+
+
+def describe_samples(samples: list[tuple[int, list[str]]], dataset: Any, *, shown: int = 5) -> str:
+    """The first few samples by index, file, row and non-finite fields ("" for none)."""
+    named = "; ".join(where_is(dataset, index, fields) for index, fields in samples[:shown])
+    return named + (f"; and {len(samples) - shown} more" if len(samples) > shown else "")
+
+
+def _nonfinite_samples(batch: Batch, values: dict[str, np.ndarray]) -> list[tuple[int, list[str]]]:
+    """(index, fields holding a NaN/Inf) of the batch's samples with a non-finite loss or value."""
+    bad = np.zeros(len(values["_index"]), dtype=bool)
+    for name, array in values.items():
+        if name != "_index":
+            bad |= ~np.isfinite(array)
+    return [(int(values["_index"][row]), nonfinite_fields(batch, int(row))) for row in np.flatnonzero(bad)]
 
 
 def _concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:

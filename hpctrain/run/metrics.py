@@ -21,9 +21,12 @@ Layout (every dataset carries `dim_i` attributes naming its axes):
   /train/nonfinite     (n,)      1 where the step was skipped because loss or gradient was NaN/Inf
   /validation/step     (m,)      step after which each evaluation ran
   /validation/<name>   (m,)      mean over the validation samples of `loss`, each `loss.<component>` and each
-                                 metric of task.metrics
+                                 metric of task.metrics, over the samples whose loss and value are finite
   /validation/per_sample/<name> (m, v)  the same, per validation sample, gathered from all ranks
   /validation/sample_index     (v,)     index in the validation dataset of each column above
+  /validation/nonfinite_samples (m,)    how many validation samples had a non-finite loss or value at each
+                                 evaluation; the means above leave them out (a mean is NaN only if no sample is
+                                 finite). Absent in files from before it
   /train_samples/{step,index,loss} (s,)  with callbacks.metrics.per_sample_train: the loss of every training
                                  sample (one row per sample and step, its index in the training dataset)
   attrs train_batches_per_epoch, validation_batches_per_epoch (global, all ranks)
@@ -231,17 +234,21 @@ class MetricsWriter:
             steps = np.asarray([step for step, _ in self._validation_buffer], dtype=np.int64)
             names = list(dict.fromkeys(name for _, values in self._validation_buffer for name in values))
             empty = np.full(self._num_validation_samples, np.nan, dtype=np.float32)
+            per_sample = {name: np.stack([values.get(name, empty) for _, values in self._validation_buffer])
+                          for name in names}
+            means = finite_mean_rows(per_sample)
             for name in names:
-                per_sample = np.stack([values.get(name, empty) for _, values in self._validation_buffer])
-                self._append(f"validation/per_sample/{name}", per_sample, ["evaluation", "validation sample"],
+                self._append(f"validation/per_sample/{name}", per_sample[name], ["evaluation", "validation sample"],
                              offset)
-                self._append(f"validation/{name}", per_sample.astype(np.float64).mean(axis=1), ["evaluation"],
-                             offset)
+                self._append(f"validation/{name}", means[name], ["evaluation"], offset)
+            self._append("validation/nonfinite_samples", nonfinite_count(per_sample).astype(np.float64),
+                         ["evaluation"], offset)
             self._append("validation/step", steps, ["evaluation"], offset)
             self._validation_buffer.clear()
         if self._sample_buffer:
             dims = ["training sample row"]
-            steps = np.concatenate([np.full(len(index), step, dtype=np.int64) for step, index, _ in self._sample_buffer])
+            steps = np.concatenate([np.full(len(index), step, dtype=np.int64)
+                                    for step, index, _ in self._sample_buffer])
             self._append("train_samples/step", steps, dims, 0)
             self._append("train_samples/index", np.concatenate([i for _, i, _ in self._sample_buffer]), dims, 0)
             self._append("train_samples/loss", np.concatenate([v for _, _, v in self._sample_buffer]), dims, 0)
@@ -257,7 +264,7 @@ class MetricsWriter:
         rows = [MetricsRow("train", int(row["step"]), _train_values(row, learning_rates, self.parameter_groups))
                 for row, learning_rates in zip(self._train_buffer, self._lr_buffer)]
         rows += [MetricsRow("validation", step, _validation_values(
-            {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}))
+            finite_means(per_sample)))
             for step, per_sample in self._validation_buffer]
         rows.sort(key=lambda row: (row.step, row.kind == "validation"))
         return rows
@@ -280,7 +287,7 @@ class MetricsWriter:
         steps = validation["step"][()]
         keep = np.flatnonzero(steps > validation_step)
         if len(keep):
-            names = [name for name in validation if name not in ("step", "sample_index")
+            names = [name for name in validation if name not in ("step", "sample_index", "nonfinite_samples")
                      and isinstance(validation[name], h5py.Dataset)]
             columns = {name: validation[name][keep[0]:] for name in names}
             for offset, step in enumerate(steps[keep[0]:]):
@@ -321,9 +328,36 @@ def _validation_values(means: dict[str, float]) -> dict[str, float]:
     return {name: value for name, value in values.items() if not np.isnan(value)}
 
 
+def finite_means(per_sample: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each per-sample value's mean over the samples whose loss and value are finite (NaN where none is): a NaN
+    in one sample's data leaves that sample out, it does not make the evaluation NaN."""
+    return {name: float(value) for name, value in finite_mean_rows(per_sample).items()}
+
+
+def finite_mean_rows(per_sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`finite_means` over the last axis, for per-sample arrays of one or several evaluations ((v,) or (m, v))."""
+    loss_finite = np.isfinite(per_sample["loss"]) if "loss" in per_sample else True
+    means = {}
+    for name, values in per_sample.items():
+        values = np.asarray(values, dtype=np.float64)
+        keep = np.isfinite(values) & loss_finite
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[name] = np.where(keep, values, 0.0).sum(axis=-1) / keep.sum(axis=-1)
+    return means
+
+
+def nonfinite_count(per_sample: Mapping[str, np.ndarray]) -> np.ndarray:
+    """How many samples have a non-finite loss or value (per evaluation, over the last axis)."""
+    bad = np.zeros(np.shape(next(iter(per_sample.values()))), dtype=bool)
+    for values in per_sample.values():
+        bad |= ~np.isfinite(values)
+    return bad.sum(axis=-1)
+
+
 def baseline_ratios(loss: float, metrics: dict[str, float]) -> dict[str, float]:
     """The loss divided by each baseline metric (a task's `baseline_*` metrics: what a trivial predictor scores)."""
-    return {name: loss / value for name, value in metrics.items() if name.startswith("baseline_") and value > 0}
+    return {name: loss / value for name, value in metrics.items()
+            if name.startswith("baseline_") and value is not None and value > 0}
 
 
 def validation_names(file: h5py.File) -> list[str]:

@@ -23,6 +23,10 @@ from hpctrain.run.resume_check import check_checkpoint_fits
 
 log = logging.getLogger(__name__)
 
+# How a run stopped by a non-finite loss (trainer.nonfinite=stop, or trainer.max_consecutive_nonfinite) begins its
+# stop reason: the launcher reports it as an error (hpctrain.launching.job.summarize).
+NONFINITE_STOP = "non-finite loss"
+
 
 @dataclass
 class TrainState:
@@ -57,13 +61,19 @@ class TrainState:
         """Record an evaluation's monitored mean (callbacks.monitor) and loss; True if it is the best so far."""
         best = self.best_value
         better = value < best - min_delta if mode == "min" else value > best + min_delta
-        improved = not math.isnan(value) and (math.isnan(best) or better)
+        improved = math.isfinite(value) and (math.isnan(best) or better)  # NaN/Inf is never the best
         if improved:
             self.best_value, self.best_step, self.best_loss = value, self.step, loss
             self.evaluations_without_improvement = 0
         else:
             self.evaluations_without_improvement += 1
         return improved
+
+    def done(self, trainer: TrainerConfig) -> bool:
+        """A finished run that the same command must not train further: it reached a limit, stopped early or was
+        pruned (a run stopped by a signal or a non-finite loss goes on)."""
+        return self.finished and (self.stop_reason.startswith(("early stopping", "pruned"))
+                                  or bool(self.limit_reached(trainer)))
 
     def limit_reached(self, trainer: TrainerConfig) -> str:
         """Why the loop must end now (trainer.max_steps or max_epochs reached), or ""."""

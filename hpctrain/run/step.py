@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpctrain.data.dataset import nonfinite_fields
 from hpctrain.optim import ParameterGroup
 from hpctrain.process.distributed import DistributedContext
 from hpctrain.run.breakdown import StepClock
@@ -36,6 +37,9 @@ class StepResult:
     grad_norm: float = 0.0
     num_samples: int = 0
     nonfinite: bool = False
+    # On a non-finite step: (sample index, fields holding a NaN/Inf) of every sample, on all ranks, whose loss is
+    # not finite (empty when only a gradient is).
+    nonfinite_samples: list[tuple[int, list[str]]] = field(default_factory=list)
     stop_requested: bool = False
 
 
@@ -80,6 +84,7 @@ class TrainStep:
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
         recorded: list[tuple[np.ndarray, np.ndarray]] = []
+        seen: list[tuple[Batch, torch.Tensor]] = []
         for index, (batch, size) in enumerate(zip(microbatches, sizes)):
             with self._gradient_sync(last=index == len(microbatches) - 1):
                 batch = self._on_device(batch, epoch)
@@ -91,6 +96,8 @@ class TrainStep:
                 # A stand-in micro-batch is weighted by zero: exactly no gradient, but the all-reduce happens.
                 self._backward(batch_sum, loss_scale if size else 0.0)
             _accumulate(sums, components, batch_sum, counted=bool(size))
+            if size:  # kept to name the culprits of a non-finite step (references only: no copy, no sync)
+                seen.append((batch, per_sample))
             if self.record_samples and size:
                 recorded.append((batch["index"].cpu().numpy(), per_sample.detach().float().cpu().numpy()))
         self.clock.backward_done()
@@ -113,6 +120,8 @@ class TrainStep:
                             grad_norm=grad_norm, num_samples=num_samples, nonfinite=nonfinite, stop_requested=stop)
         if self.record_samples:
             result.sample_index, result.sample_loss = self._gather(recorded)
+        if nonfinite:  # the same on every rank (all-reduced values): every rank joins the gather
+            result.nonfinite_samples = self._nonfinite_samples(seen)
         return result
 
     # -- the step's parts, in the order it calls them -------------------------------------------------------------
@@ -179,10 +188,23 @@ class TrainStep:
         if self.scaler.is_enabled():
             self.scaler.update()
 
+    def _nonfinite_samples(self, seen: list[tuple[Batch, torch.Tensor]]) -> list[tuple[int, list[str]]]:
+        """The step's samples with a non-finite loss, on all ranks, in index order."""
+        mine = _nonfinite_in(seen)
+        return sorted(sample for rank_samples in self.dist.all_gather_object(mine) for sample in rank_samples)
+
     def _gather(self, recorded: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         gathered = [pair for rank_pairs in self.dist.all_gather_object(recorded) for pair in rank_pairs]
         return (np.concatenate([index for index, _ in gathered]),
                 np.concatenate([values for _, values in gathered]))
+
+
+def _nonfinite_in(seen: list[tuple[Batch, torch.Tensor]]) -> list[tuple[int, list[str]]]:
+    found = []
+    for batch, per_sample in seen:
+        for row in torch.nonzero(~torch.isfinite(per_sample.detach())).flatten().tolist():
+            found.append((int(batch["index"][row]), nonfinite_fields(batch, row)))
+    return found
 
 
 def _summed(components: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

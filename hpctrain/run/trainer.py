@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,19 +29,17 @@ from hpctrain.process.seeding import capture_rng_state
 from hpctrain.run.breakdown import StepClock
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.contract import Batch
-from hpctrain.run.evaluate import Evaluation, Evaluator
+from hpctrain.run.evaluate import Evaluation, Evaluator, describe_samples, report_nonfinite
 from hpctrain.run.fine_tune import initialise_from
 from hpctrain.run.freeze import FreezeSchedule, Phase, apply_phase
-from hpctrain.run.metrics import MetricsCursor
+from hpctrain.run.metrics import MetricsCursor, finite_means
 from hpctrain.run.observers import EvaluationEnded, MetricsRecorder, RunEnded, StepEnded, build_observers
-from hpctrain.run.state import Resumable, TrainState, checkpoint_state, restore, weights_finite
+from hpctrain.run.state import NONFINITE_STOP, Resumable, TrainState, checkpoint_state, restore, weights_finite
 from hpctrain.run.step import StepResult, TrainStep
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss or the gradient norm was NaN/Inf (trainer.nonfinite=stop)."""
 
 
 @dataclass
@@ -85,14 +82,13 @@ class Trainer:
         self.scheduled_groups = [group for group in self.groups if group.scheduler is not None]
         self.always_frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         self.state = TrainState()
-        self.resumable = Resumable(model=self.model, groups=self.groups, scaler=self.step.scaler, dist=dist,
-                                   global_batch_size=self.sampler.global_batch_size,
-                                   steps_per_epoch=self.sampler.steps_per_epoch)
+        self.resumable = Resumable(self.model, self.groups, self.step.scaler, dist, self.sampler.global_batch_size,
+                                   self.sampler.steps_per_epoch)
         self.phase: Phase | None = None
         self.ddp_model: nn.Module = self.compiled_model
         self._enter_phase(self.freeze.phase(0))
-        # Built by fit once it knows where it resumes (hpctrain.run.observers): the metrics recorder (rank 0; its
-        # flush and cursor are part of the checkpoint protocol), the plots, the progress bar, then the watchers.
+        # Built by fit (hpctrain.run.observers): the metrics recorder (rank 0; its flush and cursor are part of the
+        # checkpoint protocol), the plots, the progress bar, then the watchers.
         self.metrics: MetricsRecorder | None = None
         self.callbacks = Callbacks((), is_main=dist.is_main)  # nothing watches before fit
 
@@ -117,8 +113,7 @@ class Trainer:
         return self.step(microbatches, sizes, num_samples=num_samples, epoch=self.state.epoch)
 
     def validate(self) -> Evaluation:
-        """Per-sample validation values of the whole validation set (all ranks' shards, in index order): the loss,
-        its named components (`loss.<name>`) and every metric."""
+        """Every validation sample's loss, loss components (`loss.<name>`) and metrics, from all ranks."""
         return self.evaluator(self.compiled_model, self.val_loader, step=self.state.step)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -167,8 +162,7 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until a limit, early stopping or a stop request; resumes from the run directory first."""
         cursor = self.resume()
-        if self.state.finished and (self.state.stop_reason.startswith(("early stopping", "pruned"))
-                                    or self.state.limit_reached(self.config.trainer)):
+        if self.state.done(self.config.trainer):
             log.info("run %s already finished at step %d (%s): nothing to do", self.run_dir, self.state.step,
                      self.state.stop_reason)
             return self.state
@@ -205,7 +199,6 @@ class Trainer:
         return self.state
 
     def _loop(self) -> None:
-        trainer_cfg = self.config.trainer
         batches: Iterator[Batch] | None = None
         self.clock.restart()
         while not self.state.limit_reached(self.config.trainer):
@@ -240,23 +233,27 @@ class Trainer:
                                                          samples_per_second=samples_per_second))
 
             if result.nonfinite:
-                log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d so far)",
-                            self.state.step, result.loss, result.grad_norm, self.state.nonfinite_steps)
-                if trainer_cfg.nonfinite == "stop" or (self.state.consecutive_nonfinite_steps
-                                                       >= trainer_cfg.max_consecutive_nonfinite):
-                    if self.metrics is not None:
-                        self.metrics.flush()
-                    raise NonFiniteLossError(
-                        f"loss {result.loss} / gradient norm {result.grad_norm} at step {self.state.step} "
-                        f"({self.state.consecutive_nonfinite_steps} consecutive non-finite steps, "
-                        f"trainer.nonfinite={trainer_cfg.nonfinite}); the last good checkpoint is kept in "
-                        f"{self.checkpoints.directory}")
+                self._nonfinite_step(result)
 
             after_step_started = time.perf_counter()
             if self._after_step(result):  # an evaluation or a checkpoint: time between steps, no step's
                 self.clock.excluded(time.perf_counter() - after_step_started)
             if self.state.finished or result.stop_requested:
                 break
+
+    def _nonfinite_step(self, result: StepResult) -> None:
+        """Log a skipped step and its culprits; under trainer.nonfinite=stop (or too many in a row) end the run:
+        the update was not applied, so the checkpoint written now holds the last good weights."""
+        trainer_cfg = self.config.trainer
+        where = describe_samples(result.nonfinite_samples, self.split.train_dataset) or "no sample's loss is NaN"
+        log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d so far): %s",
+                    self.state.step, result.loss, result.grad_norm, self.state.nonfinite_steps, where)
+        if trainer_cfg.nonfinite == "stop" or (self.state.consecutive_nonfinite_steps
+                                               >= trainer_cfg.max_consecutive_nonfinite):
+            self.state.finished, self.state.stop_reason = True, (
+                f"{NONFINITE_STOP} {result.loss} / gradient norm {result.grad_norm} at step {self.state.step} "
+                f"({self.state.consecutive_nonfinite_steps} consecutive non-finite steps, "
+                f"trainer.nonfinite={trainer_cfg.nonfinite}): {where}")
 
     def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
         """The step's micro-batches from the loader, timed as the step's data wait."""
@@ -275,9 +272,10 @@ class Trainer:
         if evaluated:
             with watchdog.paused("evaluation"):
                 evaluation = self.validate()
-            per_sample = evaluation.per_sample
             # The same on every rank: every rank gathered every sample's values (Evaluator).
-            means = {name: float(np.mean(values, dtype=np.float64)) for name, values in per_sample.items()}
+            means = finite_means(evaluation.per_sample)
+            if self.dist.is_main:
+                report_nonfinite(evaluation.nonfinite, self.split.val_dataset, f"step {step}: validation")
             monitor = self.config.callbacks.monitor
             improved = self.state.record_evaluation(means[monitor.metric], means["loss"], mode=monitor.mode,
                                                     min_delta=self.config.callbacks.early_stopping.min_delta)
@@ -307,7 +305,7 @@ class Trainer:
             self.state.finished, self.state.stop_reason = True, limit
             if self.dist.is_main:
                 log.info("training finished at step %d: %s", step, limit)
-        checkpointed = bool(limit or result.stop_requested or step % checkpoint_cfg.every_steps == 0
+        checkpointed = bool(self.state.finished or result.stop_requested or step % checkpoint_cfg.every_steps == 0
                             or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best))
         if checkpointed:
             with watchdog.paused("checkpoint"):

@@ -108,7 +108,8 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
                            "checkpoint_sha256": run.checkpoint.manifest["sha256"],
                            "model_sha256": run.model_sha256,
                            "example_shapes": [list(value.shape) for value in inputs]}, indent=1)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    # The temporary file ends in the format's suffix: torch.export.load warns about any file not ending in .pt2.
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}{FORMATS[form]}")
     try:
         with torch.no_grad():
             expected = model(*inputs)

@@ -53,18 +53,29 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                 means = {name: file[f"validation/{name}"][()] for name in validation_names(file)}
                 metric, mode = _monitor(file)
                 monitored = means.get(metric, validation_loss)
-                best = int(np.nanargmax(monitored) if mode == "max" else np.nanargmin(monitored))
                 summary["evaluations"] = int(len(validation_loss))
                 summary["latest_validation"] = {"step": int(file["validation/step"][-1]),
-                                                "loss": float(validation_loss[-1]),
-                                                "metrics": {name: float(v[-1]) for name, v in means.items()}}
+                                                "loss": _finite_or_none(validation_loss[-1]),
+                                                "metrics": {name: _finite_or_none(v[-1]) for name, v in means.items()}}
+                if "validation/nonfinite_samples" in file:
+                    summary["latest_validation"]["nonfinite_samples"] = int(file["validation/nonfinite_samples"][-1])
+                finite = np.flatnonzero(np.isfinite(monitored))
+                if not len(finite):  # no evaluation has a finite monitored mean: there is no best one
+                    return _with_checkpoints(summary, run_dir)
+                best = int(finite[np.argmax(monitored[finite]) if mode == "max" else np.argmin(monitored[finite])])
                 summary["best_validation"] = {"step": int(file["validation/step"][best]),
                                               "loss": float(validation_loss[best]),
                                               "monitor": {"metric": metric, "mode": mode,
                                                           "value": float(monitored[best])},
-                                              "metrics": {name: float(v[best]) for name, v in means.items()}}
+                                              "metrics": {name: _finite_or_none(v[best])
+                                                          for name, v in means.items()}}
                 summary["best_validation"]["baseline_ratios"] = baseline_ratios(
                     float(validation_loss[best]), summary["best_validation"]["metrics"])
+    return _with_checkpoints(summary, run_dir)
+
+
+def _with_checkpoints(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The summary with the run's checkpoints and the newest intact one's weights digest."""
     manager = CheckpointManager(run_dir, keep_last=2)
     checkpoints = manager.complete()
     summary["checkpoints"] = [info.step for info in reversed(checkpoints)]
@@ -104,6 +115,25 @@ def _monitor(file: Any) -> tuple[str, str]:
         return "loss", "min"
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinity as None, so `--json` prints strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _number(value: float | None) -> str:
+    return "NaN" if value is None else f"{value:.5g}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"run        {summary['run_dir']}" + (f" (task {summary['task']})" if summary.get("task") else "")]
     newest = summary.get("newest_checkpoint")
@@ -122,18 +152,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             found = dict(summary["breakdown"])
             advice = found.pop("advice")
             lines += breakdown.format_breakdown(breakdown.Breakdown(**found), advice)
+    if "latest_validation" in summary:
+        latest_validation = summary["latest_validation"]
+        lines.append(f"validation {summary['evaluations']} evaluations; latest: loss "
+                     f"{_number(latest_validation['loss'])} at step {latest_validation['step']}"
+                     + (f", {latest_validation['nonfinite_samples']} sample(s) with NaN/Inf left out of the means"
+                        if latest_validation.get("nonfinite_samples") else ""))
+        if "best_validation" not in summary:
+            lines.append("  best: none (no evaluation has a finite monitored mean)")
     if "best_validation" in summary:
-        best, latest_validation = summary["best_validation"], summary["latest_validation"]
+        best = summary["best_validation"]
         monitor = best.get("monitor", {"metric": "loss", "mode": "min", "value": best["loss"]})
-        shown = ("" if monitor["metric"] == "loss"
-                 else f" ({monitor['mode']} {monitor['metric']}; loss {best['loss']:.5g})")
-        lines.append(f"validation {summary['evaluations']} evaluations; latest {latest_validation['loss']:.5g} at "
-                     f"step {latest_validation['step']}; best {monitor['value']:.5g} at step {best['step']}{shown}")
+        shown = "" if monitor["metric"] == "loss" else f" ({monitor['mode']} of it; loss {best['loss']:.5g})"
+        lines.append(f"  best: {monitor['metric']} {monitor['value']:.5g} at step {best['step']}{shown}")
         for name, ratio in best["baseline_ratios"].items():
-            lines.append(f"  best loss / {name} = {ratio:.3f} ({best['metrics'][name]:.5g})")
+            lines.append(f"  best loss / {name} = {ratio:.3f} ({_number(best['metrics'][name])})")
         for name, value in best["metrics"].items():
             if name != "loss" and not name.startswith("baseline_"):
-                lines.append(f"  {name:<40} {value:.5g} (at the best step)")
+                lines.append(f"  {name:<40} {_number(value)} (at the best step)")
     lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
     if newest is not None:
         lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']})")
@@ -188,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpctrain.inspect: error: {error}", file=sys.stderr)
             return 2
         study["plots"] = [str(path) for path in plot_study(args.run_dir)]
-        print(json.dumps(study, indent=1) if args.json else
+        print(json.dumps(strict_json(study), indent=1) if args.json else
               format_study(study) + "".join(f"\nplot       {path}" for path in study["plots"]))
         return 0
     if is_sweep_dir(args.run_dir):
         rows = summarize_sweep(args.run_dir)
-        print(json.dumps(rows, indent=1) if args.json else format_sweep(rows))
+        print(json.dumps(strict_json(rows), indent=1) if args.json else format_sweep(rows))
         return 0
     summary = summarize(args.run_dir)
     if args.json:
-        print(json.dumps(summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+        print(json.dumps(strict_json(summary), indent=1))
     else:
         print(format_summary(summary))
     return 0

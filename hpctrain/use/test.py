@@ -30,7 +30,7 @@ import numpy as np
 
 from hpctrain.run.checkpoint import CheckpointInfo, CheckpointManager, state_dict_digest
 from hpctrain.config import Config, ConfigError, to_json
-from hpctrain.run.metrics import baseline_ratios
+from hpctrain.run.metrics import baseline_ratios, finite_means, nonfinite_count
 from hpctrain.run.checkpoint import choose_checkpoint
 from hpctrain.use.runs import run_config
 
@@ -58,7 +58,7 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
     from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.process.distributed import available_cpus, init_distributed, shutdown_distributed
     from hpctrain.run.compile import compile_model
-    from hpctrain.run.evaluate import Evaluator, autocast_for
+    from hpctrain.run.evaluate import Evaluator, autocast_for, report_nonfinite
     from hpctrain.process.seeding import configure_determinism
 
     configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
@@ -86,6 +86,7 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
         evaluation = evaluator(compile_model(model, config.trainer.compile), loader, step=info.step)
         stop_loader_workers()
         if dist.is_main:
+            report_nonfinite(evaluation.nonfinite, components.test_dataset, "test")
             write_test_file(Path(output), evaluation.per_sample, evaluation.sample_index, config=config, info=info,
                             model_sha256=state_dict_digest(state["model"]), seed=seed)
         clean = True
@@ -99,10 +100,12 @@ def write_test_file(path: Path, per_sample: dict[str, np.ndarray], sample_index:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with h5py.File(temporary, "w") as file:
         group = file.create_group("test")
+        means = finite_means(per_sample)  # over the samples whose loss and value are finite
         for name, values in per_sample.items():
             dataset = group.create_dataset(f"per_sample/{name}", data=values.astype(np.float32))
             dataset.attrs["dim_0"] = "test sample"
-            group.create_dataset(name, data=float(np.mean(values, dtype=np.float64)))
+            group.create_dataset(name, data=means[name])
+        group.create_dataset("nonfinite_samples", data=int(nonfinite_count(per_sample)))
         index = group.create_dataset("sample_index", data=sample_index.astype(np.int64))
         index.attrs["dim_0"] = "test sample"
         file.attrs.update({"format": "hpctrain.test", "format_version": 1, "checkpoint_step": info.step,
@@ -117,8 +120,12 @@ def summarize(path: Path) -> str:
     with h5py.File(path, "r") as file:
         means = {name: float(file[f"test/{name}"][()]) for name in file["test/per_sample"]}
         count = len(file["test/sample_index"])
+        nonfinite = int(file["test/nonfinite_samples"][()]) if "test/nonfinite_samples" in file else 0
         step = int(file.attrs["checkpoint_step"])
     lines = [f"test of step {step}: {count} samples -> {path}", f"  loss {means['loss']:.6g}"]
+    if nonfinite:
+        lines.append(f"  {nonfinite} sample(s) with a non-finite loss or value, left out of the means (the log names "
+                     f"them; test/per_sample holds every sample's values)")
     lines += [f"  loss / {name} = {ratio:.3f}" for name, ratio in baseline_ratios(means["loss"], means).items()]
     lines += [f"  {name:<40} {value:.6g}" for name, value in means.items() if name != "loss" and "." not in name]
     return "\n".join(lines)
