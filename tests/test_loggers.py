@@ -6,6 +6,7 @@ equal to a run without any."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -178,7 +179,7 @@ def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after
 def assert_wandb_offline_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
                                                   validation_loss: np.ndarray) -> None:
     """W&B's offline directories, read through its own transaction-log records: one run id, each step once."""
-    from hpctrain.loggers.wandb import offline_directories, read_history, read_records
+    from hpctrain.loggers.wandb_offline_log import offline_directories, read_history, read_records
 
     run_id = json.loads((run_dir / "loggers" / "wandb.json").read_text())["run_id"]
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -206,7 +207,7 @@ def assert_comet_offline_experiment_holds_each_step_once(run_dir: Path, train_lo
     processes left no archive (Comet archives at a process's end): the last one holds every step."""
     import zipfile
 
-    from hpctrain.loggers.comet import archives, read_metrics
+    from hpctrain.loggers.comet_offline_archive import archives, read_metrics
 
     key = json.loads((run_dir / "loggers" / "comet.json").read_text())["experiment_key"]
     assert archives(run_dir / "comet", key) == sorted((run_dir / "comet").glob("*.zip")) == \
@@ -385,32 +386,60 @@ def test_run_tags_name_a_sweep_point_and_a_test_phase_has_its_own_state_file(tmp
     assert state_path(tmp_path, "wandb", "test/best") == tmp_path / "loggers" / "wandb.test.best.json"
 
 
-def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume(tmp_path: Path) -> None:
+def feed_process(run_dir: Path, loggers: list[Logger], start: int, stop: int, *, finished: bool) -> None:
+    """One process of a run, as the trainer feeds its loggers (no training): it resumes from `start` and logs the
+    training rows up to `stop` and a validation row at `stop`, then ends (finished, or stopped for a requeue)."""
+    from hpctrain.callbacks import EndView, RunView
+    from hpctrain.loggers import LoggerFeed
+    from hpctrain.run.metrics import MetricsRow
+
+    run = RunView(run_dir=run_dir, run_name="demo", config={"trainer": {"max_steps": 20}}, start_step=start,
+                  parameter_groups=("all",))
+    rows = [MetricsRow("train", step, {"loss": step / 10, "lr/all": 0.1}) for step in range(start + 1, stop + 1)]
+    for logger in loggers:
+        feed = LoggerFeed(logger, key=logger.name, close_timeout_s=120, stop_timeout_s=120)
+        feed.on_start(run)
+        feed.metrics_flushed([*rows, MetricsRow("validation", stop, {"loss": stop / 100})])
+        feed.on_end(EndView(run_dir=run_dir, step=stop, finished=finished, stop_reason="", best_step=stop,
+                            best_loss=0.0, best_checkpoint=None))
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory the installed W&B and Comet wrote offline: two processes that end normally (a requeue: the
+    second resumes from step 5 of the first's 10 and recomputes 6..10), and between them Comet's state file says
+    11 and 12 were sent (a kill lost them). Read only; a test that changes it copies it (`copy_run`)."""
+    from hpctrain.loggers.comet import CometLogger
+    from hpctrain.loggers.wandb import WandbLogger
+
+    run_dir = tmp_path_factory.mktemp("offline") / "run"
+    feed_process(run_dir, [WandbLogger(), CometLogger()], 0, 10, finished=False)
+    comet_state = run_dir / "loggers" / "comet.json"
+    state = json.loads(comet_state.read_text())
+    comet_state.write_text(json.dumps({**state, "delivered": {"train": 12, "validation": 10}}))  # 11, 12 lost
+    feed_process(run_dir, [WandbLogger(), CometLogger()], 5, 20, finished=True)
+    return run_dir
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of a run directory whose logger states name the copy's files (they hold absolute paths)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for path in (target / "loggers").glob("*.json"):
+        path.write_text(path.read_text().replace(str(source), str(target)))
+    return target
+
+
+def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume(offline_run: Path) -> None:
     """Two processes that end normally (a requeue: the second resumes from step 5 of the first's 10 and recomputes
     6..10): W&B's two offline directories and Comet's two archives hold each step once, under one id; rows the
     state file says were sent but the tracker does not hold (a kill lost them) are sent again."""
-    from hpctrain.callbacks import EndView, RunView
-    from hpctrain.loggers import LoggerFeed
-    from hpctrain.loggers.comet import CometLogger, archives, read_metrics
-    from hpctrain.loggers.wandb import WandbLogger, offline_directories, read_history
-    from hpctrain.run.metrics import MetricsRow
+    from hpctrain.loggers.comet_offline_archive import archives, read_metrics
+    from hpctrain.loggers.wandb_offline_log import offline_directories, read_history
 
-    def process(start: int, stop: int, *, finished: bool) -> None:
-        run = RunView(run_dir=tmp_path, run_name="demo", config={"trainer": {"max_steps": 20}}, start_step=start,
-                      parameter_groups=("all",))
-        rows = [MetricsRow("train", step, {"loss": step / 10, "lr/all": 0.1}) for step in range(start + 1, stop + 1)]
-        for logger in (WandbLogger(), CometLogger()):
-            feed = LoggerFeed(logger, key=logger.name, close_timeout_s=120, stop_timeout_s=120)
-            feed.on_start(run)
-            feed.metrics_flushed([*rows, MetricsRow("validation", stop, {"loss": stop / 100})])
-            feed.on_end(EndView(run_dir=tmp_path, step=stop, finished=finished, stop_reason="", best_step=stop,
-                                best_loss=0.0, best_checkpoint=None))
-
-    process(0, 10, finished=False)
-    comet_state = tmp_path / "loggers" / "comet.json"
-    state = json.loads(comet_state.read_text())
-    comet_state.write_text(json.dumps({**state, "delivered": {"train": 12, "validation": 10}}))  # 11, 12 lost
-    process(5, 20, finished=True)
+    tmp_path = offline_run
+    state = json.loads((tmp_path / "loggers" / "comet.json").read_text())
     run_id = json.loads((tmp_path / "loggers" / "wandb.json").read_text())["run_id"]
     assert len(offline_directories(tmp_path, run_id)) == len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
     history = read_history(tmp_path, run_id)
@@ -423,6 +452,155 @@ def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume
     assert [(step, value) for name, step, value in metrics if name == "train/loss"] == \
         [(step, step / 10) for step in range(1, 21)]
     assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 20]
+
+
+def test_the_offline_adapters_read_what_the_installed_wandb_and_comet_wrote_and_pin_its_version(
+        offline_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The private-format readers against the installed versions, on files those versions wrote: the version is in
+    the tested range, the extras pin that same range, and the steps come back without a warning."""
+    import re
+    import warnings
+    from importlib.metadata import version
+
+    from hpctrain.callbacks import RunView
+    from hpctrain.loggers.comet import CometLogger
+    from hpctrain.loggers.comet_offline_archive import FORMAT as COMET_FORMAT, has_archive
+    from hpctrain.loggers.pinned import TrackerFormatWarning
+    from hpctrain.loggers.wandb import WandbLogger
+    from hpctrain.loggers.wandb_offline_log import FORMAT as WANDB_FORMAT
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    run = RunView(run_dir=offline_run, run_name="demo", config={}, start_step=20, parameter_groups=("all",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for pinned, logger in ((WANDB_FORMAT, WandbLogger()), (COMET_FORMAT, CometLogger())):
+            assert pinned.installed() == version(pinned.package)
+            assert pinned.supported(), f"{pinned.package} {pinned.installed()} is outside {pinned.tested}: " \
+                "test the adapter with it, then move the range here and in pyproject.toml"
+            assert extras[pinned.extra] == [f"{pinned.package}{pinned.tested}"]
+            assert re.fullmatch(r"\d+\.\d+", pinned.below)
+            state = json.loads((offline_run / "loggers" / f"{logger.name}.json").read_text())
+            assert logger.stored_steps(run, state) == {"train": 20, "validation": 20, "test": 0}
+        key = json.loads((offline_run / "loggers" / "comet.json").read_text())["experiment_key"]
+        assert has_archive(offline_run / "comet", key)
+    assert not [warning for warning in caught if issubclass(warning.category, TrackerFormatWarning)]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING
+                and record.name.startswith("hpctrain")]
+
+
+@pytest.mark.parametrize("fault", ["untested version", "changed format"])
+@pytest.mark.parametrize("tracker", ["wandb", "comet"])
+def test_an_untested_version_or_a_changed_file_warns_once_and_the_run_goes_on_without_duplicates(
+        offline_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        tracker: str, fault: str) -> None:
+    """Another version of the tracker, or its files changed: one warning (logging and warnings.warn) names the
+    installed version, the tested range and the guarantee lost, and the run goes on trusting the state file. Here
+    the state file says 21 and 22 were sent (a kill lost them): they stay missing, and no step is shown twice."""
+    from hpctrain.loggers import pinned
+    from hpctrain.loggers.comet import CometLogger
+    from hpctrain.loggers.comet_offline_archive import FORMAT as COMET_FORMAT, read_metrics
+    from hpctrain.loggers.wandb import WandbLogger
+    from hpctrain.loggers.wandb_offline_log import FORMAT as WANDB_FORMAT, offline_directories, read_history
+
+    run_dir = copy_run(offline_run, tmp_path / "run")
+    state_file = run_dir / "loggers" / f"{tracker}.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "delivered": {"train": 22, "validation": 20}}))
+    format_ = WANDB_FORMAT if tracker == "wandb" else COMET_FORMAT
+    if tracker == "wandb":
+        changed = offline_directories(run_dir, state["run_id"])[0] / f"run-{state['run_id']}.wandb"
+    else:
+        changed = run_dir / "comet" / f"{state['experiment_key']}.zip"
+    original = changed.read_bytes()
+    installed = "0.99.0" if tracker == "wandb" else "9.0.0"
+    if fault == "untested version":
+        real_version = pinned.version
+        monkeypatch.setattr(pinned, "version",
+                            lambda name: installed if name == format_.package else real_version(name))
+    else:
+        installed = format_.installed()
+        change_the_format(changed)
+    monkeypatch.setattr(pinned, "_warned", set())
+    caplog.set_level(logging.WARNING)
+    with pytest.warns(pinned.TrackerFormatWarning) as caught:
+        feed_process(run_dir, [WandbLogger() if tracker == "wandb" else CometLogger()], 15, 25, finished=True)
+    warned = [str(warning.message) for warning in caught if issubclass(warning.category, pinned.TrackerFormatWarning)]
+    logged = [record.getMessage() for record in caplog.records if record.name == "hpctrain.loggers.pinned"]
+    assert len(warned) == 1 and logged == warned, (warned, logged)
+    assert f"{format_.package} {installed}" in warned[0] and f"{format_.package}{format_.tested}" in warned[0]
+    assert "Guarantee lost: steps that a process killed by SIGKILL" in warned[0] and "missing" in warned[0]
+    assert not [record for record in caplog.records if "failed" in record.getMessage()]  # the logger went on
+    changed.write_bytes(original)  # read back everything the three processes wrote
+    if tracker == "wandb":
+        assert len(offline_directories(run_dir, state["run_id"])) == 3
+        history = read_history(run_dir, state["run_id"])
+        train = [row["_step"] for row in history if "train/loss" in row]
+        validation = [row["_step"] for row in history if "validation/loss" in row]
+    else:
+        metrics = read_metrics(run_dir / "comet", state["experiment_key"])
+        assert len(list((run_dir / "comet").glob("*.zip"))) == 3
+        train = [step for name, step, _ in metrics if name == "train/loss"]
+        validation = [step for name, step, _ in metrics if name == "validation/loss"]
+    assert train == [*range(1, 21), 23, 24, 25]  # 21, 22: the state file's word (the loss named); none twice
+    assert validation == [10, 20, 25]
+
+
+def change_the_format(path: Path) -> None:
+    """A tracker's file as a new version might write it: W&B's transaction log with another header, Comet's archive
+    with experiment.json naming the key otherwise."""
+    import zipfile
+
+    data = path.read_bytes()
+    if path.suffix == ".wandb":
+        path.write_bytes(b":W&X" + data[4:])
+        return
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    meta = json.loads(entries["experiment.json"])
+    entries["experiment.json"] = json.dumps({"id": meta.pop("offline_id"), **meta}).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+def test_online_wandb_resumes_from_the_servers_last_step_through_the_public_api_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online: `wandb.Api().run(path).lastHistoryStep` says where each kind resumes (a step below it W&B drops
+    anyway); the private reader is not touched; without API access the state file rules."""
+    import types
+
+    import wandb
+
+    from hpctrain.callbacks import RunView
+    from hpctrain.loggers import wandb as wandb_logger
+
+    def no_private_reading(*args: object) -> None:
+        raise AssertionError("online W&B read a private format")
+
+    monkeypatch.setattr(wandb_logger, "stored_history", no_private_reading)
+    monkeypatch.setattr(wandb_logger, "FORMAT", types.SimpleNamespace(supported=no_private_reading))
+    asked = []
+
+    class Api:
+        def run(self, path: str) -> object:
+            asked.append(path)
+            return types.SimpleNamespace(lastHistoryStep=17)
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    logger = wandb_logger.WandbLogger(mode="online")
+    run = RunView(run_dir=Path("/nonexistent"), run_name="demo", config={}, start_step=15, parameter_groups=())
+    assert logger.stored_steps(run, {"run_id": "abc", "delivered": {"train": 20}}) is None
+    logger.run = types.SimpleNamespace(path="entity/project/abc")
+    assert logger.delivered_steps() == {"train": 17, "validation": 17, "test": 17} and asked == ["entity/project/abc"]
+
+    class DownApi:
+        def run(self, path: str) -> object:
+            raise ConnectionError("no route to api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "Api", DownApi)
+    assert logger.delivered_steps() is None
+    assert wandb_logger.WandbLogger(mode="offline").delivered_steps() is None
 
 
 def test_every_built_in_logger_names_an_extra_that_installs_its_packages_and_ci_installs_it() -> None:
@@ -447,7 +625,7 @@ def test_every_built_in_logger_names_an_extra_that_installs_its_packages_and_ci_
 def test_each_sweep_point_is_a_logger_run_of_its_own_tagged_with_its_sweep(tmp_path: Path, tiny_data: Path) -> None:
     """A local Hydra sweep of two points with the W&B logger (offline: the cheapest to open): one W&B run per
     point, each tagged with the sweep and Hydra's job number, and the points named without the logger."""
-    from hpctrain.loggers.wandb import read_records
+    from hpctrain.loggers.wandb_offline_log import read_records
 
     launch(["-m", "optim.lr=1e-3,2e-3", *tiny_overrides(tiny_data, "trainer.max_steps=3"), "run_name=wsweep",
             f"paths.runs_dir={tmp_path}", "callbacks.loggers=[wandb]"])

@@ -6,22 +6,24 @@ archive: each process that logs writes one archive of its own when it ends, the 
 (`OfflineExperiment` with that key), every later one `<key>-<suffix>.zip` (`ExistingOfflineExperiment` of the
 same key, which `comet upload` appends to the experiment: upload them oldest first). Comet keeps a process's
 messages in a temporary directory and archives them only at its end, so a SIGKILLed process leaves no archive:
-on reopening, the feed reads the archives (`read_metrics`) for the last step of each kind they hold and sends
-only later ones, from metrics.h5 then live, so each step is in exactly one archive (and while no archive exists,
-the next process starts the experiment anew, with the same key). Online (`online: true`, the API key from Comet's
-own config), the same key is reopened with `ExistingExperiment`, and the state file says what was sent.
+on reopening, the feed reads the archives for the last step of each kind they hold and sends only later ones, from
+metrics.h5 then live, so each step is in exactly one archive (and while no archive exists, the next process starts
+the experiment anew, with the same key). The archives are Comet's private format: hpctrain/loggers/
+comet_offline_archive.py reads them, pinned to the versions it was tested with; under an untested version or a
+changed format it warns once and the state file is trusted (that module says what is lost). Online
+(`online: true`, the API key from Comet's own config), the same key is reopened with `ExistingExperiment`, and the
+state file says what was sent (Comet keeps repeated steps, and hpctrain reads nothing of Comet's then).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, flat_config, run_tags, short_tags
+from hpctrain.loggers.comet_offline_archive import FORMAT, has_archive, stored_metrics
 from hpctrain.run.metrics import MetricsRow
 
 # Nothing but what hpctrain logs: no code, git, environment, console or framework auto-logging.
@@ -63,7 +65,7 @@ class CometLogger(Logger):
             # were killed before archiving), the experiment starts anew with the same key.
             self.directory.mkdir(parents=True, exist_ok=True)
             offline = dict(offline_directory=str(self.directory), **common)
-            new = not (self.key and archives(self.directory, self.key))
+            new = not (self.key and has_archive(self.directory, self.key))
             self.experiment = (comet_ml.OfflineExperiment(experiment_key=self.key or None, **offline) if new
                                else comet_ml.ExistingOfflineExperiment(previous_experiment=self.key, **offline))
         if new:  # the experiment's name, tags and the config as hyperparameters, once
@@ -76,11 +78,18 @@ class CometLogger(Logger):
         return {"experiment_key": self.key, "offline_directory": str(self.directory), "online": self.online}
 
     def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
-        if self.online or not state.get("experiment_key"):
+        """Offline: the steps the experiment's archives hold (the pinned reader of Comet's offline archives)."""
+        if self.online:
+            return None
+        if not state.get("experiment_key"):  # a new experiment holds nothing; check the version now, not at a requeue
+            FORMAT.supported()
+            return None
+        directory = Path(state.get("offline_directory") or self.offline_directory or run.run_dir / "comet")
+        metrics = stored_metrics(directory, state["experiment_key"])
+        if metrics is None:  # an untested version or a changed format (warned): the state file is trusted
             return None
         steps = {kind: 0 for kind in KINDS}
-        directory = Path(state.get("offline_directory") or self.offline_directory or run.run_dir / "comet")
-        for name, step, _ in read_metrics(directory, state["experiment_key"]):
+        for name, step, _ in metrics:
             kind, _, metric = name.partition("/")
             if metric == "loss" and kind in steps:
                 steps[kind] = max(steps[kind], step)
@@ -104,30 +113,3 @@ class CometLogger(Logger):
         if self.experiment is not None:
             self.experiment.end()  # offline: writes this process's archive
             self.experiment = None
-
-
-def archives(directory: Path, key: str) -> list[Path]:
-    """One experiment's offline archives, oldest first (`comet upload` them in this order)."""
-    found = []
-    for path in Path(directory).glob(f"{key}*.zip"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                meta = json.loads(archive.read("experiment.json"))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            continue
-        if meta.get("offline_id") == key:
-            found.append((meta.get("start_time", 0), path))
-    return [path for _, path in sorted(found)]
-
-
-def read_metrics(directory: Path, key: str) -> list[tuple[str, int, float]]:
-    """Every metric (name, step, value) one experiment's offline archives hold, in order (their messages.json)."""
-    metrics = []
-    for path in archives(directory, key):
-        with zipfile.ZipFile(path) as archive:
-            for line in archive.read("messages.json").decode().splitlines():
-                message = json.loads(line)
-                if message.get("type") == "metric_msg":
-                    metric = message["payload"]["metric"]
-                    metrics.append((metric["metricName"], int(metric["step"]), float(metric["metricValue"])))
-    return metrics

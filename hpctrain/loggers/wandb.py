@@ -1,35 +1,35 @@
 """Weights & Biases: one W&B run per run directory, offline by default (`mode="offline"`: nothing leaves the
 machine; `wandb sync` uploads it later from a login node). Its files are in `RUN_DIR/wandb/`.
 
-The run id is stored in `RUN_DIR/loggers/wandb.json` and every start reopens it (`id=..., resume="allow"`). Offline,
-each process writes a directory of its own, `wandb/offline-run-<time>-<id>/`, all with the same id: `wandb sync`
-of them in time order (`wandb sync RUN_DIR/wandb/offline-run-*-<id>`) makes one run. On reopening, the feed reads
-those directories' transaction logs (`read_history`) for the last step of each kind they hold, and sends only
-later ones (from metrics.h5, then live), so each step is in one of them once: also after a kill that lost what
-W&B had not written yet, whose rows are sent again. Online (`mode="online"`), W&B's server drops any step below
-the run's current one.
+The run id is stored in `RUN_DIR/loggers/wandb.json` and every start reopens it by W&B's documented resume by id
+(`id=..., resume="allow"`).
+- Online (`mode="online"`): W&B resumes the run at its last step and itself drops any step logged below the run's
+  current one; hpctrain's resumed rows are bit-identical, so a resend shows nothing twice. After opening, the feed
+  asks the server for the run's last step (`wandb.Api().run(path).lastHistoryStep`, public) and sends from the next
+  one, so steps a kill kept from the server are sent again. Only public API.
+- Offline: W&B ignores `resume=`: each process writes a directory of its own, `wandb/offline-run-<time>-<id>/`, all
+  with the same id, and `wandb sync` of them in time order (`wandb sync RUN_DIR/wandb/offline-run-*-<id>`) makes
+  one run. On reopening, the feed reads those directories' transaction logs (a private format:
+  hpctrain/loggers/wandb_offline_log.py, pinned to the versions it was tested with) for the last step of each kind
+  they hold, and sends only later ones (from metrics.h5, then live), so each step is in one of them once: also
+  after a kill that lost what W&B had not written yet, whose rows are sent again. Under an untested version or a
+  changed format it warns once and trusts the state file (that module says what is lost).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import struct
 import uuid
-import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, run_tags, short_tags
+from hpctrain.loggers.wandb_offline_log import FORMAT, stored_history
 from hpctrain.run.metrics import MetricsRow
 
-# The framing of W&B's transaction log (`.wandb`, LevelDB's log format): a 7-byte file header, then 32 KiB blocks
-# of chunks, each with a header of CRC-32 (of its type and data), length and type (full, first, middle, last).
-_FILE_HEADER = 7
-_BLOCK = 32768
-_CHUNK_HEADER = struct.Struct("<IHB")
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+log = logging.getLogger(__name__)
 
 
 class WandbLogger(Logger):
@@ -68,17 +68,36 @@ class WandbLogger(Logger):
         return {"run_id": self.run_id, "dir": str(self.root), "mode": self.mode}
 
     def stored_steps(self, run: RunView, state: dict[str, Any]) -> dict[str, int] | None:
-        if self.mode != "offline" or not state.get("run_id"):
-            return None  # online the server ignores a step below the run's current one
+        """Offline: the steps the run's offline directories hold (the pinned reader of W&B's transaction log)."""
+        if self.mode != "offline":
+            return None  # online, `delivered_steps` asks W&B's server
+        if not state.get("run_id"):  # a new run holds nothing; check the version now, not first at a requeue
+            FORMAT.supported()
+            return None
+        history = stored_history(Path(state.get("dir") or self.dir or run.run_dir), state["run_id"])
+        if history is None:  # an untested version or a changed format (warned): the state file is trusted
+            return None
         steps = {kind: 0 for kind in KINDS}
-        root = Path(state.get("dir") or self.dir or run.run_dir)
-        if not offline_directories(root, state["run_id"]):
-            return steps
-        for row in read_history(root, state["run_id"]):
+        for row in history:
             for kind in KINDS:
                 if f"{kind}/loss" in row:
                     steps[kind] = max(steps[kind], int(row["_step"]))
         return steps
+
+    def delivered_steps(self) -> dict[str, int] | None:
+        """Online: the run's last step on W&B's server (public API). One W&B step holds every kind's values of a
+        step, and W&B drops anything logged below its current step, so that step is where each kind resumes."""
+        if self.mode != "online" or self.run is None:
+            return None
+        import wandb
+
+        try:
+            last = int(wandb.Api().run(self.run.path).lastHistoryStep)  # -1 for a run without history
+        except Exception as error:  # no API access: W&B's own drop of lower steps still holds, the state file rules
+            log.warning("W&B online: asking for the last step of %s failed (%s); trusting loggers/wandb.json",
+                        self.run.path, error)
+            return None
+        return {kind: max(last, 0) for kind in KINDS}
 
     def log_rows(self, rows: list[MetricsRow]) -> None:
         # One W&B step holds every kind's values of a step (W&B's steps only increase).
@@ -106,50 +125,3 @@ class WandbLogger(Logger):
     def close(self) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1)
-
-
-def offline_directories(root: Path, run_id: str) -> list[Path]:
-    """The offline directories of one run, in the order of their process's start (`wandb sync` them so)."""
-    return sorted((Path(root) / "wandb").glob(f"offline-run-*-{run_id}"))
-
-
-def read_records(root: Path, run_id: str) -> Iterator[Any]:
-    """The records (wandb's protobuf `Record`s) of one run's offline directories, in order."""
-    from wandb.proto import wandb_internal_pb2
-
-    for directory in offline_directories(root, run_id):
-        for data in _transaction_log(directory / f"run-{run_id}.wandb"):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(data)
-            yield record
-
-
-def read_history(root: Path, run_id: str) -> list[dict[str, Any]]:
-    """Every history row (`run.log`) of one run's offline directories, in order: {key: value, "_step": step}."""
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for record in read_records(root, run_id) if record.WhichOneof("record_type") == "history"]
-
-
-def _transaction_log(path: Path) -> Iterator[bytes]:
-    """The records of a `.wandb` file; a chunk cut short or corrupt (a killed writer) ends it."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
-    position, record = _FILE_HEADER, b""
-    while position + _CHUNK_HEADER.size <= len(data):
-        left_in_block = _BLOCK - position % _BLOCK
-        if left_in_block < _CHUNK_HEADER.size:  # the block's zero padding
-            position += left_in_block
-            continue
-        checksum, length, kind = _CHUNK_HEADER.unpack_from(data, position)
-        if kind == 0 and length == 0:
-            position += left_in_block
-            continue
-        chunk = data[position + _CHUNK_HEADER.size:position + _CHUNK_HEADER.size + length]
-        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != checksum:
-            return
-        position += _CHUNK_HEADER.size + length
-        record = chunk if kind in (_FULL, _FIRST) else record + chunk
-        if kind in (_FULL, _LAST):
-            yield record
