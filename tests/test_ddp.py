@@ -51,6 +51,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tin
     launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2"),
            run_dir=tmp_path)
     assert_weights_close(one_rank_reference, final_weights(tmp_path))
+    # Rank 0's log is in the run directory's hpctrain.log, as a one-rank run's is (rank 1 reports to the terminal).
+    log = (tmp_path / "hpctrain.log").read_text()
+    assert "run directory:" in log and "step 22: validation" in log and "training finished at step 22" in log
+    assert "[rank 0]" in log and "[rank 1]" not in log
 
 
 @shares_the_reference

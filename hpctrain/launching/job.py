@@ -31,6 +31,8 @@ from hpctrain.run.state import NONFINITE_STOP, TrainState
 log = logging.getLogger(__name__)
 
 RESULT_FILENAME = "result.json"
+# The run's log: Hydra's job log (hydra.job.name is hpctrain), appended to by rank 0 of every attempt.
+LOG_FILENAME = "hpctrain.log"
 # How long local ranks get to end after SIGTERM, once one of them has failed, before SIGKILL.
 TERMINATE_GRACE_S = 10.0
 # What the launcher (Hydra, the run lock) creates in a run directory before training; removed on refusal.
@@ -105,9 +107,14 @@ def write_result(run_dir: Path, summary: dict[str, Any]) -> None:
     os.replace(temporary, run_dir / RESULT_FILENAME)
 
 
-def configure_rank_logging(rank: int) -> None:
-    """Log lines tagged with the rank; only rank 0 reports progress (INFO), the others warnings and errors."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+def configure_rank_logging(rank: int, run_dir: Path | None = None) -> None:
+    """Log lines tagged with the rank; only rank 0 reports progress (INFO), the others warnings and errors. Rank 0
+    of a training run also appends them to the run directory's hpctrain.log, so that every kind of run (local ranks,
+    each attempt of a SLURM job) leaves its log where a one-rank local run does."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if rank == 0 and run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / LOG_FILENAME, mode="a"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True, handlers=handlers,
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s")
 
 
@@ -123,7 +130,7 @@ def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, ra
     skip_final_collection()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    configure_rank_logging(rank)
+    configure_rank_logging(rank, run_dir if work is run_rank else None)
     work(config, run_dir, *args)
 
 
