@@ -133,3 +133,46 @@ def test_finite_means_leave_out_samples_whose_loss_or_value_is_not_finite() -> N
                   "metric": np.array([2.0, 4.0, np.inf, 6.0], dtype=np.float32)}
     assert finite_means(per_sample) == {"loss": 3.0, "metric": 4.0}
     assert np.isnan(finite_means({"loss": np.array([np.nan, np.nan])})["loss"])
+
+
+def gzip_copy(tiny_data: Path, path: Path) -> Path:
+    """The tiny data with its images in gzip chunks of 8."""
+    with h5py.File(tiny_data) as source, h5py.File(path, "w") as target:
+        images = source["images"][()]
+        target.create_dataset("images", data=images, chunks=(8, *images.shape[1:]), compression="gzip")
+        target["labels"] = source["labels"][()]
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_chunk_mid_run_stops_cleanly_and_resumes_bit_exactly(tmp_path: Path, tiny_data: Path,
+                                                                          workers: int) -> None:
+    """A damaged gzip chunk that the preflight's one batch does not touch: the run stops before the step that
+    needs it, with one line naming the file, a checkpoint where it stopped and result.json's reason; once the file
+    is repaired, the same run resumes and ends bit for bit where an undamaged run ends."""
+    good = gzip_copy(tiny_data, tmp_path / "good.h5")
+    data = gzip_copy(tiny_data, tmp_path / "data.h5")
+    overrides = ("trainer.max_steps=24", f"data.num_workers={workers}", "data.persistent_workers=false",
+                 "callbacks.checkpoint.every_steps=100")
+    _, _, reference = trainer_for(good, tmp_path / "reference", *overrides)
+    reference.fit()
+    expected = CheckpointManager.load(reference.checkpoints.newest_valid())["model"]
+    with h5py.File(data, "r+") as file:
+        info = file["images"].id.get_chunk_info_by_coord((96, 0, 0))  # rows 96-103: read within the first epoch
+    with open(data, "r+b") as file:
+        file.seek(info.byte_offset + info.size // 2)
+        file.write(b"\xff" * 16)
+    run_dir = tmp_path / "run"
+    _, _, trainer = trainer_for(data, run_dir, *overrides)
+    state = trainer.fit()
+    assert state.failed and state.stop_reason.startswith("unreadable data before step")
+    assert str(data) in state.stop_reason and "\n" not in state.stop_reason
+    newest = CheckpointManager(run_dir, keep_last=2).newest_valid()
+    assert newest is not None and newest.step == state.step < 24
+    summary = summarize_run(state, run_dir, monitor="loss")
+    assert summary["failed"] and json.dumps(summary, allow_nan=False)
+    shutil.copy(good, data)  # repaired
+    _, _, resumed = trainer_for(data, run_dir, *overrides)
+    assert resumed.fit().step == 24
+    weights = CheckpointManager.load(resumed.checkpoints.newest_valid())["model"]
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)

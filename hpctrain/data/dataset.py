@@ -91,9 +91,10 @@ class HDF5Dataset(Dataset):
     The files are checked when the dataset is built (on the launching machine, before anything is queued) and
     opened lazily in the process that reads (each DataLoader worker has its own handles; an h5py handle inherited
     across fork returns garbage). Rows are read by hpctrain.data.hdf5_reader.RowReader: uncompressed data is gathered
-    straight from a memory map of the file (random order at about the speed of RAM), compressed data one decoded
-    chunk at a time through an LRU cache of `chunk_cache_mb` per field and worker, anything else with one sorted
-    h5py read per batch; never one read per sample.
+    straight from a memory map of the file (random order at about the speed of RAM), compressed data one chunk at a
+    time, decoded by HDF5 into an LRU cache of `chunk_cache_mb` per field and worker, anything else with one sorted
+    h5py read per batch; never one read per sample. Each process's readers check the file when they open, not per
+    batch: replace a file only between runs.
     """
 
     def __init__(self, path: Any, fields: Mapping[str, Any], *, chunk_cache_mb: float = 64.0) -> None:
@@ -169,7 +170,12 @@ class HDF5Dataset(Dataset):
             for path in self.paths:
                 with h5py.File(path, "r") as file:  # the readers hold handles of their own
                     def reader(where: str) -> RowReader:
-                        return RowReader(file[where], chunk_cache_bytes=self.chunk_cache_bytes)
+                        # The file is checked for changes here, when the readers open (in each process), not around
+                        # every batch: that check cost about a tenth of a demo batch read (docs/benchmarks.md,
+                        # "Compressed HDF5 reads"), and the sample count, shapes and ragged offsets this dataset
+                        # took when it was built assume an unchanged file anyway.
+                        return RowReader(file[where], chunk_cache_bytes=self.chunk_cache_bytes,
+                                         revalidate_interval_s=math.inf)
                     self._readers.append(_FileReaders(
                         [reader(spec.values) for spec in self.specs if spec.offsets is None],
                         # Offsets are small (n+1 integers): kept in memory, no offset read per batch.
@@ -328,6 +334,18 @@ def nonfinite_fields(batch: Mapping[str, torch.Tensor], row: int) -> list[str]:
             and not bool(torch.isfinite(value[row]).all())]
 
 
+class DataReadError(OSError):
+    """A batch could not be read from its files (a damaged chunk, a file gone): the message names the samples, and
+    the reader's error names the file, dataset and chunk. Raised in a loader worker, it reaches the training process
+    with the worker's traceback around that message (torch re-raises it by type): `reason` is the message alone."""
+
+    @property
+    def reason(self) -> str:
+        lines = [line.strip() for line in str(self).splitlines() if line.strip()]
+        last = lines[-1] if lines else type(self).__name__
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
+
+
 class BatchRequest(NamedTuple):
     """What the training sampler yields: the sample indices of a micro-batch and the epoch they belong to (random
     transforms are keyed on it)."""
@@ -356,10 +374,11 @@ class BatchReader(Dataset):
     def __getitem__(self, request: BatchRequest | np.ndarray) -> dict[str, torch.Tensor]:
         epoch, indices = request if isinstance(request, BatchRequest) else (0, request)
         indices = np.asarray(indices)
-        if self._hdf5:
-            batch = self.dataset.__getitems__(indices)
-        else:
-            batch = self._read(indices)
+        try:
+            batch = self.dataset.__getitems__(indices) if self._hdf5 else self._read(indices)
+        except OSError as error:  # the file system or HDF5 failed (an unreadable chunk, a file gone): a data fault
+            raise DataReadError(f"reading {self.stage} samples {indices[:4].tolist()}"
+                                f"{'...' if len(indices) > 4 else ''} failed: {error}") from None
         batch["index"] = torch.from_numpy(indices.astype(np.int64, copy=False))
         for position, (transform, with_context) in enumerate(self.transforms):
             if with_context:

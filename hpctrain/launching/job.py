@@ -26,7 +26,7 @@ from hpctrain.process.distributed import (DistributedContext, exit_with_parent, 
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.seeding import configure_determinism
 from hpctrain.process.watchdog import watching
-from hpctrain.run.state import NONFINITE_STOP, TrainState
+from hpctrain.run.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ def _train(config: Config, run_dir: Path, dist: DistributedContext, stop_request
 def summarize(state: TrainState, run_dir: Path, *, monitor: str) -> dict[str, Any]:
     """What a rank returns and result.json holds: strict JSON (a value that is not finite, such as the best loss
     of a run whose evaluations were all NaN, is null), `best_step` null when no evaluation was ever the best (so
-    no command looks for its checkpoint), `failed` true for a run stopped by a non-finite loss."""
+    no command looks for its checkpoint), `failed` true for a run stopped by a non-finite loss or unreadable data."""
     def number(value: float) -> float | None:
         return value if math.isfinite(value) else None
 
     has_best = math.isfinite(state.best_value)
     return {"run_dir": str(run_dir), "step": state.step, "epoch": state.epoch, "finished": state.finished,
-            "stop_reason": state.stop_reason, "failed": state.stop_reason.startswith(NONFINITE_STOP),
+            "stop_reason": state.stop_reason, "failed": state.failed,
             "best_validation_loss": number(state.best_loss) if has_best else None,
             "best_step": state.best_step if has_best else None, "best_metric": monitor,
             "best_value": number(state.best_value), "nonfinite_steps": state.nonfinite_steps}

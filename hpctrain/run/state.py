@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # How a run stopped by a non-finite loss (trainer.nonfinite=stop, or trainer.max_consecutive_nonfinite) begins its
 # stop reason: the launcher reports it as an error (hpctrain.launching.job.summarize).
 NONFINITE_STOP = "non-finite loss"
+# How a run stopped by a batch it could not read (a damaged chunk, a file gone) begins its stop reason.
+DATA_FAULT_STOP = "unreadable data"
+# How a run stopped by a checkpoint or metrics write that failed (a full disk, a quota) begins its stop reason.
+DISK_STOP = "writing failed"
 
 
 @dataclass
@@ -68,6 +72,11 @@ class TrainState:
         else:
             self.evaluations_without_improvement += 1
         return improved
+
+    @property
+    def failed(self) -> bool:
+        """Stopped by bad numbers, bad data or a failed write: the launcher reports the stop reason as an error."""
+        return self.finished and self.stop_reason.startswith((NONFINITE_STOP, DATA_FAULT_STOP, DISK_STOP))
 
     def done(self, trainer: TrainerConfig) -> bool:
         """A finished run that the same command must not train further: it reached a limit, stopped early or was

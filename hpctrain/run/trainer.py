@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpctrain.callbacks import Callbacks, CheckpointView, RunView
 from hpctrain.config import Config, to_dict
-from hpctrain.data.dataset import DistributedBatchSampler, Split
+from hpctrain.data.dataset import DataReadError, DistributedBatchSampler, Split
 from hpctrain.data.loader import stop_loader_workers
 from hpctrain.optim import ParameterGroup
 from hpctrain.process import watchdog
@@ -29,12 +29,13 @@ from hpctrain.process.seeding import capture_rng_state
 from hpctrain.run.breakdown import StepClock
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.contract import Batch
-from hpctrain.run.evaluate import Evaluation, Evaluator, describe_samples, report_nonfinite
+from hpctrain.run.evaluate import Evaluation, Evaluator, report_nonfinite
+from hpctrain.run.faults import data_fault_stop, disk_stop, nonfinite_stop, nonfinite_weights_refused
 from hpctrain.run.fine_tune import initialise_from
 from hpctrain.run.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.run.metrics import MetricsCursor, finite_means
 from hpctrain.run.observers import EvaluationEnded, MetricsRecorder, RunEnded, StepEnded, build_observers
-from hpctrain.run.state import NONFINITE_STOP, Resumable, TrainState, checkpoint_state, restore, weights_finite
+from hpctrain.run.state import Resumable, TrainState, checkpoint_state, restore
 from hpctrain.run.step import StepResult, TrainStep
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,19 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Collective: every rank contributes its RNG state; rank 0 writes."""
         rng_states = self.dist.all_gather_object(capture_rng_state(self.device))
-        if not self.dist.is_main:
-            return
+        failed = ""
+        if self.dist.is_main:
+            try:
+                self._write_checkpoint(rng_states)
+            except OSError as error:  # a full disk or quota, an I/O error: the newest intact checkpoint stays
+                failed = disk_stop(error, self.state.step, self.checkpoints)
+        if failed := self.dist.broadcast_object(failed) if self.dist.is_distributed else failed:
+            self.state.finished, self.state.stop_reason = True, failed  # every rank stops at this step boundary
+
+    def _write_checkpoint(self, rng_states: list[Any]) -> None:
         assert self.metrics is not None
         self.metrics.flush()  # the cursor below must describe rows that are on disk
-        if not self.step.checks_gradients and not weights_finite(self.model):
-            # Kept out, so that pruning (keep_last) can never remove the last good checkpoint for a bad one.
-            log.error("step %d: the model's weights are NaN/Inf (a non-finite gradient under a finite loss was "
-                      "applied; optim.track_grad_norm=true or optim.clip_grad_norm skips such updates): checkpoint "
-                      "not written, the newest in %s is the last good one", self.state.step,
-                      self.checkpoints.directory)
+        if not self.step.checks_gradients and nonfinite_weights_refused(self.model, self.state.step, self.checkpoints):
             return
         state = checkpoint_state(self.state, self.resumable, rng_states=rng_states,
                                  metrics_cursor=self.metrics.cursor(), config=self.config)
@@ -190,7 +194,10 @@ class Trainer:
             self.clock.close()
             self.callbacks.close()  # the metrics writer's last flush (its last rows to the loggers), the plot process
             # The run (or a preemption's requeue) ends only once its last checkpoint is complete.
-            self.checkpoints.close()
+            try:
+                self.checkpoints.close()
+            except OSError as error:  # the last asynchronous write failed: the newest intact one stays
+                self.state.finished, self.state.stop_reason = True, disk_stop(error, self.state.step, self.checkpoints)
             best = self.checkpoints.path_of(self.state.best_step) if self.state.best_step else None
             self.callbacks.call("on_end", RunEnded(
                 run_dir=self.run_dir, step=self.state.step, finished=self.state.finished,
@@ -214,10 +221,16 @@ class Trainer:
                     self._enter_phase(phase)
             sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
             learning_rates = self._set_learning_rates()
-            # The micro-batches are referenced by the step only: freed when it returns, their memory (likely still
-            # in the CPU cache) takes the next step's.
-            result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
-                                     num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
+            # Only the step references the micro-batches: freed when it returns, their memory takes the next step's.
+            try:
+                result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
+                                         num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
+            except DataReadError as error:  # before the step: stop where it would have started, resumable
+                self.state.finished, self.state.stop_reason = True, data_fault_stop(error, self.state.step, self.dist)
+                if not self.checkpoints.path_of(self.state.step).exists():
+                    with watchdog.paused("checkpoint"):
+                        self.save_checkpoint()
+                break
 
             epoch = self.state.epoch
             epoch_ended = self.state.advance(steps_per_epoch=self.sampler.steps_per_epoch, nonfinite=result.nonfinite)
@@ -232,28 +245,16 @@ class Trainer:
                                                          learning_rates=learning_rates,
                                                          samples_per_second=samples_per_second))
 
-            if result.nonfinite:
-                self._nonfinite_step(result)
+            stop = nonfinite_stop(result, self.state, self.config.trainer, self.split.train_dataset) \
+                if result.nonfinite else ""
+            if stop:
+                self.state.finished, self.state.stop_reason = True, stop
 
             after_step_started = time.perf_counter()
             if self._after_step(result):  # an evaluation or a checkpoint: time between steps, no step's
                 self.clock.excluded(time.perf_counter() - after_step_started)
             if self.state.finished or result.stop_requested:
                 break
-
-    def _nonfinite_step(self, result: StepResult) -> None:
-        """Log a skipped step and its culprits; under trainer.nonfinite=stop (or too many in a row) end the run:
-        the update was not applied, so the checkpoint written now holds the last good weights."""
-        trainer_cfg = self.config.trainer
-        where = describe_samples(result.nonfinite_samples, self.split.train_dataset) or "no sample's loss is NaN"
-        log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d so far): %s",
-                    self.state.step, result.loss, result.grad_norm, self.state.nonfinite_steps, where)
-        if trainer_cfg.nonfinite == "stop" or (self.state.consecutive_nonfinite_steps
-                                               >= trainer_cfg.max_consecutive_nonfinite):
-            self.state.finished, self.state.stop_reason = True, (
-                f"{NONFINITE_STOP} {result.loss} / gradient norm {result.grad_norm} at step {self.state.step} "
-                f"({self.state.consecutive_nonfinite_steps} consecutive non-finite steps, "
-                f"trainer.nonfinite={trainer_cfg.nonfinite}): {where}")
 
     def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
         """The step's micro-batches from the loader, timed as the step's data wait."""
