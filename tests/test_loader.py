@@ -91,9 +91,10 @@ from pathlib import Path
 import numpy as np
 from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
 from hpctrain.data.loader import make_loader
-from hpctrain.process.signals import STOP
+from hpctrain.process.stop import StopProtocol
 from tests.test_loader import CONFIG, Synthetic
 
+STOP = StopProtocol()
 STOP.install()
 reader = BatchReader(Synthetic(), seed=3)
 sampler = DistributedBatchSampler(np.arange(64), micro_batch_size=16, num_microbatches=1, rank=0, world_size=1,

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from hpctrain.process import history
-from hpctrain.process.signals import (Cause, JobView, StopFlag, classify, combine, parse_duration_s, parse_sacct_state,
-                              requeue)
+from hpctrain.process.slurm_view import (Cause, JobView, classify, combine, parse_duration_s, parse_sacct_state,
+                                        requeue)
+from hpctrain.process.stop import StopProtocol as StopFlag
 from hpctrain.process.watchdog import Watchdog
 
 from . import zygote

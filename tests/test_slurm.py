@@ -326,7 +326,7 @@ def test_a_stopped_rank_is_found_by_the_watchdog_and_the_job_resumes(tmp_path: P
     logs = job_logs(run_dir, job_id)
     assert "rank 0 made no progress" in logs and "hpctrain watchdog: Python stacks of rank 0" in logs
     stacks = logs.split("--- hpctrain watchdog: Python stacks of rank 0")[1]
-    assert 'in train_step' in stacks.split("hpctrain.launching.slurm")[0]  # faulthandler's frames of the training thread
+    assert 'in train_step' in stacks.split("hpctrain.process.stop")[0]  # faulthandler's frames of the training thread
     sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
     wait_until(lambda: queue_state(job_id) == "", timeout=300, what="the resumed job")
     assert final_state(job_id) == "COMPLETED"

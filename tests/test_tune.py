@@ -194,7 +194,7 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     # The first trial to complete cannot be pruned (nothing to compare with): at least one is complete.
     assert states[2] == "pruned" and states[3] == "fail" and "complete" in states, states
     assert set(states[4:]) <= {"complete", "pruned"} and summary["counts"]["running"] == 0
-    assert summary["trials"][3]["fail_reason"].startswith("NonFiniteLossError: loss nan")
+    assert summary["trials"][3]["fail_reason"].startswith("non-finite loss nan")
     assert sorted(p.name for p in tune_dir.glob("trial_*")) == [f"trial_{n:04d}" for n in range(6)]
     for trial in summary["trials"][:3] + summary["trials"][4:]:  # each trained once: steps 1..its last, each once
         run_dir = Path(trial["run_dir"])

@@ -27,13 +27,14 @@ from hpctrain.process import watchdog
 from hpctrain.config import DataConfig
 from hpctrain.data.dataset import BatchReader
 from hpctrain.process.distributed import exit_with_parent
+from hpctrain.process.stop import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 WORKER_STACKS_SIGNAL = signal.SIGUSR1
-# SLURM signals every process of a job step. A preemption's SIGTERM/USR2 is the training process's to handle
-# (checkpoint at the next step boundary); a worker dying of it would crash the loader first.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# SLURM signals every process of a job step. Its stop signals (STOP_SIGNALS, USR2/SIGTERM) are the training
+# process's stop protocol's to handle (checkpoint at the next step boundary); a worker dying of one would crash the
+# loader first.
 
 
 @contextlib.contextmanager

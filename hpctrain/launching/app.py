@@ -7,6 +7,10 @@ Bad input is refused by `Preflight`, a Hydra callback that runs after compositio
 run directory: the typed config, the run directory, every `_target_`, the datasets, the model, the loss and one
 dry step are all checked first, and the one error found is printed without a traceback. Hydra's own errors
 while composing (a wrong type, an unknown key, an override it cannot parse) are printed the same way (`run`).
+
+Under `launcher=srun` (slurm/train.sbatch) each task is a rank of a SLURM job: `run` installs its stop protocol
+(hpctrain.process.stop) inside a job step before the config is composed, and the srun path hands it to
+`run_srun_task`; for any other launcher it is released as soon as the config says so (`_settle_stop`).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
 from hpctrain.process.exit import skip_final_collection
+from hpctrain.process.stop import StopProtocol, in_job_step
 from hpctrain.launching.job import check_run_dir_writable, remove_launcher_leftovers, run_local
 from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
@@ -42,11 +47,25 @@ log = logging.getLogger("hpctrain")
 CONFIG_DIR = str(Path(hpctrain.conf.__file__).resolve().parent)
 # The config Preflight checked in this process (JSON), so the task function does not check it a second time.
 _checked_by_preflight: str | None = None
+# Inside a SLURM job step, the stop protocol `run` installed before composing the config: an srun task's must take
+# a USR2 or SIGTERM that comes while Hydra composes and Preflight checks (the default action would end the task
+# instead of requeueing it). Which launcher this is, only the composed config tells: `_settle_stop`.
+_job_step_stop: StopProtocol | None = None
 
 
 def fail(message: str, *, exit_code: int = 2) -> None:
     print(f"hpctrain: error: {message}", file=sys.stderr)
     sys.exit(exit_code)
+
+
+def _settle_stop(launcher: str) -> StopProtocol | None:
+    """The early stop protocol if this process is an srun task (launcher=srun); for any other launcher USR2 and
+    SIGTERM go back to their default action (one that came meanwhile ends the process now, as it would have)."""
+    global _job_step_stop
+    if _job_step_stop is not None and launcher != "srun":
+        _job_step_stop.release()
+        _job_step_stop = None
+    return _job_step_stop
 
 
 def checked_config(cfg: DictConfig) -> Config:
@@ -114,6 +133,7 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _checked_by_preflight
+        _settle_stop(str(OmegaConf.select(config, "launcher.name", default="")))  # before the slow checks
         HydraConfig.instance().set_config(config)  # lets `${hydra:...}` interpolations resolve this early
         try:
             typed = checked_config(config)
@@ -124,18 +144,22 @@ class Preflight(Callback):
             fail(str(error))
         _checked_by_preflight = to_json(typed)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _settle_stop(str(OmegaConf.select(config, "launcher.name", default="")))
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
     try:
         config = checked_config(cfg)
+        stop = _settle_stop(config.launcher.name)
         if to_json(config) != _checked_by_preflight:  # a multirun point: the preflight callback did not see it
             check_inputs(config, run_dir)
         if config.launcher.name == "slurm":
             return submit(config, run_dir)
         if config.launcher.name == "srun":
-            return run_srun_task(config, run_dir)
+            return run_srun_task(config, run_dir, stop=stop)
         log.info("run directory: %s", run_dir)
         summary = run_local(config, run_dir)
         if summary.get("finished"):
@@ -170,6 +194,10 @@ def run() -> None:
     composition errors reported like every other bad input: one line `hpctrain: error: <key>: ...`, exit code 2
     (Hydra prints them on several lines and exits with 1). --help, --cfg, --info, -m and HYDRA_FULL_ERROR=1 keep
     Hydra's own behaviour."""
+    global _job_step_stop
+    if in_job_step() and _job_step_stop is None:  # first: see _job_step_stop
+        _job_step_stop = StopProtocol()
+        _job_step_stop.install()
     # Hydra reports every error of its app through run_and_report (private, so used only if it is there):
     # composition errors are caught inside it, before Hydra formats them; everything else goes on to Hydra.
     from hydra._internal import utils as hydra_internal

@@ -1,45 +1,36 @@
 """SLURM: check a request against the cluster (login-node preflight), submit runs and sweeps with submitit, and
 the job routine that runs on the nodes (`run_task`, the same under submitit and under srun).
 
-Signals (the full table is in docs/signals.md): USR2 and SIGTERM only set a flag; rank 0 asks SLURM why
-(hpctrain.signals). The trainer all-reduces the flag with its step statistics, so all ranks stop at the same step
-boundary; rank 0 writes a checkpoint and then acts on the cause: a user's `scancel` ends the job, a time limit
-requeues it (counted against launcher.max_num_timeout), a preemption requeues it (not counted), and a requeue
-SLURM already does is left to SLURM. The requeued job resumes from the run directory's newest checkpoint: state
-lives on disk, never in the pickle. A hung rank is found by hpctrain.watchdog; a dead one ends the job step
-(srun --kill-on-bad-exit).
+Signals, hangs (the states and the full table are in docs/signals.md): the entry point of a task creates its stop
+protocol (hpctrain.process.stop.StopProtocol) and installs its USR2/SIGTERM handlers first thing: `TrainingJob`
+when submitit calls it (this module imports no torch, so unpickling the job does not either), the Hydra app's `run`
+for launcher=srun (slurm/train.sbatch). `run_task` hands the protocol down: the trainer reads its stop flag (all
+ranks stop at the same step boundary: the flag travels with the step's all-reduce), the watchdog tells it of a
+hang, and rank 0 has it act once the checkpoint is written: a user's `scancel` ends the job, a time limit requeues
+it (counted against launcher.max_num_timeout), a preemption requeues it (not counted), and a requeue SLURM already
+does is left to SLURM. The requeued job resumes from the run directory's newest checkpoint: state lives on disk,
+never in the pickle. A dead rank ends the job step (srun --kill-on-bad-exit).
 """
 
 from __future__ import annotations
 
-# Before anything slow (submitit, torch): a USR2 that SLURM sends early must find a handler, never the default
-# action (which kills the process). Only inside a job step that runs hpctrain (a submitit job or launcher=srun).
+import json
+import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from hpctrain.process.signals import STOP, in_job_step
+import submitit
 
-if in_job_step() and ("SUBMITIT_FOLDER" in os.environ or "launcher=srun" in sys.argv):
-    STOP.install()
-
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import submitit  # noqa: E402
-
-from hpctrain.process import history  # noqa: E402
-
-from hpctrain.process import watchdog
-from hpctrain.config import Config, ConfigError, LauncherConfig  # noqa: E402
-from hpctrain.process.distributed import RunDirectoryTakenOver  # noqa: E402
-from hpctrain.process.exit import skip_final_collection  # noqa: E402
-from hpctrain.process.signals import Cause, classify, combine, query_job, requeue  # noqa: E402
+from hpctrain.config import Config, ConfigError, LauncherConfig
+from hpctrain.process import history, watchdog
+from hpctrain.process.exit import skip_final_collection
+from hpctrain.process.stop import StopProtocol
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +139,6 @@ def check_resources(launcher: LauncherConfig, partitions: dict[str, Partition] |
 EXIT_TIME_LIMIT = 77  # the time limit came back after launcher.max_num_timeout requeues
 
 
-def _restart_count() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-
-
-def classify_now(signal_names: list[str], launcher: LauncherConfig) -> tuple[Cause, str]:
-    """Ask SLURM why this job was signalled (rank 0, outside any signal handler)."""
-    job_id = os.environ["SLURM_JOB_ID"]
-    try:
-        view = query_job(job_id)
-    except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as error:
-        log.warning("cannot ask SLURM about job %s: %s", job_id, error)
-        view = None
-    return classify(signal_names, view, restart_count=_restart_count(), signal_delay_s=launcher.signal_delay_s,
-                    sigterm=launcher.sigterm)
-
-
 def _newest_checkpoint_step(run_dir: Path) -> int:
     from hpctrain.run.checkpoint import CheckpointManager
 
@@ -171,113 +146,48 @@ def _newest_checkpoint_step(run_dir: Path) -> int:
     return complete[0].step if complete else 0
 
 
-def _hang_action(config: Config, run_dir: Path) -> Any:
-    """Under SLURM, a rank that finds the job hung records it and requeues the job (bounded by max_num_hang)."""
-
-    def act(report: dict[str, Any]) -> None:
-        job, restart = history.job_identity()
-        history.record_end(run_dir, "hung", step=report["step"] or 0, message=report["message"])
-        hangs = history.count_ends(history.read(run_dir), job, "hung")
-        limit = config.launcher.max_num_hang
-        if hangs > limit:
-            log.error("job %s hung %d times, more than launcher.max_num_hang=%d: not requeued; the job ends. "
-                      "Look at the stacks above; the same command resumes from the last checkpoint", job, hangs,
-                      limit)
-            return
-        requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
-        log.error("job %s hung (%d of launcher.max_num_hang=%d): %s; it resumes from the last checkpoint", job,
-                  hangs, limit, what)
-
-    return act
-
-
-def run_task(config: Config, run_dir: Path, *, evaluation_stop: Any = None) -> dict[str, Any]:
-    """One rank of a SLURM job, under submitit (TrainingJob) or srun (slurm/train.sbatch): one protocol.
+def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_stop: Any = None) -> dict[str, Any]:
+    """One rank of a SLURM job, under submitit (TrainingJob, TuneWorker) or srun (slurm/train.sbatch): one
+    protocol. `stop` is the task's stop protocol, its handlers installed by the entry point.
 
     USR2/SIGTERM only set the stop flag; rank 0 asks SLURM why in a helper thread. The ranks stop together at the
-    next step boundary (the flag travels with the step's all-reduce) and write a checkpoint. Then rank 0 acts on
-    the cause (docs/signals.md): cancelled -> end; SLURM already requeueing -> end, no second requeue; time limit
-    -> requeue, counted against launcher.max_num_timeout (then end with EXIT_TIME_LIMIT and a message);
-    preemption -> requeue. Every attempt's start and end go to the run's history (jobs.jsonl)."""
+    next step boundary and write a checkpoint; then rank 0 has the protocol act on the cause (`StopProtocol.finish`,
+    docs/signals.md). A hang is the watchdog's to find and the protocol's to act on. Every attempt's start and end
+    go to the run's history (jobs.jsonl)."""
     from hpctrain.launching.job import configure_rank_logging, run_rank
+    from hpctrain.process.distributed import RunDirectoryTakenOver
 
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads the SLURM variables srun set
-    STOP.install()  # again: submitit replaced the early handlers with its own
     skip_final_collection()
-    # overwrite: a tune worker (hpctrain.tune_worker) trains several trials in one process, each exporting the same.
+    # overwrite: a tune worker (hpctrain.tuning.worker) trains several trials in one process, each exporting the same.
     environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                         overwrite=True)
     rank = environment.rank
     configure_rank_logging(rank)
     job, restart = history.job_identity()
-    launcher = config.launcher
+    stop.begin_run(config.launcher, run_dir)
     if rank == 0:
         log.info("job %s (restart %d), hpctrain from %s", job, restart, str(Path(__file__).resolve().parents[1]))
-        STOP.start_classifier(lambda names: classify_now(names, launcher))
+        stop.start_classifier()
         history.record_start(run_dir, resume_step=_newest_checkpoint_step(run_dir))
-    watchdog.add_hang_action(_hang_action(config, run_dir))
     try:
-        summary = run_rank(config, run_dir, stop_requested=STOP.is_set, evaluation_stop=evaluation_stop)
+        with watchdog.reporting_to(stop):
+            summary = run_rank(config, run_dir, stop_requested=stop.stop_requested, evaluation_stop=evaluation_stop)
     except BaseException as error:
         if rank == 0 and not isinstance(error, RunDirectoryTakenOver):  # a taken-over run is not ours to record
             history.record_end(run_dir, "failed", step=0, message=f"{type(error).__name__}: {error}"[:500])
         raise
-    finally:
-        watchdog.clear_actions()
     if summary["finished"]:
         if rank == 0:
             history.record_end(run_dir, "completed", step=summary["step"], message=summary.get("stop_reason", ""))
         return summary
-    if rank != 0 or not STOP.is_set() or watchdog.has_fired():  # a hung rank has acted already
+    if rank != 0 or not stop.stop_requested() or stop.has_hung():  # a hung rank has acted already
         return summary
-    return _after_stop(config, run_dir, summary)
-
-
-def _after_stop(config: Config, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0, after the checkpoint of a signalled run: act on why SLURM signalled the job."""
-    job, restart = history.job_identity()
-    step, names = summary["step"], STOP.signal_names()
-    final = classify_now(names, config.launcher)  # SLURM's view now, after the checkpoint
-    causes = [cause for cause, _ in STOP.classified()] + [final[0]]
-    cause = combine(causes)
-    why = next((text for c, text in STOP.classified() + [final] if c == cause), final[1])
-    summary = {**summary, "stop_cause": cause.value}
-    signals = "/".join(dict.fromkeys(names))
-    if cause is Cause.CANCELLED:
-        log.warning("%s received: job %s is cancelled (%s): checkpoint written at step %d; not requeueing. The same "
-                    "command resumes the run", signals, job, why, step)
-        history.record_end(run_dir, "cancelled", step=step, message=why)
-        return summary
-    if cause is Cause.REQUEUE_UNDER_WAY:
-        log.warning("%s received: %s; checkpoint written at step %d; exiting without a second requeue", signals,
-                    why, step)
-        history.record_end(run_dir, "requeued_by_slurm", step=step, message=why)
-        return summary
-    launcher = config.launcher
-    if cause is Cause.TIME_LIMIT:
-        used = history.count_ends(history.read(run_dir), job, "requeued_time_limit")
-        if used >= launcher.max_num_timeout:
-            message = (f"job {job} reached its time limit again after {used} time-limit requeue(s), "
-                       f"launcher.max_num_timeout={launcher.max_num_timeout}: not requeued, the job ends here with "
-                       f"a checkpoint at step {step}. Run the same command to continue, with a larger "
-                       f"launcher.timeout_min or launcher.max_num_timeout")
-            log.error("%s received: %s", signals, message)
-            history.record_end(run_dir, "time_limit_exhausted", step=step, message=message)
-            _record_submitit_error(message)
-            logging.shutdown()
-            sys.exit(EXIT_TIME_LIMIT)
-        requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
-        count = f"time-limit requeue {used + 1} of launcher.max_num_timeout={launcher.max_num_timeout}"
-        log.warning("%s received: time limit (%s): checkpoint written at step %d; %s (%s)", signals, why, step,
-                    what, count)
-        history.record_end(run_dir, "requeued_time_limit" if requeued else "requeued_by_slurm", step=step,
-                           message=f"{why}; {count}" if requeued else what)
-        return summary
-    requeued, what = requeue(os.environ["SLURM_JOB_ID"], restart_count=restart)
-    log.warning("%s received: preemption (%s): checkpoint written at step %d; %s (not counted against "
-                "launcher.max_num_timeout)", signals, why, step, what)
-    history.record_end(run_dir, "requeued_preemption" if requeued else "requeued_by_slurm", step=step,
-                       message=why if requeued else what)
+    summary = stop.finish(summary)
+    if stop.outcome is not None and stop.outcome.reason == "time_limit_exhausted":
+        _record_submitit_error(stop.outcome.message)
+        logging.shutdown()
+        sys.exit(EXIT_TIME_LIMIT)
     return summary
 
 
@@ -301,18 +211,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.run_dir = run_dir
 
     def __call__(self) -> dict[str, Any]:
-        return run_task(self.config, self.run_dir)
+        # First: a USR2 that SLURM sends early must find the protocol's handler (it replaces submitit's), not one
+        # that requeues without a checkpoint, and never the default action while torch is imported.
+        stop = StopProtocol()
+        stop.install()
+        return run_task(self.config, self.run_dir, stop=stop)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # Only reached if a signal arrives in the instant between submitit installing its handler and run_task
-        # installing ours. A fresh callable: everything needed to resume is in the run directory.
+        # Only reached if a USR2 arrives between submitit installing its handler and `__call__` installing the
+        # protocol's. A fresh callable: everything needed to resume is in the run directory.
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.run_dir))
 
 
-def run_srun_task(config: Config, run_dir: Path) -> dict[str, Any]:
+def run_srun_task(config: Config, run_dir: Path, *, stop: StopProtocol | None = None) -> dict[str, Any]:
     """One rank of a job step started by srun from a plain sbatch script (slurm/train.sbatch): the same protocol
-    as TrainingJob (sbatch --requeue keeps the job id, so the run directory named after it stays the same)."""
-    return run_task(config, run_dir)
+    as TrainingJob (sbatch --requeue keeps the job id, so the run directory named after it stays the same). `stop`:
+    the protocol the entry point installed early (hpctrain.launching.app.run); installed here if none."""
+    if stop is None:
+        stop = StopProtocol()
+        stop.install()
+    return run_task(config, run_dir, stop=stop)
 
 
 # -- submission ------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from hpctrain.process import watchdog
 from hpctrain.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -221,9 +220,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     it. A POSIX record lock: released when the process dies, and never inherited by forked loader workers.
 
     The lock file records its owner (job id, host, pid). `check_run_owner` (called before every checkpoint
-    commit, and periodically by the watchdog) verifies that the run directory's lock file is still the one this
-    process locked: after the directory was deleted and re-created for another job, a lingering process of the
-    old job holds a lock on a file that is no longer there, and must not write."""
+    commit, and every few seconds by the watchdog through `check_held_run_locks`) verifies that the run
+    directory's lock file is still the one this process locked: after the directory was deleted and re-created
+    for another job, a lingering process of the old job holds a lock on a file that is no longer there, and must
+    not write."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILENAME
     with open(path, "a+") as file:
@@ -241,15 +241,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         stat = os.fstat(file.fileno())
         key = run_dir.resolve()
         _held_locks[key] = (stat.st_dev, stat.st_ino)
-
-        def still_owner() -> None:
-            check_run_owner(key)
-
-        watchdog.add_periodic_check(still_owner)  # ends this process soon after a take-over, metrics unwritten
         try:
             yield
         finally:
-            watchdog.remove_periodic_check(still_owner)
             _held_locks.pop(key, None)
 
 
@@ -273,6 +267,13 @@ def check_run_owner(run_dir: Path) -> None:
         raise RunDirectoryTakenOver(
             f"run directory {run_dir} was taken over (its lock is now held by {holder}); this process "
             f"({json.dumps(lock_owner())}) no longer owns it and writes nothing more into it")
+
+
+def check_held_run_locks() -> None:
+    """`check_run_owner` for every run directory this process holds the lock of: the watchdog's periodic check,
+    which ends this process soon after a take-over, before its next checkpoint commit would find it."""
+    for run_dir in list(_held_locks):
+        check_run_owner(run_dir)
 
 
 def holds_run_lock(run_dir: Path) -> bool:

@@ -2,10 +2,10 @@
 
 The trainer calls `beat(step)` after every optimizer step and wraps evaluation and checkpointing in `paused()`
 (they are not steps and have their own pace). If no beat comes for longer than the limit, the watchdog logs why,
-dumps this rank's Python stacks (faulthandler, all threads) and those of its loader workers, runs the registered
-hang actions (under SLURM: record the hang in the run's history and requeue the job, bounded by
-launcher.max_num_hang), waits a short grace so the other ranks, stuck in the same collective, dump theirs too, and
-exits with EXIT_HUNG. A stopped rank
+dumps this rank's Python stacks (faulthandler, all threads) and those of its helper processes (`add_stack_dump`:
+the loader workers), tells its `HangListener` (under SLURM the task's stop protocol, hpctrain.process.stop:
+record the hang in the run's history and requeue the job, bounded by launcher.max_num_hang), waits a short grace
+so the other ranks, stuck in the same collective, dump theirs too, and exits with EXIT_HUNG. A stopped rank
 (SIGSTOP), a deadlocked loader worker and a collective that never completes all look the same from here: the
 ranks still alive stop beating within one step of each other.
 
@@ -13,12 +13,19 @@ The limit is `trainer.watchdog_s` when > 0; with 0 it follows the measured step 
 least 60 s and at most 300 s, well under the process group's 600 s timeout), and before enough steps are measured
 (start-up: building the model, resuming, the first steps) it is STARTUP_LIMIT_S. Negative: no watchdog.
 
-The same thread runs periodic checks (`add_periodic_check`): rank 0 checks that it still owns the run directory.
+The same thread runs the watchdog's periodic checks: every CHECK_EVERY_S it checks that this process still owns
+the run directories it locked (hpctrain.process.distributed.check_held_run_locks; rank 0 holds the run lock).
+
+Everything a watchdog calls belongs to it (its listener, checks and stack dumps), not to this module. The one
+module-level reference is the running watchdog (`_active`), which the trainer's `beat`/`paused`/`stepping` and
+the loader's `add_stack_dump` reach; the listener of the next watchdog comes from `reporting_to`, around the
+call that starts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import faulthandler
 import logging
 import os
@@ -27,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -38,52 +45,54 @@ AUTO_FACTOR, AUTO_MIN_S, AUTO_MAX_S = 30.0, 60.0, 300.0
 MIN_MEASURED_STEPS = 3
 CHECK_EVERY_S = 5.0
 
-_hang_actions: list[Callable[[dict[str, Any]], None]] = []
-_stack_dumps: list[Callable[[], None]] = []
-_periodic_checks: list[Callable[[], None]] = []
 _active: "Watchdog | None" = None
-_fired = threading.Event()
 
 
-def has_fired() -> bool:
-    """This process found itself hung (its record is written; it exits after the grace)."""
-    return _fired.is_set()
+class HangListener(Protocol):
+    """Who hears of this rank's hang (hpctrain.process.stop.StopProtocol), in the watchdog thread."""
+
+    def hang_detected(self, report: dict[str, Any]) -> None:
+        """At once, before the stacks are dumped."""
+
+    def act_on_hang(self, report: dict[str, Any]) -> None:
+        """After the stacks, before the grace and the exit."""
 
 
-def add_hang_action(action: Callable[[dict[str, Any]], None]) -> None:
-    """Run `action(report)` in the watchdog thread when this rank is found hung, before it exits."""
-    _hang_actions.append(action)
+# The listener of the watchdog that `watching` starts next: set by the job routine that can act on a hang
+# (hpctrain.launching.slurm.run_task) around the call that trains, since the watchdog is started inside it.
+_listener: contextvars.ContextVar[HangListener | None] = contextvars.ContextVar("hpctrain_hang_listener",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def reporting_to(listener: HangListener) -> Iterator[None]:
+    """Within this block, a watchdog started by `watching` tells `listener` of a hang."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
 
 
 def add_stack_dump(dump: Callable[[], None]) -> None:
-    """Call `dump()` after this rank's own stacks when it is found hung: the stacks of processes it depends on
-    (its loader workers, `hpctrain.loader.dump_loader_worker_stacks`), to stderr."""
-    if dump not in _stack_dumps:
-        _stack_dumps.append(dump)
-
-
-def add_periodic_check(check: Callable[[], None]) -> None:
-    """Call `check()` every few seconds; if it raises, the rank logs the error and exits (EXIT_CHECK_FAILED)."""
-    _periodic_checks.append(check)
-
-
-def remove_periodic_check(check: Callable[[], None]) -> None:
-    if check in _periodic_checks:
-        _periodic_checks.remove(check)
-
-
-def clear_actions() -> None:
-    _hang_actions.clear()
-    _periodic_checks.clear()
+    """Have the running watchdog (if any) call `dump()` after this rank's own stacks when it is found hung: the
+    stacks of processes it depends on (its loader workers, `hpctrain.data.loader.dump_loader_worker_stacks`), to
+    stderr."""
+    if _active is not None and dump not in _active.stack_dumps:
+        _active.stack_dumps.append(dump)
 
 
 class Watchdog:
     def __init__(self, *, limit_s: float, rank: int, startup_limit_s: float = STARTUP_LIMIT_S,
-                 exit: Callable[[int], None] = os._exit) -> None:
+                 exit: Callable[[int], None] = os._exit, listener: HangListener | None = None,
+                 checks: list[Callable[[], None]] | None = None) -> None:
         self.fixed_limit_s = limit_s  # 0: automatic
         self.startup_limit_s = max(startup_limit_s, limit_s)
         self.rank = rank
         self._exit = exit
+        self.listener = listener
+        self.periodic_checks = list(checks or [])  # each may raise: the rank then exits (EXIT_CHECK_FAILED)
+        self.stack_dumps: list[Callable[[], None]] = []
         self._last_beat = time.monotonic()
         self._last_step: int | None = None
         self._intervals: deque[float] = deque(maxlen=50)
@@ -134,7 +143,7 @@ class Watchdog:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_EVERY_S
-                for check in list(_periodic_checks):
+                for check in list(self.periodic_checks):
                     try:
                         check()
                     except Exception as error:
@@ -150,11 +159,11 @@ class Watchdog:
                 return
 
     def _fire(self, idle: float, limit: float) -> None:
-        _fired.set()
         where = "before the first step" if self._last_step is None else f"after step {self._last_step}"
         report = {"rank": self.rank, "idle_s": round(idle, 1), "limit_s": round(limit, 1), "step": self._last_step,
                   "message": f"rank {self.rank} made no progress for {idle:.0f} s {where} (watchdog limit "
                              f"{limit:.0f} s)"}
+        self._tell("hang_detected", report)
         log.error("%s: a rank is stopped or stuck (a collective that never completes, a deadlocked loader "
                   "worker); Python stacks of rank %d follow on stderr", report["message"], self.rank)
         for handler in logging.getLogger().handlers:
@@ -163,22 +172,26 @@ class Watchdog:
               flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
-        for dump in list(_stack_dumps):
+        for dump in list(self.stack_dumps):
             try:
                 dump()
             except Exception as error:
                 log.error("rank %d: could not dump the stacks of its helper processes: %s", self.rank, error)
-        for action in list(_hang_actions):
-            try:
-                action(report)
-            except Exception as error:
-                log.error("rank %d: hang action failed: %s", self.rank, error)
+        self._tell("act_on_hang", report)
         # The other ranks hang in the same collective and fire within about one step: let them dump their stacks
         # before this exit makes srun (--kill-on-bad-exit) end the step.
         time.sleep(min(10.0, max(2.0, 0.25 * limit)))
         for handler in logging.getLogger().handlers:
             handler.flush()
         self._exit(EXIT_HUNG)
+
+    def _tell(self, what: str, report: dict[str, Any]) -> None:
+        if self.listener is None:
+            return
+        try:
+            getattr(self.listener, what)(report)
+        except Exception as error:  # the stacks, the grace and the exit must come whatever the listener does
+            log.error("rank %d: hang action failed: %s", self.rank, error)
 
 
 def beat(step: int) -> None:
@@ -210,13 +223,16 @@ def stepping() -> Iterator[None]:
 
 @contextlib.contextmanager
 def watching(config: Any, rank: int) -> Iterator[Watchdog | None]:
-    """Run the watchdog for the duration of training (config: the run's Config; trainer.watchdog_s)."""
+    """Run the watchdog for the duration of training (config: the run's Config; trainer.watchdog_s), telling the
+    listener of the enclosing `reporting_to` of a hang."""
     global _active
     limit = float(getattr(config.trainer, "watchdog_s", 0.0))
     if limit < 0:
         yield None
         return
-    dog = Watchdog(limit_s=limit, rank=rank).start()
+    from hpctrain.process.distributed import check_held_run_locks
+
+    dog = Watchdog(limit_s=limit, rank=rank, listener=_listener.get(), checks=[check_held_run_locks]).start()
     _active = dog
     try:
         yield dog

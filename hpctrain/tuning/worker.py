@@ -10,6 +10,10 @@ records (its worker died between the ask and the record) is taken over by the ne
 The pruning decision is rank 0's (`TrialJudge`, given to the trainer as its evaluation_stop): at each evaluation
 it reports the monitored value to the trial and asks the pruner; the trainer broadcasts the answer, so all ranks
 stop at the same step boundary, with a checkpoint, and the run's stop reason starts with "pruned".
+
+Under SLURM, `TuneWorker` creates the task's stop protocol (hpctrain.process.stop) and installs its handlers first
+thing (unpickling it imports no torch); every trial runs under that one protocol, so a stop signal that came
+between two trials stops the next one.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from hpctrain.launching import slurm  # first: under SLURM it installs the stop-signal handlers early
 from hpctrain.config import Config
-from hpctrain.process.distributed import RunDirectoryTakenOver
+from hpctrain.launching import slurm
+from hpctrain.process.stop import StopProtocol
 from hpctrain.tuning.space import trial_overrides
 from hpctrain.tuning.study import StudySpec, ask_lock, asked, make_pruner, make_sampler, open_study
 
@@ -129,16 +133,24 @@ def _local_rank(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, A
     return run_rank(config, run_dir, evaluation_stop=judge)
 
 
-def _train_slurm(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
-    return slurm.run_task(config, run_dir, evaluation_stop=judge)
+def _slurm_trainer(stop: StopProtocol) -> Callable[[Config, Path, TrialJudge], dict[str, Any]]:
+    """Each trial a SLURM run of its own, under the worker's one stop protocol: a signal between two trials stops
+    the next one."""
+
+    def train(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
+        return slurm.run_task(config, run_dir, stop=stop, evaluation_stop=judge)
+
+    return train
 
 
-def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
+def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None) -> str:
     """Worker `index`'s loop; returns why it ended: "done" (n_trials taken) or "stopped" (a stop request: the
-    trial it was training stays RUNNING, to be resumed)."""
-    from hpctrain.process.exit import skip_final_collection
-    from hpctrain.launching.job import configure_rank_logging
+    trial it was training stays RUNNING, to be resumed). `stop`: under SLURM, the task's stop protocol (its
+    handlers installed); None: a local worker, whose trials run on local ranks."""
     from hpctrain.launching.app import compose_config
+    from hpctrain.launching.job import configure_rank_logging
+    from hpctrain.process.distributed import RunDirectoryTakenOver
+    from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
     configure_rank_logging(0)
@@ -148,7 +160,7 @@ def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
     # A seed of its own for each worker and each start of it: a restarted worker must not draw its first values again.
     seed = hash((base.seed, index, len(study.get_trials(deepcopy=False)))) % 2**32
     study.sampler = make_sampler(base.tune, seed)
-    train: Callable[[Config, Path, TrialJudge], dict[str, Any]] = _train_slurm if on_slurm else _train_local
+    train = _train_local if stop is None else _slurm_trainer(stop)
     while True:
         # A stop signal that came between two trials stops the next one after its first step: the trainer then
         # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
@@ -181,10 +193,11 @@ def run_worker(spec: StudySpec, index: int, *, on_slurm: bool) -> str:
             return "stopped"
         if summary["stop_reason"].startswith("pruned"):
             _tell(study, trial.number, state="PRUNED")
-        elif math.isfinite(summary["best_value"]):
+        elif not summary.get("failed") and summary["best_value"] is not None and math.isfinite(summary["best_value"]):
             _tell(study, trial.number, value=summary["best_value"])
-        else:
-            trial.set_user_attr("fail_reason", "no finite validation value")
+        else:  # stopped by a non-finite loss, unreadable data or a failed write, or never a finite evaluation
+            trial.set_user_attr("fail_reason", summary["stop_reason"][:1000] if summary.get("failed")
+                                else "no finite validation value")
             _tell(study, trial.number, state="FAIL")
         log.info("worker %d: trial %d: %s", index, trial.number, summary["stop_reason"])
         _record_trial(tune_dir, index, None)
@@ -244,7 +257,7 @@ def local_worker_main(spec: StudySpec, index: int) -> None:
 
     exit_with_parent()
     with alive(spec.path, index):
-        run_worker(spec, index, on_slurm=False)
+        run_worker(spec, index)
 
 
 class TuneWorker(submitit.helpers.Checkpointable):
@@ -254,7 +267,10 @@ class TuneWorker(submitit.helpers.Checkpointable):
         self.spec, self.index = spec, index
 
     def __call__(self) -> str:
-        return run_worker(self.spec, self.index, on_slurm=True)
+        # First, as TrainingJob does: the stop protocol's handlers before anything slow (torch, Optuna).
+        stop = StopProtocol()
+        stop.install()
+        return run_worker(self.spec, self.index, stop=stop)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # As TrainingJob: the state is on disk (the study, the worker's record, the trial's checkpoints).

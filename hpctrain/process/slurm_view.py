@@ -1,5 +1,6 @@
-"""What a signal to a SLURM job means: the stop flag its handlers set, and the classification of the signal from
-SLURM's own view of the job (`scontrol show job`, `sacct`), made outside the handler.
+"""SLURM's view of a signalled job and what the signal means from it: `scontrol show job` and `sacct` (`query_job`),
+the classification of a signal into a `Cause` (`classify`, `combine`), and `scontrol requeue` (`requeue`). The stop
+protocol (hpctrain.process.stop) asks this module why a signal came and acts on the answer.
 
 SLURM sends the same two signals for different reasons; the job state tells them apart (see docs/signals.md):
 
@@ -15,8 +16,7 @@ SLURM sends the same two signals for different reasons; the job state tells them
 |   preempt_send_user_signal), or          |   time to spare                                   |                    |
 |   `scancel --signal=TERM|USR2`           |                                                   |                    |
 
-This module only classifies; what to do about each cause (checkpoint, requeue, count, end) is in
-`hpctrain.slurm`. Nothing here imports torch, so the handlers can be installed before anything slow.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpctrain.config import LauncherConfig
 
 log = logging.getLogger(__name__)
 
-HANDLED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # SLURM may send the `--signal` warning up to 60 s earlier than asked (its time-limit check is periodic).
 EARLY_SIGNAL_SLACK_S = 90
 REQUEUE_STATES = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT"}
@@ -47,83 +47,6 @@ class Cause(str, enum.Enum):
     REQUEUE_UNDER_WAY = "requeue_under_way"  # SLURM requeues the job itself: exit cleanly, no second requeue
     TIME_LIMIT = "time_limit"  # requeue, counted against launcher.max_num_timeout
     PREEMPTED = "preempted"  # requeue, not counted
-
-
-# -- the flag ---------------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by USR2/SIGTERM; read by the trainer at step boundaries. The handler records the signal and sets a flag,
-    nothing else; a helper thread (`start_classifier`) asks SLURM why, outside the handler."""
-
-    def __init__(self) -> None:
-        self._stopped = False
-        self.signals: list[tuple[str, float]] = []  # (name, time.time()) in arrival order
-        self.causes: list[tuple[Cause, str]] = []  # classifications made at signal time (rank 0)
-        self._classifier: threading.Thread | None = None
-        self._wake_fd: int | None = None  # the write end of the classifier's pipe
-        self._lock = threading.Lock()  # self.causes, between the classifier and its readers; never in the handler
-
-    def install(self) -> None:
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # A handler runs between two bytecodes of the main thread, also of another handler when a second signal
-        # comes at once (SLURM's USR2 then SIGTERM), so it takes no lock: threading.Event.set() does, and a nested
-        # handler waited forever for the lock of the one it interrupted. A write to a pipe wakes the classifier.
-        self.signals.append((signal.Signals(signum).name, time.time()))
-        self._stopped = True
-        if self._wake_fd is not None:
-            try:
-                os.write(self._wake_fd, b"\0")
-            except OSError:  # the pipe is full: the classifier has wake-ups pending anyway
-                pass
-
-    def is_set(self) -> bool:
-        return self._stopped
-
-    @property
-    def signal_name(self) -> str:
-        return self.signals[-1][0] if self.signals else ""
-
-    def signal_names(self) -> list[str]:
-        return [name for name, _ in self.signals]
-
-    def start_classifier(self, classify_now: Callable[[list[str]], tuple[Cause, str]]) -> None:
-        """Classify each signal when it arrives, in a daemon thread (scontrol must not run in a handler)."""
-        if self._classifier is not None:
-            return
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-
-        def loop() -> None:
-            seen = 0
-            while True:
-                while seen < len(self.signals):
-                    seen = len(self.signals)
-                    try:
-                        result = classify_now(self.signal_names()[:seen])
-                    except Exception as error:  # never let the helper die silently
-                        log.warning("could not classify %s: %s", self.signals[seen - 1][0], error)
-                        continue
-                    with self._lock:
-                        self.causes.append(result)
-                    log.info("%s received: %s (%s)", self.signals[seen - 1][0], result[0].value, result[1])
-                os.read(read_fd, 4096)  # until the handler writes: signals after the check above wake it too
-
-        self._wake_fd = write_fd
-        self._classifier = threading.Thread(target=loop, name="hpctrain-signal-classifier", daemon=True)
-        self._classifier.start()
-
-    def classified(self) -> list[tuple[Cause, str]]:
-        with self._lock:
-            return list(self.causes)
-
-
-STOP = StopFlag()
-
-
-def in_job_step() -> bool:
-    return "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ
 
 
 # -- SLURM's view of the job ------------------------------------------------------------------------------------
@@ -292,3 +215,20 @@ def requeue(job_id: str, *, restart_count: int) -> tuple[bool, str]:
                               or after.accounting_state in REQUEUE_STATES):
         return False, f"already being requeued by SLURM ({result.stderr.strip()})"
     return False, f"`scontrol requeue {job_id}` failed: {result.stderr.strip()}"
+
+
+def restart_count() -> int:
+    """This attempt's SLURM_RESTART_COUNT (0 before the first requeue)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def classify_now(signal_names: list[str], launcher: "LauncherConfig") -> tuple[Cause, str]:
+    """Ask SLURM why this job was signalled and classify the answer (never in a signal handler: it runs scontrol)."""
+    job_id = os.environ["SLURM_JOB_ID"]
+    try:
+        view = query_job(job_id)
+    except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as error:
+        log.warning("cannot ask SLURM about job %s: %s", job_id, error)
+        view = None
+    return classify(signal_names, view, restart_count=restart_count(), signal_delay_s=launcher.signal_delay_s,
+                    sigterm=launcher.sigterm)
