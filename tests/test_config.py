@@ -126,6 +126,15 @@ def test_hydra_composition_errors_name_the_key_in_one_line(override: str, messag
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_a_key_typo_inside_a_yaml_file_is_one_line_naming_the_key_and_the_file(tmp_path: Path) -> None:
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  max_stpes: 5\n")
+    with pytest.raises(ConfigError) as error:
+        launch_compose(["experiment=typo"], config_dir=str(tmp_path))
+    assert str(error.value) == ("trainer.max_stpes: Key 'max_stpes' not in 'TrainerConfig' (in experiment/typo); "
+                                "did you mean trainer.max_steps?")
+
+
 @pytest.mark.parametrize("kind,message", [("no_labels", "has no HDF5 dataset 'labels'"),
                                           ("not_hdf5", "is not a readable HDF5 file")])
 @pytest.mark.slow

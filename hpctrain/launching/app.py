@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
@@ -99,12 +100,16 @@ def compose_config(overrides: list[str], *, config_dir: str | None = None) -> Co
 def hydra_error_message(error: HydraException) -> str:
     """Hydra's composition error (a wrong type, an unknown key, a missing config option, an override it cannot
     parse) as one line that starts with the key at fault, like hpctrain's own errors."""
-    cause = error.__cause__
+    # OmegaConf's error: the cause of an override's, the context of a YAML file's (Hydra raises it from there).
+    cause = error.__cause__ or error.__context__
     key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and key:
         message = f"{key}: {str(cause).splitlines()[0]}"
+        where = re.match(r"In '([^']+)'", str(error))  # the config file that holds the key
+        if where and where.group(1) != "config":
+            message += f" (in {where.group(1)})"
         schema = getattr(cause, "object_type", None)
-        if isinstance(cause, ConfigAttributeError) and dataclasses.is_dataclass(schema):  # a typo in a core group?
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and dataclasses.is_dataclass(schema):
             parent, _, name = key.rpartition(".")
             close = difflib.get_close_matches(name, [field.name for field in dataclasses.fields(schema)], n=1)
             if close:
@@ -162,6 +167,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             return run_srun_task(config, run_dir, stop=stop)
         log.info("run directory: %s", run_dir)
         summary = run_local(config, run_dir)
+        if summary.get("failed"):  # stopped by bad numbers, bad data or a failed write: the reason, one line
+            fail(summary["stop_reason"], exit_code=1)
         if summary.get("finished"):
             print(how_to_use(run_dir), flush=True)
         return summary

@@ -163,7 +163,7 @@ def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_st
     environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                         overwrite=True)
     rank = environment.rank
-    configure_rank_logging(rank)
+    configure_rank_logging(rank, run_dir)  # rank 0 appends to the run directory's hpctrain.log
     job, restart = history.job_identity()
     stop.begin_run(config.launcher, run_dir)
     if rank == 0:
@@ -178,8 +178,9 @@ def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_st
             history.record_end(run_dir, "failed", step=0, message=f"{type(error).__name__}: {error}"[:500])
         raise
     if summary["finished"]:
-        if rank == 0:
-            history.record_end(run_dir, "completed", step=summary["step"], message=summary.get("stop_reason", ""))
+        if rank == 0:  # a run stopped by bad numbers, bad data or a failed write is not requeued: it failed
+            history.record_end(run_dir, "failed" if summary.get("failed") else "completed", step=summary["step"],
+                               message=summary.get("stop_reason", ""))
         return summary
     if rank != 0 or not stop.stop_requested() or stop.has_hung():  # a hung rank has acted already
         return summary
