@@ -186,6 +186,10 @@ def test_preempted_job_requeues_once_per_signal_and_ends_bitwise_equal_to_an_uni
     assert history_reasons(run_dir) == ["requeued_preemption", "requeued_preemption", "requeued_by_slurm",
                                         "completed"]
     assert logs.count("resumed from") >= len(INTERRUPTIONS)
+    # Rank 0's log of every attempt, appended to the run directory's hpctrain.log (not only under submitit/).
+    run_log = (run_dir / "hpctrain.log").read_text()
+    assert all(f"job {job_id} (restart {n})" in run_log for n in range(len(INTERRUPTIONS) + 1)), run_log[-3000:]
+    assert run_log.count("resumed from") >= len(INTERRUPTIONS) and "[rank 1]" not in run_log
     assert_same_weights(two_node_run, run_dir)
     assert_one_mlflow_run_with_each_step_once(run_dir, created_before=requeued_at)
 
