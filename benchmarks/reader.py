@@ -10,7 +10,8 @@ round), each for about --seconds per round; the table gives samples/s as median 
 ratio of the median to the median of the RAM gather (`arr[idx]` on the whole dataset in memory).
 Compressed datasets are also timed against a hand-written read+decompress of the same chunks (gzip:
 `read_direct_chunk` + zlib; other filters: an h5py slice per chunk), and RowReader with its chunk cache off,
-which decodes every needed chunk on every batch like the hand-written reader does.
+which has HDF5 decode every needed chunk on every batch, as the hand-written reader decodes it.
+The decoded-chunk cache against HDF5's own chunk cache, read through the loader: benchmarks/compressed_reads.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ HDF5 dataset (named fields, ragged fields, several files) and the batch reader f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -146,6 +147,36 @@ def test_compressed_fields_read_the_same_values(tmp_path: Path, tiny_data: Path)
     assert np.array_equal(batch["image"].numpy(), images[indices])
     assert np.array_equal(batch["labels"].numpy(), labels[indices])
     assert dataset.read_modes()[0]["image"] == "chunks"
+
+
+def test_files_are_checked_when_readers_open_not_per_batch(tmp_path: Path, tiny_data: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches stat no file (hpctrain.data.hdf5_reader checks around every read by default); a file replaced by
+    rename is read by readers opened afterwards (a new process: here a pickled copy), while readers already open
+    keep reading the old file, whole and unchanged."""
+    import os
+    import pickle
+    import shutil
+
+    from hpctrain.data import hdf5_reader
+
+    path = tmp_path / "data.h5"
+    shutil.copy(tiny_data, path)
+    dataset = HDF5Dataset(path, CBED_FIELDS)
+    first = dataset.__getitems__([7, 2])
+    stats: list[Any] = []
+    real_stat = os.stat
+    monkeypatch.setattr(hdf5_reader.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
+    for _ in range(3):
+        dataset.__getitems__([5, 1, 9])
+    assert stats == []
+    monkeypatch.undo()
+    replacement = tmp_path / "new.h5"
+    with h5py.File(path) as source, h5py.File(replacement, "w") as target:
+        target["images"], target["labels"] = source["images"][()] + 1, source["labels"][()]
+    os.replace(replacement, path)
+    assert torch.equal(dataset.__getitems__([7, 2])["image"], first["image"])
+    assert torch.equal(pickle.loads(pickle.dumps(dataset)).__getitems__([7, 2])["image"], first["image"] + 1)
 
 
 def test_dataset_handle_is_not_pickled_and_reopens_per_process(tiny_data: Path) -> None:

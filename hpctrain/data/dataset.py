@@ -171,9 +171,9 @@ class HDF5Dataset(Dataset):
                 with h5py.File(path, "r") as file:  # the readers hold handles of their own
                     def reader(where: str) -> RowReader:
                         # The file is checked for changes here, when the readers open (in each process), not around
-                        # every batch: that check cost about a tenth of a demo batch read (docs/benchmarks.md,
-                        # "Compressed HDF5 reads"), and the sample count, shapes and ragged offsets this dataset
-                        # took when it was built assume an unchanged file anyway.
+                        # every batch: checks around every batch made a demo batch read 1.06-1.18x slower
+                        # (docs/benchmarks.md, "Compressed HDF5 reads"), and the sample count, shapes and ragged
+                        # offsets this dataset took when it was built assume an unchanged file anyway.
                         return RowReader(file[where], chunk_cache_bytes=self.chunk_cache_bytes,
                                          revalidate_interval_s=math.inf)
                     self._readers.append(_FileReaders(

@@ -14,10 +14,13 @@ DEBUG level, "h5py" at WARNING):
   Chunks never written read as the dataset's fill value. About the speed of a gather from RAM once pages are
   cached.
 * ``"chunks"``: filtered (gzip, lzf, shuffle, ...) chunked data, or uncompressed chunks that split rows. A read
-  finds the distinct row bands of chunks it needs, reads and decodes each once, and keeps decoded bands in an
-  LRU cache bounded by ``chunk_cache_bytes`` (0 disables it). Chunks holding whole rows with only deflate
-  and/or shuffle are read raw (``read_direct_chunk``) and decoded here (zlib, unshuffle), honouring each
-  chunk's filter mask; everything else (lzf, fletcher32, plugins, unwritten chunks) is decoded by HDF5.
+  finds the distinct row bands of chunks it needs and has HDF5 read and decode each band whole, once; decoded
+  bands are kept in an LRU cache bounded by ``chunk_cache_bytes`` (0 disables it). HDF5 does all decoding (its
+  filters, each chunk's filter mask, unwritten chunks); its own raw-data chunk cache is off on the reader's handle,
+  since the LRU already holds what it would. Why an LRU of our own and not HDF5's chunk cache: with the chunks
+  cached, a random batch of 32 demo images came 2.1-2.4x faster from the LRU (a row copy) than through HDF5's
+  cache (an H5Dread per row) in the training process; decoding in Python (zlib, unshuffle) ran at 0.8-1.1 of
+  HDF5's speed, so HDF5 decodes (docs/benchmarks.md, "Compressed HDF5 reads").
 * ``"h5py"``: everything else (variable-length, string or object dtypes, types h5py converts, compact, virtual
   or external storage, in-memory or multi-file drivers, a file this process has open for writing, SWMR):
   one sorted, de-duplicated h5py read per call, then a gather.
@@ -26,8 +29,8 @@ Files on network file systems (Lustre, GPFS, NFS): nothing assumes the file is l
 the kernel page cache like ``read()`` does: the first touch of a page pays the file-system read (a round trip
 per page-fault read-ahead window on Lustre/NFS), later touches are memory-speed while the pages stay cached;
 the cache is per node and shared by all processes reading the file, and the kernel may evict it under memory
-pressure. Mapping a file takes address space, not memory. "chunks" mode reads whole chunks with ordinary
-reads, so it benefits from the same cache for the compressed bytes and from its own cache for decoded ones.
+pressure. Mapping a file takes address space, not memory. "chunks" mode reads whole chunks through HDF5, so it
+benefits from the same page cache for the compressed bytes and from its own cache for decoded ones.
 
 The file may change under a reader (a writer appends, rewrites, or replaces it). Before and after every call
 the reader compares ``os.stat`` of the path (device, inode, size, mtime and ctime in ns) with what it saw when
@@ -40,7 +43,9 @@ keeps size and both timestamps within the file system's timestamp granularity (a
 invisible, and a file truncated *while* a read touches its pages raises SIGBUS (an mmap property): replace
 files by writing a new one and renaming it over the old (the reader keeps the old inode mapped and then
 switches), not by re-creating them in place. ``revalidate_interval_s`` > 0 trades this for fewer stats (one
-``stat`` is an MDS round trip on Lustre) by checking at most that often. The reader does not read through the
+``stat`` is an MDS round trip on Lustre) by checking at most that often, and ``math.inf`` checks only when the
+reader opens (in each process; hpctrain.data.HDF5Dataset does this: checks around every batch made its demo
+batch reads 1.06-1.18x slower). The reader does not read through the
 caller's ``h5py.File``: HDF5 shares one metadata cache between all handles of a file in a process (another
 process's appends stay invisible to them), so it locates data through its own handle on h5py's file-object
 driver, which HDF5 never shares. Exceptions ("h5py" mode through the caller's handle, without checks or
@@ -64,14 +69,13 @@ import os
 import threading
 import time
 import weakref
-import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import h5py
 import numpy as np
-from h5py import h5d, h5t, h5z
+from h5py import h5d, h5t
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +83,6 @@ MODES = ("memmap", "chunks", "h5py")
 # A chunk row band (rows [k*chunk_rows, (k+1)*chunk_rows) over all chunks they touch) is the unit "chunks" mode
 # reads; bigger bands would make one random row cost a huge read, so such datasets go to "h5py" mode.
 MAX_BAND_BYTES = 256 << 20
-# Filters "chunks" mode undoes itself (zlib, unshuffle) on a chunk's bytes in the mapped file: HDF5's read path
-# costs tens of microseconds more per chunk, most of the time for small chunks. Others go through HDF5.
-_OWN_FILTERS = {h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE}
 # How often a read is retried when the file changes while it runs, before giving up with an error.
 _MAX_ATTEMPTS = 3
 _MEMMAP_DRIVERS = (None, "sec2", "stdio", "direct")
@@ -114,20 +115,9 @@ class _Layout:
     signature: _Signature | None
     # Rows are grouped in bands of `chunk_rows` (contiguous storage: one band holding all rows).
     chunk_rows: int = 1
-    # memmap, and chunks decoded here: file byte offset of each band, -1 where never written (rows read as
-    # `fill_row`).
+    # memmap: file byte offset of each band, -1 where never written (rows read as `fill_row`).
     chunk_offsets: np.ndarray | None = None
     fill_row: np.ndarray | None = None
-    # chunks decoded here: stored size and filter mask of each chunk (offsets above), and the filter pipeline
-    # (HDF5 filter ids in write order); None when HDF5 decodes.
-    chunk_sizes: np.ndarray | None = None
-    chunk_masks: np.ndarray | None = None
-    pipeline: tuple[int, ...] | None = None
-
-    @property
-    def maps_file(self) -> bool:
-        """Reads come from an mmap of the file rather than an h5py handle."""
-        return self.mode == "memmap" or self.pipeline is not None
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -188,12 +178,12 @@ def _locate(ds: h5py.Dataset, signature: _Signature, file_size: int) -> _Layout:
     if layout == h5d.CONTIGUOUS:
         result = _contiguous_layout(ds, row_bytes, file_size, base)
     elif tuple(ds.chunks[1:]) != row_shape or dcpl.get_nfilters():
-        result = _filtered_layout(ds, dcpl, row_bytes, file_size, base)
+        return _filtered_layout(ds, dcpl, row_bytes, base)
     else:
         result = _whole_row_chunks_layout(ds, row_bytes, file_size, base)
-    if result.mode == "h5py" or result.chunk_offsets is None:
+    if result.mode == "h5py":
         return result
-
+    assert result.chunk_offsets is not None
     if (result.chunk_offsets < 0).any():
         fill = _fill_row(ds, row_shape)
         if isinstance(fill, str):
@@ -212,32 +202,19 @@ def _contiguous_layout(ds: h5py.Dataset, row_bytes: int, file_size: int, base: d
                    **base)
 
 
-def _filtered_layout(ds: h5py.Dataset, dcpl: Any, row_bytes: int, file_size: int, base: dict[str, Any]) -> _Layout:
-    """Compressed/filtered chunks, or chunks that do not hold whole rows: read in bands of chunks."""
+def _filtered_layout(ds: h5py.Dataset, dcpl: Any, row_bytes: int, base: dict[str, Any]) -> _Layout:
+    """Compressed/filtered chunks, or chunks that do not hold whole rows: read through HDF5 in bands of chunks."""
     chunks, row_shape = ds.chunks, tuple(ds.shape[1:])
-    chunk_rows, whole_rows = chunks[0], tuple(chunks[1:]) == row_shape
-    pipeline = tuple(dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters()))
-    names = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(len(pipeline))]
-    why = (f"compressed/filtered chunks ({', '.join(names)})" if pipeline else
+    chunk_rows = chunks[0]
+    names = [dcpl.get_filter(i)[3].decode(errors="replace") for i in range(dcpl.get_nfilters())]
+    why = (f"compressed/filtered chunks ({', '.join(names)})" if names else
            f"uncompressed chunks {chunks} that do not hold whole rows of shape {row_shape}")
     band_bytes = chunk_rows * row_bytes
     if band_bytes > MAX_BAND_BYTES:
         return _Layout("h5py", f"{why}; a band of chunks holding {chunk_rows} rows is {band_bytes} bytes, "
                                f"over {MAX_BAND_BYTES}", **base)
-    through_hdf5 = _Layout("chunks", f"{why}: each needed chunk is read and decoded through HDF5 once per "
-                                     f"read, decoded chunks are cached", chunk_rows=chunk_rows, **base)
-    if not whole_rows or not set(pipeline) <= _OWN_FILTERS:
-        return through_hdf5
-    table = _chunk_table(ds, chunk_rows, file_size)
-    if isinstance(table, str):
-        return through_hdf5
-    result = _Layout("chunks", f"{why}: each needed chunk is read from the mapped file and decoded here "
-                               f"(zlib, unshuffle) once per read, decoded chunks are cached",
-                     chunk_rows=chunk_rows, chunk_offsets=table[0], chunk_sizes=table[1],
-                     chunk_masks=table[2], pipeline=pipeline, **base)
-    if (result.chunk_offsets < 0).any() and isinstance(_fill_row(ds, row_shape), str):
-        return through_hdf5  # HDF5 decides what unwritten chunks read as
-    return result
+    return _Layout("chunks", f"{why}: each needed band of chunks is read and decoded by HDF5 once per read, "
+                             f"decoded bands are cached", chunk_rows=chunk_rows, **base)
 
 
 def _whole_row_chunks_layout(ds: h5py.Dataset, row_bytes: int, file_size: int, base: dict[str, Any]) -> _Layout:
@@ -260,8 +237,8 @@ def _whole_row_chunks_layout(ds: h5py.Dataset, row_bytes: int, file_size: int, b
 
 def _chunk_table(ds: h5py.Dataset, chunk_rows: int,
                  file_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
-    """For chunks holding whole rows: file offset (-1: never written), stored size and filter mask of each chunk
-    along axis 0, or why they cannot be used."""
+    """For uncompressed chunks holding whole rows: file offset (-1: never written), stored size and filter mask of
+    each chunk along axis 0, or why they cannot be used."""
     num_chunks = -(-ds.shape[0] // chunk_rows)
     offsets = np.full(num_chunks, -1, dtype=np.int64)
     sizes = np.zeros(num_chunks, dtype=np.int64)
@@ -282,34 +259,6 @@ def _chunk_table(ds: h5py.Dataset, chunk_rows: int,
         for i in range(ds.id.get_num_chunks()):
             visit(ds.id.get_chunk_info(i))
     return problems[0] if problems else (offsets, sizes, masks)
-
-
-def _decode_band(layout: _Layout, data: np.ndarray, band: int) -> np.ndarray:
-    """Rows of chunk `band` of a "chunks" layout decoded here, from `data` (the file's bytes): undo the filter
-    pipeline in reverse, skipping filters the chunk's filter mask says were not applied."""
-    assert layout.chunk_offsets is not None and layout.chunk_sizes is not None and layout.chunk_masks is not None
-    assert layout.pipeline is not None
-    start = band * layout.chunk_rows
-    num_rows = min(layout.chunk_rows, layout.shape[0] - start)
-    offset = int(layout.chunk_offsets[band])
-    if offset < 0:
-        block = np.empty((num_rows, *layout.row_shape), dtype=layout.dtype)
-        block[...] = layout.fill_row
-        return block
-    raw: Any = bytes(data[offset:offset + int(layout.chunk_sizes[band])])  # a copy: never keep mapped pages
-    mask, itemsize = int(layout.chunk_masks[band]), layout.dtype.itemsize
-    for position in reversed(range(len(layout.pipeline))):
-        if mask >> position & 1:
-            continue
-        if layout.pipeline[position] == h5z.FILTER_DEFLATE:
-            raw = zlib.decompress(raw)
-        elif itemsize > 1:  # shuffle stored byte k of every element together, for k = 0 .. itemsize-1
-            raw = np.ascontiguousarray(np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T)
-    expected = layout.chunk_rows * layout.row_bytes  # edge chunks are stored full-size too
-    got = raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
-    if got != expected:
-        raise OSError(f"chunk {band} decodes to {got} bytes, expected {expected}")
-    return np.frombuffer(raw, dtype=layout.dtype).reshape((layout.chunk_rows, *layout.row_shape))[:num_rows]
 
 
 def _close_handle(h5file: h5py.File, fileobj: BinaryIO) -> None:
@@ -569,22 +518,19 @@ class RowReader:
                 before = _file_signature(os.fstat(fileobj.fileno()))
                 if reuse is not None and reuse.signature == before:
                     layout = reuse
-                    if not layout.maps_file:
+                    if layout.mode != "memmap":
                         h5file, dataset = self._open_dataset(fileobj)
                 else:
                     h5file, dataset = self._open_dataset(fileobj)
                     layout = _locate(dataset, before, before[2])
                 mapped = None
-                if layout.maps_file:
+                if layout.mode == "memmap":
                     mapped = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
                     problem = None if layout is reuse else self._self_check(layout, mapped, dataset)
-                    if problem and layout.mode == "memmap":
+                    if problem:
                         layout = _Layout("h5py", f"memmap self-check failed ({problem})", layout.shape,
                                          layout.dtype, before)
-                    elif problem:
-                        layout = replace(layout, pipeline=None, reason=f"{layout.reason}; but decoding here failed "
-                                         f"a self-check ({problem}), so chunks are decoded through HDF5")
-                    mapped = None if problem else mapped
+                        mapped = None
                 unchanged = _file_signature(os.stat(self.path)) == before
             except BaseException:
                 if h5file is not None:
@@ -611,8 +557,10 @@ class RowReader:
 
     def _open_dataset(self, fileobj: BinaryIO) -> tuple[h5py.File, h5py.Dataset]:
         # The file-object driver gives a handle of its own: a plain h5py.File(path) would share the metadata
-        # cache of any other open handle of this file in the process, which can be stale.
-        h5file = h5py.File(fileobj, "r")
+        # cache of any other open handle of this file in the process, which can be stale. HDF5's raw-data chunk
+        # cache is off: "chunks" mode reads each band of chunks whole, once, and keeps it decoded in the LRU, so
+        # HDF5's cache would only hold the same chunks a second time.
+        h5file = h5py.File(fileobj, "r", rdcc_nbytes=0)
         dataset = h5file.get(self.name)
         if not isinstance(dataset, h5py.Dataset) or dataset.shape is None or dataset.ndim == 0:
             h5file.close()
@@ -622,8 +570,6 @@ class RowReader:
     def _map(self, mapped: mmap.mmap, layout: _Layout) -> None:
         self._mm = mapped
         self._bytes = np.frombuffer(mapped, dtype=np.uint8)
-        if layout.mode != "memmap":
-            return
         width = layout.row_bytes
         # Element k of this view is the `width` bytes at file offset k: one fancy index gathers any rows.
         self._rows = np.ndarray((max(len(mapped) - width + 1, 0),), dtype=np.dtype((np.void, width)),
@@ -639,7 +585,7 @@ class RowReader:
     @staticmethod
     def _self_check(layout: _Layout, mapped: mmap.mmap, dataset: h5py.Dataset) -> str | None:
         """Compare a few rows read via the mapping with HDF5's own reads (cheap insurance against a wrong
-        chunk table or decoder)."""
+        chunk table)."""
         n = layout.shape[0]
         if n == 0:
             return None
@@ -654,13 +600,11 @@ class RowReader:
             band, within = divmod(row, layout.chunk_rows)
             offset = int(layout.chunk_offsets[band])
             try:
-                if layout.mode == "chunks":
-                    mine = _decode_band(layout, data, band)[within]
-                elif offset < 0:
+                if offset < 0:
                     mine = layout.fill_row
                 else:
                     mine = data[offset + within * width:offset + (within + 1) * width].view(layout.dtype)
-            except (OSError, ValueError, zlib.error) as error:
+            except ValueError as error:
                 return f"row {row}: {error}"
             if np.ascontiguousarray(mine).tobytes() != np.ascontiguousarray(dataset[row], layout.dtype).tobytes():
                 return f"row {row} differs from HDF5's"
@@ -688,7 +632,7 @@ class RowReader:
     def _is_open(self) -> bool:
         if self._layout is None:
             return False
-        if self._layout.maps_file:
+        if self._layout.mode == "memmap":
             return self._bytes is not None
         return self._dataset is not None or self._caller_dataset is not None
 
@@ -822,22 +766,19 @@ class RowReader:
         return out
 
     def _band(self, layout: _Layout, band: int) -> np.ndarray:
-        """Decoded rows of chunk band `band`, from the LRU cache or read and decoded now."""
+        """Decoded rows of chunk band `band`, from the LRU cache or read and decoded by HDF5 now."""
         cached = self._cache.get(band)
         if cached is not None:
             self._cache.move_to_end(band)
             self.stats["cache_hits"] += 1
             return cached
-        if layout.pipeline is not None:
-            assert self._bytes is not None
-            try:
-                block = _decode_band(layout, self._bytes, band)
-            except (OSError, zlib.error) as error:
-                raise OSError(f"{self.path}:{self.name}: chunk {band} cannot be decoded ({error})") from None
-        else:
-            assert self._dataset is not None
-            start = band * layout.chunk_rows
+        assert self._dataset is not None
+        start = band * layout.chunk_rows
+        try:
             block = self._dataset[start:min(start + layout.chunk_rows, layout.shape[0])]
+        except OSError as error:  # HDF5's message names neither the file nor the chunk
+            raise OSError(f"{self.path}:{self.name}: chunk {band} (rows {start}-{start + layout.chunk_rows - 1}) "
+                          f"cannot be read ({error})") from None
         self.stats["chunk_reads"] += 1
         if 0 < block.nbytes <= self.chunk_cache_bytes:
             self._cache[band] = block
