@@ -14,7 +14,9 @@ writes, hashes, fsyncs, renames and prunes. The next checkpoint waits for the pr
 `wait()` (called before a run ends, also when it stops to be requeued) returns only once every checkpoint handed
 over is complete.
 A process killed during a background write leaves only a temporary file: the previous checkpoint stays the newest
-valid one.
+valid one. A write that fails (a full disk, a quota: an OSError, raised by `save`, or for `save_async` by the next
+`save_async`, `wait` or `close`) leaves nothing of its checkpoint behind, not even a .pt without its manifest, and
+prunes nothing: old checkpoints are only pruned once a newer one is complete.
 
 Only the owner commits: before writing and before each rename, `save` checks that this process still holds the
 run directory's lock (`hpctrain.process.distributed.check_run_owner`), so a lingering rank of an old job cannot commit a
@@ -95,14 +97,19 @@ class _HashingWriter:
         self._done = threading.Event()
         self._sha256 = hashlib.sha256()
         self._error: OSError | None = None
+        self.write_error: OSError | None = None  # torch.save reports it as a RuntimeError, without the errno
         self._thread = threading.Thread(target=self._hash, name="hpctrain-checkpoint-hash", daemon=True)
         self._thread.start()
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):  # a raw write may be partial
-            done += self.file.write(view[done:])
+        try:
+            while done < len(view):  # a raw write may be partial
+                done += self.file.write(view[done:])
+        except OSError as error:
+            self.write_error = error
+            raise
         self.written += done
         return done
 
@@ -134,9 +141,13 @@ class _HashingWriter:
         """Nothing more will be written: the thread hashes the rest and ends."""
         self._done.set()
 
+    def join(self) -> None:
+        """After `finish`: wait for the thread (also when writing failed, so that no thread outlives the file)."""
+        self._thread.join()
+
     def digest(self) -> tuple[str, int]:
         """After `finish`: (SHA-256 hex digest, size)."""
-        self._thread.join()
+        self.join()
         if self._error is not None:
             raise self._error
         return self._sha256.hexdigest(), self.written
@@ -150,6 +161,18 @@ def _without_record_crc32() -> contextlib.AbstractContextManager[Any]:
     if serialization_config is None:
         return contextlib.nullcontext()
     return serialization_config.patch({"save.compute_crc32": False})
+
+
+def _torch_save(state: dict[str, Any], writer: _HashingWriter) -> None:
+    """torch.save through `writer`, raising the disk's own error (ENOSPC, EDQUOT: an OSError the trainer stops
+    on) where torch.save turns it into a RuntimeError without it."""
+    try:
+        with _without_record_crc32():
+            torch.save(state, writer)
+    except RuntimeError:
+        if writer.write_error is None:
+            raise
+        raise writer.write_error from None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -243,48 +266,78 @@ class CheckpointManager:
                 self._writer = None
 
     def _write(self, step: int, state: dict[str, Any]) -> Path:
+        """Write the checkpoint of `step`: the .pt, then its manifest, each to a temporary name, fsynced and
+        renamed. An OSError (a full disk, a quota, an I/O error) leaves nothing of it behind, so that it holds no
+        space and the previous checkpoints stay the newest: the temporaries are removed, and so is a committed .pt
+        whose manifest could not be written or made durable. The error names the checkpoint's file."""
         check_run_owner(self.run_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
         name = _checkpoint_name(step)
-        path = self.directory / f"{name}.pt"
-        temporary = self.directory / f".{name}.pt.tmp-{os.getpid()}"
+        path, manifest_path = self.directory / f"{name}.pt", self.directory / f"{name}.json"
         started = time.perf_counter()
+        try:
+            sha256, size = self._write_file(state, path)
+            manifest = {"step": step, "file": path.name, "size": size, "sha256": sha256,
+                        "finished": bool(state.get("finished", False)), "written_at": time.time()}
+            try:
+                self._write_manifest(manifest, manifest_path)
+                _fsync_directory(self.directory)
+            except OSError:
+                # Manifest first: at every moment of the removal the checkpoint is simply incomplete.
+                manifest_path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            # A write's error names no file, and an asynchronous one shows a checkpoint later: name it.
+            if error.filename is None and error.errno is not None:
+                raise OSError(error.errno, error.strerror, str(path)) from error
+            raise
+        log.info("checkpoint step %d written to %s (%.1f MB, %.2f s)", step, path, size / 1e6,
+                 time.perf_counter() - started)
+        return path
+
+    def _write_file(self, state: dict[str, Any], path: Path) -> tuple[str, int]:
+        """torch.save `state` to `path` through a fsynced temporary; (SHA-256 hex digest, size)."""
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(temporary, "w+b", buffering=0) as file:
                 writer = _HashingWriter(file)
                 try:
-                    with _without_record_crc32():
-                        torch.save(state, writer)
+                    _torch_save(state, writer)
+                    writer.finish()
+                    # The hash thread reads the last bytes from the page cache while fsync waits for the disk.
+                    os.fsync(file.fileno())
                 finally:
                     writer.finish()
-                # The hash thread reads the last bytes from the page cache while fsync waits for the disk.
-                os.fsync(file.fileno())
+                    writer.join()
                 sha256, size = writer.digest()
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         self._commit(temporary, path)
-        manifest = {"step": step, "file": path.name, "size": size, "sha256": sha256,
-                    "finished": bool(state.get("finished", False)), "written_at": time.time()}
-        manifest_path = self.directory / f"{name}.json"
-        temporary = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
-        with open(temporary, "wb") as file:
-            file.write(json.dumps(manifest, indent=1).encode())
-            file.flush()
-            os.fsync(file.fileno())
-        self._commit(temporary, manifest_path)
-        _fsync_directory(self.directory)
-        log.info("checkpoint step %d written to %s (%.1f MB, %.2f s)", step, path, manifest["size"] / 1e6,
-                 time.perf_counter() - started)
-        return path
+        return sha256, size
 
-    def _commit(self, temporary: Path, path: Path) -> None:
+    def _write_manifest(self, manifest: dict[str, Any], manifest_path: Path) -> None:
+        temporary = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
         try:
-            check_run_owner(self.run_dir)
+            with open(temporary, "wb") as file:
+                file.write(json.dumps(manifest, indent=1).encode())
+                file.flush()
+                os.fsync(file.fileno())
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        os.replace(temporary, path)
+        self._commit(temporary, manifest_path)
+
+    def _commit(self, temporary: Path, path: Path) -> None:
+        """Rename `temporary` to `path` if this process still owns the run; else (or if the rename fails) remove
+        it."""
+        try:
+            check_run_owner(self.run_dir)
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def complete(self) -> list[CheckpointInfo]:
         """Checkpoints with a manifest, newest first (their content is verified by `load`)."""

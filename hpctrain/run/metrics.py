@@ -35,12 +35,29 @@ Rows are buffered in memory and written in blocks (one resize + write per datase
 per scalar per step) every `flush_every_s` seconds and the file is flushed, so after a SIGKILL it opens and holds
 everything up to the last flush. A checkpoint records the row counts (the cursor); a resumed run truncates the
 file to its checkpoint's cursor, so the step axis continues with no duplicate and no gap.
+
+A full disk (or a quota) never reaches HDF5. After a write that failed, HDF5 drops the data it could not write
+while the datasets' extents already count the rows (they read back as zeros, also after a later flush succeeds),
+retries its failed writes at every flush and at close, and a resize and flush through the same handle afterwards
+zeroed rows flushed before (measured with h5py 3.16, HDF5 2.0). So each flush first reserves the disk space its
+writes can take (fallocate); if that fails nothing is written, the rows stay in memory and `flush` raises OSError.
+Should HDF5 fail all the same (an I/O error; a copy-on-write file system, where reserved space does not secure
+every later write), nothing more reaches the file: it keeps the rows of the flushes before, though a failed flush
+that created datasets can leave metadata pointing past the file's end, which HDF5 then refuses to open for
+writing. The loop's own flushes (periodic, after an evaluation) log a failure once and leave the decision to the
+next checkpoint's flush, whose OSError stops the run cleanly (hpctrain.run.faults.disk_stop); the resumed run
+recomputes the rows that were not written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import logging
 import math
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +74,69 @@ FORMAT_VERSION = 2
 _TRAIN_SCALARS = {"step": np.int64, "epoch": np.int64, "loss": np.float64, "grad_norm": np.float64,
                   "samples_per_second": np.float64, "nonfinite": np.uint8}
 _STEP_ROW = "training step row"
+
+# What one flush may write besides the new chunks its rows need: HDF5's metadata (chunk index nodes, object
+# headers, the link heap) of each dataset it touches, and a margin. tests/test_full_disk.py fills the disk right
+# after a reservation and checks that the flush still completes.
+_METADATA_BYTES = 64 << 10
+_METADATA_BYTES_PER_DATASET = 8 << 10
+# The reservation also covers the file's last bytes: HDF5 may have allocated space below the end of the file that
+# it has not written yet (its metadata and small-data blocks), and the disk only provides it when written.
+_RESERVE_BEHIND_END = 1 << 20
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's fallocate(2), which os lacks (os.posix_fallocate cannot keep the file's size)."""
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_fallocate = _libc_fallocate()
+
+
+def reserve_space(fd: int, start: int, end: int) -> None:
+    """Have the disk provide the bytes [start, end) of the open file `fd` now, so that writes there cannot fail for
+    want of space; OSError (ENOSPC, EDQUOT) if it cannot."""
+    if end <= start:
+        return
+    while _fallocate is not None:
+        if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, start, end - start) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EINTR:
+            continue
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code))
+        break
+    if hasattr(os, "posix_fallocate"):
+        # The file system cannot keep the size: the file grows past HDF5's end of allocation (glibc writes zeros
+        # where the file system cannot allocate). HDF5 ignores those bytes, and cuts them off at its first flush
+        # after it reopens the file.
+        os.posix_fallocate(fd, start, end - start)
+        return
+    stat = os.fstatvfs(fd)  # neither (not Linux): at least check, though another writer may take the space
+    if stat.f_bavail * stat.f_frsize < end - start:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _chunk_rows(row_shape: tuple[int, ...]) -> int:
+    """Rows per chunk of a dataset with rows of this shape: chunks of about 64 Ki values."""
+    return max(1, min(1024, (1 << 16) // max(1, int(np.prod(row_shape)))))
+
+
+def _write_error(error: Exception, path: Path) -> OSError:
+    """An HDF5 write failure as an OSError naming the file, with the errno HDF5 reported (EIO if none)."""
+    code = error.errno if isinstance(error, OSError) and error.errno else None
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 @dataclass(frozen=True)
@@ -99,9 +179,20 @@ class MetricsWriter:
         self._num_validation_samples = len(validation_sample_index)
         self._open_datasets: dict[str, h5py.Dataset] = {}
         self.listeners: list[MetricsListener] = []
+        self._failure: OSError | None = None  # why the last flush failed, until one succeeds
+        self._failure_logged = False
+        self._abandoned: OSError | None = None  # HDF5 itself failed: nothing more is written (see the docstring)
+        created = not path.exists()
         # No HDF5 file lock: forked loader workers inherit the descriptor and would keep an flock alive after a
         # crash. Rank 0 holding the run lock (hpctrain.process.distributed.run_lock) makes it the only writer.
         self.file = h5py.File(path, "a", locking=False)
+        try:  # a restart on a disk still full fails here, before it could damage the rows of the earlier runs
+            self._reserve(len(config_json.encode()) + 32 * _METADATA_BYTES_PER_DATASET)
+        except OSError as error:
+            self._abandon(error)
+            if created:
+                path.unlink(missing_ok=True)
+            raise
         self._create_layout(validation_sample_index, task_name)
         if batches_per_epoch is not None:
             self.file.attrs["train_batches_per_epoch"], self.file.attrs["validation_batches_per_epoch"] = \
@@ -115,9 +206,8 @@ class MetricsWriter:
     def _dataset(self, name: str, shape: tuple[int, ...], dtype, dims: Sequence[str]) -> h5py.Dataset:
         if name in self.file:
             return self.file[name]
-        chunk_rows = max(1, min(1024, (1 << 16) // max(1, int(np.prod(shape[1:])))))
         dataset = self.file.create_dataset(name, shape=(0, *shape[1:]), maxshape=(None, *shape[1:]), dtype=dtype,
-                                           chunks=(chunk_rows, *shape[1:]))
+                                           chunks=(_chunk_rows(shape[1:]), *shape[1:]))
         for axis, dim in enumerate(dims):
             dataset.attrs[f"dim_{axis}"] = dim
         return dataset
@@ -213,22 +303,18 @@ class MetricsWriter:
         dataset.resize(start + len(rows), axis=0)
         dataset[start:] = rows
 
-    def flush(self) -> None:
-        for index, deferred in self._deferred:
-            self._train_buffer[index].update(deferred())
-        self._deferred.clear()
-        rows = self._listener_rows() if self.listeners else []
+    def _pending_appends(self) -> list[tuple[str, np.ndarray, list[str], int]]:
+        """The buffered rows as the appends that write them: (dataset, rows, axis names, row offset), in order."""
+        appends: list[tuple[str, np.ndarray, list[str], int]] = []
         if self._train_buffer:
             offset = self.file["train/step"].shape[0]
             names = list(dict.fromkeys(name for row in self._train_buffer for name in row))
             for name in names:
                 dtype = _TRAIN_SCALARS.get(name, np.float64)
                 column = np.asarray([row.get(name, np.nan) for row in self._train_buffer], dtype=dtype)
-                self._append(f"train/{name}", column, [_STEP_ROW], offset)
-            self._append("train/lr", np.asarray(self._lr_buffer, dtype=np.float64), [_STEP_ROW, "parameter group"],
-                         offset)
-            self._train_buffer.clear()
-            self._lr_buffer.clear()
+                appends.append((f"train/{name}", column, [_STEP_ROW], offset))
+            appends.append(("train/lr", np.asarray(self._lr_buffer, dtype=np.float64),
+                            [_STEP_ROW, "parameter group"], offset))
         if self._validation_buffer:
             offset = self.file["validation/step"].shape[0]
             steps = np.asarray([step for step, _ in self._validation_buffer], dtype=np.int64)
@@ -238,26 +324,121 @@ class MetricsWriter:
                           for name in names}
             means = finite_mean_rows(per_sample)
             for name in names:
-                self._append(f"validation/per_sample/{name}", per_sample[name], ["evaluation", "validation sample"],
-                             offset)
-                self._append(f"validation/{name}", means[name], ["evaluation"], offset)
-            self._append("validation/nonfinite_samples", nonfinite_count(per_sample).astype(np.float64),
-                         ["evaluation"], offset)
-            self._append("validation/step", steps, ["evaluation"], offset)
-            self._validation_buffer.clear()
+                appends.append((f"validation/per_sample/{name}", per_sample[name],
+                                ["evaluation", "validation sample"], offset))
+                appends.append((f"validation/{name}", means[name], ["evaluation"], offset))
+            appends.append(("validation/nonfinite_samples", nonfinite_count(per_sample).astype(np.float64),
+                            ["evaluation"], offset))
+            appends.append(("validation/step", steps, ["evaluation"], offset))
         if self._sample_buffer:
             dims = ["training sample row"]
             steps = np.concatenate([np.full(len(index), step, dtype=np.int64)
                                     for step, index, _ in self._sample_buffer])
-            self._append("train_samples/step", steps, dims, 0)
-            self._append("train_samples/index", np.concatenate([i for _, i, _ in self._sample_buffer]), dims, 0)
-            self._append("train_samples/loss", np.concatenate([v for _, _, v in self._sample_buffer]), dims, 0)
-            self._sample_buffer.clear()
-        self.file.flush()
+            appends.append(("train_samples/step", steps, dims, 0))
+            appends.append(("train_samples/index", np.concatenate([i for _, i, _ in self._sample_buffer]), dims, 0))
+            appends.append(("train_samples/loss", np.concatenate([v for _, _, v in self._sample_buffer]), dims, 0))
+        return appends
+
+    def _bytes_needed(self, appends: list[tuple[str, np.ndarray, list[str], int]]) -> int:
+        """At most what writing `appends` adds to the file: the chunks their rows begin (HDF5 allocates whole
+        chunks) and the metadata of each dataset."""
+        needed = _METADATA_BYTES
+        for name, rows, _, offset in appends:
+            dataset = self._open_datasets.get(name)
+            if dataset is None and name in self.file:
+                dataset = self.file[name]
+            chunk_rows = _chunk_rows(rows.shape[1:]) if dataset is None else dataset.chunks[0]
+            start = 0 if dataset is None else dataset.shape[0]
+            end = max(start, offset) + len(rows)
+            row_bytes = int(np.prod(rows.shape[1:])) * (rows.dtype if dataset is None else dataset.dtype).itemsize
+            new_chunks = -(-end // chunk_rows) - -(-start // chunk_rows)
+            needed += new_chunks * chunk_rows * row_bytes + _METADATA_BYTES_PER_DATASET
+        return needed
+
+    def _reserve(self, needed: int) -> None:
+        """Reserve the disk space for `needed` more bytes (and any HDF5 has allocated but not written); OSError
+        naming the file if the disk cannot provide it."""
+        fd = self.file.id.get_vfd_handle()
+        # HDF5 allocates from its end of allocation, which may lie past the end of the file; get_filesize is the
+        # larger of the two as HDF5 sees them (not counting what an earlier reservation added past its end).
+        end = self.file.id.get_filesize() + needed
+        try:
+            reserve_space(fd, max(0, min(os.fstat(fd).st_size, end) - _RESERVE_BEHIND_END), end)
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
+
+    def flush(self) -> None:
+        """Write the buffered rows and flush the file. OSError if they cannot be written (a full disk, a quota):
+        the file keeps every row flushed before, and the rows stay buffered for the next flush."""
+        if self._abandoned is not None:
+            raise self._abandoned
+        for index, deferred in self._deferred:
+            self._train_buffer[index].update(deferred())
+        self._deferred.clear()
+        appends = self._pending_appends()
+        if appends:
+            try:
+                self._reserve(self._bytes_needed(appends))
+            except OSError as error:  # nothing written: the rows stay buffered, the file as it was
+                self._failure = error
+                raise
+            try:
+                for append in appends:
+                    self._append(*append)
+                self.file.flush()
+            except (OSError, RuntimeError) as error:  # h5py reports a failed write as either
+                raise self._abandon(error) from error
+        rows = self._listener_rows() if self.listeners else []
+        self._train_buffer.clear()
+        self._lr_buffer.clear()
+        self._validation_buffer.clear()
+        self._sample_buffer.clear()
+        if self._failure_logged:
+            log.info("%s: written again, no row lost", self.path)
+        self._failure, self._failure_logged = None, False
         self._flushed_at = time.monotonic()
         if rows:
             for listener in self.listeners:
                 listener.metrics_flushed(rows)
+
+    def try_flush(self) -> bool:
+        """`flush` for the loop's own flushes (periodic, after an evaluation): a failure is logged once, not raised.
+        The rows stay buffered, and these flushes leave them to the next checkpoint's `flush`, which writes them or
+        stops the run (the trainer's disk stop). True if the rows are in the file."""
+        if self._failure is not None:
+            return False
+        try:
+            self.flush()
+        except OSError as error:
+            self._log_failure(error, "kept in memory: the next checkpoint writes them or stops the run")
+            return False
+        return True
+
+    def _log_failure(self, error: OSError, outcome: str) -> None:
+        if self._failure_logged:
+            return
+        self._failure_logged = True
+        steps = [int(row["step"]) for row in self._train_buffer] + [step for step, _ in self._validation_buffer]
+        log.warning("%s: writing failed (%s); its rows from step %s on are %s", self.path,
+                    error.strerror or error, min(steps, default="?"), outcome)
+
+    def _abandon(self, error: Exception) -> OSError:
+        """Write nothing more to the file after HDF5 failed to write it (or could not start): HDF5 retries its
+        failed writes at every flush, at close and at exit, so its descriptor is swapped for an anonymous file in
+        memory, where they land harmlessly, and the handle is closed. The file keeps what the flushes before
+        wrote."""
+        failure = _write_error(error, self.path)
+        with contextlib.suppress(Exception):
+            fd = self.file.id.get_vfd_handle()
+            sink = (os.memfd_create("hpctrain-metrics-abandoned") if hasattr(os, "memfd_create")
+                    else os.open(os.devnull, os.O_RDWR))
+            os.dup2(sink, fd)
+            os.close(sink)
+        with contextlib.suppress(Exception):
+            self.file.close()
+        self._open_datasets.clear()
+        self._abandoned = self._failure = failure
+        return failure
 
     def _listener_rows(self) -> list[MetricsRow]:
         """The buffered rows, in step order, as the listeners receive them."""
@@ -297,9 +478,10 @@ class MetricsWriter:
         return rows
 
     def flush_if_due(self) -> None:
-        """Flush if `flush_every_s` seconds have passed since the last flush."""
+        """Flush (as `try_flush`: a failure is logged, not raised) if `flush_every_s` seconds have passed since the
+        last flush."""
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush()
+            self.try_flush()
 
     def cursor(self) -> MetricsCursor:
         """Row counts including buffered rows; call `flush` before recording it in a checkpoint."""
@@ -309,9 +491,22 @@ class MetricsWriter:
                              train_sample_rows=samples + sum(len(index) for _, index, _ in self._sample_buffer))
 
     def close(self) -> None:
-        if self.file.id.valid:
+        """Write what is buffered and close the file. A failed write is logged (unless a flush already reported
+        one), not raised: the rows not written are past the newest checkpoint's cursor, so the resumed run
+        recomputes them, and the run's end must still be reported."""
+        if self._abandoned is not None or not self.file.id.valid:
+            return
+        reported = self._failure is not None
+        try:
             self.flush()
-            self.file.close()
+        except OSError as error:
+            if not reported:
+                self._log_failure(error, "not written: the resumed run recomputes them")
+        if self._abandoned is None:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError) as error:
+                self._abandon(error)
 
 
 def _train_values(row: dict[str, float], learning_rates: Sequence[float],

@@ -5,7 +5,8 @@ Called in this order at every hook (on rank 0; the other ranks have none of them
 
   MetricsRecorder  metrics.h5: a row per step (with the step time breakdown of hpctrain.run.breakdown) and per
                    evaluation; its flushes feed the loggers; the flush and the row counts (cursor) a checkpoint
-                   records, which the Trainer asks for (`flush`, `cursor`) as part of the checkpoint protocol
+                   records, which the Trainer asks for (`flush`, `cursor`) as part of the checkpoint protocol. Only
+                   that flush raises when the disk is full; the others log it once and keep the rows in memory
   TaskPlots        the task's plot hook, drawn in a process of its own at the evaluations
                    (callbacks.metrics.task_plot_every_evaluations) and always at the last one
   ProgressBar      tqdm (trainer.progress_bar)
@@ -121,9 +122,10 @@ class MetricsRecorder:
 
     def on_validation_end(self, event: EvaluationEnded) -> None:
         self.writer.log_validation(step=event.step, per_sample=event.evaluation.per_sample)
-        self.writer.flush()
+        self.writer.try_flush()  # as the periodic flushes: a failed write is logged and left to the checkpoint's
 
-    # The checkpoint protocol: a checkpoint records the cursor of rows already on disk (flush, then cursor).
+    # The checkpoint protocol: a checkpoint records the cursor of rows already on disk (flush, then cursor). The
+    # flush raises OSError if the rows cannot be written (a full disk): the trainer then stops the run cleanly.
     def flush(self) -> None:
         self.writer.flush()
 
@@ -131,7 +133,7 @@ class MetricsRecorder:
         return self.writer.cursor()
 
     def close(self) -> None:
-        self.writer.close()  # its last flush hands the last rows to the loggers
+        self.writer.close()  # its last flush hands the last rows to the loggers; a failed one is logged, not raised
 
 
 class TaskPlots:

@@ -65,8 +65,7 @@ class TrainingParts:
 
 
 class Trainer:
-    """Trains one rank of `dist` with the parts it is given: the loop, validation, early stopping, checkpoints
-    and resume."""
+    """One rank of `dist`, trained with the parts it is given: loop, validation, early stopping, checkpoints."""
 
     def __init__(self, *, config: Config, run_dir: Path, dist: DistributedContext, parts: TrainingParts,
                  evaluation_stop: Callable[[int, float], str] | None = None) -> None:
@@ -76,8 +75,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.evaluator = parts.train_loader, parts.val_loader, parts.evaluator
         self.checkpoints, self.clock, self.split = parts.checkpoints, parts.clock, parts.split
         self.plot, self.watchers = parts.plot, parts.watchers
-        # Rank 0's judge of each evaluation (step, monitored mean) -> a stop reason or "" (a study's pruning), its
-        # decision broadcast so that all ranks stop together.
+        # Rank 0's judge of each evaluation (a study's pruning): (step, monitored mean) -> a stop reason or "".
         self.evaluation_stop = evaluation_stop
         # Groups with a torch scheduler (schedule.scheduler), stepped after steps, epochs or evaluations.
         self.scheduled_groups = [group for group in self.groups if group.scheduler is not None]
@@ -88,8 +86,7 @@ class Trainer:
         self.phase: Phase | None = None
         self.ddp_model: nn.Module = self.compiled_model
         self._enter_phase(self.freeze.phase(0))
-        # Built by fit (hpctrain.run.observers): the metrics recorder (rank 0; its flush and cursor are part of the
-        # checkpoint protocol), the plots, the progress bar, then the watchers.
+        # Built by fit (run.observers): the metrics recorder (rank 0), the plots, the progress bar, the watchers.
         self.metrics: MetricsRecorder | None = None
         self.callbacks = Callbacks((), is_main=dist.is_main)  # nothing watches before fit
 
@@ -128,7 +125,7 @@ class Trainer:
             except OSError as error:  # a full disk or quota, an I/O error: the newest intact checkpoint stays
                 failed = disk_stop(error, self.state.step, self.checkpoints)
         if failed := self.dist.broadcast_object(failed) if self.dist.is_distributed else failed:
-            self.state.finished, self.state.stop_reason = True, failed  # every rank stops at this step boundary
+            self._stop(failed)  # every rank stops at this step boundary
 
     def _write_checkpoint(self, rng_states: list[Any]) -> None:
         assert self.metrics is not None
@@ -196,8 +193,9 @@ class Trainer:
             # The run (or a preemption's requeue) ends only once its last checkpoint is complete.
             try:
                 self.checkpoints.close()
-            except OSError as error:  # the last asynchronous write failed: the newest intact one stays
-                self.state.finished, self.state.stop_reason = True, disk_stop(error, self.state.step, self.checkpoints)
+            except OSError as write_error:  # the last asynchronous write failed: the newest intact one stays
+                if not self.state.failed:  # else a stop for an earlier failure has said it
+                    self._stop(disk_stop(write_error, self.state.step, self.checkpoints))
             best = self.checkpoints.path_of(self.state.best_step) if self.state.best_step else None
             self.callbacks.call("on_end", RunEnded(
                 run_dir=self.run_dir, step=self.state.step, finished=self.state.finished,
@@ -226,7 +224,7 @@ class Trainer:
                 result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
                                          num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
             except DataReadError as error:  # before the step: stop where it would have started, resumable
-                self.state.finished, self.state.stop_reason = True, data_fault_stop(error, self.state.step, self.dist)
+                self._stop(data_fault_stop(error, self.state.step, self.dist))
                 if not self.checkpoints.path_of(self.state.step).exists():
                     with watchdog.paused("checkpoint"):
                         self.save_checkpoint()
@@ -235,8 +233,7 @@ class Trainer:
             epoch = self.state.epoch
             epoch_ended = self.state.advance(steps_per_epoch=self.sampler.steps_per_epoch, nonfinite=result.nonfinite)
             watchdog.beat(self.state.step)
-            if epoch_ended:
-                batches = None
+            batches = None if epoch_ended else batches  # the next epoch's order: a new iterator
             for group in self.scheduled_groups:  # a skipped step counts, as for the built-in schedules
                 group.after_step(epoch_ended=epoch_ended)
 
@@ -248,13 +245,16 @@ class Trainer:
             stop = nonfinite_stop(result, self.state, self.config.trainer, self.split.train_dataset) \
                 if result.nonfinite else ""
             if stop:
-                self.state.finished, self.state.stop_reason = True, stop
+                self._stop(stop)
 
             after_step_started = time.perf_counter()
             if self._after_step(result):  # an evaluation or a checkpoint: time between steps, no step's
                 self.clock.excluded(time.perf_counter() - after_step_started)
             if self.state.finished or result.stop_requested:
                 break
+
+    def _stop(self, reason: str) -> None:  # the run ends at this step boundary
+        self.state.finished, self.state.stop_reason = True, reason
 
     def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
         """The step's micro-batches from the loader, timed as the step's data wait."""
@@ -303,7 +303,7 @@ class Trainer:
                 log.info("step %d: validation %s (best %s %.5g at step %d)", step, shown,
                          self.config.callbacks.monitor.metric, self.state.best_value, self.state.best_step)
         if limit:
-            self.state.finished, self.state.stop_reason = True, limit
+            self._stop(limit)
             if self.dist.is_main:
                 log.info("training finished at step %d: %s", step, limit)
         checkpointed = bool(self.state.finished or result.stop_requested or step % checkpoint_cfg.every_steps == 0
