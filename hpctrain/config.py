@@ -603,8 +603,8 @@ class TuneConfig:
     # The study's directory: its journal, one run directory per trial (trial_<number>), the workers' state.
     dir: str = "${paths.runs_dir}/${run_name}"
     study_name: Optional[str] = None  # null: run_name
-    # null: Optuna's journal file storage in `dir` (no server, made for shared file systems); or an RDB URL
-    # (mysql+pymysql://user:password@host/db, postgresql://..., sqlite:///path.db).
+    # null: Optuna's journal file storage in `dir` (no server; for one machine, docs/tuning.md "Which storage"); or an
+    # RDB URL (mysql+pymysql://user:password@host/db, postgresql://...), with Optuna's heartbeats, across nodes.
     storage: Optional[str] = None
     sampler: str = "tpe"  # tpe, random
     pruner: str = "median"  # median, successive_halving, hyperband, none

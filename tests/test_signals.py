@@ -225,6 +225,47 @@ def test_a_hung_rank_logs_its_stack_and_exits(tmp_path: Path) -> None:
     assert "stuck_in_a_collective" in result.stderr  # the stack of the stuck thread
 
 
+def test_faulthandler_dumps_the_stacks_when_the_gil_is_held_and_a_fork_still_exits(tmp_path: Path) -> None:
+    """The watchdog's backstop, faulthandler's timer: a training thread that holds the GIL (a C call that never
+    returns; here a switch interval of 1000 s) keeps the watchdog thread from running, and faulthandler's own
+    thread dumps the stacks anyway, without ending the process. And a child forked while the timer is armed exits
+    normally (armed across the fork, CPython's finalizer waits forever for the timer's thread)."""
+    script = textwrap.dedent("""
+        import os, sys, time
+        from hpctrain.process import watchdog
+        watchdog.BACKSTOP_MARGIN_S = 0.5
+        dog = watchdog.Watchdog(limit_s=1.0, rank=2, startup_limit_s=1.0).start()
+        dog.beat(1)
+        time.sleep(0.3)  # armed by now
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a normal exit: the interpreter's finalizer runs
+        for _ in range(100):
+            if os.waitpid(child, os.WNOHANG)[0]:
+                print("the forked child exited", flush=True)
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, 9)
+        def holding_the_gil(seconds):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pass
+        dog.beat(2)
+        sys.setswitchinterval(1000)
+        holding_the_gil(3)
+        dog.beat(3)  # before any other thread runs: the watchdog itself must not fire
+        sys.setswitchinterval(0.005)
+        dog.stop()
+        print("done", flush=True)
+    """)
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout == "the forked child exited\ndone\n", result.stdout + result.stderr
+    assert "Timeout (0:00:01.500000)!" in result.stderr and "in holding_the_gil" in result.stderr, result.stderr
+    assert "made no progress" not in result.stderr
+
+
 class HangInLoaderWorker:
     """A batch transform that deadlocks in a loader worker after a few batches (never in the training process)."""
 

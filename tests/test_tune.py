@@ -1,6 +1,7 @@
 """Hyperparameter search (`python -m hpctrain.tune`): the search space and preflight (quick), a local study of 2
-worker processes with a SIGKILLed worker and a rerun, on the journal file and on MariaDB (slow), and a SLURM job
-array with a worker requeued mid-trial (slurm)."""
+worker processes with a SIGKILLed worker and a rerun, on the journal file and on MariaDB (slow), a MariaDB study
+whose killed worker's trial is found by Optuna's heartbeat and retried in its run directory (slow), and a SLURM job
+array with a worker requeued mid-trial, on both storages (slurm)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ optuna = pytest.importorskip("optuna")
 
 from hpctrain.tuning import command as tune  # noqa: E402
 from hpctrain.tuning.space import distribution, split_overrides, trial_overrides  # noqa: E402
-from hpctrain.tuning.study import check_storage  # noqa: E402
+from hpctrain.tuning.study import StudySpec, check_storage, heartbeat_settings, open_study  # noqa: E402
 from . import zygote
 
 # A trial: 15 steps, an evaluation every 3 (the pruner's chances), a checkpoint every 3 (a kill's resume point).
@@ -90,6 +91,28 @@ def test_a_bad_storage_url_is_refused_without_its_password(url: str, message: st
     assert "secret" not in str(error.value)
 
 
+@pytest.mark.parametrize("value,expected", [("", (60, 600)), ("2", (2, 20)), ("1,3", (1, 3)), ("3,2", None),
+                                            ("x", None), ("0", None)])
+def test_heartbeat_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                      expected: tuple[int, int] | None) -> None:
+    monkeypatch.setenv("HPCTRAIN_TUNE_HEARTBEAT_S", value)
+    if expected is None:
+        with pytest.raises(ConfigError, match="HPCTRAIN_TUNE_HEARTBEAT_S="):
+            heartbeat_settings()
+    else:
+        assert heartbeat_settings() == expected
+
+
+def test_an_optuna_without_the_heartbeat_api_is_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpctrain.tuning.study import check_heartbeat_api
+
+    check_heartbeat_api()  # the installed one has it all
+    monkeypatch.delattr(optuna.storages, "fail_stale_trials")
+    with pytest.raises(ConfigError, match=r"lacks optuna.storages.fail_stale_trials; hpctrain is written for "
+                                          r"optuna>=4.0,<6"):
+        check_heartbeat_api()
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lrr=interval(1e-4, 1e-2)"], "tune.search_space.optim.lrr: optim.lrr: Key 'lrr' not in 'OptimConfig'; did you mean optim.lr?"),
     (["optim.lr=interval(1e-2, 1e-4)"], "tune.search_space.optim.lr=interval(1e-2, 1e-4):"),
@@ -120,8 +143,10 @@ def run_tune(args: list[str], *, timeout: float = 300) -> subprocess.CompletedPr
     return zygote.run([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, timeout=timeout)
 
 
-def mariadb_url() -> str:
-    """A database and user for Optuna on the MariaDB server of the SLURM test cluster (slurm/cluster-up.sh)."""
+def mariadb_url(*, through_socket: bool = False) -> str:
+    """A database and user for Optuna on the MariaDB server of the SLURM test cluster (slurm/cluster-up.sh).
+    through_socket: by the server's Unix socket, which the cluster's nodes reach (they share the host's file
+    system, but each has a network namespace of its own, and the server listens on the host's 127.0.0.1 only)."""
     socket = "/run/mysqld/mysqld.sock"
     reason = ("needs root" if os.geteuid() != 0 else "" if Path(socket).exists()
               else "no MariaDB server (slurm/cluster-up.sh starts one)")
@@ -130,14 +155,26 @@ def mariadb_url() -> str:
             ["mariadb", "--no-defaults", "--protocol=socket", "-S", socket, "-e",
              "CREATE DATABASE IF NOT EXISTS hpctrain_optuna; "
              "CREATE USER IF NOT EXISTS 'hpctrain_optuna'@'127.0.0.1' IDENTIFIED BY 'optuna'; "
-             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'127.0.0.1'; FLUSH PRIVILEGES;"],
+             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'127.0.0.1'; "
+             "CREATE USER IF NOT EXISTS 'hpctrain_optuna'@'localhost' IDENTIFIED BY 'optuna'; "
+             "GRANT ALL PRIVILEGES ON hpctrain_optuna.* TO 'hpctrain_optuna'@'localhost'; FLUSH PRIVILEGES;"],
             capture_output=True, text=True, timeout=60)
         reason = "" if created.returncode == 0 else f"cannot create the database: {created.stderr.strip()}"
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the MariaDB storage test needs the local server under CI=true: {reason}")
         pytest.skip(f"MariaDB storage not tested: {reason}")
+    if through_socket:
+        return f"mysql+pymysql://hpctrain_optuna:optuna@localhost/hpctrain_optuna?unix_socket={socket}"
     return "mysql+pymysql://hpctrain_optuna:optuna@127.0.0.1:3306/hpctrain_optuna"
+
+
+def storage_overrides(storage: str, *, through_socket: bool = False) -> list[str]:
+    """The overrides of a study on `storage` (journal: the default; mariadb: a study of its own in the database)."""
+    if storage == "journal":
+        return []
+    return [f'tune.storage="{mariadb_url(through_socket=through_socket)}"',
+            f"tune.study_name=test_{uuid.uuid4().hex[:12]}"]
 
 
 def trial_record(tune_dir: Path, index: int) -> dict:
@@ -147,19 +184,35 @@ def trial_record(tune_dir: Path, index: int) -> dict:
         return {}
 
 
+def worker_trials(tune_dir: Path) -> dict[int, dict]:
+    """Worker index -> {"number", "pid"} of the trial it trains: its record in workers/<i>/trial.json (the journal
+    file), or the RUNNING trial's user attributes (an RDB storage, where hpctrain writes no records)."""
+    try:
+        spec = StudySpec.read(tune_dir)
+    except (OSError, ValueError):  # not written yet
+        return {}
+    if not spec.heartbeats:
+        return {index: record for index in (0, 1) if (record := trial_record(tune_dir, index)).get("number") is not None}
+    from optuna.trial import TrialState
+
+    try:
+        running = open_study(spec).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except KeyError:  # tune.json is written before the study is created
+        return {}
+    return {t.user_attrs["worker"]: {"number": t.number, "pid": t.user_attrs["pid"]} for t in running
+            if "pid" in t.user_attrs}
+
+
 def kill_a_worker_mid_trial(tune_dir: Path, process: zygote.Child | subprocess.Popen) -> int:
     """SIGKILL the first worker seen with a checkpoint of an unfinished trial; returns that trial's number."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        for index in (0, 1):
-            record = trial_record(tune_dir, index)
-            if record.get("number") is None:
-                continue
+        for record in worker_trials(tune_dir).values():
             run_dir = tune_dir / f"trial_{record['number']:04d}"
             if CheckpointManager(run_dir, keep_last=2).complete() and not (run_dir / "result.json").exists():
                 os.kill(record["pid"], signal.SIGKILL)
                 return record["number"]
-        time.sleep(0.02)
+        time.sleep(0.02 if (tune_dir / "study.journal").exists() else 0.1)  # a database query each time
     raise AssertionError(f"no worker was seen mid-trial; the study ended first ({process.poll()})")
 
 
@@ -167,9 +220,8 @@ def kill_a_worker_mid_trial(tune_dir: Path, process: zygote.Child | subprocess.P
 @pytest.mark.parametrize("storage", ["journal", "mariadb"])
 def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
         tmp_path: Path, tiny_data: Path, storage: str) -> None:
-    extra = [] if storage == "journal" else [f"tune.storage={mariadb_url()}",
-                                             f"tune.study_name=test_{uuid.uuid4().hex[:12]}"]
-    args = [*tiny_overrides(tiny_data, *TRIAL), *STUDY, *extra, f"paths.runs_dir={tmp_path}", "run_name=study"]
+    args = [*tiny_overrides(tiny_data, *TRIAL), *STUDY, *storage_overrides(storage), f"paths.runs_dir={tmp_path}",
+            "run_name=study"]
     tune_dir = tmp_path / "study"
     expect_slow_test()
     log = tmp_path / "first.log"
@@ -216,18 +268,74 @@ def test_local_study_prunes_survives_a_killed_worker_and_the_rerun_finishes_it(
     assert not model.training
 
 
+@pytest.mark.slow
+def test_rdb_study_finds_a_killed_workers_trial_by_its_heartbeat_and_retries_it_in_the_same_run_directory(
+        tmp_path: Path, tiny_data: Path) -> None:
+    """MariaDB, heartbeats every second, a 3 s grace: a worker SIGKILLed mid-trial stops its trial's heartbeat;
+    once the grace is over, the next worker to ask (the other one, or the rerun's) has Optuna fail the trial and
+    retry it; the retry trains in the original's run directory, resumes from its checkpoint and ends bitwise
+    equal to the same trial trained alone. hpctrain writes no trial records for an RDB storage."""
+    interval, grace = 1, 3
+    env = {**os.environ, "HPCTRAIN_TUNE_HEARTBEAT_S": f"{interval},{grace}"}
+    args = [*tiny_overrides(tiny_data, *TRIAL), "optim.lr=tag(log, interval(1e-4, 3e-2))", "tune.n_trials=3",
+            "tune.parallel=2", "tune.pruner=none", *storage_overrides("mariadb"), f"paths.runs_dir={tmp_path}",
+            "run_name=study"]
+    tune_dir = tmp_path / "study"
+    expect_slow_test()
+    log = tmp_path / "first.log"
+    first = zygote.start([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, env=env, output=log, merge_stderr=True)
+    try:
+        killed = kill_a_worker_mid_trial(tune_dir, first)
+    except AssertionError:
+        first.wait(timeout=300)
+        raise AssertionError(log.read_text()[-3000:]) from None
+    killed_at = time.monotonic()
+    first.wait(timeout=300)
+    output = log.read_text()
+    assert first.returncode == 1 and "-9)]; run the same command again" in output, output[-3000:]
+    time.sleep(max(0.0, killed_at + grace + interval + 2 - time.monotonic()))  # stale by now (1 s timestamps)
+    second = zygote.run([PYTHON, "-m", "hpctrain.tune", *args], cwd=REPO, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "starting 1 local worker(s)" in second.stdout or "finished" in second.stdout, second.stdout
+
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                    check=True).stdout)
+    trials = {trial["number"]: trial for trial in summary["trials"]}
+    retries = [trial for trial in trials.values() if trial["retry_of"] is not None]
+    assert [trial["retry_of"] for trial in retries] == [killed], summary["trials"]
+    retry = retries[0]
+    assert trials[killed]["state"] == "fail" and f"retried as trial {retry['number']}" in trials[killed]["fail_reason"]
+    assert "no heartbeat" in trials[killed]["fail_reason"]
+    assert summary["counts"] == {"complete": 3, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "retried": 1}
+    run_dir = tune_dir / f"trial_{killed:04d}"
+    assert retry["state"] == "complete" and retry["run_dir"] == str(run_dir)
+    used = sorted(f"trial_{t['retry_of'] if t['retry_of'] is not None else t['number']:04d}"
+                  for t in trials.values() if t["number"] != killed)
+    assert sorted(p.name for p in tune_dir.glob("trial_*")) == used  # the retry made no directory of its own
+    assert not list(tune_dir.glob("workers/*/trial.json"))
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        steps = file["train/step"][()].tolist()
+    assert steps == list(range(1, 16)), steps  # resumed: every step once
+    assert "resumed from" in (run_dir / "hpctrain.log").read_text()
+    alone = tmp_path / "alone"
+    launch([*tiny_overrides(tiny_data, *TRIAL), *retry["overrides"]], run_dir=alone)
+    assert state_dict_digest(final_weights(run_dir)) == state_dict_digest(final_weights(alone))
+
+
 # -- SLURM: a job array, one worker requeued mid-trial -------------------------------------------------------------
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.parametrize("storage", ["journal", "mariadb"])
 def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bit_exact(
-        tmp_path: Path, tiny_data: Path) -> None:
+        tmp_path: Path, tiny_data: Path, storage: str) -> None:
     from .test_slurm import history_reasons, queue_state, release_when_requeued, sh, wait_until
 
     slurm = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=40",
              "trainer.val_every_steps=20", "callbacks.checkpoint.every_steps=4",
              "callbacks.early_stopping.enabled=false"]
     args = [*tiny_overrides(tiny_data, *slurm), "optim.lr=tag(log, interval(1e-4, 3e-2))", "tune.n_trials=4",
-            "tune.parallel=2", "tune.pruner=none", f"paths.runs_dir={tmp_path}", "run_name=study"]
+            "tune.parallel=2", "tune.pruner=none", *storage_overrides(storage, through_socket=True),
+            f"paths.runs_dir={tmp_path}", "run_name=study"]
     tune_dir = tmp_path / "study"
     submitted = run_tune(args, timeout=120)
     assert submitted.returncode == 0 and "submitted job array" in submitted.stdout, submitted.stderr[-3000:]
@@ -239,7 +347,7 @@ def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bi
     requeued: dict = {}
 
     def worker_0_mid_trial() -> bool:
-        number = trial_record(tune_dir, 0).get("number")
+        number = worker_trials(tune_dir).get(0, {}).get("number")
         if number is None:
             return False
         manager = CheckpointManager(tune_dir / f"trial_{number:04d}", keep_last=2)

@@ -16,6 +16,17 @@ least 60 s and at most 300 s, well under the process group's 600 s timeout), and
 The same thread runs the watchdog's periodic checks: every CHECK_EVERY_S it checks that this process still owns
 the run directories it locked (hpctrain.process.distributed.check_held_run_locks; rank 0 holds the run lock).
 
+The stacks are the standard library's faulthandler's, and so is the backstop: at every tick the thread re-arms
+`faulthandler.dump_traceback_later` for the limit plus BACKSTOP_MARGIN_S. If the thread stops ticking because no
+Python thread can run (the training thread holds the GIL in a C call that never returns: an h5py read on a hung
+file system, say), faulthandler's own thread, which needs no GIL, dumps every thread's Python stack to stderr under
+a "Timeout (h:mm:ss)!" line. It does not exit (a long C call may yet return, and then this watchdog decides). What
+faulthandler cannot do stays here: time steps against a limit that follows the step time, leave evaluation and
+checkpoints untimed, tell the stop protocol (record, requeue) and exit with EXIT_HUNG after a grace for the other
+ranks; and dump other processes (the loader workers are asked with SIGUSR1, to which a faulthandler.register'd
+handler in each worker answers: hpctrain.data.loader). Inside NCCL it shows only the Python call site of the
+collective (docs/signals.md: torch's flight recorder).
+
 Everything a watchdog calls belongs to it (its listener, checks and stack dumps), not to this module. The one
 module-level reference is the running watchdog (`_active`), which the trainer's `beat`/`paused`/`stepping` and
 the loader's `add_stack_dump` reach; the listener of the next watchdog comes from `reporting_to`, around the
@@ -44,8 +55,61 @@ STARTUP_LIMIT_S = 300.0
 AUTO_FACTOR, AUTO_MIN_S, AUTO_MAX_S = 30.0, 60.0, 300.0
 MIN_MEASURED_STEPS = 3
 CHECK_EVERY_S = 5.0
+BACKSTOP_MARGIN_S = 60.0  # faulthandler's dump comes this long after the limit, when the thread could not tick
 
 _active: "Watchdog | None" = None
+# faulthandler has one timer per process. A child forked while it is armed hangs at its normal exit (CPython's
+# finalizer waits for the timer's thread, which the child does not have: measured on 3.11). So it is disarmed
+# before every fork, under this lock, which the watchdog thread takes to arm it; it re-arms at its next tick.
+_backstop_lock = threading.Lock()
+_backstop_armed = False
+_fork_guard_installed = False
+
+
+def _disarm_before_fork() -> None:
+    global _backstop_armed
+    _backstop_lock.acquire()
+    if _backstop_armed:
+        faulthandler.cancel_dump_traceback_later()
+        _backstop_armed = False
+
+
+def _after_fork_in_child() -> None:
+    global _backstop_lock
+    _backstop_lock = threading.Lock()  # the parent's is held (by _disarm_before_fork) in this copy
+
+
+def _release_after_fork_in_parent() -> None:
+    _backstop_lock.release()  # the watchdog thread re-arms the timer at its next tick
+
+
+def _install_fork_guard() -> None:
+    global _fork_guard_installed
+    if not _fork_guard_installed:
+        os.register_at_fork(before=_disarm_before_fork, after_in_parent=_release_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+        _fork_guard_installed = True
+
+
+def _arm_backstop(timeout_s: float, file: Any) -> bool:
+    """(Re-)arm faulthandler's timer; False where it cannot write to `file` (no file descriptor: a test's
+    captured stderr)."""
+    global _backstop_armed
+    with _backstop_lock:
+        try:
+            faulthandler.dump_traceback_later(timeout_s, repeat=False, file=file, exit=False)
+        except (AttributeError, ValueError, OSError):
+            return False
+        _backstop_armed = True
+    return True
+
+
+def _disarm_backstop() -> None:
+    global _backstop_armed
+    with _backstop_lock:
+        if _backstop_armed:
+            faulthandler.cancel_dump_traceback_later()
+            _backstop_armed = False
 
 
 class HangListener(Protocol):
@@ -136,10 +200,21 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        _disarm_backstop()  # the thread disarms it too when it ends, should it have re-armed it meanwhile
 
     def _run(self) -> None:
+        _install_fork_guard()
+        try:
+            self._watch()
+        finally:
+            _disarm_backstop()
+
+    def _watch(self) -> None:
         next_check = time.monotonic() + CHECK_EVERY_S
+        backstop = True
         while not self._stop.wait(min(1.0, max(0.05, self.limit_s() / 20))):
+            if backstop:
+                backstop = _arm_backstop(self.limit_s() + BACKSTOP_MARGIN_S, sys.stderr)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_EVERY_S
@@ -163,6 +238,7 @@ class Watchdog:
         report = {"rank": self.rank, "idle_s": round(idle, 1), "limit_s": round(limit, 1), "step": self._last_step,
                   "message": f"rank {self.rank} made no progress for {idle:.0f} s {where} (watchdog limit "
                              f"{limit:.0f} s)"}
+        _disarm_backstop()  # the stacks come now, from here
         self._tell("hang_detected", report)
         log.error("%s: a rank is stopped or stuck (a collective that never completes, a deadlocked loader "
                   "worker); Python stacks of rank %d follow on stderr", report["message"], self.rank)

@@ -24,8 +24,9 @@ from typing import Any
 
 from hpctrain.config import Config, ConfigError
 from hpctrain.tuning.space import distributions, flatten, representative, split_overrides, trial_overrides
-from hpctrain.tuning.study import (StudySpec, ask_lock, asked, check_storage, counts, make_pruner, make_sampler,
-                                 open_study, require_optuna, storage_location)
+from hpctrain.tuning.study import (StudySpec, ask_lock, asked, check_heartbeat_api, check_storage, counts,
+                                   fail_stale, heartbeat_settings, is_rdb_url, make_pruner, make_sampler, open_study,
+                                   require_optuna, storage_location)
 
 
 def preflight(overrides: list[str], config_dir: str | None) -> tuple[StudySpec, Config]:
@@ -59,6 +60,9 @@ def preflight(overrides: list[str], config_dir: str | None) -> tuple[StudySpec, 
         raise ConfigError(str(error).replace("hydra.run.dir=", "tune.dir=", 1)) from None
     storage = storage_location(config.tune, tune_dir)
     check_storage(storage)
+    heartbeat_s, grace_s = heartbeat_settings()
+    if is_rdb_url(storage):
+        check_heartbeat_api()
     check_run_inputs(trial, prepare=True)  # the user's components and one dry step, as for a run
     if config.launcher.name == "slurm":
         from hpctrain.launching.slurm import check_resources
@@ -68,7 +72,7 @@ def preflight(overrides: list[str], config_dir: str | None) -> tuple[StudySpec, 
                      overrides=plain, config_dir=None if config_dir is None else str(Path(config_dir).absolute()),
                      search_space=space, n_trials=config.tune.n_trials,
                      direction="minimize" if config.callbacks.monitor.mode == "min" else "maximize",
-                     metric=config.callbacks.monitor.metric)
+                     metric=config.callbacks.monitor.metric, heartbeat_s=heartbeat_s, grace_s=grace_s)
     return spec, config
 
 
@@ -102,20 +106,26 @@ def start_study(spec: StudySpec, config: Config) -> Any:
 
 def workers_to_start(spec: StudySpec, study: Any, parallel: int, *, active: set[int]) -> list[int]:
     """The worker indices to start: each inactive one with an interrupted trial (it resumes it), then as many new
-    ones as trials remain untaken, up to `parallel` workers in all."""
+    ones as trials remain untaken (with an RDB storage, the retries of trials whose heartbeat went stale among
+    them), up to `parallel` workers in all."""
     from optuna.trial import TrialState
 
-    from hpctrain.tuning.worker import recorded_trial, worker_indices
+    from hpctrain.tuning.worker import held_trials, worker_indices
 
     with ask_lock(spec.path):
-        running = {t.number for t in study.get_trials(deepcopy=False) if t.state is TrialState.RUNNING}
-        recorded = {index: recorded_trial(spec.path, index) for index in worker_indices(spec.path)}
-        interrupted = sorted(index for index, number in recorded.items()
-                             if number in running and index not in active)
-        orphans = len(running - set(recorded.values()))  # taken over by the next worker that asks
+        if spec.heartbeats:
+            fail_stale(study)
+        trials = study.get_trials(deepcopy=False)
+        running = {t.number for t in trials if t.state is TrialState.RUNNING}
+        held = held_trials(spec, trials)
+        interrupted = sorted(index for index in held if index not in active)
+        # The journal's orphans (recorded by no worker) are taken over by the next worker that asks; an RDB
+        # storage's are found by their heartbeat and retried (counted in asked()).
+        orphans = 0 if spec.heartbeats else len(running - set(held.values()))
         untaken = max(0, spec.n_trials - asked(study)) + orphans
+    known = worker_indices(spec.path)
     slots = max(0, parallel - len(active) - len(interrupted))
-    fresh = [index for index in range(parallel + len(recorded)) if index not in active and index not in interrupted]
+    fresh = [index for index in range(parallel + len(known)) if index not in active and index not in interrupted]
     return interrupted + fresh[:min(slots, untaken)]
 
 

@@ -1,11 +1,19 @@
 """A tune worker: ask the study for a trial, train it as a normal run in TUNE_DIR/trial_<number>, tell the study,
 ask the next, until `n_trials` trials are taken; no barrier between workers.
 
-Worker `i` records the trial it is training in TUNE_DIR/workers/<i>/trial.json (written under the study's ask
-lock, together with the ask). A worker that starts again with the same index (a requeued SLURM array element, the
-same command run again) finds that trial still RUNNING in the study and resumes it from its run directory's
-newest checkpoint: the same trial number, bit-exact with an uninterrupted trial. A RUNNING trial that no worker
-records (its worker died between the ask and the record) is taken over by the next worker that asks.
+Worker `i` marks the trial it is training as its own, under the study's ask lock, together with the ask: in
+TUNE_DIR/workers/<i>/trial.json for the journal file, in the trial's user attribute `worker` for an RDB storage. A
+worker that starts again with the same index (a requeued SLURM array element, the same command run again) finds
+that trial still RUNNING in the study and resumes it from its run directory's newest checkpoint: the same trial
+number, bit-exact with an uninterrupted trial.
+
+A trial whose worker does not come back is found in two ways. With an RDB storage, by Optuna's heartbeats (the
+worker records its trial's heartbeat while it trains; hpctrain.tuning.study, "Optuna's heartbeats"): once it is
+older than the grace period, the next worker that asks fails it and Optuna's retry callback enqueues it again, as
+a new trial whose `retried_trial_number` is the original; the worker that takes the retry trains it in the
+original's run directory, so it resumes from the original's checkpoint. With the journal file, which has no
+heartbeats, a RUNNING trial that no worker records (its worker died between the ask and the record) is taken over
+by the next worker that asks.
 
 The pruning decision is rank 0's (`TrialJudge`, given to the trainer as its evaluation_stop): at each evaluation
 it reports the monitored value to the trial and asks the pruner; the trainer broadcasts the answer, so all ranks
@@ -33,7 +41,8 @@ from hpctrain.config import Config
 from hpctrain.launching import slurm
 from hpctrain.process.stop import StopProtocol
 from hpctrain.tuning.space import trial_overrides
-from hpctrain.tuning.study import StudySpec, ask_lock, asked, make_pruner, make_sampler, open_study
+from hpctrain.tuning.study import (Heartbeat, StudySpec, ask_lock, ask_quietly, asked, claim, fail_stale,
+                                   make_pruner, make_sampler, open_study, retried_from)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +158,6 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
     handlers installed); None: a local worker, whose trials run on local ranks."""
     from hpctrain.launching.app import compose_config
     from hpctrain.launching.job import configure_rank_logging
-    from hpctrain.process.distributed import RunDirectoryTakenOver
     from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
@@ -164,77 +172,134 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
     while True:
         # A stop signal that came between two trials stops the next one after its first step: the trainer then
         # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
-        trial = _resume_or_ask(study, spec, index)
-        if trial is None:
+        taken = _resume_or_ask(study, spec, index)
+        if taken is None:
             log.info("worker %d: the study has its %d trials; done", index, spec.n_trials)
             return "done"
-        overrides = trial_overrides(trial.params)
-        run_dir = tune_dir / trial_dirname(trial.number)
-        run_dir.mkdir(exist_ok=True)
-        for key, value in (("run_dir", str(run_dir)), ("overrides", overrides), ("worker", index)):
-            trial.set_user_attr(key, value)
-        log.info("worker %d: trial %d: %s", index, trial.number, " ".join(overrides))
+        trial, heartbeat = taken
         try:
-            config = compose_config([*spec.overrides, *overrides], config_dir=spec.config_dir)
-            with _trial_log(run_dir):
-                summary = train(config, run_dir, TrialJudge(spec, config, trial._trial_id))
-        except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # NaN loss, a crash of the user's code: the trial fails, the worker goes on
-            reason = f"{type(error).__name__}: {error}"[:1000]
-            log.error("worker %d: trial %d failed: %s", index, trial.number, reason)
-            trial.set_user_attr("fail_reason", reason)
-            _tell(study, trial.number, state="FAIL")
-            _record_trial(tune_dir, index, None)
-            continue
-        if not summary.get("finished"):
+            summary = _run_trial(spec, study, trial, index, train)
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+        if summary is not None and not summary.get("finished"):
             log.warning("worker %d: trial %d stopped at step %d: it resumes when this worker runs again", index,
                         trial.number, summary.get("step", 0))
             return "stopped"
-        if summary["stop_reason"].startswith("pruned"):
-            _tell(study, trial.number, state="PRUNED")
-        elif not summary.get("failed") and summary["best_value"] is not None and math.isfinite(summary["best_value"]):
-            _tell(study, trial.number, value=summary["best_value"])
-        else:  # stopped by a non-finite loss, unreadable data or a failed write, or never a finite evaluation
-            trial.set_user_attr("fail_reason", summary["stop_reason"][:1000] if summary.get("failed")
-                                else "no finite validation value")
-            _tell(study, trial.number, state="FAIL")
-        log.info("worker %d: trial %d: %s", index, trial.number, summary["stop_reason"])
-        _record_trial(tune_dir, index, None)
+        if not spec.heartbeats:
+            _record_trial(tune_dir, index, None)
 
 
-def _tell(study: Any, number: int, *, value: float | None = None, state: str | None = None) -> None:
-    from optuna.trial import TrialState
+def _run_trial(spec: StudySpec, study: Any, trial: Any, index: int,
+               train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> dict[str, Any] | None:
+    """Train the trial in its run directory and tell the study how it ended; returns the run's summary (None: it
+    failed with an exception), and tells nothing for a run that stopped unfinished (it resumes)."""
+    from hpctrain.launching.app import compose_config
+    from hpctrain.process.distributed import RunDirectoryTakenOver
 
-    study.tell(number, value, state=None if state is None else TrialState[state], skip_if_finished=True)
+    overrides = trial_overrides(trial.params)
+    number = run_number(spec, study, trial)
+    run_dir = spec.path / trial_dirname(number)
+    run_dir.mkdir(exist_ok=True)
+    for key, value in (("run_dir", str(run_dir)), ("overrides", overrides)):
+        trial.set_user_attr(key, value)
+    retry = f" (a retry of trial {number}, whose worker was lost)" if number != trial.number else ""
+    log.info("worker %d: trial %d%s: %s", index, trial.number, retry, " ".join(overrides))
+    try:
+        config = compose_config([*spec.overrides, *overrides], config_dir=spec.config_dir)
+        with _trial_log(run_dir):
+            summary = train(config, run_dir, TrialJudge(spec, config, trial._trial_id))
+    except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # NaN loss, a crash of the user's code: the trial fails, the worker goes on
+        reason = f"{type(error).__name__}: {error}"[:1000]
+        log.error("worker %d: trial %d failed: %s", index, trial.number, reason)
+        _tell(study, trial, state="FAIL", reason=reason)
+        return None
+    if not summary.get("finished"):
+        return summary
+    if summary["stop_reason"].startswith("pruned"):
+        _tell(study, trial, state="PRUNED")
+    elif not summary.get("failed") and summary["best_value"] is not None and math.isfinite(summary["best_value"]):
+        _tell(study, trial, value=summary["best_value"])
+    else:  # stopped by a non-finite loss, unreadable data or a failed write, or never a finite evaluation
+        _tell(study, trial, state="FAIL", reason=summary["stop_reason"][:1000] if summary.get("failed")
+              else "no finite validation value")
+    log.info("worker %d: trial %d: %s", index, trial.number, summary["stop_reason"])
+    return summary
 
 
-def _resume_or_ask(study: Any, spec: StudySpec, index: int) -> Any:
-    """This worker's RUNNING trial, else one no worker records, else a new one while fewer than n_trials are
-    taken; None when the study has them all."""
+def run_number(spec: StudySpec, study: Any, trial: Any) -> int:
+    """The number whose run directory the trial trains in: its own, or for a retry (RDB storages) that of the
+    trial it retries, whose checkpoints it resumes from."""
+    if not spec.heartbeats:
+        return trial.number
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    original = retried_from(frozen)
+    return trial.number if original is None else original
+
+
+def _tell(study: Any, trial: Any, *, value: float | None = None, state: str | None = None,
+          reason: str | None = None) -> None:
     import optuna
     from optuna.trial import TrialState
 
+    wanted = TrialState.COMPLETE if state is None else TrialState[state]
+    try:
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
+        told = study.tell(trial.number, value, state=None if state is None else wanted, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # the attribute, on a trial finished meanwhile
+        told = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    if told.state is not wanted:  # finished meanwhile: failed as stale while it trained (heartbeats missed)
+        log.warning("trial %d was already %s when its worker told it %s: its heartbeats stopped for longer than the "
+                    "grace period while it trained (HPCTRAIN_TUNE_HEARTBEAT_S), so it was failed and retried; "
+                    "this result stays in its run directory only", trial.number, told.state.name, wanted.name)
+
+
+def held_trials(spec: StudySpec, trials: list[Any]) -> dict[int, int]:
+    """Worker index -> the RUNNING trial it marked as its own (it trains it, or was training it when it stopped)."""
+    from optuna.trial import TrialState
+
+    running = {trial.number: trial for trial in trials if trial.state is TrialState.RUNNING}
+    if spec.heartbeats:
+        return {trial.user_attrs["worker"]: number for number, trial in running.items() if "worker" in trial.user_attrs}
+    recorded = {index: recorded_trial(spec.path, index) for index in worker_indices(spec.path)}
+    return {index: number for index, number in recorded.items() if number in running}
+
+
+def _resume_or_ask(study: Any, spec: StudySpec, index: int) -> tuple[Any, Heartbeat | None] | None:
+    """This worker's RUNNING trial, else (journal file) one no worker records, else a new one or a retry while
+    fewer than n_trials are taken; None when the study has them all. With an RDB storage the trial's heartbeat
+    starts here, before the lock is released."""
+    import optuna
+
+    from hpctrain.tuning.space import distributions
+
     tune_dir = spec.path
     with ask_lock(tune_dir):
-        trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
-        running = {number for number, trial in trials.items() if trial.state is TrialState.RUNNING}
-        mine = recorded_trial(tune_dir, index)
-        if mine not in running:
-            recorded = {recorded_trial(tune_dir, other) for other in worker_indices(tune_dir)}
-            orphans = sorted(running - recorded)
+        trials = study.get_trials(deepcopy=False)
+        held = held_trials(spec, trials)
+        mine = held.get(index)
+        if mine is None and spec.heartbeats:
+            fail_stale(study)  # the lost workers' trials: failed and enqueued again as retries, taken by the ask
+        elif mine is None:
+            # The journal file has no heartbeats (only Optuna's RDBStorage does), so hpctrain keeps its own records
+            # for it: a RUNNING trial that no worker records lost its worker between the ask and the record.
+            orphans = sorted({t.number for t in trials if t.state.name == "RUNNING"} - set(held.values()))
             mine = orphans[0] if orphans else None
         if mine is not None:
-            trial = optuna.trial.Trial(study, trials[mine]._trial_id)
+            trial = optuna.trial.Trial(study, next(t for t in trials if t.number == mine)._trial_id)
             log.info("worker %d: resuming trial %d", index, mine)
         elif asked(study) < spec.n_trials:
-            from hpctrain.tuning.space import distributions
-
-            trial = study.ask(distributions(spec.search_space))
+            trial = ask_quietly(study, distributions(spec.search_space))
         else:
             return None
-        _record_trial(tune_dir, index, trial.number)
-    return trial
+        heartbeat = Heartbeat(spec, trial._trial_id).start() if spec.heartbeats else None
+        claim(trial, index)
+        if not spec.heartbeats:
+            _record_trial(tune_dir, index, trial.number)
+    return trial, heartbeat
 
 
 @contextlib.contextmanager
