@@ -1,7 +1,8 @@
 """Loggers and user callbacks, for real: a TensorBoard server and an MLflow server on localhost, and W&B's and
 Comet's own offline files, read back what a run killed twice and resumed logged (each step once, one run), and a
 run with a failing logger, a logger whose server is down and a user callback that draws random numbers ends bitwise
-equal to a run without any."""
+equal to a run without any. An MLflow server killed or hung in the middle of a run, back before its end or never:
+the run trains as without it, and MLflow gets every step once, or the run lists the steps it did not get."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from hpctrain.callbacks import Callbacks, StepView
 from hpctrain.loggers import Logger
 
+from . import zygote
 from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -73,24 +75,42 @@ class Server:
                                         start_new_session=True, env={**os.environ, **(env or {})})
         get(self.url + ready_path)
 
-    def stop(self) -> None:
-        """Stop the server and everything it started (MLflow's job consumers outlive a SIGTERM of the group)."""
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server and everything it started (MLflow's job consumers outlive a SIGTERM of the group);
+        `kill`: SIGKILL at once (a server a test stopped with SIGSTOP: let go, it would answer what it holds)."""
+        if not kill:
             try:
-                session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
-            except (OSError, IndexError, ValueError):
-                continue
-            if session == self.process.pid:
-                try:
-                    os.kill(int(stat.parent.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):  # gone already, or deaf to SIGTERM
+                pass
+        signal_session(self.process.pid, signal.SIGKILL)
         self.process.wait(15)
+
+
+def signal_session(session_id: int, signum: int) -> None:
+    """Signal every process of a session (a server started with start_new_session: its id is its leader's pid)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if session == session_id:
+            try:
+                os.kill(int(stat.parent.name), signum)
+            except ProcessLookupError:
+                pass
+
+
+def start_mlflow_server(directory: Path, port: int) -> Server:
+    """`mlflow server` on `port` with its store in `directory` (the same again: the same server, restarted)."""
+    return Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                   "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+                   "--default-artifact-root", str(directory / "artifacts"), "--workers", "1"],
+                  port, "/health",
+                  # MLflow's server-side jobs (8 huey consumers, each importing all of MLflow: ~55 s of CPU here)
+                  # are not what a logger uses; the tracking server is the same without them.
+                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +128,7 @@ def assert_equal_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> N
 
 def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after_two_kills(
         tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
-    mlflow_port = free_port()
-    mlflow_server = Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                            "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                           mlflow_port, "/health",
-                           # MLflow's server-side jobs (8 huey consumers, each importing all of MLflow: ~55 s of
-                           # CPU here) are not what a logger uses; the tracking server is the same without them.
-                           env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    mlflow_server = start_mlflow_server(tmp_path, free_port())
     try:
         run_dir, records = tmp_path / "run", tmp_path / "records"
         records.mkdir()
@@ -143,8 +156,7 @@ def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=mlflow_server.url)
-        experiments = client.search_experiments()
-        runs = [run for experiment in experiments for run in client.search_runs([experiment.experiment_id])]
+        runs = [run for found in client.search_experiments() for run in client.search_runs([found.experiment_id])]
         assert len(runs) == 1, "one MLflow run across the kills"
         run_id = runs[0].info.run_id
         assert json.loads((run_dir / "loggers" / "mlflow.json").read_text())["run_id"] == run_id
@@ -323,6 +335,195 @@ def test_callbacks_on_two_ranks_and_failing_loggers_leave_the_run_bitwise_unchan
         checkpoints = [step for hook, step in seen if hook == "on_checkpoint"]  # every 4 steps and at a new best
         assert checkpoints == sorted(set(checkpoints)) and {4, 8, 12, 16, 20, 24} <= set(checkpoints) <= \
             {4, 6, 8, 12, 16, 18, 20, 24}
+
+
+class ServerOutage:
+    """Takes the MLflow server away in the middle of a run (built in the run's process, like a user's callback): at
+    step `away`, once the logger has delivered every step up to it (no request in flight), it SIGKILLs the server
+    (`how: kill`) or SIGSTOPs it (`how: stop`: a server that hangs). At step `back`, if given, it asks the test to
+    start the server again (the file `restart`) and holds the run until the logger has delivered every step up to
+    `back` (then the file `caught_up`): the held rows reached MLflow while the run went on."""
+
+    def __init__(self, directory: str, server: int, away: int, how: str = "kill", back: int = 0) -> None:
+        self.directory, self.server, self.away, self.how, self.back = Path(directory), server, away, how, back
+
+    def on_start(self, run):  # type: ignore[no-untyped-def]
+        self.state = run.run_dir / "loggers" / "mlflow.json"
+
+    def on_step_end(self, step):  # type: ignore[no-untyped-def]
+        if step.step == self.away:
+            self._wait_for_delivery(self.away)
+            signal_session(self.server, signal.SIGKILL if self.how == "kill" else signal.SIGSTOP)
+        elif self.back and step.step == self.back:
+            (self.directory / "restart").touch()
+            self._wait_for_delivery(self.back)
+            (self.directory / "caught_up").touch()
+
+    def _wait_for_delivery(self, step: int) -> None:
+        deadline = time.monotonic() + 300  # a restart of MLflow's server takes half a minute on a busy machine
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(self.state.read_text())["delivered"]["train"] >= step:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the MLflow logger did not deliver step {step} in 300 s")
+
+
+def mlflow_logger(url: str) -> str:
+    return f"callbacks.loggers=[{{_target_: hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: '{url}'}}]"
+
+
+def outage(directory: Path, server: Server, **arguments: object) -> str:
+    named = "".join(f", {name}: {value}" for name, value in arguments.items())
+    return (f"callbacks.user=[{{_target_: tests.test_loggers.ServerOutage, directory: '{directory}', "
+            f"server: {server.process.pid}{named}}}]")
+
+
+def mlflow_steps(tracking_uri: str, run_dir: Path) -> dict[str, list[int]]:
+    """Of the run's one MLflow run, the sorted steps of each metric key (a step twice is there twice)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert len(runs) == 1, "one MLflow run"
+    run_id = runs[0].info.run_id
+    assert json.loads((run_dir / "loggers" / "mlflow.json").read_text())["run_id"] == run_id
+    return {key: sorted(point.step for point in client.get_metric_history(run_id, key))
+            for key in runs[0].data.metrics}
+
+
+def test_an_mlflow_server_killed_mid_run_and_started_again_gets_every_step_once(
+        tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor]) -> None:
+    """The server SIGKILLed at step 8 and started again (same port, same store) at step 16: training goes on as if
+    nothing happened, the failure is logged once, the rows held meanwhile reach MLflow before the run ends, and at
+    the end every step of every metric is in MLflow exactly once."""
+    run_dir, port = tmp_path / "run", free_port()
+    servers = [start_mlflow_server(tmp_path, port)]
+    try:
+        args = tiny_overrides(tiny_data, *RUN, mlflow_logger(servers[0].url),
+                              outage(tmp_path, servers[0], away=8, back=16))
+        process = zygote.start([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={run_dir}"],
+                               output=tmp_path / "output.log", merge_stderr=True)
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            if (tmp_path / "restart").exists() and len(servers) == 1:
+                servers.append(start_mlflow_server(tmp_path, port))
+            time.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+        output = (tmp_path / "output.log").read_text()
+        assert process.wait() == 0, output[-3000:]
+        assert len(servers) == 2 and (tmp_path / "caught_up").exists(), output[-3000:]
+        assert_equal_weights(run_dir, reference)
+        assert output.count("callbacks.loggers[0] (mlflow) failed") == 1
+        assert "callbacks.loggers[0] (mlflow) delivers again" in output and "not sent" not in output
+        steps = mlflow_steps(servers[1].url, run_dir)
+    finally:
+        for server in servers:
+            server.stop()
+    with h5py.File(run_dir / "metrics.h5", "r") as metrics:
+        assert list(metrics["train/step"][()]) == list(range(1, 25))
+    assert steps["train/loss"] == list(range(1, 25)) and steps["validation/loss"] == [6, 12, 18, 24]
+    assert all(steps[key] == steps[f"{key.split('/')[0]}/loss"] for key in steps), steps  # none twice
+    state = json.loads((run_dir / "loggers" / "mlflow.json").read_text())
+    assert state["delivered"] == {"train": 24, "validation": 24, "test": 0} and "not_sent" not in state
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_an_mlflow_server_gone_for_good_mid_run_leaves_the_run_finished_and_lists_what_was_not_sent(
+        tmp_path: Path, tiny_data: Path, reference: dict[str, torch.Tensor], how: str) -> None:
+    """The server SIGKILLed (refuses connections) or SIGSTOPped (hangs: a call to it never returns) at step 8 for
+    good: the run finishes as if nothing happened; its end does not wait past callbacks.logger_close_timeout_s (a
+    hung call is left behind); the log and loggers/mlflow.json list the steps not sent, and MLflow holds the
+    others once."""
+    from hpctrain.loggers import not_sent
+
+    run_dir = tmp_path / "run"
+    server = start_mlflow_server(tmp_path, free_port())
+    try:
+        args = tiny_overrides(tiny_data, *RUN, mlflow_logger(server.url), outage(tmp_path, server, away=8, how=how),
+                              "callbacks.logger_close_timeout_s=5")
+        result = launch(args, run_dir=run_dir)  # returncode 0
+        output = result.stdout + result.stderr
+    finally:
+        server.stop(kill=True)
+    assert_equal_weights(run_dir, reference)
+    assert "training finished at step 24" in output
+    missing = {"rows": {"train": {"first": 9, "last": 24, "rows": 16},
+                        "validation": {"first": 12, "last": 24, "rows": 3}}, "run_end": True}
+    state = json.loads((run_dir / "loggers" / "mlflow.json").read_text())
+    assert state["delivered"] == {"train": 8, "validation": 6, "test": 0} and state["not_sent"] == missing
+    assert not_sent(run_dir) == {"mlflow": missing}
+    assert output.count("callbacks.loggers[0] (mlflow): not sent to the tracker by the end of this process: train "
+                        "steps 9-24 (16 rows), validation steps 12-24 (3 rows), the run's end") == 1
+    assert "the run has finished: hpctrain does not send them later" in output
+    # The end's one more try: refused at once, or left behind in a call that does not return (the bound)
+    stuck = "(mlflow): still inside a call to its tracker after callbacks.logger_close_timeout_s=5 s"
+    assert (stuck in output) == (how == "stop")
+    if how == "kill":
+        assert output.count("callbacks.loggers[0] (mlflow) failed") == 1
+    steps = mlflow_steps(f"sqlite:///{tmp_path / 'mlflow.db'}", run_dir)  # the server's store, read directly
+    assert steps["train/loss"] == list(range(1, 9)) and steps["validation/loss"] == [6]
+    assert all(steps[key] == steps[f"{key.split('/')[0]}/loss"] for key in steps), steps
+
+
+class Unreachable(Logger):
+    """A tracker whose server is away until `back` is set (a user's own logger, as the feed sees any)."""
+
+    name = "unreachable"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.back = threading.Event()
+        self.received: list[int] = []
+
+    def log_rows(self, rows):  # type: ignore[no-untyped-def]
+        if not self.back.is_set():
+            raise ConnectionRefusedError("the tracker's server is away")
+        self.received += [row.step for row in rows]
+
+
+def test_rows_held_for_an_away_tracker_are_bounded_and_those_past_the_bound_are_listed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With room for 10 values, rows of 2 values: steps 1-5 are held while the tracker is away, 6-8 are not (and
+    nothing after them, so that what the tracker has is every step up to one); when it is back the held rows are
+    delivered while the run goes on, once; the end lists 6-8, and a requeued start sends them from metrics.h5."""
+    import hpctrain.loggers as loggers
+    from hpctrain.callbacks import EndView, RunView
+    from hpctrain.run.metrics import MetricsRow
+
+    monkeypatch.setattr(loggers, "MAX_HELD_VALUES", 10)
+    monkeypatch.setattr(loggers, "FIRST_RETRY_S", 0.01)
+    monkeypatch.setattr(loggers, "MAX_RETRY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="hpctrain.loggers")
+    logger = Unreachable()
+    feed = loggers.LoggerFeed(logger, key="callbacks.loggers[0]", close_timeout_s=120)
+    feed.on_start(RunView(run_dir=tmp_path, run_name="demo", config={}, start_step=0, parameter_groups=("all",)))
+    for step in range(1, 9):
+        feed.metrics_flushed([MetricsRow("train", step, {"loss": step / 10, "lr/all": 0.1})])
+    deadline = time.monotonic() + 120
+    while not any("failed" in record.getMessage() for record in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread tried, and failed
+    logger.back.set()
+    state_file = tmp_path / "loggers" / "unreachable.json"
+    while logger.received != [1, 2, 3, 4, 5] and time.monotonic() < deadline:  # before the end: a retry
+        time.sleep(0.01)
+    assert logger.received == [1, 2, 3, 4, 5]
+    feed.metrics_flushed([MetricsRow("train", 9, {"loss": 0.9, "lr/all": 0.1})])  # past the gap: not held
+    feed.on_end(EndView(run_dir=tmp_path, step=9, finished=False, stop_reason="", best_step=9, best_loss=0.0,
+                        best_checkpoint=None))
+    assert logger.received == [1, 2, 3, 4, 5]
+    state = json.loads(state_file.read_text())
+    assert state["delivered"]["train"] == 5
+    assert state["not_sent"] == {"rows": {"train": {"first": 6, "last": 9, "rows": 4}}}
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("(unreachable) failed" in message for message in messages) == 1
+    assert sum("from train step 6 on its rows are not held" in message for message in messages) == 1
+    assert any("not sent to the tracker by the end of this process: train steps 6-9 (4 rows)" in message
+               and "the next start of this run sends them" in message for message in messages)
 
 
 def test_a_logger_whose_package_is_missing_is_refused_with_the_pip_command(tmp_path: Path, tiny_data: Path) -> None:

@@ -6,6 +6,13 @@ MLflow keeps every logged point, duplicates included, and cannot drop points: on
 run for its last step of each kind (the store is the truth, also after a kill between a delivery and the state
 write) and sends only later ones; the resumed run recomputes the rows past its checkpoint bit for bit, so each
 step is in the metric history once.
+
+A tracking server that goes away (stopped, killed, restarted) is the feed's failure like any other (hpctrain.loggers):
+the rows are held and sent again later. MLflow's own HTTP retries are turned off (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0
+unless set): they would resend a `log_batch` whose answer was lost, and hold the logger's thread for minutes per
+call. Instead, before the feed sends rows again it asks the run what it holds (`delivered_steps`), and each row keeps
+the timestamp of its first try: MLflow's SQL stores drop a metric identical in key, step, value and timestamp to one
+they hold, so a request the server stored after that question is not stored twice either.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class MLflowLogger(Logger):
     name = "mlflow"
     packages = ("mlflow",)
     extra = "mlflow"
+    max_values_per_call = _METRICS_PER_CALL  # one log_batch request: stored whole or not at all
 
     def __init__(self, *, tracking_uri: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
@@ -55,12 +63,18 @@ class MLflowLogger(Logger):
         self.tags = dict(tags or {})
         self.client: Any = None
         self.run_id = ""
+        # (run dir, phase, uri, run id) of the run an earlier try of `open` created: a try that failed after
+        # create_run (the server went away) is tried again with that run, not with a second one.
+        self._created: tuple[str, str, str, str] | None = None
+        # (kind, step) -> the timestamp of the rows' first try, for the rows of the last call (see the docstring).
+        self._stamps: dict[tuple[str, int], int] = {}
 
     def open(self, run: RunView, state: dict[str, Any], *, rewind_to: int | None) -> dict[str, Any]:
         from mlflow import MlflowClient
-        from mlflow.entities import Param
 
         uri = state.get("tracking_uri") or self.tracking_uri or f"sqlite:///{run.run_dir / 'mlflow.db'}"
+        if uri.startswith(("http://", "https://")):  # the feed retries, and checks first (see the docstring)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         if uri.startswith("sqlite:///"):
             create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         self.client = MlflowClient(tracking_uri=uri)
@@ -68,6 +82,14 @@ class MLflowLogger(Logger):
             self.run_id = state["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             return {"tracking_uri": uri, "run_id": self.run_id}
+        key = (str(run.run_dir), run.phase, uri)
+        if self._created is None or self._created[:3] != key:
+            self._created = (*key, self._create_run(run, uri))
+        self.run_id = self._created[3]
+        self._log_params(run)
+        return {"tracking_uri": uri, "run_id": self.run_id}
+
+    def _create_run(self, run: RunView, uri: str) -> str:
         name = self.experiment or str(run.config.get("task", {}).get("name", "hpctrain"))
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
@@ -81,12 +103,15 @@ class MLflowLogger(Logger):
         training = read_state(state_path(run.run_dir, self.name)) if run.phase != "train" else {}
         if training.get("run_id") and training.get("tracking_uri") == uri:  # a test phase, under its training run
             tags["mlflow.parentRunId"] = training["run_id"]
-        created = self.client.create_run(experiment_id, run_name=display_name(run, self.run_name), tags=tags)
-        self.run_id = created.info.run_id
+        return self.client.create_run(experiment_id, run_name=display_name(run, self.run_name), tags=tags).info.run_id
+
+    def _log_params(self, run: RunView) -> None:
+        """The config as parameters (again after a failed try: MLflow takes a parameter again with its value)."""
+        from mlflow.entities import Param
+
         params = [Param(key[:250], value[:_PARAM_LENGTH]) for key, value in flat_config(dict(run.config)).items()]
         for start in range(0, len(params), _PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=params[start:start + _PARAMS_PER_CALL])
-        return {"tracking_uri": uri, "run_id": self.run_id}
 
     def delivered_steps(self) -> dict[str, int]:
         steps = {}
@@ -101,8 +126,10 @@ class MLflowLogger(Logger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(metric_key(row.kind, name), value, now, row.step)
+        self._stamps = {(row.kind, row.step): self._stamps.get((row.kind, row.step), now) for row in rows}
+        metrics = [Metric(metric_key(row.kind, name), value, self._stamps[row.kind, row.step], row.step)
                    for row in rows for name, value in row.values.items()]
+        # One call at most, but for a row of more than _METRICS_PER_CALL values (max_values_per_call).
         for start in range(0, len(metrics), _METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + _METRICS_PER_CALL])
 
