@@ -44,13 +44,7 @@ _incomplete: set[Path] = set()
 
 def stored_metrics(directory: Path, key: str) -> list[tuple[str, int, float]] | None:
     """`read_metrics`, or None (after the one warning) under an untested version or when an archive does not parse."""
-    if not FORMAT.supported():
-        return None
-    try:
-        return read_metrics(directory, key)
-    except FormatChanged as error:
-        FORMAT.unreadable(str(error))
-        return None
+    return FORMAT.read(read_metrics, directory, key)
 
 
 def has_archive(directory: Path, key: str) -> bool:

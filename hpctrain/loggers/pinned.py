@@ -15,8 +15,11 @@ import re
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Messages already given in this process: one warning per tracker and problem, not one per read.
 _warned: set[str] = set()
@@ -59,6 +62,17 @@ class PinnedFormat:
                   f"({self.package}{self.tested})",
                   f"To keep it, install {self.package}{self.tested} (pip install 'hpctrain[{self.extra}]').")
         return False
+
+    def read(self, reader: Callable[..., T], *args: Any) -> T | None:
+        """`reader(*args)`, or None (after the one warning) under an untested version or when the files do not
+        parse: what each adapter's callers use."""
+        if not self.supported():
+            return None
+        try:
+            return reader(*args)
+        except FormatChanged as error:
+            self.unreadable(str(error))
+            return None
 
     def unreadable(self, reason: str) -> None:
         """The warning for files that do not parse under the installed (tested) version."""

@@ -44,13 +44,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 def stored_history(root: Path, run_id: str) -> list[dict[str, Any]] | None:
     """`read_history`, or None (after the one warning) under an untested version or when the files do not parse."""
-    if not FORMAT.supported():
-        return None
-    try:
-        return read_history(root, run_id)
-    except FormatChanged as error:
-        FORMAT.unreadable(str(error))
-        return None
+    return FORMAT.read(read_history, root, run_id)
 
 
 def offline_directories(root: Path, run_id: str) -> list[Path]:
