@@ -311,11 +311,13 @@ def local_ranks(launcher: int) -> list[int]:
 @pytest.mark.slow
 def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
     """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
-    kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever."""
+    kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever. A checkpoint every step:
+    the stop may land in a checkpoint's collectives too, which the watchdog times like a step's."""
     from hpctrain.run.checkpoint import CheckpointManager
 
-    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER, "launcher.num_processes=2",
-                                                                "trainer.watchdog_s=5"), f"hydra.run.dir={tmp_path}"]
+    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *EVERY_STEP_CHECKPOINTED,
+                                                                "launcher.num_processes=2", "trainer.watchdog_s=5"),
+               f"hydra.run.dir={tmp_path}"]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     manager = CheckpointManager(tmp_path, keep_last=2)
     deadline = time.monotonic() + 300
@@ -365,6 +367,7 @@ def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> N
 
 LINGER = ["trainer.max_steps=400", "trainer.val_every_steps=1000", "callbacks.checkpoint.every_steps=5",
           "callbacks.early_stopping.enabled=false", "callbacks.metrics.plots=false"]
+EVERY_STEP_CHECKPOINTED = [override.replace("every_steps=5", "every_steps=1") for override in LINGER]
 
 
 @pytest.mark.slow

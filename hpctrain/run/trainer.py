@@ -8,6 +8,7 @@ losses), so the ranks never disagree about what happens next and never deadlock 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -116,27 +117,32 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Collective: every rank contributes its RNG state; rank 0 writes."""
+        """Collective: every rank contributes its RNG state; rank 0 writes. The watchdog times the collectives (a
+        stopped peer is found here as in a step), not rank 0's write nor the other ranks' wait for it."""
         rng_states = self.dist.all_gather_object(capture_rng_state(self.device))
-        failed = ""
-        if self.dist.is_main:
-            try:
-                self._write_checkpoint(rng_states)
-            except OSError as error:  # a full disk or quota, an I/O error: the newest intact checkpoint stays
-                failed = disk_stop(error, self.state.step, self.checkpoints)
-        if failed := self.dist.broadcast_object(failed) if self.dist.is_distributed else failed:
+        with watchdog.paused("checkpoint"):
+            failed = self._write_checkpoint(rng_states) if self.dist.is_main else ""
+        if self.dist.is_distributed:
+            with contextlib.nullcontext() if self.dist.is_main else watchdog.paused("checkpoint"):
+                failed = self.dist.broadcast_object(failed)
+        if failed:
             self._stop(failed)  # every rank stops at this step boundary
 
-    def _write_checkpoint(self, rng_states: list[Any]) -> None:
+    def _write_checkpoint(self, rng_states: list[Any]) -> str:
+        """Write this step's checkpoint (or hand it to the writer thread); a failure's stop reason, or ''."""
         assert self.metrics is not None
-        self.metrics.flush()  # the cursor below must describe rows that are on disk
+        settings = self.config.callbacks.checkpoint
         if not self.step.checks_gradients and nonfinite_weights_refused(self.model, self.state.step, self.checkpoints):
-            return
-        state = checkpoint_state(self.state, self.resumable, rng_states=rng_states,
-                                 metrics_cursor=self.metrics.cursor(), config=self.config)
-        protected = {self.state.best_step} if self.config.callbacks.checkpoint.keep_best else set()
-        save = self.checkpoints.save_async if self.config.callbacks.checkpoint.asynchronous else self.checkpoints.save
-        save(self.state.step, state, protected_steps=protected)
+            return ""
+        try:
+            self.metrics.flush()  # the cursor below must describe rows that are on disk
+            state = checkpoint_state(self.state, self.resumable, rng_states=rng_states,
+                                     metrics_cursor=self.metrics.cursor(), config=self.config)
+            save = self.checkpoints.save_async if settings.asynchronous else self.checkpoints.save
+            save(self.state.step, state, protected_steps={self.state.best_step} if settings.keep_best else set())
+        except OSError as error:  # a full disk or quota, an I/O error: the newest intact checkpoint stays
+            return disk_stop(error, self.state.step, self.checkpoints)
+        return ""
 
     def resume(self) -> MetricsCursor | None:
         """Load the newest intact checkpoint of the run directory, if any; returns its metrics cursor."""
@@ -150,16 +156,11 @@ class Trainer:
             initialise_from(self.model, self.config.trainer.init_from)  # fine-tuning: only a run's first start
             return None
         state = CheckpointManager.load(info, map_location=self.device)
-        self.state = restore(state, self.resumable, config=self.config, run_dir=self.run_dir,
-                             checkpoint=info.path)
+        self.state = restore(state, self.resumable, config=self.config, run_dir=self.run_dir, checkpoint=info.path)
         log.info("resumed from %s (step %d, epoch %d)", info.path, self.state.step, self.state.epoch)
         return MetricsCursor(**state["metrics_cursor"])
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def _set_learning_rates(self) -> list[float]:
-        """The schedules' learning rates for the coming step (a skipped step counts: its data was consumed)."""
-        return [group.set_learning_rates(self.state.step) for group in self.groups]
-
     def fit(self) -> TrainState:
         """Train until a limit, early stopping or a stop request; resumes from the run directory first."""
         cursor = self.resume()
@@ -218,7 +219,8 @@ class Trainer:
                 if self.phase is None or phase.index != self.phase.index:
                     self._enter_phase(phase)
             sizes = self.sampler.microbatch_sizes(self.state.step_in_epoch)
-            learning_rates = self._set_learning_rates()
+            # The schedules' learning rates for the coming step (a skipped step counts: its data was consumed).
+            learning_rates = [group.set_learning_rates(self.state.step) for group in self.groups]
             # Only the step references the micro-batches: freed when it returns, their memory takes the next step's.
             try:
                 result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
@@ -226,8 +228,7 @@ class Trainer:
             except DataReadError as error:  # before the step: stop where it would have started, resumable
                 self._stop(data_fault_stop(error, self.state.step, self.dist))
                 if not self.checkpoints.path_of(self.state.step).exists():
-                    with watchdog.paused("checkpoint"):
-                        self.save_checkpoint()
+                    self.save_checkpoint()
                 break
 
             epoch = self.state.epoch
@@ -309,8 +310,7 @@ class Trainer:
         checkpointed = bool(self.state.finished or result.stop_requested or step % checkpoint_cfg.every_steps == 0
                             or step in checkpoint_cfg.keep_steps or (improved and checkpoint_cfg.keep_best))
         if checkpointed:
-            with watchdog.paused("checkpoint"):
-                self.save_checkpoint()
+            self.save_checkpoint()
             self.callbacks.call("on_checkpoint", CheckpointView(
                 step=step, path=self.checkpoints.path_of(step), best_step=self.state.best_step))
         return evaluated or checkpointed
