@@ -1,4 +1,4 @@
-"""`python benchmarks/bench.py [loader|step|breakdown|checkpoint|all] [--rounds N] [OVERRIDES]`: measure, on your
+"""`python benchmarks/bench.py [loader|step|breakdown|checkpoint|averaging|all] [--rounds N] [OVERRIDES]`: measure, on your
 machine and file system, hpctrain against the reference that bounds it, side by side in alternating rounds (A, B,
 A, B, ...) so a busy machine slows both alike; each line prints hpctrain / reference as the median and min-max of
 the per-round ratios.
@@ -15,6 +15,8 @@ the per-round ratios.
               step in one run, on the run's model and on a tiny model; then the breakdown of the run's model next
               to torch.profiler's view of the same steps
   checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
+  averaging   the loop's time per step with an EMA of the weights (optim.weight_averaging={kind: ema}) vs the
+              same loop without, on the run's model
   (compressed vs uncompressed reads: benchmarks/reader.py)
 
 It composes the same config as the launcher (`--config-dir` for yours), so the numbers are for the run you are
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's h
 from harness import (WARMUP_STEPS, epochs, hpctrain_loop_seconds, interleaved_seconds,  # noqa: E402
                      loader_rate, quiet, ratio_line, raw_loop_seconds, step_config, tiny_components)
 from hpctrain.components import build_components, check_run_inputs  # noqa: E402
-from hpctrain.config import Config, ConfigError  # noqa: E402
+from hpctrain.config import Config, ConfigError, WeightAveragingConfig  # noqa: E402
 from hpctrain.data.dataset import BatchReader, DistributedBatchSampler  # noqa: E402
 from hpctrain.data.loader import make_loader  # noqa: E402
 from hpctrain.launching.app import compose_config, fail  # noqa: E402
@@ -157,6 +159,28 @@ def bench_step(config: Config, *, rounds: int, steps: int, tiny: bool) -> None:
           f"{np.median(paired_ours) / np.median(paired_raw):.3f}x (ratio of the median steps, hpctrain "
           f"{np.median(paired_ours):.4g} s, reference {np.median(paired_raw):.4g} s); per-step overhead, median "
           f"difference of a pair: {np.median(difference):+.3f} ms (quartiles {low:+.3f} to {high:+.3f})")
+
+
+def bench_averaging(config: Config, *, rounds: int, steps: int) -> None:
+    """The step with an EMA of the weights updated after every step, against the same loop without one."""
+    base = step_config(config, steps)
+    with_ema = replace(base, optim=replace(base.optim, weight_averaging=WeightAveragingConfig(kind="ema")))
+    components = build_components(base)
+    initial = copy.deepcopy(components.model.state_dict())
+    runs: dict[str, list[float]] = {"ema": [], "none": []}
+    with tempfile.TemporaryDirectory() as directory, quiet():
+        for index in range(rounds):
+            loops = [("none", base), ("ema", with_ema)]
+            for name, loop_config in loops[index % 2:] + loops[:index % 2]:  # each in each position in turn
+                components.model.load_state_dict(initial)
+                seconds = hpctrain_loop_seconds(loop_config, components, steps, Path(directory) / f"{name}{index}")
+                runs[name].append(float(np.median(seconds)))
+    label = f"step with an EMA of the weights, {type(components.model).__name__}, vs without"
+    print(ratio_line(label, runs["ema"], runs["none"], "s/step (median step)", higher_is_better=False))
+    extra = [(ema - none) * 1e3 for ema, none in zip(runs["ema"], runs["none"])]
+    print(f"  {'':<46} the EMA update: {statistics.median(extra):+.3f} ms per step ({min(extra):+.3f} to "
+          f"{max(extra):+.3f} over the rounds), {sum(p.numel() for p in components.model.parameters()):,} "
+          f"parameters")
 
 
 # -- the step time breakdown -----------------------------------------------------------------------------------
@@ -372,7 +396,7 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["loader", "step", "breakdown", "checkpoint", "all"])
+                        choices=["loader", "step", "breakdown", "checkpoint", "averaging", "all"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m hpctrain.launch")
     parser.add_argument("--config-dir", "-cd", help="your own config directory (as Hydra's --config-dir)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison")
@@ -386,7 +410,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=20,
                         help="training steps profiled to compare the step time breakdown with torch.profiler's")
     args = parser.parse_intermixed_args(argv)
-    if args.what in ("step", "breakdown", "all") and min(args.steps, args.tiny_steps) <= WARMUP_STEPS:
+    if args.what in ("step", "breakdown", "averaging", "all") and min(args.steps, args.tiny_steps) <= WARMUP_STEPS:
         parser.error(f"--steps and --tiny-steps must be > {WARMUP_STEPS} (the untimed warm-up steps), got "
                      f"{args.steps} and {args.tiny_steps}")
     if args.what in ("breakdown", "all") and min(args.steps, args.tiny_steps, args.profile_steps) <= WARMUP_STEPS + 1:
@@ -420,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                         profile_steps=args.profile_steps)
     if args.what in ("checkpoint", "all"):
         bench_checkpoint(rounds=args.rounds, megabytes=args.checkpoint_mb)
+    if args.what in ("averaging", "all"):
+        bench_averaging(config, rounds=args.rounds, steps=args.steps)
     return 0
 
 

@@ -31,6 +31,7 @@ from hpctrain.instantiate import build, first_line
 from hpctrain.optim import build_parameter_groups
 from hpctrain.process.distributed import DistributedContext, available_cpus
 from hpctrain.process.seeding import configure_determinism, seed_everything
+from hpctrain.run.averaging import WeightAveraging
 from hpctrain.run.breakdown import StepClock
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.compile import compile_model
@@ -352,13 +353,23 @@ def build_trainer(config: Config, run_dir: Path, dist: DistributedContext, compo
                           dist=dist, device=dist.device, autocast=step.autocast, gather=config.task.gather,
                           on_cpu=config.task.evaluate_on_cpu, device_transforms=components.device_transforms,
                           seed=config.seed)
+    averaging = WeightAveraging(config.optim.weight_averaging, model, groups, dist=dist,
+                                inputs=list(config.task.inputs),
+                                training_batches=lambda: _one_epoch(sampler, train_loader))
     checkpoints = CheckpointManager(run_dir, keep_last=config.callbacks.checkpoint.keep_last,
                                     keep_steps=config.callbacks.checkpoint.keep_steps)
     parts = TrainingParts(model=model, compiled_model=compile_model(model, trainer_config.compile), groups=groups,
                           freeze=freeze, step=step, sampler=sampler, train_loader=train_loader,
-                          val_loader=val_loader, evaluator=evaluator, checkpoints=checkpoints, clock=clock,
-                          split=components.split, plot=components.plot, watchers=components.callbacks)
+                          val_loader=val_loader, evaluator=evaluator, averaging=averaging, checkpoints=checkpoints,
+                          clock=clock, split=components.split, plot=components.plot, watchers=components.callbacks)
     return Trainer(config=config, run_dir=run_dir, dist=dist, parts=parts, evaluation_stop=evaluation_stop)
+
+
+def _one_epoch(sampler: DistributedBatchSampler, train_loader: Any) -> Any:
+    """One pass over this rank's training data in the first epoch's order (SWA's BatchNorm statistics, after the
+    last step: the loop reads no batch after it)."""
+    sampler.set_position(0, 0)
+    return train_loader
 
 
 def _build_loaders(config: Config, components: Components, dist: DistributedContext,

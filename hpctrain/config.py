@@ -277,6 +277,35 @@ class FreezeScheduleConfig:
 
 
 @dataclass
+class WeightAveragingConfig:
+    """An average of the weights kept beside them (hpctrain.run.averaging, on torch's AveragedModel): validation,
+    the best checkpoint, load_model, predict, test, export and init_from use it once it holds an update."""
+
+    # null: none; ema: an exponential moving average; swa: the equal average from start_step on (stochastic
+    # weight averaging, its BatchNorm statistics recomputed over the training data at trainer.max_steps).
+    kind: Optional[str] = None
+    decay: float = 0.999  # ema: average = decay * average + (1 - decay) * weights
+    warmup: bool = False  # ema: the decay is min(decay, (1 + n) / (10 + n)) after n updates
+    start_step: int = 0  # the weights after this optimizer step are the first averaged (0: after the first step)
+    every_steps: int = 1  # then after every N-th optimizer step
+    swa_lr: Optional[float] = None  # swa: from start_step, SWALR anneals every group's learning rate to this
+    anneal_steps: int = 0  # swa: over this many steps (0: at once)
+    anneal_strategy: str = "cos"  # swa: cos or linear
+    evaluate_raw: bool = False  # validation also records the raw weights' values (raw.loss, raw.<metric>...)
+
+    def __post_init__(self) -> None:
+        key = "optim.weight_averaging"
+        _require(self.kind in (None, "ema", "swa"), f"{key}.kind must be null, ema or swa, got {self.kind!r}")
+        _require(0.0 < self.decay < 1.0, f"{key}.decay must be in (0, 1), got {self.decay}")
+        _require(self.start_step >= 0, f"{key}.start_step must be >= 0, got {self.start_step}")
+        _require(self.every_steps >= 1, f"{key}.every_steps must be >= 1, got {self.every_steps}")
+        _require(self.swa_lr is None or (self.kind == "swa" and self.swa_lr > 0),
+                 f"{key}.swa_lr must be > 0 and only with kind=swa, got {self.swa_lr} (kind {self.kind})")
+        _require(self.anneal_steps >= 0, f"{key}.anneal_steps must be >= 0, got {self.anneal_steps}")
+        _one_of(f"{key}.anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+
+
+@dataclass
 class OptimConfig:
     """The optimizer: a shorthand (adamw, adam, sgd: built with the momentum/betas/eps below) or a `_target_`
     node of any optimizer class, torch's or the user's, called as cls(params, lr=..., weight_decay=..., **node)."""
@@ -300,6 +329,7 @@ class OptimConfig:
     # finite loss shows in the next steps' losses, and trainer.max_consecutive_nonfinite stops the run with the
     # last good checkpoint kept) and train/grad_norm is NaN. Clipping always computes the norm.
     track_grad_norm: bool = False
+    weight_averaging: WeightAveragingConfig = field(default_factory=WeightAveragingConfig)
 
     def __post_init__(self) -> None:
         _check_optimizer("optim.optimizer", self.optimizer)
@@ -343,6 +373,8 @@ class InitFromConfig:
     # fnmatch patterns of the parameter/buffer names to take (empty: all), then those to leave out (a new head).
     include: List[str] = field(default_factory=list)
     exclude: List[str] = field(default_factory=list)
+    # Where that run keeps a weight average (optim.weight_averaging), it is taken; true: its raw weights instead.
+    raw_weights: bool = False
 
     def __post_init__(self) -> None:
         _require(self.run is None or bool(self.run), "trainer.init_from.run must name a run directory, or be null")

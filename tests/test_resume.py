@@ -22,8 +22,12 @@ from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch
 # End-to-end runs of the launcher, each a few seconds: not in the quick loop (`-m "not slow and not slurm"`).
 pytestmark = pytest.mark.slow
 
+# An EMA of the weights too (hpctrain.run.averaging): resumed bit-exactly with the raw weights; validation
+# evaluates it and, with evaluate_raw, the raw weights (raw.<name>).
 RUN = ["trainer.max_steps=36", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=5",
-       "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false", "data.num_workers=1"]
+       "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false", "data.num_workers=1",
+       "optim.weight_averaging={kind: ema, decay: 0.9, warmup: true, start_step: 3, every_steps: 2, "
+       "evaluate_raw: true}"]
 
 
 def inspect_json(run_dir: Path) -> dict:
@@ -80,6 +84,17 @@ def test_sigkilled_and_restarted_run_equals_uninterrupted_run(tmp_path: Path, ti
         np.testing.assert_array_equal(res["train/loss"][()], ref["train/loss"][()])
         np.testing.assert_array_equal(res["train/lr"][()], ref["train/lr"][()])
         np.testing.assert_array_equal(res["validation/per_sample/loss"][()], ref["validation/per_sample/loss"][()])
+        np.testing.assert_array_equal(res["validation/raw.loss"][()], ref["validation/raw.loss"][()])
+        assert not np.array_equal(ref["validation/loss"][()], ref["validation/raw.loss"][()])  # the EMA's, evaluated
+    # The EMA (and its update count) too, bit for bit; inspect's digest is of it, its raw one of the weights.
+    expected, found = (CheckpointManager.load(CheckpointManager(run_dir, keep_last=2).newest_valid())
+                       for run_dir in (reference_dir, resumed_dir))
+    assert expected["weight_averaging"]["state"].keys() == found["weight_averaging"]["state"].keys()
+    assert all(torch.equal(value, found["weight_averaging"]["state"][name])
+               for name, value in expected["weight_averaging"]["state"].items())
+    assert int(found["weight_averaging"]["state"]["n_averaged"]) == 17  # steps 3, 5, ..., 35
+    summary = inspect_json(resumed_dir)["newest_checkpoint"]
+    assert summary["weights"] == "ema" and summary["raw_sha256"] != summary["model_sha256"]
 
 
 @shares_the_reference

@@ -38,6 +38,7 @@ def _listed(names: list[str], limit: int = 8) -> str:
 
 def initial_weights(model: nn.Module, config: InitFromConfig) -> dict[str, torch.Tensor]:
     """The weights `config` takes from the other run for `model`; a ConfigError naming the keys at fault."""
+    from hpctrain.run.averaging import weights_of
     from hpctrain.run.checkpoint import choose_checkpoint, load_checkpoint
 
     assert config.run is not None
@@ -46,7 +47,7 @@ def initial_weights(model: nn.Module, config: InitFromConfig) -> dict[str, torch
         raise ConfigError(f"{KEY}.run: {run_dir} is not a run directory")
     try:
         info = choose_checkpoint(run_dir, config.checkpoint)
-        source = load_checkpoint(info)["model"]
+        source = weights_of(load_checkpoint(info), raw=config.raw_weights)  # its weight average, if it keeps one
     except ConfigError as error:
         raise ConfigError(f"{KEY}: {error}") from None
     for key, patterns in (("include", config.include), ("exclude", config.exclude)):

@@ -18,6 +18,7 @@ from hpctrain.config import Config, ConfigError, TrainerConfig, to_json
 from hpctrain.optim import ParameterGroup
 from hpctrain.process.distributed import DistributedContext
 from hpctrain.process.seeding import restore_rng_state
+from hpctrain.run.averaging import STATE_KEY as AVERAGING_KEY, WeightAveraging
 from hpctrain.run.metrics import MetricsCursor
 from hpctrain.run.resume_check import check_checkpoint_fits
 
@@ -103,6 +104,7 @@ class Resumable:
     dist: DistributedContext
     global_batch_size: int
     steps_per_epoch: int
+    averaging: WeightAveraging
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -119,6 +121,7 @@ def checkpoint_state(train_state: TrainState, parts: Resumable, *, rng_states: l
         "finished": train_state.finished,
         "train_state": asdict(train_state),
         "model": parts.model.state_dict(),
+        AVERAGING_KEY: parts.averaging.state_dict(),  # None without optim.weight_averaging
         "optimizers": [group.optimizer.state_dict() for group in parts.groups],
         # Each group's torch scheduler (schedule.scheduler), None for a built-in schedule (a function of step).
         "schedulers": [None if group.scheduler is None else group.scheduler.state_dict() for group in parts.groups],
@@ -140,6 +143,8 @@ def restore(state: dict[str, Any], parts: Resumable, *, config: Config, run_dir:
     _check_layout(state, parts, config=config, run_dir=run_dir)
     check_checkpoint_fits(state, config, parts.model, run_dir=run_dir, checkpoint=checkpoint,
                           steps_per_epoch=parts.steps_per_epoch)
+    # Before the optimizers and schedulers: from SWA's start_step on, SWALR is the groups' scheduler.
+    parts.averaging.load_state_dict(state.get(AVERAGING_KEY), step=state["step"])
     parts.model.load_state_dict(state["model"])
     for group, optimizer_state in zip(parts.groups, state["optimizers"]):
         group.optimizer.load_state_dict(optimizer_state)
@@ -170,8 +175,13 @@ def _check_layout(state: dict[str, Any], parts: Resumable, *, config: Config, ru
     if state["parameter_groups"] != names:
         raise ConfigError(f"cannot resume {run_dir}: parameter groups {state['parameter_groups']} became {names}; "
                           f"use a new run directory")
+    kind, wanted = (state.get(AVERAGING_KEY) or {}).get("kind"), parts.averaging.config.kind
+    if kind is not None and kind != wanted:
+        raise ConfigError(f"cannot resume {run_dir}: its checkpoints hold a weight average of kind {kind!r}, this "
+                          f"config has optim.weight_averaging.kind={wanted}; use a new run directory")
+    swa_lr = parts.averaging.sets_learning_rates(state["step"])
     for group, scheduler_state in zip(parts.groups, state.get("schedulers", [None] * len(parts.groups))):
-        if (group.scheduler is None) != (scheduler_state is None):
+        if (group.scheduler is None and not swa_lr) != (scheduler_state is None):
             raise ConfigError(f"cannot resume {run_dir}: parameter group {group.name!r}'s schedule changed "
                               f"between a torch scheduler (schedule.scheduler) and a built-in one; use a new "
                               f"run directory")

@@ -27,6 +27,7 @@ from hpctrain.optim import ParameterGroup
 from hpctrain.process import watchdog
 from hpctrain.process.distributed import DistributedContext
 from hpctrain.process.seeding import capture_rng_state
+from hpctrain.run.averaging import WeightAveraging
 from hpctrain.run.breakdown import StepClock
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.contract import Batch
@@ -58,6 +59,7 @@ class TrainingParts:
     train_loader: Iterable[Batch]
     val_loader: Iterable[Batch]
     evaluator: Evaluator
+    averaging: WeightAveraging  # optim.weight_averaging (disabled: every call a no-op)
     checkpoints: CheckpointManager
     clock: StepClock  # where each step's time goes, into rank 0's metrics rows; marks only, no device sync
     split: Split
@@ -74,16 +76,15 @@ class Trainer:
         self.model, self.compiled_model, self.groups = parts.model, parts.compiled_model, parts.groups
         self.freeze, self.step, self.sampler = parts.freeze, parts.step, parts.sampler
         self.train_loader, self.val_loader, self.evaluator = parts.train_loader, parts.val_loader, parts.evaluator
+        self.averaging = parts.averaging
         self.checkpoints, self.clock, self.split = parts.checkpoints, parts.clock, parts.split
         self.plot, self.watchers = parts.plot, parts.watchers
         # Rank 0's judge of each evaluation (a study's pruning): (step, monitored mean) -> a stop reason or "".
         self.evaluation_stop = evaluation_stop
-        # Groups with a torch scheduler (schedule.scheduler), stepped after steps, epochs or evaluations.
-        self.scheduled_groups = [group for group in self.groups if group.scheduler is not None]
         self.always_frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         self.state = TrainState()
         self.resumable = Resumable(self.model, self.groups, self.step.scaler, dist, self.sampler.global_batch_size,
-                                   self.sampler.steps_per_epoch)
+                                   self.sampler.steps_per_epoch, self.averaging)
         self.phase: Phase | None = None
         self.ddp_model: nn.Module = self.compiled_model
         self._enter_phase(self.freeze.phase(0))
@@ -112,8 +113,8 @@ class Trainer:
         return self.step(microbatches, sizes, num_samples=num_samples, epoch=self.state.epoch)
 
     def validate(self) -> Evaluation:
-        """Every validation sample's loss, loss components (`loss.<name>`) and metrics, from all ranks."""
-        return self.evaluator(self.compiled_model, self.val_loader, step=self.state.step)
+        """Every validation sample's loss, `loss.<name>` and metrics (all ranks'): of the weight average if any."""
+        return self.averaging.evaluate(self.evaluator, self.compiled_model, self.val_loader, step=self.state.step)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -235,8 +236,10 @@ class Trainer:
             epoch_ended = self.state.advance(steps_per_epoch=self.sampler.steps_per_epoch, nonfinite=result.nonfinite)
             watchdog.beat(self.state.step)
             batches = None if epoch_ended else batches  # the next epoch's order: a new iterator
-            for group in self.scheduled_groups:  # a skipped step counts, as for the built-in schedules
+            for group in self.groups:  # a torch scheduler's step: a skipped step counts, as for the built-in ones
                 group.after_step(epoch_ended=epoch_ended)
+            self.averaging.after_step(self.state.step, applied=not result.nonfinite,  # (SWALR: from the next step)
+                                      last=bool(self.state.limit_reached(self.config.trainer)))
 
             samples_per_second = result.num_samples / max(time.perf_counter() - step_started, 1e-9)
             self.callbacks.call("on_step_end", StepEnded(step=self.state.step, epoch=epoch, result=result,
@@ -281,7 +284,7 @@ class Trainer:
             monitor = self.config.callbacks.monitor
             improved = self.state.record_evaluation(means[monitor.metric], means["loss"], mode=monitor.mode,
                                                     min_delta=self.config.callbacks.early_stopping.min_delta)
-            for group in self.scheduled_groups:  # before the checkpoint below, which must hold the new state
+            for group in self.groups:  # before the checkpoint below, which must hold the new state
                 group.after_evaluation(means)
             early_stopping = self.config.callbacks.early_stopping
             if (early_stopping.enabled

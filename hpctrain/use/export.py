@@ -77,15 +77,17 @@ def compare_outputs(expected: Any, actual: Any, batch_size: int) -> float:
 
 
 def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Path | None = None,
-               input_path: Path | None = None, overrides: list[str] = (), tolerance: float = 1e-5) -> Path:
-    """Export a run's model (see the module's docstring); returns the artefact's path."""
+               input_path: Path | None = None, overrides: list[str] = (), tolerance: float = 1e-5,
+               raw_weights: bool = False) -> Path:
+    """Export a run's model (see the module's docstring; the checkpoint's weight average where it holds one,
+    unless `raw_weights`); returns the artefact's path."""
     from hpctrain.run.contract import model_inputs
     from hpctrain.use.predict import build_reader, dataset_node, first_batch
     from hpctrain.use.runs import load_run
 
     if form not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {form!r}")
-    run = load_run(run_dir, checkpoint=checkpoint, overrides=list(overrides))
+    run = load_run(run_dir, checkpoint=checkpoint, overrides=list(overrides), raw_weights=raw_weights)
     config = run.config
     model = run.model()
     if input_path is not None:
@@ -106,7 +108,7 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
     metadata = json.dumps({"format": form, "inputs": list(config.task.inputs), "task": config.task.name,
                            "checkpoint_step": run.checkpoint.step, "checkpoint": str(run.checkpoint.path),
                            "checkpoint_sha256": run.checkpoint.manifest["sha256"],
-                           "model_sha256": run.model_sha256,
+                           "model_sha256": run.model_sha256, "weights": run.weights,
                            "example_shapes": [list(value.shape) for value in inputs]}, indent=1)
     # The temporary file ends in the format's suffix: torch.export.load warns about any file not ending in .pt2.
     temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}{FORMATS[form]}")
@@ -147,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="torch.export", help="torch.export (default) or torchscript")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step")
     parser.add_argument("--output", type=Path, default=None, help="default: RUN_DIR/export/model_step_<n>.<ext>")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="export the raw weights where the run keeps a weight average (optim.weight_averaging)")
     parser.add_argument("--input", type=Path, default=None, help="take the example batch from this file (the run's "
                                                                  "data.dataset format) instead of the validation set")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     try:
         path = export_run(args.run_dir, form=args.format, checkpoint=args.checkpoint, output=args.output,
-                          input_path=args.input, overrides=list(args.overrides))
+                          input_path=args.input, overrides=list(args.overrides), raw_weights=args.raw_weights)
     except ConfigError as error:
         fail(str(error))
     print(f"exported -> {path}\n  config  -> {path}.config.json", flush=True)

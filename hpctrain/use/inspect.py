@@ -21,16 +21,20 @@ from typing import Any
 import numpy as np
 
 from hpctrain.run import breakdown
+from hpctrain.run.averaging import weights_kind, weights_of
 from hpctrain.run.checkpoint import CheckpointManager, state_dict_digest
 from hpctrain.config import ConfigError
 from hpctrain.process.history import attempts, format_history, read as read_history
 from hpctrain.run.metrics import METRICS_FILENAME, baseline_ratios, open_for_reading, validation_names
 from hpctrain.launching.sweep import point_status
+from hpctrain.loggers import describe_not_sent, not_sent
 from hpctrain.tuning.study import is_tune_dir
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "jobs": attempts(read_history(run_dir))}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "jobs": attempts(read_history(run_dir)),
+                               # What each logger could not send to its tracker (its server away), by logger.
+                               "loggers_not_sent": not_sent(run_dir)}
     metrics_path = run_dir / METRICS_FILENAME
     if metrics_path.exists():
         with open_for_reading(metrics_path) as file:
@@ -85,7 +89,11 @@ def _with_checkpoints(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         summary["newest_checkpoint"] = {"step": newest.step, "path": str(newest.path),
                                         "finished": bool(state.get("finished", False)),
                                         "stop_reason": state["train_state"].get("stop_reason", ""),
-                                        "model_sha256": state_dict_digest(state["model"])}
+                                        # Of the weights load_model/predict/test/export take (the average, if
+                                        # any: `weights` says which), and of the raw weights.
+                                        "weights": weights_kind(state),
+                                        "model_sha256": state_dict_digest(weights_of(state)),
+                                        "raw_sha256": state_dict_digest(state["model"])}
     return summary
 
 
@@ -172,7 +180,15 @@ def format_summary(summary: dict[str, Any]) -> str:
                 lines.append(f"  {name:<40} {_number(value)} (at the best step)")
     lines.append(f"checkpoints {', '.join(map(str, summary['checkpoints'])) or 'none'}")
     if newest is not None:
-        lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']})")
+        lines.append(f"weights    sha256 {newest['model_sha256']} (step {newest['step']}, {newest['weights']})")
+        if newest["weights"] != "raw":
+            lines.append(f"           raw weights sha256 {newest['raw_sha256']}")
+    for name, missing in summary.get("loggers_not_sent", {}).items():  # a test phase's: <logger>.test.<name>
+        later = ("the same hpctrain.test command (the same --name) sends them" if ".test." in name else
+                 "the run has finished: hpctrain does not send them later" if newest and newest["finished"] else
+                 "the next start of this run sends them")  # as the logger's own warning says (hpctrain.loggers)
+        lines.append(f"logger     {name}: not sent to its tracker: {describe_not_sent(missing)} (in metrics.h5; "
+                     f"{later})")
     lines += format_history(Path(summary["run_dir"]))
     return "\n".join(lines)
 

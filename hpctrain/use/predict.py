@@ -21,7 +21,8 @@ Layout: `/outputs/<name>` (n, ...) for each output (`output` for a single tensor
 keys of a dict); a ragged output (the model also returns `<name>_length`, the number of valid rows of each
 sample, as hpctrain's reader passes ragged inputs) is stored as `/outputs/<name>/values` (sum of lengths, ...) and
 `/outputs/<name>/offsets` (n+1,), the layout hpctrain.data.HDF5Dataset reads (docs/data-format.md);
-`/sample_index` (n,); attributes `checkpoint_step`, `checkpoint`, `checkpoint_sha256`, `model_sha256`, `seed`,
+`/sample_index` (n,); attributes `checkpoint_step`, `checkpoint`, `checkpoint_sha256`, `model_sha256`, `weights`
+(raw, or the kind of the checkpoint's weight average that predicted: ema, swa), `seed`,
 `stage`, `task`, `plan_sha256` (of what was computed), `dataset` (JSON of the dataset node), `config` (JSON of the
 run's config with the overrides; overrides of `launcher.*` and of the loader settings `data.num_workers` etc. only
 choose where and how it runs, e.g. `--slurm launcher.nodes=2`: they are used, not recorded, and a rerun with others
@@ -72,6 +73,8 @@ class Plan:
     seed: int
     stage: str
     output: str
+    raw_weights: bool = False  # the raw weights where the checkpoint holds a weight average
+    weights: str = "raw"  # which weights predict (hpctrain.run.averaging.weights_kind)
 
     @property
     def config(self) -> Config:
@@ -284,6 +287,7 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
 
     from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
     from hpctrain.process.distributed import available_cpus, init_distributed, shutdown_distributed
+    from hpctrain.run.averaging import weights_of
     from hpctrain.run.checkpoint import choose_checkpoint, load_checkpoint, state_dict_digest
     from hpctrain.use.runs import build_model
 
@@ -297,10 +301,10 @@ def predict_rank(config: Config, run_dir: Path, plan_json: str) -> None:
     try:
         state = load_checkpoint(choose_checkpoint(Path(plan.run_dir), plan.checkpoint_step),
                                 map_location=dist.device)
-        if state_dict_digest(state["model"]) != plan.model_sha256:
+        if state_dict_digest(weights_of(state, raw=plan.raw_weights)) != plan.model_sha256:
             raise ConfigError(f"{plan.checkpoint}: the weights changed since the prediction started (model SHA-256 "
                               f"{plan.model_sha256[:12]}...); remove {plan.work_dir} to start it again")
-        model = build_model(config, state, dist.device)
+        model = build_model(config, state, dist.device, raw=plan.raw_weights)
         device_transforms = build_device_transforms(config)
         reader = build_reader(plan.dataset, config, seed=plan.seed, stage=plan.stage)
         mine = np.array_split(np.arange(plan.num_chunks), dist.world_size)[dist.rank]
@@ -392,7 +396,7 @@ def assemble(plan: Plan) -> Path:
             final.attrs.update({
                 "format": FORMAT, "format_version": 1, "checkpoint_step": plan.checkpoint_step,
                 "checkpoint": plan.checkpoint, "checkpoint_sha256": plan.checkpoint_sha256,
-                "model_sha256": plan.model_sha256, "seed": plan.seed, "stage": plan.stage,
+                "model_sha256": plan.model_sha256, "weights": plan.weights, "seed": plan.seed, "stage": plan.stage,
                 "plan_sha256": plan_digest(plan),
                 "task": plan.config.task.name, "dataset": json.dumps(plan.dataset, sort_keys=True),
                 "config": plan.config_json})
@@ -480,7 +484,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
                 checkpoint_step=run.checkpoint.step, checkpoint_sha256=run.checkpoint.manifest["sha256"],
                 model_sha256=run.model_sha256, config_json=to_json(recorded), dataset=node,
                 num_samples=len(reader.dataset), batch_size=batch_size, chunk_size=chunk_size, seed=seed,
-                stage=stage, output=str(output))
+                stage=stage, output=str(output), raw_weights=run.raw_weights, weights=run.weights)
     batch = first_batch(reader, config, batch_size, device_transforms=build_device_transforms(config), seed=seed,
                         stage=stage)
     model = run.model()
@@ -618,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help=f"samples per chunk of work (default {DEFAULT_CHUNK_SIZE}); a rerun keeps finished ones")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="predict with the raw weights where the run keeps a weight average")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     if args.input is not None and args.dataset is not None:
@@ -625,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_processes < 1:
             raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
-        run = load_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
+        run = load_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides,
+                       raw_weights=args.raw_weights)
         config = run.config
         node = dataset_node(config, input_path=args.input, node_text=args.dataset, inputs_only=args.inputs_only)
         stem = Path(node["path"]).stem if isinstance(node.get("path"), str) else "dataset"

@@ -51,8 +51,10 @@ def config_for_test(info: CheckpointInfo, overrides: list[str]) -> Config:
     return typed
 
 
-def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, seed: int) -> None:
-    """One rank of the test phase: evaluate this rank's shard of the test set; rank 0 writes the file."""
+def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, seed: int,
+                  raw_weights: bool = False) -> None:
+    """One rank of the test phase: evaluate this rank's shard of the test set (with the checkpoint's weight
+    average where it holds one, unless `raw_weights`); rank 0 writes the file."""
     from hpctrain.components import build_components
     from hpctrain.data.dataset import BatchReader, ShardSampler
     from hpctrain.data.loader import make_loader, resolve_num_workers, stop_loader_workers
@@ -60,6 +62,7 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
     from hpctrain.run.compile import compile_model
     from hpctrain.run.evaluate import Evaluator, autocast_for, report_nonfinite
     from hpctrain.process.seeding import configure_determinism
+    from hpctrain.run.averaging import weights_kind, weights_of
 
     configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s)
@@ -70,7 +73,8 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
         info = next(i for i in CheckpointManager(run_dir, keep_last=2).complete() if str(i.path) == checkpoint)
         state = CheckpointManager.load(info, map_location=dist.device)
         model = components.model.to(dist.device)
-        model.load_state_dict(state["model"])
+        weights = weights_of(state, raw=raw_weights)
+        model.load_state_dict(weights)
         indices = np.arange(len(components.test_dataset))
         batch_size = config.data.val_batch_size or config.trainer.micro_batch_size
         num_workers = resolve_num_workers(config.data, max(1, available_cpus() // dist.local_world_size))
@@ -88,14 +92,15 @@ def evaluate_rank(config: Config, run_dir: Path, checkpoint: str, output: str, s
         if dist.is_main:
             report_nonfinite(evaluation.nonfinite, components.test_dataset, "test")
             write_test_file(Path(output), evaluation.per_sample, evaluation.sample_index, config=config, info=info,
-                            model_sha256=state_dict_digest(state["model"]), seed=seed)
+                            model_sha256=state_dict_digest(weights), seed=seed,
+                            weights=weights_kind(state, raw=raw_weights))
         clean = True
     finally:
         shutdown_distributed(clean=clean)
 
 
 def write_test_file(path: Path, per_sample: dict[str, np.ndarray], sample_index: np.ndarray, *, config: Config,
-                    info: CheckpointInfo, model_sha256: str, seed: int) -> None:
+                    info: CheckpointInfo, model_sha256: str, seed: int, weights: str = "raw") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with h5py.File(temporary, "w") as file:
@@ -109,7 +114,7 @@ def write_test_file(path: Path, per_sample: dict[str, np.ndarray], sample_index:
         index = group.create_dataset("sample_index", data=sample_index.astype(np.int64))
         index.attrs["dim_0"] = "test sample"
         file.attrs.update({"format": "hpctrain.test", "format_version": 1, "checkpoint_step": info.step,
-                           "checkpoint": str(info.path), "model_sha256": model_sha256, "seed": seed,
+                           "checkpoint": str(info.path), "model_sha256": model_sha256, "weights": weights, "seed": seed,
                            "task": config.task.name, "config": to_json(config)})
         file.flush()
         os.fsync(file.id.get_vfd_handle())
@@ -134,8 +139,9 @@ def summarize(path: Path) -> str:
 class TestJob:
     """The callable submitit runs on every task of a test job: one rank each."""
 
-    def __init__(self, config: Config, run_dir: Path, checkpoint: str, output: str, seed: int) -> None:
-        self.args = (config, run_dir, checkpoint, output, seed)
+    def __init__(self, config: Config, run_dir: Path, checkpoint: str, output: str, seed: int,
+                 raw_weights: bool = False) -> None:
+        self.args = (config, run_dir, checkpoint, output, seed, raw_weights)
 
     def __call__(self) -> None:
         import submitit
@@ -157,13 +163,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of the test stage's random transforms "
                                                                "(default: the run's seed)")
     parser.add_argument("--name", default=None, help="test file name (default: step_<checkpoint step>)")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="evaluate the raw weights where the run keeps a weight average (optim.weight_averaging)")
     parser.add_argument("--save-outputs", action="store_true",
                         help="also write the model's outputs of every test sample to <test file>.outputs.h5 "
                              "(hpctrain.predict's layout)")
     return parser
 
 
-def _evaluate(config: Config, run_dir: Path, work_args: tuple[str, str, int], *, num_processes: int,
+def _evaluate(config: Config, run_dir: Path, work_args: tuple[str, str, int, bool], *, num_processes: int,
               slurm: bool) -> None:
     """Evaluate the checkpoint over the test set on `num_processes` local ranks or as a SLURM job; the test file
     is written by rank 0."""
@@ -213,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     seed = config.seed if args.seed is None else args.seed
     output = run_dir / TEST_DIRNAME / f"{args.name or f'step_{info.step:09d}'}.h5"
     try:
-        plan = outputs_plan(run_dir, info, list(args.overrides), output=output, seed=seed) if args.save_outputs \
-            else None
+        plan = outputs_plan(run_dir, info, list(args.overrides), output=output, seed=seed,
+                            raw_weights=args.raw_weights) if args.save_outputs else None
     except ConfigError as error:
         fail(str(error))
-    _evaluate(config, run_dir, (str(info.path), str(output), seed), num_processes=args.num_processes,
+    _evaluate(config, run_dir, (str(info.path), str(output), seed, args.raw_weights), num_processes=args.num_processes,
               slurm=args.slurm)
     print(summarize(output), flush=True)
     from hpctrain.components import build_loggers
@@ -237,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def outputs_plan(run_dir: Path, info: CheckpointInfo, overrides: list[str], *, output: Path, seed: int) -> "Plan":
+def outputs_plan(run_dir: Path, info: CheckpointInfo, overrides: list[str], *, output: Path, seed: int,
+                 raw_weights: bool = False) -> "Plan":
     """The prediction (hpctrain.predict) that keeps the model's outputs on the test set as the test phase sees it
     (its transforms, stage and seed), beside the test file; checked, nothing written."""
     from hpctrain.components import dataset_node
     from hpctrain.use.predict import DEFAULT_CHUNK_SIZE, make_plan
     from hpctrain.use.runs import load_run
 
-    run = load_run(run_dir, checkpoint=info.step, overrides=overrides)
+    run = load_run(run_dir, checkpoint=info.step, overrides=overrides, raw_weights=raw_weights)
     config = run.config
     return make_plan(run, dataset_node(config.data, "test_dataset"), output=output.with_name(
         f"{output.stem}.outputs.h5"), seed=seed, stage="test", chunk_size=DEFAULT_CHUNK_SIZE,
