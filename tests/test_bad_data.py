@@ -21,7 +21,7 @@ from hpctrain.run.checkpoint import CheckpointManager, choose_checkpoint
 from hpctrain.run.metrics import finite_means, open_for_reading
 from hpctrain.use.inspect import format_summary, strict_json, summarize
 
-from .conftest import tiny_overrides
+from .conftest import launch, tiny_overrides
 from .test_config import compose_config
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -142,6 +142,41 @@ def gzip_copy(tiny_data: Path, path: Path) -> Path:
         target.create_dataset("images", data=images, chunks=(8, *images.shape[1:]), compression="gzip")
         target["labels"] = source["labels"][()]
     return path
+
+
+@pytest.mark.slow
+def test_an_unreadable_chunk_on_one_of_two_ranks_stops_every_rank_at_the_same_step(tmp_path: Path,
+                                                                                  tiny_data: Path) -> None:
+    """launcher.num_processes=2, a damaged chunk only one rank reads: the other rank does not wait for it in the
+    step's collectives. Every rank stops before that step, the launcher reports one line and exits 1 (no
+    'local ranks failed'), a checkpoint is there; repaired, the same command ends bit for bit as an undamaged
+    2-rank run."""
+    good = gzip_copy(tiny_data, tmp_path / "good.h5")
+    data = gzip_copy(tiny_data, tmp_path / "data.h5")
+    args = ["trainer.max_steps=24", "trainer.val_every_steps=12", "callbacks.checkpoint.every_steps=100",
+            "launcher.num_processes=2"]
+    launch(tiny_overrides(good, *args), run_dir=tmp_path / "reference")
+    with h5py.File(data, "r+") as file:
+        info = file["images"].id.get_chunk_info_by_coord((96, 0, 0))  # rows 96-103: read within the first epoch
+    with open(data, "r+b") as file:
+        file.seek(info.byte_offset + info.size // 2)
+        file.write(b"\xff" * 16)
+    run_dir = tmp_path / "run"
+    failed = launch(tiny_overrides(data, *args), run_dir=run_dir, check=False, timeout=180)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode == 1 and "local ranks failed" not in output, output[-3000:]
+    reason = json.loads((run_dir / "result.json").read_text())["stop_reason"]
+    assert reason.startswith("unreadable data before step") and str(data) in reason
+    assert f"hpctrain: error: {reason}" in output
+    stopped_at = int(reason.split("before step ")[1].split(":")[0]) - 1
+    newest = CheckpointManager(run_dir, keep_last=2).newest_valid()
+    assert newest is not None and newest.step == stopped_at < 24
+    shutil.copy(good, data)  # repaired
+    launch(tiny_overrides(data, *args), run_dir=run_dir)
+    expected = CheckpointManager.load(CheckpointManager(tmp_path / "reference", keep_last=2).newest_valid())
+    found = CheckpointManager.load(CheckpointManager(run_dir, keep_last=2).newest_valid())
+    assert found["step"] == expected["step"] == 24
+    assert all(torch.equal(found["model"][name], value) for name, value in expected["model"].items())
 
 
 @pytest.mark.parametrize("workers", [0, 2])

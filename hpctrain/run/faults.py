@@ -1,5 +1,6 @@
 """What the loop does when data, numbers or the disk go bad mid-run: a step whose loss or gradient is not finite
-(`nonfinite_stop`, `nonfinite_weights_refused`), a batch that cannot be read (`data_fault_stop`), a checkpoint or
+(`nonfinite_stop`, `nonfinite_weights_refused`), a batch that cannot be read (`MicrobatchReader`,
+`data_fault_stop`), a checkpoint or
 metrics write that fails (`disk_stop`). Each logs one line that names the culprit and says what is kept; a stop
 reason starts with one of run.state's NONFINITE_STOP, DATA_FAULT_STOP, DISK_STOP, which the launcher reports as a
 failed run (docs/your-own-model.md, "When data is bad").
@@ -8,13 +9,14 @@ failed run (docs/your-own-model.md, "When data is bad").
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from torch import nn
 
 from hpctrain.config import TrainerConfig
 from hpctrain.data.dataset import DataReadError
 from hpctrain.process.distributed import DistributedContext
+from hpctrain.run.contract import Batch
 from hpctrain.run.evaluate import describe_samples
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.state import DATA_FAULT_STOP, DISK_STOP, NONFINITE_STOP, TrainState, weights_finite
@@ -22,8 +24,8 @@ from hpctrain.run.step import StepResult
 
 log = logging.getLogger("hpctrain.run.trainer")
 
-# The exit status of a rank of a multi-rank run that could not read its batch (the launcher or SLURM ends the
-# others, which wait in the step's collectives).
+# The exit status of a rank of a multi-rank run that could not read its batch and had no stand-in to join the
+# others' step with (MicrobatchReader): the launcher or SLURM ends the others, which wait in its collectives.
 DATA_FAULT_EXIT = 3
 
 
@@ -63,12 +65,51 @@ def disk_stop(error: OSError, step: int, checkpoints: CheckpointManager) -> str:
     return f"{reason}; {kept}"
 
 
-def data_fault_stop(error: DataReadError, step: int, dist: DistributedContext) -> str:
-    """The stop reason of a batch that could not be read before step `step + 1`, logged as one line. On several
-    ranks this rank ends with DATA_FAULT_EXIT instead (the others wait for it in a collective, so no checkpoint
-    can be agreed); the newest checkpoint stays the one to resume from."""
-    reason = f"{DATA_FAULT_STOP} before step {step + 1}: {error.reason}"
-    log.error("%s; the run stops here (fix or remove the file, then run the same command to resume)", reason)
-    if dist.is_distributed:
-        raise SystemExit(DATA_FAULT_EXIT)
+def data_fault_stop(error: DataReadError | None, step: int, dist: DistributedContext) -> str:
+    """The stop reason, the same on every rank, of a batch that could not be read before step `step + 1` (here:
+    `error`, or on another rank: None), logged as one line by the rank that could not read it."""
+    reason = f"{DATA_FAULT_STOP} before step {step + 1}: {error.reason}" if error is not None else ""
+    if error is not None:
+        log.error("%s; the run stops here (fix or remove the file, then run the same command to resume)", reason)
+    if dist.is_distributed:  # the first rank's that could not read (every rank steps to the same boundary)
+        reason = next(found for found in dist.all_gather_object(reason) if found)
     return reason
+
+
+class MicrobatchReader:
+    """A step's micro-batches from the loader, timed as the step's data wait. If one cannot be read, the rank does
+    not leave its peers waiting in the step's collectives: it steps on zero-weighted stand-ins, its last micro-batch
+    read (or the first validation batch), with the step's unreadable flag up, so every rank skips the update and
+    stops at the same boundary with a checkpoint. With no stand-in to be had, a multi-rank run's rank ends with
+    DATA_FAULT_EXIT (the launcher or SLURM ends the others); one rank needs none (no step to join)."""
+
+    def __init__(self, clock: Any, val_loader: Iterable[Batch], dist: DistributedContext) -> None:
+        self.clock, self.val_loader, self.dist = clock, val_loader, dist
+        self.last: Batch | None = None
+
+    def __call__(self, batches: Iterator[Batch],
+                 sizes: list[int]) -> tuple[list[Batch], list[int], DataReadError | None]:
+        """The micro-batches, their `sizes` and None; or stand-ins (none on one rank), their sizes (0: weighted by
+        zero) and the error."""
+        self.clock.data_started()
+        try:
+            microbatches = [next(batches) for _ in sizes]
+            self.last = microbatches[0]
+            error = None
+        except DataReadError as raised:
+            error, microbatches = raised, self._stand_ins(len(sizes), raised) if self.dist.is_distributed else []
+            sizes = [0] * len(microbatches)
+        self.clock.data_done()
+        return microbatches, sizes, error
+
+    def _stand_ins(self, count: int, error: DataReadError) -> list[Batch]:
+        stand_in = self.last
+        if stand_in is None:  # the first step of this process
+            try:
+                stand_in = next(iter(self.val_loader))
+            except (DataReadError, StopIteration):
+                log.error("%s before the next step: %s; no batch of this rank is readable to join the other "
+                          "ranks' step with, so this rank ends (fix or remove the file, then run the same command "
+                          "to resume)", DATA_FAULT_STOP, error.reason)
+                raise SystemExit(DATA_FAULT_EXIT) from None
+        return [stand_in] * count

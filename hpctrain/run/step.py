@@ -41,6 +41,12 @@ class StepResult:
     # not finite (empty when only a gradient is).
     nonfinite_samples: list[tuple[int, list[str]]] = field(default_factory=list)
     stop_requested: bool = False
+    # A rank could not read its batches (it stepped on zero-weighted stand-ins): no rank applied the step.
+    unreadable: bool = False
+
+
+# The unreadable flag's weight in the step's all-reduced flags (the stop flag counts 1 per rank: far fewer ranks).
+_UNREADABLE = float(2 ** 20)
 
 
 class TrainStep:
@@ -78,8 +84,10 @@ class TrainStep:
         return self.clip_grad_norm is not None or self.track_grad_norm or self.scaler.is_enabled()
 
     def __call__(self, microbatches: list[Batch], sizes: list[int], *, num_samples: int,
-                 epoch: int) -> StepResult:
-        """`sizes` are the micro-batches' sample counts (0: a stand-in that only joins the all-reduce)."""
+                 epoch: int, unreadable: bool = False) -> StepResult:
+        """`sizes` are the micro-batches' sample counts (0: a stand-in that only joins the all-reduce).
+        `unreadable`: this rank could not read its batches and steps on stand-ins; the flag travels with the
+        step's all-reduce, and no rank applies the step (StepResult.unreadable on every rank)."""
         self.clock.step_started()
         loss_scale = self.dist.world_size / num_samples
         sums: dict[str, torch.Tensor] = {}
@@ -106,16 +114,18 @@ class TrainStep:
             for group in self.groups:
                 self.scaler.unscale_(group.optimizer)
         norm_terms = self._clip_or_measure()
-        means, norms, stop = self._reduce(sums, norm_terms, num_samples)
+        means, norms, stop, unreadable = self._reduce(sums, norm_terms, num_samples, unreadable)
         grad_norm = math.hypot(*norms) if norm_terms else math.nan
         loss = sum(means.values())
         nonfinite = not (math.isfinite(loss) and (not norm_terms or math.isfinite(grad_norm)
                                                   or self.scaler.is_enabled()))
-        if not nonfinite:
+        if not nonfinite and not unreadable:
             self._optimizer_step()
         for group in self.groups:
             group.optimizer.zero_grad(set_to_none=True)
         self.clock.step_done()
+        if unreadable:  # the same on every rank: the run stops where this step started
+            return StepResult(loss=math.nan, num_samples=0, stop_requested=stop, unreadable=True)
         result = StepResult(loss=loss, loss_components={name: value for name, value in means.items() if name},
                             grad_norm=grad_norm, num_samples=num_samples, nonfinite=nonfinite, stop_requested=stop)
         if self.record_samples:
@@ -162,22 +172,23 @@ class TrainStep:
                                              if parameter.grad is not None]))
         return []
 
-    def _reduce(self, sums: dict[str, torch.Tensor], norm_terms: list[torch.Tensor],
-                num_samples: int) -> tuple[dict[str, float], list[float], bool]:
-        """The step's mean loss components over all ranks, the gradient norm's terms and the rank-agreed stop flag,
-        with one host sync (and, on several ranks, one small all-reduce)."""
+    def _reduce(self, sums: dict[str, torch.Tensor], norm_terms: list[torch.Tensor], num_samples: int,
+                unreadable: bool) -> tuple[dict[str, float], list[float], bool, bool]:
+        """The step's mean loss components over all ranks, the gradient norm's terms and the rank-agreed stop and
+        unreadable flags, with one host sync (and, on several ranks, one small all-reduce)."""
         names = sorted(sums)
         stop = self.stop_requested()
         if self.dist.is_distributed:
-            stats = torch.stack([*(sums[name] for name in names), torch.tensor(float(stop), device=self.device)])
+            flags = float(stop) + _UNREADABLE * float(unreadable)  # summed over the ranks: both survive
+            stats = torch.stack([*(sums[name] for name in names), torch.tensor(flags, device=self.device)])
             self.dist.all_reduce_sum(stats)
-            *totals, stop_flag = stats.tolist()
-            stop = stop_flag > 0
+            *totals, flags = stats.tolist()
+            stop, unreadable = flags % _UNREADABLE > 0, flags >= _UNREADABLE
             norms = torch.stack(norm_terms).tolist() if norm_terms else []
         else:
             values = torch.stack([*(sums[name] for name in names), *norm_terms]).tolist()
             totals, norms = values[:len(names)], values[len(names):]
-        return {name: total / num_samples for name, total in zip(names, totals)}, norms, stop
+        return {name: total / num_samples for name, total in zip(names, totals)}, norms, stop, unreadable
 
     def _optimizer_step(self) -> None:
         for group in self.groups:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpctrain.callbacks import Callbacks, CheckpointView, RunView
 from hpctrain.config import Config, to_dict
-from hpctrain.data.dataset import DataReadError, DistributedBatchSampler, Split
+from hpctrain.data.dataset import DistributedBatchSampler, Split
 from hpctrain.data.loader import stop_loader_workers
 from hpctrain.optim import ParameterGroup
 from hpctrain.process import watchdog
@@ -32,7 +33,8 @@ from hpctrain.run.breakdown import StepClock
 from hpctrain.run.checkpoint import CheckpointManager
 from hpctrain.run.contract import Batch
 from hpctrain.run.evaluate import Evaluation, Evaluator, report_nonfinite
-from hpctrain.run.faults import data_fault_stop, disk_stop, nonfinite_stop, nonfinite_weights_refused
+from hpctrain.run.faults import (MicrobatchReader, data_fault_stop, disk_stop, nonfinite_stop,
+                                 nonfinite_weights_refused)
 from hpctrain.run.fine_tune import initialise_from
 from hpctrain.run.freeze import FreezeSchedule, Phase, apply_phase
 from hpctrain.run.metrics import MetricsCursor, finite_means
@@ -86,6 +88,7 @@ class Trainer:
         self.resumable = Resumable(self.model, self.groups, self.step.scaler, dist, self.sampler.global_batch_size,
                                    self.sampler.steps_per_epoch, self.averaging)
         self.phase: Phase | None = None
+        self._read_microbatches = MicrobatchReader(self.clock, self.val_loader, dist)
         self.ddp_model: nn.Module = self.compiled_model
         self._enter_phase(self.freeze.phase(0))
         # Built by fit (run.observers): the metrics recorder (rank 0), the plots, the progress bar, the watchers.
@@ -108,9 +111,10 @@ class Trainer:
                      phase.index, len(frozen), phase.lr_factor)
         self.phase = phase
 
-    def train_step(self, microbatches: list[Batch], sizes: list[int], *, num_samples: int) -> StepResult:
+    def train_step(self, microbatches: list[Batch], sizes: list[int], *, num_samples: int,
+                   unreadable: bool = False) -> StepResult:
         """One optimizer step (hpctrain.run.step.TrainStep) over this rank's micro-batches."""
-        return self.step(microbatches, sizes, num_samples=num_samples, epoch=self.state.epoch)
+        return self.step(microbatches, sizes, num_samples=num_samples, epoch=self.state.epoch, unreadable=unreadable)
 
     def validate(self) -> Evaluation:
         """Every validation sample's loss, `loss.<name>` and metrics (all ranks'): of the weight average if any."""
@@ -223,11 +227,12 @@ class Trainer:
             # The schedules' learning rates for the coming step (a skipped step counts: its data was consumed).
             learning_rates = [group.set_learning_rates(self.state.step) for group in self.groups]
             # Only the step references the micro-batches: freed when it returns, their memory takes the next step's.
-            try:
-                result = self.train_step(self._read_microbatches(batches, len(sizes)), sizes,
-                                         num_samples=self.sampler.samples_in_step(self.state.step_in_epoch))
-            except DataReadError as error:  # before the step: stop where it would have started, resumable
-                self._stop(data_fault_stop(error, self.state.step, self.dist))
+            microbatches, sizes, unreadable = self._read_microbatches(batches, sizes)
+            result = self.train_step(microbatches, sizes, num_samples=self.sampler.samples_in_step(
+                self.state.step_in_epoch), unreadable=bool(unreadable)) if microbatches else StepResult(
+                loss=math.nan, unreadable=True)  # one rank: no step to join
+            if result.unreadable:  # here or on another rank: no rank applied it; stop where it started, resumable
+                self._stop(data_fault_stop(unreadable, self.state.step, self.dist))
                 if not self.checkpoints.path_of(self.state.step).exists():
                     self.save_checkpoint()
                 break
@@ -259,13 +264,6 @@ class Trainer:
 
     def _stop(self, reason: str) -> None:  # the run ends at this step boundary
         self.state.finished, self.state.stop_reason = True, reason
-
-    def _read_microbatches(self, batches: Iterator[Batch], count: int) -> list[Batch]:
-        """The step's micro-batches from the loader, timed as the step's data wait."""
-        self.clock.data_started()
-        microbatches = [next(batches) for _ in range(count)]
-        self.clock.data_done()
-        return microbatches
 
     def _after_step(self, result: StepResult) -> bool:
         """Evaluate, decide whether to stop, and checkpoint, in that order; True if it evaluated or checkpointed."""
