@@ -211,3 +211,43 @@ def test_an_unreadable_chunk_mid_run_stops_cleanly_and_resumes_bit_exactly(tmp_p
     assert resumed.fit().step == 24
     weights = CheckpointManager.load(resumed.checkpoints.newest_valid())["model"]
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+class _Clock:
+    def data_started(self) -> None: ...
+
+    def data_done(self) -> None: ...
+
+
+def test_stand_ins_of_an_unreadable_step_and_the_rng_rewound_to_its_start() -> None:
+    """MicrobatchReader on a rank of two: stand-ins from its last micro-batch (the first validation batch at a
+    process's first step), sizes of zero, and torch's generator put back to the step's start by `rewind` (the
+    forward pass every rank ran may have drawn from it: dropout)."""
+    from hpctrain.data.dataset import DataReadError
+    from hpctrain.run.faults import MicrobatchReader
+
+    two = DistributedContext(rank=1, world_size=2, local_rank=1, local_world_size=2, device=torch.device("cpu"))
+
+    def batches(good: int):
+        for index in range(good):
+            yield {"index": torch.tensor([index])}
+        raise DataReadError("reading train samples [7]... failed: f.h5:/x: chunk 0 (rows 0-7) cannot be read")
+
+    validation = [{"index": torch.tensor([100])}]
+    first = MicrobatchReader(_Clock(), validation, two)
+    microbatches, sizes, error = first(batches(0), [4, 4])
+    assert error is not None and sizes == [0, 0] and [b["index"].item() for b in microbatches] == [100, 100]
+
+    reader = MicrobatchReader(_Clock(), validation, two)
+    stream = batches(1)
+    microbatches, sizes, error = reader(stream, [4])
+    assert error is None and sizes == [4] and microbatches[0]["index"].item() == 0
+    torch.manual_seed(5)
+    microbatches, sizes, error = reader(stream, [4])
+    assert error is not None and sizes == [0] and microbatches[0]["index"].item() == 0
+    expected = torch.rand(3)  # what the step's start would draw
+    torch.rand(10)  # the stand-in step's forward draws
+    reader.rewind()
+    assert torch.equal(torch.rand(3), expected)
+    one = MicrobatchReader(_Clock(), validation, CPU)  # one rank: no step to join, no stand-ins
+    assert one(batches(0), [4])[:2] == ([], [])

@@ -232,6 +232,7 @@ class Trainer:
                 self.state.step_in_epoch), unreadable=bool(unreadable)) if microbatches else StepResult(
                 loss=math.nan, unreadable=True)  # one rank: no step to join
             if result.unreadable:  # here or on another rank: no rank applied it; stop where it started, resumable
+                self._read_microbatches.rewind()
                 self._stop(data_fault_stop(unreadable, self.state.step, self.dist))
                 if not self.checkpoints.path_of(self.state.step).exists():
                     self.save_checkpoint()
