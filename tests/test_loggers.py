@@ -170,8 +170,12 @@ def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         mlflow_server.stop()
-    assert_wandb_offline_run_holds_each_step_once(run_dir, train_loss, validation_loss)
-    assert_comet_offline_experiment_holds_each_step_once(run_dir, train_loss, validation_loss)
+    expected = dict(train_steps=steps, validation_steps=[6, 12, 18, 24])
+    assert_wandb_offline_run_holds_each_step_once(run_dir, train_loss, validation_loss, **expected, processes=3)
+    # The two killed processes left no archive (Comet archives at a process's end): the last one holds every step.
+    assert_comet_offline_experiment_holds_each_step_once(run_dir, train_loss, validation_loss, **expected,
+                                                         archives=1)
+    assert_tensorboard_run_holds_each_step_once(run_dir, train_loss, validation_loss, **expected, processes=3)
 
     tensorboard_port = free_port()
     tensorboard = Server([str(BIN / "tensorboard"), "--logdir", str(run_dir / "tensorboard"), "--host",
@@ -188,54 +192,102 @@ def test_tensorboard_mlflow_wandb_and_comet_show_each_step_once_in_one_run_after
         tensorboard.stop()
 
 
-def assert_wandb_offline_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
-                                                  validation_loss: np.ndarray) -> None:
-    """W&B's offline directories, read through its own transaction-log records: one run id, each step once."""
+def assert_count(found: list[Path], expected: int | range, what: str) -> None:
+    """`expected` exactly, or any count in a range (where it depends on how the processes ended)."""
+    assert len(found) in (expected if isinstance(expected, range) else [expected]), \
+        f"{len(found)} {what}, expected {expected}: {[path.name for path in found]}"
+
+
+def assert_wandb_offline_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray, validation_loss: np.ndarray,
+                                                  *, train_steps: list[int], validation_steps: list[int],
+                                                  processes: int | range) -> None:
+    """W&B's offline directories, read through its own transaction-log records: one run id, each step once.
+    Offline, every process that opened W&B writes a directory of its own (`processes` of them), all of one run id;
+    `train_loss` and `validation_loss` (metrics.h5's) are the values of `train_steps` and `validation_steps`."""
     from hpctrain.loggers.wandb_offline_log import offline_directories, read_history, read_records
 
     run_id = json.loads((run_dir / "loggers" / "wandb.json").read_text())["run_id"]
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert segments == offline_directories(run_dir, run_id) and len(segments) == 3, "one run id in every process"
+    assert segments == offline_directories(run_dir, run_id), "one run id in every process"
+    assert_count(segments, processes, "W&B offline directories")
     history = read_history(run_dir, run_id)
     train = [(row["_step"], row["train/loss"]) for row in history if "train/loss" in row]
-    assert [step for step, _ in train] == list(range(1, 25))  # each step once, across the segments
+    assert [step for step, _ in train] == train_steps  # each step once, across the segments
     np.testing.assert_array_equal([value for _, value in train], train_loss)
     validation = [(row["_step"], row["validation/loss"]) for row in history if "validation/loss" in row]
-    assert [step for step, _ in validation] == [6, 12, 18, 24]
+    assert [step for step, _ in validation] == validation_steps
     np.testing.assert_array_equal([value for _, value in validation], validation_loss)
     records = list(read_records(run_dir, run_id))
     config = {item.key: json.loads(item.value_json) for record in records if record.HasField("run")
               for item in record.run.config.update}
-    assert config["trainer"]["max_steps"] == 24 and config["hpctrain.phase"] == "train"
+    assert config["trainer"]["max_steps"] == train_steps[-1] and config["hpctrain.phase"] == "train"
     summary = {item.key: json.loads(item.value_json) for record in records if record.HasField("summary")
                for item in record.summary.update if item.key}
-    assert "trainer.max_steps=24" in summary["hpctrain.stop_reason"]
+    assert f"trainer.max_steps={train_steps[-1]}" in summary["hpctrain.stop_reason"]
     assert summary["hpctrain.best_checkpoint"].startswith(str(run_dir))
 
 
 def assert_comet_offline_experiment_holds_each_step_once(run_dir: Path, train_loss: np.ndarray,
-                                                         validation_loss: np.ndarray) -> None:
-    """Comet's offline archives, read from their JSON messages: one experiment key, each step once. Both killed
-    processes left no archive (Comet archives at a process's end): the last one holds every step."""
+                                                         validation_loss: np.ndarray, *, train_steps: list[int],
+                                                         validation_steps: list[int], archives: int | range,
+                                                         unarchived: bool = False) -> None:
+    """Comet's offline archives, read from their JSON messages: one experiment key, each step once. Only a process
+    that ends (not a SIGKILLed one) archives, so how many `archives` there are depends on how the processes ended;
+    every archive in comet/ is the experiment's, the first `<key>.zip` with its parameters. `unarchived`: a process
+    may have ended before Comet finished its archive (a stop waits callbacks.logger_stop_timeout_s for it), leaving
+    the empty zip Comet writes at its start, or a zip cut short: neither is an archive (both are skipped)."""
     import zipfile
 
-    from hpctrain.loggers.comet_offline_archive import archives, read_metrics
+    from hpctrain.loggers.comet_offline_archive import archives as archives_of, read_metrics
+
+    def holds_files(path: Path) -> bool:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return bool(archive.namelist())
+        except zipfile.BadZipFile:
+            return False
 
     key = json.loads((run_dir / "loggers" / "comet.json").read_text())["experiment_key"]
-    assert archives(run_dir / "comet", key) == sorted((run_dir / "comet").glob("*.zip")) == \
-        [run_dir / "comet" / f"{key}.zip"]
+    found = archives_of(run_dir / "comet", key)
+    zips = [path for path in sorted((run_dir / "comet").glob("*.zip")) if not unarchived or holds_files(path)]
+    assert sorted(found) == zips, "one experiment key in every archive"
+    assert found[:1] == [run_dir / "comet" / f"{key}.zip"]
+    assert_count(found, archives, "Comet offline archives")
     metrics = read_metrics(run_dir / "comet", key)
     train = [(step, value) for name, step, value in metrics if name == "train/loss"]
-    assert [step for step, _ in train] == list(range(1, 25))
+    assert [step for step, _ in train] == train_steps
     np.testing.assert_array_equal([value for _, value in train], train_loss)
-    assert [step for name, step, _ in metrics if name == "validation/loss"] == [6, 12, 18, 24]
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == validation_steps
     np.testing.assert_array_equal([value for name, _, value in metrics if name == "validation/loss"],
                                   validation_loss)
     with zipfile.ZipFile(run_dir / "comet" / f"{key}.zip") as archive:
         messages = [json.loads(line) for line in archive.read("messages.json").decode().splitlines()]
     parameters = {message["payload"]["param"]["paramName"]: message["payload"]["param"]["paramValue"]
                   for message in messages if message["type"] == "parameter_msg"}
-    assert str(parameters["trainer.max_steps"]) == "24"
+    assert str(parameters["trainer.max_steps"]) == str(train_steps[-1])
+
+
+def assert_tensorboard_run_holds_each_step_once(run_dir: Path, train_loss: np.ndarray, validation_loss: np.ndarray,
+                                                *, train_steps: list[int], validation_steps: list[int],
+                                                processes: int | range) -> None:
+    """TensorBoard's event files, read the way TensorBoard reads them (its EventMultiplexer, which drops the events a
+    `purge_step` restart discards) without starting a server: one run, each step once in the order read (a step a
+    restart did not purge would come twice), the values metrics.h5's as float32 (what add_scalar stores). Every
+    process that opened the logger wrote one event file of its own (`processes` of them), all in the one run."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    directory = run_dir / "tensorboard"
+    files = sorted(directory.rglob("events.out.tfevents.*"))
+    assert {path.parent for path in files} == {directory}, "one TensorBoard run in every process"
+    assert_count(files, processes, "TensorBoard event files")
+    multiplexer = EventMultiplexer(size_guidance={"scalars": 0}).AddRunsFromDirectory(str(directory))
+    multiplexer.Reload()
+    assert list(multiplexer.Runs()) == ["."]
+    for tag, steps, values in (("train/loss", train_steps, train_loss),
+                               ("validation/loss", validation_steps, validation_loss)):
+        scalars = multiplexer.Scalars(".", tag)
+        assert [event.step for event in scalars] == steps, tag  # each step once
+        np.testing.assert_array_equal(np.float32([event.value for event in scalars]), np.float32(values))
 
 
 class WaitForLoggers:
@@ -653,6 +705,30 @@ def test_wandb_and_comet_offline_keep_one_run_over_processes_that_end_and_resume
     assert [(step, value) for name, step, value in metrics if name == "train/loss"] == \
         [(step, step / 10) for step in range(1, 21)]
     assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 20]
+
+
+def test_comet_archives_of_processes_that_start_with_the_same_random_state_do_not_overwrite_each_other(
+        tmp_path: Path) -> None:
+    """Every process of a run seeds Python's `random` alike (the run's seed, or the checkpoint's state), and Comet
+    names each later archive `<key>-<random suffix>.zip`, drawn from that module: two requeued processes would pick
+    the same name, and the second (which writes an empty zip there at its start) would erase the first's steps."""
+    import random
+
+    from hpctrain.loggers.comet import CometLogger
+    from hpctrain.loggers.comet_offline_archive import archives, read_metrics
+
+    state = random.getstate()
+    try:
+        for start, stop in ((0, 10), (10, 15), (15, 20)):
+            random.seed(0)  # as each process of a run starts
+            feed_process(tmp_path, [CometLogger()], start, stop, finished=stop == 20)
+    finally:
+        random.setstate(state)
+    key = json.loads((tmp_path / "loggers" / "comet.json").read_text())["experiment_key"]
+    assert len(archives(tmp_path / "comet", key)) == len(list((tmp_path / "comet").glob("*.zip"))) == 3
+    metrics = read_metrics(tmp_path / "comet", key)
+    assert [step for name, step, _ in metrics if name == "train/loss"] == list(range(1, 21))
+    assert [step for name, step, _ in metrics if name == "validation/loss"] == [10, 15, 20]
 
 
 def test_the_offline_adapters_read_what_the_installed_wandb_and_comet_wrote_and_pin_its_version(

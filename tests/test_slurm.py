@@ -141,21 +141,53 @@ def test_two_node_gloo_job_trains_and_completes(two_node_run: Path) -> None:
     assert np.all(np.isfinite(per_sample)) and np.all(per_sample > 0)
 
 
+# The loggers that write files of their own into the run directory (TensorBoard's event files, W&B's and Comet's
+# offline files), in the jobs of the requeue and scancel tests; the requeue test adds MLflow (an SQLite store there).
+OFFLINE_LOGGERS = ["tensorboard", "wandb", "comet"]
+
+
+def loggers(*names: str) -> str:
+    return f"callbacks.loggers=[{','.join(names)}]"
+
+
+def waiting_for(*names: str) -> str:
+    """A user callback that holds each process's second step until these loggers have opened their run, so that
+    every process of the job opens them before it is stopped (tests.test_loggers.WaitForLoggers)."""
+    return f"callbacks.user=[{{_target_: tests.test_loggers.WaitForLoggers, names: [{', '.join(names)}]}}]"
+
+
+def unexpected_tracebacks(logs: str) -> list[str]:
+    """The tracebacks in a job's logs, but W&B's when SLURM ended its service process: a scancel or a requeue by
+    SLURM (SIGTERM to every process of the job step) also ends wandb-core, W&B's service process, at once; the W&B
+    logger's next call fails ("Connection lost", logged once with its traceback; W&B's own atexit hook prints one
+    too). Nothing is lost: the next start reads W&B's offline files and sends what they lack."""
+    found = []
+    for chunk in logs.split("Traceback (most recent call last):\n")[1:]:
+        lines = chunk.splitlines()
+        # The exception's line ends the traceback (lines of other threads and of srun may come in between).
+        end = next((number for number, line in enumerate(lines) if line and not line[0].isspace()
+                    and not line.startswith(("[", "srun:", "slurmstepd", "submitit "))), len(lines) - 1)
+        found.append("\n".join(lines[:end + 1]))
+    return [block for block in found if not ("/wandb/" in block and block.splitlines()[-1].startswith(
+        ("ConnectionResetError", "BrokenPipeError")))]
+
+
 # One job, interrupted three times at random steps, each a different way: USR2 (what submitit asks SLURM to send),
 # SIGTERM (what some clusters send instead), then `scontrol requeue` (an operator, or PreemptMode=REQUEUE: SLURM
 # requeues the job itself, and the job checkpoints and leaves the requeue to SLURM). A loader worker runs all along:
 # each signal also reaches the worker process, which must leave it to the training process. The job also logs to
-# MLflow (an SQLite store in the run directory; each process holds its second step until MLflow has its first, so
-# the run exists before the first requeue): one MLflow run, reopened three times, each step once.
+# every built-in logger: one run of each, reopened three times, each step once. Each process waits for all but W&B
+# to open: W&B starts its service process (subprocess.Popen) in the logger's thread, and where the loader forks its
+# worker at that moment the worker inherits the pipe Popen waits on, so W&B opens only once the worker has ended
+# (at the process's end). Every step is in W&B once either way; the wait would hold the job until it gave up.
 INTERRUPTIONS = ("USR2", "TERM", "requeue")
 
 
 def test_preempted_job_requeues_once_per_signal_and_ends_bitwise_equal_to_an_uninterrupted_run(
         tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     run_dir = tmp_path / "preempted"
-    loggers = ["callbacks.loggers=[mlflow]", "callbacks.user=[{_target_: tests.test_loggers.WaitForLoggers, "
-               "names: [mlflow]}]"]
-    launch(tiny_overrides(tiny_data, *TWO_NODES, "data.num_workers=1", *loggers), run_dir=run_dir)
+    launch(tiny_overrides(tiny_data, *TWO_NODES, "data.num_workers=1", loggers("mlflow", *OFFLINE_LOGGERS),
+                          waiting_for("mlflow", "tensorboard", "comet")), run_dir=run_dir)
     job_id = recorded_job_id(run_dir)
     manager = CheckpointManager(run_dir, keep_last=2)
     # Each interruption a few checkpoints (every 4 steps) after the last one resumed from, all well before the end
@@ -178,7 +210,7 @@ def test_preempted_job_requeues_once_per_signal_and_ends_bitwise_equal_to_an_uni
     assert final_state(job_id) == "COMPLETED"
     assert allocations(job_id) == ["REQUEUED"] * len(INTERRUPTIONS) + ["COMPLETED"]  # requeued once per signal
     logs = job_logs(run_dir, job_id)
-    assert "Traceback" not in logs and "CalledProcessError" not in logs
+    assert not unexpected_tracebacks(logs) and "CalledProcessError" not in logs, unexpected_tracebacks(logs)
     assert "SLURM is requeueing the job itself" in logs and "without a second requeue" in logs
     for action in ("USR2", "TERM"):
         assert f"SIG{action} received: preemption" in logs
@@ -192,6 +224,30 @@ def test_preempted_job_requeues_once_per_signal_and_ends_bitwise_equal_to_an_uni
     assert run_log.count("resumed from") >= len(INTERRUPTIONS) and "[rank 1]" not in run_log
     assert_same_weights(two_node_run, run_dir)
     assert_one_mlflow_run_with_each_step_once(run_dir, created_before=requeued_at)
+    # W&B not waited for (above): a process stopped before W&B began to open leaves no W&B directory.
+    assert_offline_loggers_hold_each_step_once(run_dir, processes=len(INTERRUPTIONS) + 1,
+                                               wandb_processes=range(1, len(INTERRUPTIONS) + 2))
+
+
+def assert_offline_loggers_hold_each_step_once(run_dir: Path, *, processes: int,
+                                               wandb_processes: int | range | None = None) -> None:
+    """Each of OFFLINE_LOGGERS holds one run across the job's `processes` (rank 0's, one per allocation or
+    submission; `wandb_processes` of them opened W&B, if not all), each of the 100 training steps and 5 validations
+    once, with metrics.h5's values (bit-exact). A process stopped for a requeue or by scancel archives its Comet
+    messages only if Comet's end fits in callbacks.logger_stop_timeout_s: between 1 and `processes` archives (the
+    steps of one that did not are sent again by the next process)."""
+    from .test_loggers import (assert_comet_offline_experiment_holds_each_step_once,
+                               assert_tensorboard_run_holds_each_step_once,
+                               assert_wandb_offline_run_holds_each_step_once)
+
+    with open_for_reading(run_dir / "metrics.h5") as file:
+        train_loss, validation_loss = file["train/loss"][()], file["validation/loss"][()]
+    expected = dict(train_steps=list(range(1, 101)), validation_steps=list(range(20, 101, 20)))
+    assert_tensorboard_run_holds_each_step_once(run_dir, train_loss, validation_loss, **expected, processes=processes)
+    assert_wandb_offline_run_holds_each_step_once(run_dir, train_loss, validation_loss, **expected,
+                                                  processes=processes if wandb_processes is None else wandb_processes)
+    assert_comet_offline_experiment_holds_each_step_once(run_dir, train_loss, validation_loss, **expected,
+                                                         archives=range(1, processes + 1), unarchived=True)
 
 
 def assert_one_mlflow_run_with_each_step_once(run_dir: Path, *, created_before: float) -> None:
@@ -253,7 +309,8 @@ def test_a_slurm_preemption_requeues_the_job_which_ends_bitwise_equal(
 def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
         tmp_path: Path, tiny_data: Path, two_node_run: Path) -> None:
     run_dir = tmp_path / "cancelled"
-    command = tiny_overrides(tiny_data, *TWO_NODES)
+    # No loader workers here: W&B is waited for too (see INTERRUPTIONS), and each of the two processes opens it.
+    command = tiny_overrides(tiny_data, *TWO_NODES, loggers(*OFFLINE_LOGGERS), waiting_for(*OFFLINE_LOGGERS))
     launch(command, run_dir=run_dir)
     job_id = recorded_job_id(run_dir)
     manager = CheckpointManager(run_dir, keep_last=2)
@@ -267,7 +324,7 @@ def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
     assert queue_state(job_id) == "" and final_state(job_id) == "CANCELLED"
     assert allocations(job_id) == ["CANCELLED"]  # nothing requeued it
     logs = job_logs(run_dir, job_id)
-    assert "is cancelled" in logs and "not requeueing" in logs and "Traceback" not in logs
+    assert "is cancelled" in logs and "not requeueing" in logs and not unexpected_tracebacks(logs), logs[-3000:]
     assert manager.complete(), "no checkpoint"
     assert history_reasons(run_dir) == ["cancelled"]
 
@@ -279,6 +336,7 @@ def test_scancel_ends_the_job_cancelled_and_the_same_command_resumes_bit_exact(
     assert "resumed from" in job_logs(run_dir, new_id)
     assert history_reasons(run_dir) == ["cancelled", "completed"]
     assert_same_weights(two_node_run, run_dir)
+    assert_offline_loggers_hold_each_step_once(run_dir, processes=2)
     inspect = zygote.run(launch_inspect(run_dir)[:-1], check=True).stdout
     assert f"job {job_id} (restart 0)" in inspect and "cancelled" in inspect
 

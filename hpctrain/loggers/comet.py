@@ -17,7 +17,9 @@ state file says what was sent (Comet keeps repeated steps, and hpctrain reads no
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +27,9 @@ from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, flat_config, run_tags, short_tags
 from hpctrain.loggers.comet_offline_archive import FORMAT, has_archive, stored_metrics
 from hpctrain.run.metrics import MetricsRow
+
+log = logging.getLogger(__name__)
+_ARCHIVE_NAME_METHOD = "_get_offline_archive_file_name"  # Comet's, private: overridden below
 
 # Nothing but what hpctrain logs: no code, git, environment, console or framework auto-logging.
 _QUIET = dict(log_code=False, log_graph=False, auto_param_logging=False, auto_metric_logging=False,
@@ -67,7 +72,7 @@ class CometLogger(Logger):
             offline = dict(offline_directory=str(self.directory), **common)
             new = not (self.key and has_archive(self.directory, self.key))
             self.experiment = (comet_ml.OfflineExperiment(experiment_key=self.key or None, **offline) if new
-                               else comet_ml.ExistingOfflineExperiment(previous_experiment=self.key, **offline))
+                               else _existing_offline_experiment(comet_ml, previous_experiment=self.key, **offline))
         if new:  # the experiment's name, tags and the config as hyperparameters, once
             self.key = self.experiment.get_key()
             tags = run_tags(run)
@@ -113,3 +118,23 @@ class CometLogger(Logger):
         if self.experiment is not None:
             self.experiment.end()  # offline: writes this process's archive
             self.experiment = None
+
+
+def _existing_offline_experiment(comet_ml: Any, **arguments: Any) -> Any:
+    """`comet_ml.ExistingOfflineExperiment` whose archive, `<key>-<suffix>.zip`, has a suffix no other process draws.
+    Comet draws the suffix from Python's `random`, which every process of a run seeds alike (the run's seed, or the
+    checkpoint's state): the processes of a requeued run picked the same name, and a later one, which writes an
+    empty zip under it as it starts, erased an earlier one's archive with its steps. The suffix here comes from
+    os.urandom (uuid4). The name is part of the pinned private format (comet_offline_archive.py)."""
+    suffix = uuid.uuid4().hex[:12]
+    if not hasattr(comet_ml.ExistingOfflineExperiment, _ARCHIVE_NAME_METHOD):  # loud, as for the archive format
+        log.warning("comet_ml %s has no ExistingOfflineExperiment.%s: the offline archives of a requeued run's "
+                    "processes may overwrite each other and lose steps (hpctrain was tested with comet_ml %s)",
+                    getattr(comet_ml, "__version__", "?"), _ARCHIVE_NAME_METHOD, f">={FORMAT.lowest},<{FORMAT.below}")
+
+    class UniquelyNamed(comet_ml.ExistingOfflineExperiment):
+        def _get_offline_archive_file_name(self) -> str:
+            self.offline_archive_name_suffix = suffix
+            return super()._get_offline_archive_file_name()
+
+    return UniquelyNamed(**arguments)
