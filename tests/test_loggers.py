@@ -508,6 +508,10 @@ def test_an_mlflow_server_gone_for_good_mid_run_leaves_the_run_finished_and_list
     state = json.loads((run_dir / "loggers" / "mlflow.json").read_text())
     assert state["delivered"] == {"train": 8, "validation": 6, "test": 0} and state["not_sent"] == missing
     assert not_sent(run_dir) == {"mlflow": missing}
+    shown = zygote.run([PYTHON, "-m", "hpctrain.inspect", str(run_dir)], check=True, cwd=REPO).stdout
+    assert ("logger     mlflow: not sent to its tracker: train steps 9-24 (16 rows), validation steps 12-24 (3 rows), "
+            "the run's end (status, plots, best checkpoint) (in metrics.h5; the run has finished: hpctrain does not "
+            "send them later)") in shown, shown
     assert output.count("callbacks.loggers[0] (mlflow): not sent to the tracker by the end of this process: train "
                         "steps 9-24 (16 rows), validation steps 12-24 (3 rows), the run's end") == 1
     assert "the run has finished: hpctrain does not send them later" in output
