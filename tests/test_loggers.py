@@ -661,6 +661,19 @@ def feed_process(run_dir: Path, loggers: list[Logger], start: int, stop: int, *,
                             best_loss=0.0, best_checkpoint=None))
 
 
+def wait_for_wandb_to_write(run_dir: Path, step: int, timeout: float = 60.0) -> None:
+    """Until W&B's transaction log holds `step`: W&B's service (wandb-core) may still be writing it when the run's
+    finish() has returned (once, on a busy machine, a read right after it lacked the process's last steps, which
+    were there a moment later). A process's end waits for the service; this test process does not end."""
+    from hpctrain.loggers.wandb_offline_log import read_history
+
+    run_id = json.loads((run_dir / "loggers" / "wandb.json").read_text())["run_id"]
+    deadline = time.monotonic() + timeout
+    while not any(row.get("_step") == step for row in read_history(run_dir, run_id)):
+        assert time.monotonic() < deadline, f"W&B's offline files lack step {step} after {timeout} s"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory the installed W&B and Comet wrote offline: two processes that end normally (a requeue: the
@@ -671,10 +684,12 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("offline") / "run"
     feed_process(run_dir, [WandbLogger(), CometLogger()], 0, 10, finished=False)
+    wait_for_wandb_to_write(run_dir, 10)
     comet_state = run_dir / "loggers" / "comet.json"
     state = json.loads(comet_state.read_text())
     comet_state.write_text(json.dumps({**state, "delivered": {"train": 12, "validation": 10}}))  # 11, 12 lost
     feed_process(run_dir, [WandbLogger(), CometLogger()], 5, 20, finished=True)
+    wait_for_wandb_to_write(run_dir, 20)
     return run_dir
 
 
@@ -814,6 +829,7 @@ def test_an_untested_version_or_a_changed_file_warns_once_and_the_run_goes_on_wi
     assert not [record for record in caplog.records if "failed" in record.getMessage()]  # the logger went on
     changed.write_bytes(original)  # read back everything the three processes wrote
     if tracker == "wandb":
+        wait_for_wandb_to_write(run_dir, 25)
         assert len(offline_directories(run_dir, state["run_id"])) == 3
         history = read_history(run_dir, state["run_id"])
         train = [row["_step"] for row in history if "train/loss" in row]
