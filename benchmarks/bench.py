@@ -1,7 +1,7 @@
-"""`python benchmarks/bench.py [loader|step|breakdown|checkpoint|averaging|all] [--rounds N] [OVERRIDES]`: measure, on your
-machine and file system, hpctrain against the reference that bounds it, side by side in alternating rounds (A, B,
-A, B, ...) so a busy machine slows both alike; each line prints hpctrain / reference as the median and min-max of
-the per-round ratios.
+"""`python benchmarks/bench.py [loader|step|breakdown|checkpoint|averaging|all] [--rounds N] [OVERRIDES]`:
+measure, on your machine and file system, hpctrain against the reference that bounds it, side by side in
+alternating rounds (A, B, A, B, ...) so a busy machine slows both alike; each line prints hpctrain / reference as
+the median and min-max of the per-round ratios.
 
   loader      the loader's samples/s for each shuffle mode and worker count vs a random gather from the whole
               training set held in RAM (the ceiling: no file system, no HDF5, no processes); with
@@ -14,7 +14,8 @@ the per-round ratios.
   breakdown   the step with the step time breakdown (hpctrain.run.breakdown) on vs off, taking turns step by
               step in one run, on the run's model and on a tiny model; then the breakdown of the run's model next
               to torch.profiler's view of the same steps
-  checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state
+  checkpoint  the time a checkpoint holds up the loop vs a plain torch.save + fsync of the same state, on the disk
+              runs write to and on tmpfs (the CPU side alone), with how much one plain write varies on each
   averaging   the loop's time per step with an EMA of the weights (optim.weight_averaging={kind: ema}) vs the
               same loop without, on the run's model
   (compressed vs uncompressed reads: benchmarks/reader.py)
@@ -377,12 +378,28 @@ def bench_breakdown(config: Config, *, rounds: int, steps: int, tiny_steps: int,
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
-def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
+def bench_checkpoint(*, rounds: int, megabytes: int, directory: Path) -> None:
+    """The checkpoint's stall against torch.save + fsync of the same state, where runs write (disk-bound: what a
+    run waits for) and on tmpfs (/dev/shm: the CPU side alone, the disk dropped out), with how much one plain
+    write varies there, so that no ratio is read from a disk's noise."""
+    places = [("disk", directory)] + ([("tmpfs", Path("/dev/shm"))] if Path("/dev/shm").is_dir() else [])
+    state = {"model": {f"w{i}": torch.randn(megabytes * (1 << 20) // 4 // 16) for i in range(16)}, "step": 1}
+    print(f"checkpoint: a {megabytes} MB state; reference: torch.save + fsync of a new file in the same directory")
+    for place, parent in places:
+        ours, background, reference = _checkpoint_rounds(state, rounds, parent)
+        print(ratio_line(f"checkpoint stall (synchronous), {place}", ours, reference, "s", higher_is_better=False))
+        print(ratio_line(f"checkpoint stall (asynchronous=true), {place}", background, reference, "s",
+                         higher_is_better=False))
+        print(f"  {'':<46} one torch.save + fsync on {place} ({parent}): {min(reference) * 1e3:.1f}-"
+              f"{max(reference) * 1e3:.1f} ms over {rounds} rounds, the slowest {max(reference) / min(reference):.2f}x "
+              f"the fastest")
+
+
+def _checkpoint_rounds(state: dict[str, Any], rounds: int, parent: Path) -> tuple[list[float], ...]:
     from hpctrain.run.checkpoint import CheckpointManager
 
-    state = {"model": {f"w{i}": torch.randn(megabytes * (1 << 20) // 4 // 16) for i in range(16)}, "step": 1}
     ours, background, reference = [], [], []
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory(dir=parent) as directory:
         manager = CheckpointManager(Path(directory) / "run", keep_last=2)
         plain = Path(directory) / "plain.pt"
         with quiet():
@@ -403,9 +420,7 @@ def bench_checkpoint(*, rounds: int, megabytes: int) -> None:
                 background.append(time.perf_counter() - started)
                 manager.wait()  # (in training, the steps until the next checkpoint overlap this)
         manager.close()
-    print(f"checkpoint: a {megabytes} MB state; reference: torch.save + fsync")
-    print(ratio_line("checkpoint stall (synchronous)", ours, reference, "s", higher_is_better=False))
-    print(ratio_line("checkpoint stall (asynchronous=true)", background, reference, "s", higher_is_better=False))
+    return ours, background, reference
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -423,6 +438,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--transform-repeats", type=int, default=0,
                         help="add a CPU-costly transform to the loader: N FFT round trips per sample")
     parser.add_argument("--checkpoint-mb", type=int, default=62, help="size of the checkpointed state")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path.cwd(),
+                        help="where the disk-bound checkpoint rounds write (default: here, where runs/ goes)")
     parser.add_argument("--profile-steps", type=int, default=20,
                         help="training steps profiled to compare the step time breakdown with torch.profiler's")
     args = parser.parse_intermixed_args(argv)
@@ -459,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_breakdown(config, rounds=args.rounds, steps=args.steps, tiny_steps=args.tiny_steps,
                         profile_steps=args.profile_steps)
     if args.what in ("checkpoint", "all"):
-        bench_checkpoint(rounds=args.rounds, megabytes=args.checkpoint_mb)
+        bench_checkpoint(rounds=args.rounds, megabytes=args.checkpoint_mb, directory=args.checkpoint_dir)
     if args.what in ("averaging", "all"):
         bench_averaging(config, rounds=args.rounds, steps=args.steps)
     return 0

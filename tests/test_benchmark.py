@@ -26,12 +26,16 @@ def test_every_comparison_is_printed_with_a_ratio(tiny_data: Path) -> None:
     for label in ("shuffle=samples, 0 workers", "shuffle=samples, 1 workers", "shuffle=blocks, 1 workers",
                   "step, DistopticaNet, raw loop batches in RAM", "step, DistopticaNet, raw loop reading the file",
                   "step, tiny model, raw loop reading the file", "step with the breakdown, DistopticaNet",
-                  "step with the breakdown, tiny model", "checkpoint stall (synchronous)",
-                  "checkpoint stall (asynchronous=true)"):
+                  "step with the breakdown, tiny model", "checkpoint stall (synchronous), disk",
+                  "checkpoint stall (asynchronous=true), disk", "checkpoint stall (synchronous), tmpfs",
+                  "checkpoint stall (asynchronous=true), tmpfs",
+                  "step with an EMA of the weights, DistopticaNet, vs without"):
         match = re.search(re.escape(label) + RATIO, out)
         assert match, f"no ratio line for {label!r} in:\n{out}"
         median, low, high = map(float, match.groups())
         assert 0 < low <= median <= high
+    assert re.search(r"one torch.save \+ fsync on disk .*: \d+\.\d+-\d+\.\d+ ms over 2 rounds", out), out
+    assert re.search(r"the EMA update alone: \d+\.\d+ us", out), out
     pairs = re.findall(r"taking turns step by step with the raw loop reading the file, (\d+) pairs: (\d+\.\d+)x", out)
     assert [int(count) for count, _ in pairs] == [2 * 5 - 3, 2 * 6 - 3]  # rounds x steps, less the warm-up steps
     assert all(float(ratio) > 0 for _, ratio in pairs)
