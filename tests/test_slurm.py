@@ -158,9 +158,10 @@ def waiting_for(*names: str) -> str:
 
 def unexpected_tracebacks(logs: str) -> list[str]:
     """The tracebacks in a job's logs, but W&B's when SLURM ended its service process: a scancel or a requeue by
-    SLURM (SIGTERM to every process of the job step) also ends wandb-core, W&B's service process, at once; the W&B
-    logger's next call fails ("Connection lost", logged once with its traceback; W&B's own atexit hook prints one
-    too). Nothing is lost: the next start reads W&B's offline files and sends what they lack."""
+    SLURM (SIGTERM to every process of the job step) also ends wandb-core, W&B's service process, at once, also
+    while it starts; the W&B logger's next call fails ("Connection lost", or wandb-core "exited with code 128"
+    while W&B waits for its port), logged once with its traceback through W&B's code; W&B's own atexit hook
+    prints one too. Nothing is lost: the next start reads W&B's offline files and sends what they lack."""
     found = []
     for chunk in logs.split("Traceback (most recent call last):\n")[1:]:
         lines = chunk.splitlines()
@@ -169,7 +170,7 @@ def unexpected_tracebacks(logs: str) -> list[str]:
                     and not line.startswith(("[", "srun:", "slurmstepd", "submitit "))), len(lines) - 1)
         found.append("\n".join(lines[:end + 1]))
     return [block for block in found if not ("/wandb/" in block and block.splitlines()[-1].startswith(
-        ("ConnectionResetError", "BrokenPipeError")))]
+        ("ConnectionResetError", "BrokenPipeError", "wandb.")))]
 
 
 # One job, interrupted three times at random steps, each a different way: USR2 (what submitit asks SLURM to send),
