@@ -178,9 +178,8 @@ def unexpected_tracebacks(logs: str) -> list[str]:
 # requeues the job itself, and the job checkpoints and leaves the requeue to SLURM). A loader worker runs all along:
 # each signal also reaches the worker process, which must leave it to the training process. The job also logs to
 # every built-in logger: one run of each, reopened three times, each step once. Each process waits for all but W&B
-# to open: W&B starts its service process (subprocess.Popen) in the logger's thread, and where the loader forks its
-# worker at that moment the worker inherits the pipe Popen waits on, so W&B opens only once the worker has ended
-# (at the process's end). Every step is in W&B once either way; the wait would hold the job until it gave up.
+# to open: SLURM's signal may end W&B's service process (wandb-core) while it starts (unexpected_tracebacks), and
+# the wait would then hold the job until it gave up. Every step is in W&B once either way.
 INTERRUPTIONS = ("USR2", "TERM", "requeue")
 
 

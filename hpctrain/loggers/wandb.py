@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from hpctrain.callbacks import EndView, RunView
 from hpctrain.loggers import KINDS, Logger, display_name, run_tags, short_tags
 from hpctrain.loggers.wandb_offline_log import FORMAT, stored_history
+from hpctrain.process.fork_guard import no_fork_meanwhile
 from hpctrain.run.metrics import MetricsRow
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class WandbLogger(Logger):
         tags = run_tags(run)
         settings = wandb.Settings(mode=self.mode, silent=True, console="off", x_disable_stats=True,
                                   x_disable_meta=True, disable_git=True, save_code=False, x_save_requirements=False)
+        # W&B's service process starts here (subprocess.Popen, local): no loader worker may be forked meanwhile,
+        # or W&B would wait for that worker's end (hpctrain.process.fork_guard). Opening the run may take
+        # longer (online: the network), and forks need not wait for that.
+        with no_fork_meanwhile():
+            wandb.setup(settings)
         self.run = wandb.init(
             id=self.run_id, resume="allow", dir=str(self.root), settings=settings,
             project=self.project or str(run.config.get("task", {}).get("name", "hpctrain")), entity=self.entity,
