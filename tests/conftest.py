@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,3 +186,30 @@ def slurm_cluster() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the SLURM test cluster is required under CI=true: {reason}")
         pytest.skip(f"SLURM TEST CLUSTER UNAVAILABLE, SLURM tests not run: {reason}")
+
+
+def run_two_gloo_ranks(target: Any, *args: Any) -> dict[int, Any]:
+    """Run target(rank, *args, port, results) in two spawned processes (ranks of a gloo group on MASTER_PORT
+    `port`), each putting (rank, result) on `results`; {rank: result}. A rank that fails (its traceback on stderr)
+    fails the caller at once instead of leaving it waiting for the other's result."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    from hpctrain.launching.job import _free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=target, args=(rank, *args, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcome: dict[int, Any] = {}
+    while len(outcome) < 2:
+        assert all(process.exitcode in (None, 0) for process in processes), [p.exitcode for p in processes]
+        with contextlib.suppress(queue.Empty):
+            outcome.update([results.get(timeout=1)])
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    return outcome

@@ -6,16 +6,13 @@ the end) is here."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from hpctrain.config import ConfigError, InitFromConfig, WeightAveragingConfig
@@ -23,7 +20,7 @@ from hpctrain.process.distributed import DistributedContext
 from hpctrain.run.averaging import WeightAveraging, averaged_weights, weights_kind, weights_of
 from hpctrain.run.checkpoint import CheckpointManager, state_dict_digest
 
-from .conftest import PYTHON, REPO, kill_after_checkpoint, launch, tiny_overrides
+from .conftest import PYTHON, REPO, kill_after_checkpoint, launch, run_two_gloo_ranks, tiny_overrides
 from .test_config import compose_config
 from . import zygote
 
@@ -60,7 +57,9 @@ def test_ema_follows_torchs_update_with_a_warmed_up_decay_and_counts_only_applie
     for name, value in expected.items():
         if value.is_floating_point():
             torch.testing.assert_close(averaged[name], value, rtol=0, atol=1e-6)
-    assert weights_of(state) is averaged or weights_of(state).keys() == averaged.keys()
+    taken = weights_of(state)
+    assert taken.keys() == averaged.keys() and all(torch.equal(taken[name], averaged[name]) for name in taken)
+    assert any(not torch.equal(taken[name], state["model"][name]) for name in taken)
     assert weights_kind(state) == "ema" and weights_kind(state, raw=True) == "raw"
     assert weights_of(state, raw=True) is state["model"]
     fresh = WeightAveraging(config, model, [], dist=_one_rank(), inputs=["x"])  # no update yet: the raw weights
@@ -111,23 +110,7 @@ def test_two_ranks_keep_bitwise_the_same_average(tmp_path: Path, tiny_data: Path
                                               "optim.weight_averaging={kind: ema, decay: 0.9}")),
                compose_config(*tiny_overrides(tiny_data, *common, "model.norm=batch",
                                               "optim.weight_averaging={kind: swa, start_step: 4, swa_lr: 0.01}"))]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    from hpctrain.launching.job import _free_port
-
-    port = _free_port()
-    processes = [context.Process(target=_train_two_ranks, args=(rank, configs, str(tmp_path), port, results))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    outcome: dict = {}
-    while len(outcome) < 2:  # a rank that failed (its traceback on stderr) fails the test at once
-        assert all(process.exitcode in (None, 0) for process in processes), [p.exitcode for p in processes]
-        with contextlib.suppress(queue.Empty):
-            outcome.update([results.get(timeout=1)])
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outcome = run_two_gloo_ranks(_train_two_ranks, configs, str(tmp_path))
     assert outcome[0] == outcome[1]  # averages, update counts, raw weights, learning rates: bitwise alike
     (_, ema_updates, _, _), (_, swa_updates, _, swa_lrs) = outcome[0]
     assert ema_updates == 8  # once per optimizer step, not per micro-batch

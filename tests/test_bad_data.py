@@ -135,6 +135,15 @@ def test_finite_means_leave_out_samples_whose_loss_or_value_is_not_finite() -> N
     assert np.isnan(finite_means({"loss": np.array([np.nan, np.nan])})["loss"])
 
 
+def damage_chunk(path: Path, *, row: int) -> None:
+    """Overwrite bytes in the middle of the gzip chunk of "images" that holds `row`: HDF5 cannot decode it."""
+    with h5py.File(path, "r+") as file:
+        info = file["images"].id.get_chunk_info_by_coord((row, 0, 0))
+    with open(path, "r+b") as file:
+        file.seek(info.byte_offset + info.size // 2)
+        file.write(b"\xff" * 16)
+
+
 def gzip_copy(tiny_data: Path, path: Path) -> Path:
     """The tiny data with its images in gzip chunks of 8."""
     with h5py.File(tiny_data) as source, h5py.File(path, "w") as target:
@@ -156,11 +165,7 @@ def test_an_unreadable_chunk_on_one_of_two_ranks_stops_every_rank_at_the_same_st
     args = ["trainer.max_steps=24", "trainer.val_every_steps=12", "callbacks.checkpoint.every_steps=100",
             "launcher.num_processes=2"]
     launch(tiny_overrides(good, *args), run_dir=tmp_path / "reference")
-    with h5py.File(data, "r+") as file:
-        info = file["images"].id.get_chunk_info_by_coord((96, 0, 0))  # rows 96-103: read within the first epoch
-    with open(data, "r+b") as file:
-        file.seek(info.byte_offset + info.size // 2)
-        file.write(b"\xff" * 16)
+    damage_chunk(data, row=96)  # rows 96-103: read within the first epoch
     run_dir = tmp_path / "run"
     failed = launch(tiny_overrides(data, *args), run_dir=run_dir, check=False, timeout=180)
     output = failed.stdout + failed.stderr
@@ -192,11 +197,7 @@ def test_an_unreadable_chunk_mid_run_stops_cleanly_and_resumes_bit_exactly(tmp_p
     _, _, reference = trainer_for(good, tmp_path / "reference", *overrides)
     reference.fit()
     expected = CheckpointManager.load(reference.checkpoints.newest_valid())["model"]
-    with h5py.File(data, "r+") as file:
-        info = file["images"].id.get_chunk_info_by_coord((96, 0, 0))  # rows 96-103: read within the first epoch
-    with open(data, "r+b") as file:
-        file.seek(info.byte_offset + info.size // 2)
-        file.write(b"\xff" * 16)
+    damage_chunk(data, row=96)  # rows 96-103: read within the first epoch
     run_dir = tmp_path / "run"
     _, _, trainer = trainer_for(data, run_dir, *overrides)
     state = trainer.fit()

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hpctrain.components import build_components, build_trainer
 from hpctrain.config import Config
 
-from .conftest import final_weights, launch, tiny_overrides
+from .conftest import final_weights, launch, run_two_gloo_ranks, tiny_overrides
 from .test_config import compose_config
 
 # 154 training samples, global batch 16: 10 steps per epoch, the 10th with a 10-sample tail; 22 steps cross two.
@@ -115,19 +114,7 @@ def _count_allreduces(rank: int, config: Config, run_dir: str, port: int, result
 
 def test_gradients_are_all_reduced_only_on_the_last_microbatch(tmp_path: Path, tiny_data: Path) -> None:
     config = compose_config(*tiny_overrides(tiny_data, "trainer.micro_batch_size=4"))
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    from hpctrain.launching.job import _free_port
-
-    port = _free_port()
-    processes = [context.Process(target=_count_allreduces, args=(rank, config, str(tmp_path), port, results))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    outcome = dict(results.get(timeout=300) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outcome = run_two_gloo_ranks(_count_allreduces, config, str(tmp_path))
     for rank in (0, 1):
         (_, passes_single, calls_single), (_, passes_accumulated, calls_accumulated) = outcome[rank]
         assert passes_accumulated == 3 * passes_single == 12

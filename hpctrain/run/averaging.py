@@ -190,10 +190,9 @@ class WeightAveraging:
         is the groups' scheduler from start_step on, and its state is the checkpoint's)."""
         if self.averaged is None:
             return
-        if entry is None:  # a checkpoint of this run from before the averaging was configured: start it afresh
-            log.warning("the checkpoint holds no weight average: optim.weight_averaging starts from its weights")
-            self.averaged.load_state_dict({**{f"{_PREFIX}{k}": v for k, v in self.model.state_dict().items()},
-                                           "n_averaged": torch.zeros_like(self.averaged.n_averaged)})
+        if entry is None:  # a checkpoint from before the averaging was configured: it starts afresh (its first
+            # update copies the weights then: n_averaged is still 0)
+            log.warning("the checkpoint holds no weight average: optim.weight_averaging starts after this step")
         else:
             self.averaged.load_state_dict(entry["state"])
         self._enter_swa_lr(step)

@@ -244,8 +244,9 @@ class Trainer:
             batches = None if epoch_ended else batches  # the next epoch's order: a new iterator
             for group in self.groups:  # a torch scheduler's step: a skipped step counts, as for the built-in ones
                 group.after_step(epoch_ended=epoch_ended)
-            self.averaging.after_step(self.state.step, applied=not result.nonfinite,  # (SWALR: from the next step)
-                                      last=bool(self.state.limit_reached(self.config.trainer)))
+            if self.averaging.enabled:  # (SWALR: from the next step)
+                self.averaging.after_step(self.state.step, applied=not result.nonfinite,
+                                          last=bool(self.state.limit_reached(self.config.trainer)))
 
             samples_per_second = result.num_samples / max(time.perf_counter() - step_started, 1e-9)
             self.callbacks.call("on_step_end", StepEnded(step=self.state.step, epoch=epoch, result=result,
