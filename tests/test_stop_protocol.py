@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpctrain.config import LauncherConfig
-from hpctrain.process import history, stop
+from hpctrain.process import history, slurm_view, stop
 from hpctrain.process.slurm_view import Cause
 from hpctrain.process.stop import TRANSITIONS, StopProtocol, StopState
 from hpctrain.process.watchdog import Watchdog
@@ -77,6 +77,23 @@ def test_a_stop_after_the_checkpoint_acts_on_the_combined_cause(tmp_path: Path, 
     assert [row["reason"] for row in history.attempts(history.read(tmp_path))] == [reason]
     with pytest.raises(RuntimeError, match="cannot stop from stopped"):
         protocol.finish(summary)
+
+
+def test_an_array_element_is_named_as_the_element_never_as_its_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    slurm_task: list[str]) -> None:
+    """One element of a job array has the array's id as its SLURM_JOB_ID, which scontrol and sacct take as every
+    element: SLURM is asked about, and requeues, element 41_1 only."""
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    asked: list[str] = []
+    monkeypatch.setattr(slurm_view, "query_job", lambda job, **_: asked.append(job))
+    assert slurm_view.classify_now(["SIGUSR2"], LauncherConfig(name="slurm"))[0] is Cause.PREEMPTED
+    protocol = StopProtocol()
+    protocol.begin_run(LauncherConfig(name="slurm"), tmp_path)
+    protocol._handle(signal.SIGUSR2, None)
+    monkeypatch.setattr(stop, "classify_now", lambda names, launcher: (Cause.PREEMPTED, "preempted"))
+    protocol.finish({"step": 3, "finished": False})
+    assert asked == ["41_1"] and slurm_task == ["41_1"] and history.job_identity() == ("41_1", 0)
 
 
 class StatesSeenByTheHangAction(StopProtocol):

@@ -21,6 +21,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hpctrain.process import slurm_view
+
 log = logging.getLogger(__name__)
 
 HISTORY_FILENAME = "jobs.jsonl"
@@ -44,14 +46,9 @@ def _now() -> str:
 def job_identity() -> tuple[str, int]:
     """(the job as the user knows it: 123 or 123_4 for an array element, SLURM_RESTART_COUNT); ('local', 0)
     outside SLURM."""
-    env = os.environ
-    if "SLURM_JOB_ID" not in env:
+    if "SLURM_JOB_ID" not in os.environ:
         return "local", 0
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    else:
-        job = env["SLURM_JOB_ID"]
-    return job, int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    return slurm_view.job_id(), slurm_view.restart_count()
 
 
 def append(run_dir: Path, event: dict[str, Any]) -> None:

@@ -217,6 +217,16 @@ def requeue(job_id: str, *, restart_count: int) -> tuple[bool, str]:
     return False, f"`scontrol requeue {job_id}` failed: {result.stderr.strip()}"
 
 
+def job_id() -> str:
+    """This job as SLURM's commands must name it: `123_4` for an element of a job array, else SLURM_JOB_ID. An array
+    element's SLURM_JOB_ID can be the array's id itself (one element has it), which `scontrol show job`, `sacct` and
+    `scontrol requeue` take as every element of the array."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
 def restart_count() -> int:
     """This attempt's SLURM_RESTART_COUNT (0 before the first requeue)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -224,11 +234,11 @@ def restart_count() -> int:
 
 def classify_now(signal_names: list[str], launcher: "LauncherConfig") -> tuple[Cause, str]:
     """Ask SLURM why this job was signalled and classify the answer (never in a signal handler: it runs scontrol)."""
-    job_id = os.environ["SLURM_JOB_ID"]
+    job = job_id()
     try:
-        view = query_job(job_id)
+        view = query_job(job)
     except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as error:
-        log.warning("cannot ask SLURM about job %s: %s", job_id, error)
+        log.warning("cannot ask SLURM about job %s: %s", job, error)
         view = None
     return classify(signal_names, view, restart_count=restart_count(), signal_delay_s=launcher.signal_delay_s,
                     sigterm=launcher.sigterm)
