@@ -1,7 +1,8 @@
 """Hyperparameter search (`python -m hpctrain.tune`): the search space and preflight (quick), a local study of 2
 worker processes with a SIGKILLed worker and a rerun, on the journal file and on MariaDB (slow), a MariaDB study
-whose killed worker's trial is found by Optuna's heartbeat and retried in its run directory (slow), and a SLURM job
-array with a worker requeued mid-trial, on both storages (slurm)."""
+whose killed worker's trial is found by Optuna's heartbeat and retried in its run directory (slow), a SLURM job
+array with a worker requeued mid-trial on MariaDB (slurm), and a study of two-node trials on SLURM: pruned on both
+ranks, requeued mid-trial, cancelled and continued by the same command, which then finds it finished (slurm)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,41 @@ def test_preflight_without_optuna_says_how_to_install_it(tmp_path: Path, capsys:
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     assert tune.main(["optim.lr=interval(1e-4, 1e-2)", f"paths.runs_dir={tmp_path}"]) == 2
     assert "pip install 'hpctrain[optuna]'" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def _two_trials_then_none(rank: int, port: int, results) -> None:
+    """A multi-rank worker's ranks: rank 0 shares two trials, then none; each trial's process group forms on its
+    own prefix of the one store and sums the ranks."""
+    import torch
+    import torch.distributed
+
+    from hpctrain.process.distributed import init_distributed, shutdown_distributed
+    from hpctrain.tuning.ranks import Assignment, TrialRanks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    ranks = TrialRanks(rank, 2, timeout_s=60, rendezvous_timeout_s=60)
+    seen = []
+    for number in (0, 1):
+        shared = Assignment(number, 10 + number, f"/runs/trial_{number}", [f"optim.lr={number}"])
+        trial = ranks.share(shared if rank == 0 else None)
+        init_distributed(device_preference="cpu", timeout_s=60, store=trial.store)
+        total = torch.tensor([rank + 1.0])
+        torch.distributed.all_reduce(total)
+        shutdown_distributed()
+        seen.append((trial.assignment, total.item()))
+    seen.append((ranks.share(None).assignment, None))
+    results.put((rank, seen))
+
+
+def test_a_multi_rank_workers_ranks_train_the_trials_rank_0_shares_each_in_a_group_of_its_own() -> None:
+    from hpctrain.tuning.ranks import Assignment
+
+    from .conftest import run_two_gloo_ranks
+
+    seen = run_two_gloo_ranks(_two_trials_then_none)
+    assert seen[0] == seen[1] == [(Assignment(0, 10, "/runs/trial_0", ["optim.lr=0"]), 3.0),
+                                  (Assignment(1, 11, "/runs/trial_1", ["optim.lr=1"]), 3.0), (None, None)]
 
 
 # -- slow: a local study, a killed worker, the rerun ---------------------------------------------------------------
@@ -325,9 +361,10 @@ def test_rdb_study_finds_a_killed_workers_trial_by_its_heartbeat_and_retries_it_
 # -- SLURM: a job array, one worker requeued mid-trial -------------------------------------------------------------
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
-@pytest.mark.parametrize("storage", ["journal", "mariadb"])
 def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bit_exact(
-        tmp_path: Path, tiny_data: Path, storage: str) -> None:
+        tmp_path: Path, tiny_data: Path) -> None:
+    """One-rank trials, MariaDB through its Unix socket (the journal file: the two-node study below)."""
+    storage = "mariadb"
     from .test_slurm import history_reasons, queue_state, release_when_requeued, sh, wait_until
 
     slurm = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.timeout_min=10", "trainer.max_steps=40",
@@ -372,3 +409,107 @@ def test_slurm_study_is_one_job_array_and_a_requeued_worker_resumes_its_trial_bi
     launch([*tiny_overrides(tiny_data, *slurm), *trial["overrides"], "launcher=local"], run_dir=alone)
     assert state_dict_digest(final_weights(run_dir)) == state_dict_digest(final_weights(alone))
     shutil.rmtree(alone)
+
+
+# -- SLURM: trials of two ranks on two nodes ---------------------------------------------------------------------
+# Evaluations (the pruner's chances) every 4 steps, checkpoints every 3: a trial seen with its newest checkpoint at
+# a step that is no evaluation is mid-way, not ending.
+TWO_NODE_TRIAL = ["launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
+                  "launcher.timeout_min=10", "trainer.max_steps=24", "trainer.val_every_steps=4",
+                  "callbacks.checkpoint.every_steps=3", "callbacks.early_stopping.enabled=false"]
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_rerun_submits_only_what_is_needed(
+        tmp_path: Path, tiny_data: Path) -> None:
+    """A study of 2-rank trials (one rank on each of the two nodes), 2 workers: trial 2 learns nothing and is
+    pruned at an evaluation (both ranks stop there, and the worker goes on); worker 0 is requeued mid-trial and
+    resumes it bit-exactly; the study is cancelled mid-trial and the same command submits only the workers still
+    needed, which finish it with every step of every trial trained once, the cancelled trial bit-exactly; run
+    again, it submits nothing."""
+    from hpctrain.launching.slurm import recorded_job_id
+    from hpctrain.process.history import attempts, read
+
+    from .test_slurm import history_reasons, known_jobs, release_when_requeued, sh, wait_until
+
+    args = [*tiny_overrides(tiny_data, *TWO_NODE_TRIAL), "optim.lr=tag(log, interval(1e-4, 3e-2))",
+            "tune.n_trials=5", "tune.parallel=2", "tune.pruner=median", "tune.n_startup_trials=1",
+            "tune.enqueue=[{optim.lr: 0.01}, {optim.lr: 0.009}, {optim.lr: 1e-7}]", f"paths.runs_dir={tmp_path}",
+            "run_name=study"]
+    tune_dir = tmp_path / "study"
+    submitted = run_tune(args, timeout=120)
+    assert submitted.returncode == 0 and "submitted job array" in submitted.stdout, submitted.stderr[-3000:]
+    first_jobs = [recorded_job_id(tune_dir / "workers" / str(index)) for index in (0, 1)]
+    array_id = first_jobs[0].split("_")[0]
+
+    def mid_trial(index: int | None = None) -> int | None:
+        """A trial that a worker (`index`, or any) is training, mid-way: a checkpoint since its attempt started,
+        at a step that is no evaluation."""
+        for worker, record in worker_trials(tune_dir).items():
+            run_dir = tune_dir / f"trial_{record['number']:04d}"
+            rows = attempts(read(run_dir))
+            steps = [info.step for info in CheckpointManager(run_dir, keep_last=2).complete()]
+            if (index in (None, worker) and rows and rows[-1]["reason"] is None and steps
+                    and max(steps) > rows[-1]["resume_step"] and max(steps) % 4):
+                return record["number"]
+        return None
+
+    requeued: dict = {}
+
+    def worker_0_mid_trial() -> bool:
+        requeued["number"] = mid_trial(0)
+        return requeued["number"] is not None
+
+    wait_until(worker_0_mid_trial, timeout=300, what="worker 0 mid-trial", interval=0.05)
+    sh("scontrol", "requeue", first_jobs[0])
+    release_when_requeued(first_jobs[0])
+    # Cancel the whole study mid-trial, once a trial has ended since the requeue.
+    wait_until(lambda: any(p.exists() for p in tune_dir.glob("trial_*/result.json")) and mid_trial() is not None,
+               timeout=300, what="a trial mid-way after one ended", interval=0.05)
+    sh("scancel", array_id)
+    wait_until(lambda: sh("squeue", "--noheader", "--jobs", array_id) == "", timeout=120, what="the cancelled array")
+    cancelled = [int(p.parent.name[6:]) for p in tune_dir.glob("trial_*/jobs.jsonl")
+                 if history_reasons(p.parent)[-1] == "cancelled"]
+    assert cancelled, [history_reasons(p.parent) for p in tune_dir.glob("trial_*/jobs.jsonl")]
+
+    study = open_study(StudySpec.read(tune_dir))
+    running = {t.number for t in study.get_trials() if t.state.name == "RUNNING"}
+    interrupted = {index for index, record in worker_trials(tune_dir).items() if record["number"] in running}
+    untaken = 5 - sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING") for t in study.get_trials())
+    assert set(cancelled) <= running and interrupted, (running, worker_trials(tune_dir))
+    before = known_jobs()
+    again = run_tune(args, timeout=120)
+    assert again.returncode == 0 and "submitted job array" in again.stdout, again.stdout + again.stderr[-3000:]
+    started = {index for index in (0, 1) if recorded_job_id(tune_dir / "workers" / str(index)) not in first_jobs}
+    assert interrupted <= started and len(started) == min(2, len(interrupted) + untaken), (started, again.stdout)
+    second_array = recorded_job_id(tune_dir / "workers" / str(min(started))).split("_")[0]
+    wait_until(lambda: sh("squeue", "--noheader", "--jobs", second_array) == "", timeout=400, what="the rerun")
+
+    summary = json.loads(zygote.run([PYTHON, "-m", "hpctrain.inspect", str(tune_dir), "--json"], cwd=REPO,
+                                    check=True).stdout)
+    states = [trial["state"] for trial in summary["trials"]]
+    assert [trial["number"] for trial in summary["trials"]] == list(range(5)), states
+    assert states[2] == "pruned" and set(states) <= {"complete", "pruned"}, states
+    for trial in summary["trials"]:  # each step once, on both ranks together: a disagreement would hang
+        run_dir = Path(trial["run_dir"])
+        result = json.loads((run_dir / "result.json").read_text())
+        with open_for_reading(run_dir / "metrics.h5") as file:
+            assert file["train/step"][()].tolist() == list(range(1, result["step"] + 1)), trial["number"]
+        assert result["stop_reason"].startswith("pruned" if trial["state"] == "pruned" else "reached")
+    assert history_reasons(tune_dir / f"trial_{requeued['number']:04d}")[:1] == ["requeued_by_slurm"]
+    assert history_reasons(tune_dir / f"trial_{cancelled[0]:04d}")[-2:] == ["cancelled", "completed"]
+    for number in {requeued["number"], cancelled[0]}:  # resumed bit-exactly: as 2 local ranks uninterrupted
+        run_dir = tune_dir / f"trial_{number:04d}"
+        last = json.loads((run_dir / "result.json").read_text())["step"]  # 24, or the step it was pruned at
+        alone = tmp_path / f"alone_{number}"
+        launch([*tiny_overrides(tiny_data, *TWO_NODE_TRIAL), *summary["trials"][number]["overrides"],
+                "launcher=local", "launcher.num_processes=2",
+                "callbacks.checkpoint.every_steps=1", "callbacks.checkpoint.keep_last=24"], run_dir=alone)
+        at_last = next(info for info in CheckpointManager(alone, keep_last=24).complete() if info.step == last)
+        assert (state_dict_digest(final_weights(run_dir))
+                == state_dict_digest(CheckpointManager.load(at_last)["model"])), number
+
+    finished = run_tune(args, timeout=120)
+    assert finished.returncode == 0 and "finished" in finished.stdout and "submitted" not in finished.stdout
+    assert all(job.startswith(f"{second_array}_") for job in known_jobs() - before), known_jobs() - before

@@ -53,12 +53,12 @@ def check_run_dir_writable(run_dir: Path) -> None:
 
 
 def run_rank(config: Config, run_dir: Path, *, stop_requested: Callable[[], bool] = lambda: False,
-             evaluation_stop: Callable[[int, float], str] | None = None) -> dict[str, Any]:
+             evaluation_stop: Callable[[int, float], str] | None = None, store: Any = None) -> dict[str, Any]:
     """Train as one rank of the process group the environment describes; returns the run's summary
-    (`evaluation_stop`: see hpctrain.run.trainer.Trainer)."""
+    (`evaluation_stop`: see hpctrain.run.trainer.Trainer; `store`: see init_distributed)."""
     configure_determinism(config.trainer.deterministic)  # before init_distributed starts CUDA
     dist = init_distributed(device_preference=config.trainer.device, timeout_s=config.trainer.distributed_timeout_s,
-                            rendezvous_timeout_s=config.trainer.rendezvous_timeout_s)
+                            rendezvous_timeout_s=config.trainer.rendezvous_timeout_s, store=store)
     clean = False
     try:
         with run_lock(run_dir) if dist.is_main else nullcontext(), watching(config, dist.rank):

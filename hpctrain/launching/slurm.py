@@ -146,9 +146,11 @@ def _newest_checkpoint_step(run_dir: Path) -> int:
     return complete[0].step if complete else 0
 
 
-def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_stop: Any = None) -> dict[str, Any]:
+def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_stop: Any = None,
+             store: Any = None) -> dict[str, Any]:
     """One rank of a SLURM job, under submitit (TrainingJob, TuneWorker) or srun (slurm/train.sbatch): one
-    protocol. `stop` is the task's stop protocol, its handlers installed by the entry point.
+    protocol. `stop` is the task's stop protocol, its handlers installed by the entry point; `store`: the store
+    the process group forms on (a multi-rank tune worker's trial: hpctrain.tuning.ranks), None: its own.
 
     USR2/SIGTERM only set the stop flag; rank 0 asks SLURM why in a helper thread. The ranks stop together at the
     next step boundary and write a checkpoint; then rank 0 has the protocol act on the cause (`StopProtocol.finish`,
@@ -172,7 +174,8 @@ def run_task(config: Config, run_dir: Path, *, stop: StopProtocol, evaluation_st
         history.record_start(run_dir, resume_step=_newest_checkpoint_step(run_dir))
     try:
         with watchdog.reporting_to(stop):
-            summary = run_rank(config, run_dir, stop_requested=stop.stop_requested, evaluation_stop=evaluation_stop)
+            summary = run_rank(config, run_dir, stop_requested=stop.stop_requested, evaluation_stop=evaluation_stop,
+                               store=store)
     except BaseException as error:
         if rank == 0 and not isinstance(error, RunDirectoryTakenOver):  # a taken-over run is not ours to record
             history.record_end(run_dir, "failed", step=0, message=f"{type(error).__name__}: {error}"[:500])
@@ -272,9 +275,11 @@ def recorded_job_id(run_dir: Path) -> str | None:
 
 
 def job_state(job_id: str) -> str:
-    """The job's SLURM state (squeue while it is known there, else sacct), or UNKNOWN."""
-    squeue = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%T"], capture_output=True,
-                            text=True, timeout=60)
+    """The job's SLURM state, or UNKNOWN: slurmctld's (squeue --states=all) while it knows the job, also for a while
+    after its end (MinJobAge), else accounting's (sacct), which can lag an end by a moment: asked first, sacct
+    could still say REQUEUED or RUNNING of a job that has just been cancelled."""
+    squeue = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format", "%T"],
+                            capture_output=True, text=True, timeout=60)
     states = squeue.stdout.split() if squeue.returncode == 0 else []
     if not states:
         sacct = subprocess.run(["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format", "State",

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from hpctrain.config import ConfigError
+from hpctrain.process import history
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,22 @@ def step_peak_memory(device: torch.device) -> float:
     return float(peak)
 
 
-def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeout_s: int | None = None
-                     ) -> DistributedContext:
+def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The TCP store at MASTER_ADDR:MASTER_PORT through which the ranks find each other: rank 0 serves it and waits
+    for every rank to connect (wait_for_workers), the others wait for rank 0, each up to `timeout`."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=rank == 0, timeout=timeout, wait_for_workers=True)
+
+
+def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeout_s: int | None = None,
+                     store: dist.Store | None = None) -> DistributedContext:
     """Join the process group described by the environment (or run alone).
 
     Two timeouts: `rendezvous_timeout_s` bounds forming the group (a rank that died at launch, before it joined,
     makes the others fail after this long instead of after the collective timeout), `timeout_s` bounds each
-    collective afterwards."""
+    collective afterwards. `store`: the store the group forms on, opened by the caller (a multi-rank tune worker's
+    ranks form one group per trial on a prefix of their job's store: hpctrain.tuning.ranks); None: the
+    rendezvous store, opened here."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -144,9 +154,10 @@ def init_distributed(*, device_preference: str, timeout_s: int, rendezvous_timeo
             os.environ.setdefault(name, value)
         rendezvous = datetime.timedelta(seconds=rendezvous_timeout_s or timeout_s)
         try:
-            # The master waits for every rank to connect (wait_for_workers), the others for the master.
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                  is_master=rank == 0, timeout=rendezvous, wait_for_workers=True)
+            if store is None:
+                store = rendezvous_store(rank, world_size, rendezvous)
+            else:
+                store.set_timeout(rendezvous)
             dist.init_process_group(
                 backend=backend,
                 store=store,
@@ -200,10 +211,7 @@ _held_locks: dict[Path, tuple[int, int]] = {}
 
 def lock_owner() -> dict[str, Any]:
     """Who takes a run lock: the SLURM job (or 'local'), host and pid."""
-    job = os.environ.get("SLURM_JOB_ID", "local")
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return {"job_id": job, "host": socket.gethostname(), "pid": os.getpid()}
+    return {"job_id": history.job_identity()[0], "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _describe(holder_text: str) -> str:

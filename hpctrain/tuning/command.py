@@ -43,10 +43,6 @@ def preflight(overrides: list[str], config_dir: str | None) -> tuple[StudySpec, 
     if config.launcher.name == "srun":
         raise ConfigError("launcher.name=srun: a study's workers are started by hpctrain.tune; use launcher=local "
                           "or launcher=slurm")
-    if config.launcher.name == "slurm" and config.launcher.nodes * config.launcher.tasks_per_node != 1:
-        raise ConfigError(f"launcher.nodes={config.launcher.nodes}, launcher.tasks_per_node="
-                          f"{config.launcher.tasks_per_node}: a study's SLURM workers train one-rank trials (one "
-                          f"task each); for multi-rank trials use launcher=local with launcher.num_processes")
     for position, params in enumerate(config.tune.enqueue):
         for key in flatten(params):
             if key not in found:

@@ -21,7 +21,9 @@ stop at the same step boundary, with a checkpoint, and the run's stop reason sta
 
 Under SLURM, `TuneWorker` creates the task's stop protocol (hpctrain.process.stop) and installs its handlers first
 thing (unpickling it imports no torch); every trial runs under that one protocol, so a stop signal that came
-between two trials stops the next one.
+between two trials stops the next one. A worker whose job has several tasks (launcher.nodes x
+launcher.tasks_per_node) trains multi-rank trials: its rank 0 does all of the above and shares each trial with the
+other ranks (hpctrain.tuning.ranks), which train it with it and never open the study.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import submitit
 from hpctrain.config import Config
 from hpctrain.launching import slurm
 from hpctrain.process.stop import StopProtocol
+from hpctrain.tuning.ranks import Assignment, TrialRanks
 from hpctrain.tuning.space import trial_overrides
 from hpctrain.tuning.study import (Heartbeat, StudySpec, ask_lock, ask_quietly, asked, claim, fail_stale,
                                    make_pruner, make_sampler, open_study, retried_from)
@@ -142,12 +145,14 @@ def _local_rank(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, A
     return run_rank(config, run_dir, evaluation_stop=judge)
 
 
-def _slurm_trainer(stop: StopProtocol) -> Callable[[Config, Path, TrialJudge], dict[str, Any]]:
+def _slurm_trainer(stop: StopProtocol, ranks: TrialRanks | None
+                   ) -> Callable[[Config, Path, TrialJudge], dict[str, Any]]:
     """Each trial a SLURM run of its own, under the worker's one stop protocol: a signal between two trials stops
-    the next one."""
+    the next one. With several ranks, each trial's process group forms on the store of the trial last shared."""
 
     def train(config: Config, run_dir: Path, judge: TrialJudge) -> dict[str, Any]:
-        return slurm.run_task(config, run_dir, stop=stop, evaluation_stop=judge)
+        store = None if ranks is None else ranks.current.store
+        return slurm.run_task(config, run_dir, stop=stop, evaluation_stop=judge, store=store)
 
     return train
 
@@ -161,24 +166,31 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
     from hpctrain.process.exit import skip_final_collection
 
     skip_final_collection()
-    configure_rank_logging(0)
-    tune_dir = spec.path
     base = compose_config(spec.overrides, config_dir=spec.config_dir)
+    ranks = None if stop is None else TrialRanks.of_job(base.trainer.distributed_timeout_s,
+                                                         base.trainer.rendezvous_timeout_s)
+    configure_rank_logging(0 if ranks is None else ranks.rank)
+    train = _train_local if stop is None else _slurm_trainer(stop, ranks)
+    if ranks is not None and not ranks.is_main:
+        return _follow_rank_0(spec, ranks, train)
+    tune_dir = spec.path
     study = open_study(spec, pruner=make_pruner(base.tune))
     # A seed of its own for each worker and each start of it: a restarted worker must not draw its first values again.
     seed = hash((base.seed, index, len(study.get_trials(deepcopy=False)))) % 2**32
     study.sampler = make_sampler(base.tune, seed)
-    train = _train_local if stop is None else _slurm_trainer(stop)
     while True:
         # A stop signal that came between two trials stops the next one after its first step: the trainer then
         # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
         taken = _resume_or_ask(study, spec, index)
-        if taken is None:
+        assignment = None if taken is None else _assign(spec, study, taken[0], index)
+        if ranks is not None:
+            ranks.share(assignment)
+        if taken is None or assignment is None:
             log.info("worker %d: the study has its %d trials; done", index, spec.n_trials)
             return "done"
         trial, heartbeat = taken
         try:
-            summary = _run_trial(spec, study, trial, index, train)
+            summary = _run_trial(spec, study, trial, assignment, index, train)
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
@@ -190,13 +202,29 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
             _record_trial(tune_dir, index, None)
 
 
-def _run_trial(spec: StudySpec, study: Any, trial: Any, index: int,
-               train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> dict[str, Any] | None:
-    """Train the trial in its run directory and tell the study how it ended; returns the run's summary (None: it
-    failed with an exception), and tells nothing for a run that stopped unfinished (it resumes)."""
+def _follow_rank_0(spec: StudySpec, ranks: TrialRanks,
+                   train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> str:
+    """A multi-rank worker's other ranks: train each trial that rank 0 shares, until it shares none. A failed
+    trial is rank 0's to tell; a stopped one stopped every rank at the same step."""
     from hpctrain.launching.app import compose_config
     from hpctrain.process.distributed import RunDirectoryTakenOver
 
+    while (assignment := ranks.share().assignment) is not None:
+        try:
+            config = compose_config([*spec.overrides, *assignment.overrides], config_dir=spec.config_dir)
+            summary = train(config, Path(assignment.run_dir), TrialJudge(spec, config, assignment.trial_id))
+        except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:
+            log.error("rank %d: trial %d failed: %s: %s", ranks.rank, assignment.number, type(error).__name__, error)
+            continue
+        if not summary.get("finished"):
+            return "stopped"
+    return "done"
+
+
+def _assign(spec: StudySpec, study: Any, trial: Any, index: int) -> Assignment:
+    """The trial's run directory (made) and overrides, recorded in its user attributes."""
     overrides = trial_overrides(trial.params)
     number = run_number(spec, study, trial)
     run_dir = spec.path / trial_dirname(number)
@@ -205,10 +233,21 @@ def _run_trial(spec: StudySpec, study: Any, trial: Any, index: int,
         trial.set_user_attr(key, value)
     retry = f" (a retry of trial {number}, whose worker was lost)" if number != trial.number else ""
     log.info("worker %d: trial %d%s: %s", index, trial.number, retry, " ".join(overrides))
+    return Assignment(number=trial.number, trial_id=trial._trial_id, run_dir=str(run_dir), overrides=overrides)
+
+
+def _run_trial(spec: StudySpec, study: Any, trial: Any, assignment: Assignment, index: int,
+               train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> dict[str, Any] | None:
+    """Train the trial in its run directory and tell the study how it ended; returns the run's summary (None: it
+    failed with an exception), and tells nothing for a run that stopped unfinished (it resumes)."""
+    from hpctrain.launching.app import compose_config
+    from hpctrain.process.distributed import RunDirectoryTakenOver
+
+    run_dir = Path(assignment.run_dir)
     try:
-        config = compose_config([*spec.overrides, *overrides], config_dir=spec.config_dir)
+        config = compose_config([*spec.overrides, *assignment.overrides], config_dir=spec.config_dir)
         with _trial_log(run_dir):
-            summary = train(config, run_dir, TrialJudge(spec, config, trial._trial_id))
+            summary = train(config, run_dir, TrialJudge(spec, config, assignment.trial_id))
     except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # NaN loss, a crash of the user's code: the trial fails, the worker goes on
