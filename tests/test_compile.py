@@ -46,6 +46,11 @@ RUN = ["model._target_=tests.test_compile.SmallNet", "trainer.micro_batch_size=3
        "callbacks.metrics.flush_every_seconds=0"]
 
 
+# The two tests that launch set TORCH_LOGS, which torch reads at import: their commands get a zygote of their own
+# (tests/zygote.py). One xdist group, so that one worker starts that zygote, not both.
+shares_the_zygote = pytest.mark.xdist_group("compile_zygote")
+
+
 def recompile_reasons(stderr: str) -> list[str]:
     """The guard failures dynamo logged as the reasons of its recompilations (TORCH_LOGS=recompiles)."""
     return re.findall(r"\[__recompiles\]\s+- (.*)", stderr)
@@ -58,6 +63,7 @@ def assert_close(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
 
 
 @pytest.mark.slow
+@shares_the_zygote
 def test_compiled_run_equals_eager_resumes_bit_exact_and_uncompiled(tmp_path: Path, tiny_data: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
@@ -83,6 +89,7 @@ def test_compiled_run_equals_eager_resumes_bit_exact_and_uncompiled(tmp_path: Pa
 
 
 @pytest.mark.slow
+@shares_the_zygote
 def test_freeze_phase_change_with_compile(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
     # Steps 0-2: the stem is frozen; from step 3 nothing is (the graphs of the test above: cached by inductor).

@@ -28,7 +28,9 @@ from hpctrain.loggers import Logger
 from . import zygote
 from .conftest import PYTHON, REPO, final_weights, kill_after_checkpoint, launch, tiny_overrides
 
-pytestmark = pytest.mark.slow
+# One xdist group: the tests share the reference run, the offline run and the zygote that has imported the logger
+# libraries (_preload_the_loggers), so that one worker trains, writes and starts each once, not every worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("loggers")]
 
 RUN = ["trainer.max_steps=24", "trainer.val_every_steps=6", "callbacks.checkpoint.every_steps=4",
        "callbacks.metrics.flush_every_seconds=0", "callbacks.early_stopping.enabled=false",
@@ -370,10 +372,10 @@ def test_callbacks_on_two_ranks_and_failing_loggers_leave_the_run_bitwise_unchan
                           "callbacks.loggers=[{_target_: tests.test_loggers.RaisingLogger}, {_target_: "
                           f"hpctrain.loggers.mlflow.MLflowLogger, tracking_uri: 'http://127.0.0.1:{dead_port}'}}]",
                           "callbacks.logger_close_timeout_s=5")
-    result = subprocess.run([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    # MLflow reads these two at each request, not at import: the logger zygote's child takes them
+    result = zygote.run([PYTHON, "-m", "hpctrain.launch", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                        cwd=REPO, timeout=600, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_equal_weights(tmp_path / "run", final_weights(tmp_path / "reference"))
     log = result.stdout + result.stderr

@@ -26,7 +26,8 @@ from hpctrain.config import ConfigError
 
 from . import zygote
 from .conftest import PYTHON, final_weights, kill_after_checkpoint, launch, tiny_overrides
-from .test_own_model import SHORT, installed, make_project, user_env, user_inspect, user_launch  # noqa: F401
+from .test_own_model import (SHORT, installed, make_project, shares_the_install, user_env,  # noqa: F401
+                             user_inspect, user_launch)
 
 LABELLED_SIZE = 37  # another size than the training file's 160
 
@@ -40,6 +41,9 @@ class Trained:
     unlabelled: Path  # the same without energies
 
 
+# The tests that read the trained run share it, and with it tests/test_own_model.py's install and the zygote of its
+# user environment: they join that file's xdist group, so that one worker installs and trains once for all of them
+# (the SLURM tests, in the SLURM group, train their own).
 @pytest.fixture(scope="module")
 def trained(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:  # noqa: F811
     """One short run of the outside task, shared by the tests that only read it."""
@@ -124,6 +128,7 @@ print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "
 """
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_load_model_reproduces_the_validation_of_training_from_another_directory(trained: Trained,
                                                                                  tmp_path: Path) -> None:
@@ -138,6 +143,7 @@ def test_load_model_reproduces_the_validation_of_training_from_another_directory
                                   np.array(found["trained"], dtype=np.float32))
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_a_corrupt_checkpoint_is_refused_with_its_file_named(trained: Trained, tmp_path: Path) -> None:
     import shutil
@@ -154,6 +160,7 @@ def test_a_corrupt_checkpoint_is_refused_with_its_file_named(trained: Trained, t
         load_model(run_dir, checkpoint=newest.step)
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp_path: Path) -> None:
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
@@ -212,6 +219,7 @@ def test_predict_on_one_and_two_ranks_writes_the_same_file(trained: Trained, tmp
     assert one.stat().st_mtime_ns == before and not plan.work_dir.exists()
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Trained, tmp_path: Path) -> None:
     output = tmp_path / "ragged.h5"
@@ -242,6 +250,7 @@ def test_predict_writes_ragged_outputs_in_the_layout_hpctrain_reads(trained: Tra
                                atol=1e-6)
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Trained, tmp_path: Path) -> None:
     sys.path.insert(0, str(trained.project))
@@ -285,6 +294,7 @@ def test_predict_killed_mid_way_continues_and_gives_the_same_file(trained: Train
     assert not parts.exists()
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_predict_refuses_bad_input_in_one_line_and_writes_nothing(trained: Trained, tmp_path: Path) -> None:
     output = tmp_path / "out" / "p.h5"
@@ -299,6 +309,7 @@ def test_predict_refuses_bad_input_in_one_line_and_writes_nothing(trained: Train
         assert not (tmp_path / "out").exists()
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_the_test_phase_keeps_the_outputs_it_scored(trained: Trained) -> None:
     user_tool(trained, "test", trained.run_dir, "data.test_dataset={path: other.h5}", "--name", "other",
@@ -381,6 +392,7 @@ except ImportError:
 """
 
 
+@shares_the_install
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch.export", "torchscript"])
 def test_export_loads_without_the_users_package_for_any_batch(trained: Trained, tmp_path: Path, kind: str) -> None:
@@ -396,6 +408,7 @@ def test_export_loads_without_the_users_package_for_any_batch(trained: Trained, 
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------------------
+@shares_the_install
 @pytest.mark.slow
 def test_fine_tuning_takes_the_backbone_freezes_it_and_trains_a_new_head(trained: Trained, tmp_path: Path) -> None:
     run_dir = tmp_path / "fine_tuned"
@@ -410,6 +423,7 @@ def test_fine_tuning_takes_the_backbone_freezes_it_and_trains_a_new_head(trained
     assert not torch.equal(tuned["descriptors.weight"], source["descriptors.weight"])  # a head of its own
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_fine_tuning_refuses_weights_that_do_not_fit_with_the_keys_named(trained: Trained, tmp_path: Path) -> None:
     run_dir = tmp_path / "refused"
@@ -424,6 +438,7 @@ def test_fine_tuning_refuses_weights_that_do_not_fit_with_the_keys_named(trained
     assert result.returncode == 2 and "trainer.init_from.include: head.* match no weight" in result.stderr
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
     from torch import nn
@@ -452,6 +467,7 @@ def test_init_from_strict_and_partial_selection(trained: Trained) -> None:
         initial_weights(model, InitFromConfig(run=str(trained.run_dir), checkpoint="5"))
 
 
+@shares_the_install
 @pytest.mark.slow
 def test_a_fine_tuning_run_killed_and_restarted_is_bit_exact(trained: Trained, tmp_path: Path) -> None:
     run = [*SHORT, "trainer.max_steps=40", f"trainer.init_from={{run: {trained.run_dir}, exclude: [descriptors.*]}}"]

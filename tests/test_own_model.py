@@ -33,7 +33,7 @@ SHORT = ["trainer.max_steps=24", "trainer.micro_batch_size=8", "trainer.val_ever
 
 
 # The tests that run the installed package share it: one xdist group, so that both workers do not install it each
-# (the SLURM test, in the SLURM group, installs its own).
+# (the SLURM test, in the SLURM group, installs its own). tests/test_model_use.py's tests join the group.
 shares_the_install = pytest.mark.xdist_group("own_model_install")
 
 
@@ -197,6 +197,7 @@ def test_bad_user_components_are_refused_with_the_key_named(installed: Path, pro
     assert not run_dir.exists(), "a refused run must leave no run directory behind"
 
 
+@shares_the_install
 def test_corrupt_ragged_offsets_are_refused_before_the_run(installed: Path, project: Path, tmp_path: Path) -> None:
     sys.path.insert(0, str(project))
     try:

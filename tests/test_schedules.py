@@ -126,6 +126,10 @@ def check_run(run_dir: Path) -> None:
         np.testing.assert_array_equal(row, expected.astype(np.float32))
 
 
+# The tests that read the one-rank plateau run share it: one xdist group, so that each worker does not train it.
+shares_the_plateau_run = pytest.mark.xdist_group("plateau_one_rank")
+
+
 @pytest.fixture(scope="module")
 def plateau_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("plateau_one_rank")
@@ -134,6 +138,7 @@ def plateau_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path)
 
 
 @pytest.mark.slow
+@shares_the_plateau_run
 def test_plateau_drops_the_lr_at_the_expected_evaluation_on_one_and_two_ranks(
         plateau_reference: Path, tiny_data: Path, tmp_path: Path) -> None:
     check_run(plateau_reference)
@@ -143,6 +148,7 @@ def test_plateau_drops_the_lr_at_the_expected_evaluation_on_one_and_two_ranks(
 
 
 @pytest.mark.slow
+@shares_the_plateau_run
 def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_exact(
         plateau_reference: Path, tiny_data: Path, tmp_path: Path) -> None:
     """SIGKILL once the checkpoint after the drop (step 12) is written; the restart runs with 2 loader workers,
@@ -164,6 +170,7 @@ def test_killed_right_after_the_lr_drop_and_resumed_with_loader_workers_is_bit_e
 
 
 @pytest.mark.slow
+@shares_the_plateau_run
 def test_the_device_transform_runs_in_the_test_phase_with_the_test_keys(plateau_reference: Path) -> None:
     result = zygote.run([PYTHON, "-m", "hpctrain.test", str(plateau_reference), "--checkpoint", "latest",
                          "--seed", "3"], cwd=REPO, timeout=300)

@@ -318,7 +318,8 @@ def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path
     command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *EVERY_STEP_CHECKPOINTED,
                                                                 "launcher.num_processes=2", "trainer.watchdog_s=5"),
                f"hydra.run.dir={tmp_path}"]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A child of the zygote (a real launcher process, its ranks forked from its own forkserver): no torch import
+    job = zygote.start(command, cwd=REPO, output=tmp_path.parent / f"{tmp_path.name}.log", merge_stderr=True)
     manager = CheckpointManager(tmp_path, keep_last=2)
     deadline = time.monotonic() + 300
     while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
@@ -328,12 +329,13 @@ def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path
     os.kill(ranks[1], signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        output, _ = job.communicate(timeout=120)
+        job.wait(timeout=120)
     finally:
         job.kill()
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    output, _ = job.read_output()
     elapsed = time.monotonic() - stopped_at
     print(f"the local job ended {elapsed:.1f} s after a rank was stopped (watchdog_s=5)")
     assert job.returncode != 0 and "made no progress" in output, output[-3000:]
@@ -379,7 +381,7 @@ def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_on
 
     run_dir = tmp_path / "run"
     command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER), f"hydra.run.dir={run_dir}"]
-    old = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    old = zygote.start(command, cwd=REPO, output=tmp_path / "old.log", merge_stderr=True)
     manager = CheckpointManager(run_dir, keep_last=2)
     deadline = time.monotonic() + 300
     while not manager.complete() and time.monotonic() < deadline:
@@ -394,8 +396,8 @@ def test_a_lingering_old_process_cannot_commit_into_a_run_taken_over_by_a_new_on
         assert owner["pid"] != old.pid and set(owner) == {"job_id", "host", "pid"}
     finally:
         os.kill(old.pid, signal.SIGCONT)
-    output, _ = old.communicate(timeout=300)
-    assert old.returncode != 0
+    assert old.wait(timeout=300) != 0
+    output, _ = old.read_output()
     assert "was taken over" in output and f"\"pid\": {old.pid}" in output, output[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == new_files
     assert [info.step for info in manager.complete()] == [10, 5]

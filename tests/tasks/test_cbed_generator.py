@@ -29,6 +29,11 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return file["images"][()], file["labels"][()]
 
 
+# The tests that read the generated files share them: one xdist group, so that each worker does not generate them
+# again (the two-process file starts two fresh Pythons).
+shares_the_files = pytest.mark.xdist_group("cbed_generated")
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("cbed")
@@ -42,6 +47,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@shares_the_files
 def test_process_count_does_not_change_a_bit(generated: dict[str, Path]) -> None:
     images_one, labels_one = _read(generated["one_process"])
     images_two, labels_two = _read(generated["two_processes"])
@@ -49,6 +55,7 @@ def test_process_count_does_not_change_a_bit(generated: dict[str, Path]) -> None
     assert labels_one.tobytes() == labels_two.tobytes()
 
 
+@shares_the_files
 def test_same_seed_repeats_and_other_seed_differs(generated: dict[str, Path]) -> None:
     images, labels = _read(generated["one_process"])
     images_again, labels_again = _read(generated["again"])
@@ -57,6 +64,7 @@ def test_same_seed_repeats_and_other_seed_differs(generated: dict[str, Path]) ->
     assert not np.array_equal(images, images_other) and not np.array_equal(labels, labels_other)
 
 
+@shares_the_files
 def test_file_matches_example_generation(generated: dict[str, Path]) -> None:
     images, labels = _read(generated["two_processes"])
     with generator._single_threaded_torch():
@@ -64,6 +72,7 @@ def test_file_matches_example_generation(generated: dict[str, Path]) -> None:
     assert np.array_equal(images[13], image) and np.array_equal(labels[13], label)
 
 
+@shares_the_files
 def test_layout_and_attributes(generated: dict[str, Path]) -> None:
     with h5py.File(generated["two_processes"], "r") as file:
         assert file.attrs["format"] == "hpctrain.cbed_distortion"
@@ -86,6 +95,7 @@ def test_layout_and_attributes(generated: dict[str, Path]) -> None:
         assert np.array_equal(labels.attrs["normalization_bias"], bias)
 
 
+@shares_the_files
 def test_images_and_labels_lie_in_their_ranges(generated: dict[str, Path]) -> None:
     images, labels = _read(generated["two_processes"])
     assert images.min() == 0.0 and images.max() == 1.0  # per image min-max scaling
@@ -176,6 +186,7 @@ def test_negative_process_count_raises(tmp_path: Path) -> None:
         generate_dataset(tmp_path / "data.h5", SMALL, num_processes=-1)
 
 
+@shares_the_files
 def test_generate_command_writes_the_configured_file_and_keeps_an_existing_one(
         generated: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hpctrain.tasks.cbed.generate import main
