@@ -513,3 +513,18 @@ def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_
     finished = run_tune(args, timeout=120)
     assert finished.returncode == 0 and "finished" in finished.stdout and "submitted" not in finished.stdout
     assert all(job.startswith(f"{second_array}_") for job in known_jobs() - before), known_jobs() - before
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_study_of_trials_bigger_than_the_cluster_is_refused_before_anything_is_queued(
+        tmp_path: Path, tiny_data: Path) -> None:
+    from .test_slurm import known_jobs
+
+    before = known_jobs()
+    result = run_tune([*tiny_overrides(tiny_data, *TWO_NODE_TRIAL), "launcher.nodes=3",
+                       "optim.lr=tag(log, interval(1e-4, 3e-2))", f"paths.runs_dir={tmp_path}"], timeout=120)
+    error = result.stderr.strip()
+    assert result.returncode == 2 and "\n" not in error, error
+    assert error.startswith("hpctrain: error: launcher.nodes=3: partition debug has only 2 nodes"), error
+    assert list(tmp_path.iterdir()) == [] and known_jobs() - before == set()
