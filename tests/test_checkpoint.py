@@ -67,6 +67,30 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path, cap
     assert torch.equal(CheckpointManager.load(info)["model"]["weight"], state(2)["model"]["weight"])
 
 
+def test_the_manifest_holds_the_files_crc32_and_a_manifest_with_a_sha256_still_loads_and_is_checked(
+        tmp_path: Path) -> None:
+    """The CRC-32 is of the whole file (zlib's, computed here independently); a checkpoint whose manifest holds a
+    SHA-256 instead (written by an earlier hpctrain) is verified with it: loaded intact, refused corrupt."""
+    import hashlib
+    import json
+    import zlib
+
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(1, state(1))
+    info = manager.complete()[0]
+    data = info.path.read_bytes()
+    assert info.manifest["crc32"] == f"{zlib.crc32(data):08x}" and "sha256" not in info.manifest
+    manifest_path = info.path.with_suffix(".json")
+    old = {key: value for key, value in info.manifest.items() if key != "crc32"}
+    manifest_path.write_text(json.dumps({**old, "sha256": hashlib.sha256(data).hexdigest()}))
+    old_info = manager.newest_valid()
+    assert old_info is not None and old_info.step == 1 and "crc32" not in old_info.manifest
+    assert torch.equal(CheckpointManager.load(old_info)["model"]["weight"], state(1)["model"]["weight"])
+    manifest_path.write_text(json.dumps({**old, "sha256": hashlib.sha256(b"other").hexdigest()}))
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        CheckpointManager.read_verified(manager.complete()[0])
+
+
 WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path

@@ -81,6 +81,7 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
                raw_weights: bool = False) -> Path:
     """Export a run's model (see the module's docstring; the checkpoint's weight average where it holds one,
     unless `raw_weights`); returns the artefact's path."""
+    from hpctrain.run.checkpoint import checkpoint_sha256
     from hpctrain.run.contract import model_inputs
     from hpctrain.use.predict import build_reader, dataset_node, first_batch
     from hpctrain.use.runs import load_run
@@ -107,7 +108,7 @@ def export_run(run_dir: Path, *, form: str, checkpoint: str = "best", output: Pa
     output.parent.mkdir(parents=True, exist_ok=True)
     metadata = json.dumps({"format": form, "inputs": list(config.task.inputs), "task": config.task.name,
                            "checkpoint_step": run.checkpoint.step, "checkpoint": str(run.checkpoint.path),
-                           "checkpoint_sha256": run.checkpoint.manifest["sha256"],
+                           "checkpoint_sha256": checkpoint_sha256(run.checkpoint),
                            "model_sha256": run.model_sha256, "weights": run.weights,
                            "example_shapes": [list(value.shape) for value in inputs]}, indent=1)
     # The temporary file ends in the format's suffix: torch.export.load warns about any file not ending in .pt2.

@@ -472,6 +472,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     error is a ConfigError; nothing is written."""
     import torch
 
+    from hpctrain.run.checkpoint import checkpoint_sha256
     from hpctrain.run.contract import describe, model_inputs
     from hpctrain.config import from_json
 
@@ -481,7 +482,7 @@ def make_plan(run: Any, node: dict, *, output: Path, batch_size: int, chunk_size
     reader = build_reader(node, config, seed=seed, stage=stage)
     recorded = without_runtime_settings(config, from_json(run.state["config"]))
     plan = Plan(run_dir=str(run.run_dir), checkpoint=str(run.checkpoint.path),
-                checkpoint_step=run.checkpoint.step, checkpoint_sha256=run.checkpoint.manifest["sha256"],
+                checkpoint_step=run.checkpoint.step, checkpoint_sha256=checkpoint_sha256(run.checkpoint),
                 model_sha256=run.model_sha256, config_json=to_json(recorded), dataset=node,
                 num_samples=len(reader.dataset), batch_size=batch_size, chunk_size=chunk_size, seed=seed,
                 stage=stage, output=str(output), raw_weights=run.raw_weights, weights=run.weights)

@@ -2,7 +2,7 @@
 
 `load_model(run_dir)` rebuilds the user's own model class from the run's resolved config (the JSON stored in each
 checkpoint, so the run directory is all it needs), loads the checkpoint's weights after checking them against the
-manifest's SHA-256 (a corrupt checkpoint is refused with its file named), and returns it in eval mode on `device`.
+manifest's CRC-32 (a corrupt checkpoint is refused with its file named), and returns it in eval mode on `device`.
 `load_run(run_dir)` gives the config, the checkpoint list and, when asked for, the components (datasets, loss,
 metrics, transforms) built from that config.
 
