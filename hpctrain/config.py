@@ -465,7 +465,9 @@ class CheckpointConfig:
     keep_steps: List[int] = field(default_factory=list)
     # Write checkpoints in a background thread: the loop waits only for a copy of the state in host memory (the
     # next checkpoint, and the end of the run, wait for the previous write). Costs one more copy of the state in
-    # host memory while it is written. (The key is not `async`: that is a Python keyword.)
+    # host memory, kept for the run and reused. (The key is not `async`: that is a Python keyword.) Off by default:
+    # a synchronous save of 1 GB stalls the loop about 0.9 s here, which every few minutes is noise, while a copy of
+    # the state held for good can be what a node's host memory lacks (docs/benchmarks.md, "Checkpoints").
     asynchronous: bool = False
 
     def __post_init__(self) -> None:
