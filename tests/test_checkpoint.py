@@ -89,6 +89,10 @@ def test_the_manifest_holds_the_files_crc32_and_a_manifest_with_a_sha256_still_l
     manifest_path.write_text(json.dumps({**old, "sha256": hashlib.sha256(b"other").hexdigest()}))
     with pytest.raises(ValueError, match="SHA-256 does not match"):
         CheckpointManager.read_verified(manager.complete()[0])
+    manifest_path.write_text(json.dumps(old))  # no checksum at all: unusable, skipped, not a crash
+    with pytest.raises(ValueError, match="no size or no checksum"):
+        CheckpointManager.read_verified(manager.complete()[0])
+    assert manager.newest_valid() is None
 
 
 WRITER = textwrap.dedent("""

@@ -139,8 +139,10 @@ def test_preflight_without_optuna_says_how_to_install_it(tmp_path: Path, capsys:
 
 
 def _two_trials_then_none(rank: int, port: int, results) -> None:
-    """A multi-rank worker's ranks: rank 0 shares two trials, then none; each trial's process group forms on its
-    own prefix of the one store and sums the ranks."""
+    """A multi-rank worker's ranks: rank 0 shares two trials, then none. In trial 0 rank 0's user code raises at
+    once after the group formed, while rank 1 leaves the trial 5 s later (its collective's error, then a slow
+    exit). Trial 1's process group forms on its own prefix of the one store, with a timeout of 3 s, and sums the
+    ranks: rank 0 must not go ahead into trial 1 before rank 1 has left trial 0."""
     import torch
     import torch.distributed
 
@@ -154,22 +156,31 @@ def _two_trials_then_none(rank: int, port: int, results) -> None:
     for number in (0, 1):
         shared = Assignment(number, 10 + number, f"/runs/trial_{number}", [f"optim.lr={number}"])
         trial = ranks.share(shared if rank == 0 else None)
-        init_distributed(device_preference="cpu", timeout_s=60, store=trial.store)
         total = torch.tensor([rank + 1.0])
-        torch.distributed.all_reduce(total)
-        shutdown_distributed()
+        init_distributed(device_preference="cpu", timeout_s=60 if number == 0 else 3, store=trial.store)
+        try:
+            if number == 0 and rank == 0:
+                raise RuntimeError("the user's code raised on rank 0 only")
+            torch.distributed.all_reduce(total)
+        except RuntimeError:
+            total = torch.tensor([-1.0])
+            if rank == 1:
+                time.sleep(5)
+        finally:
+            shutdown_distributed(clean=False)
         seen.append((trial.assignment, total.item()))
+        ranks.trial_ended()
     seen.append((ranks.share(None).assignment, None))
     results.put((rank, seen))
 
 
-def test_a_multi_rank_workers_ranks_train_the_trials_rank_0_shares_each_in_a_group_of_its_own() -> None:
+def test_a_multi_rank_workers_ranks_train_the_trials_rank_0_shares_in_step_each_in_a_group_of_its_own() -> None:
     from hpctrain.tuning.ranks import Assignment
 
     from .conftest import run_two_gloo_ranks
 
     seen = run_two_gloo_ranks(_two_trials_then_none)
-    assert seen[0] == seen[1] == [(Assignment(0, 10, "/runs/trial_0", ["optim.lr=0"]), 3.0),
+    assert seen[0] == seen[1] == [(Assignment(0, 10, "/runs/trial_0", ["optim.lr=0"]), -1.0),
                                   (Assignment(1, 11, "/runs/trial_1", ["optim.lr=1"]), 3.0), (None, None)]
 
 
@@ -445,13 +456,13 @@ def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_
 
     def mid_trial(index: int | None = None) -> int | None:
         """A trial that a worker (`index`, or any) is training, mid-way: a checkpoint since its attempt started,
-        at a step that is no evaluation."""
+        at a step that is no evaluation, with at least 15 of its 24 steps to go (a stop sent now lands in it)."""
         for worker, record in worker_trials(tune_dir).items():
             run_dir = tune_dir / f"trial_{record['number']:04d}"
             rows = attempts(read(run_dir))
             steps = [info.step for info in CheckpointManager(run_dir, keep_last=2).complete()]
             if (index in (None, worker) and rows and rows[-1]["reason"] is None and steps
-                    and max(steps) > rows[-1]["resume_step"] and max(steps) % 4):
+                    and rows[-1]["resume_step"] < max(steps) <= 9 and max(steps) % 4):
                 return record["number"]
         return None
 

@@ -376,13 +376,16 @@ class CheckpointManager:
     @staticmethod
     def read_verified(info: CheckpointInfo) -> bytes:
         """The checkpoint's bytes, after checking them against the manifest; ValueError if they differ."""
+        manifest = info.manifest
+        if "size" not in manifest or not ("crc32" in manifest or "sha256" in manifest):
+            raise ValueError("its manifest has no size or no checksum (crc32, or sha256 before)")
         data = info.path.read_bytes()
-        if len(data) != info.manifest["size"]:
-            raise ValueError(f"size {len(data)} bytes, manifest says {info.manifest['size']} (truncated?)")
-        if "sha256" in info.manifest:  # written before the manifests held a CRC-32
-            if hashlib.sha256(data).hexdigest() != info.manifest["sha256"]:
+        if len(data) != manifest["size"]:
+            raise ValueError(f"size {len(data)} bytes, manifest says {manifest['size']} (truncated?)")
+        if "sha256" in manifest:  # written before the manifests held a CRC-32
+            if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
                 raise ValueError("SHA-256 does not match the manifest (corrupt)")
-        elif f"{zlib.crc32(data):08x}" != info.manifest["crc32"]:
+        elif f"{zlib.crc32(data):08x}" != manifest["crc32"]:
             raise ValueError("CRC-32 does not match the manifest (corrupt)")
         return data
 
@@ -413,8 +416,11 @@ def checkpoint_sha256(info: CheckpointInfo) -> str:
     where it has one, else computed from the file."""
     if "sha256" in info.manifest:
         return info.manifest["sha256"]
+    digest = hashlib.sha256()
     with open(info.path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while block := file.read(CHECKSUM_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -5,13 +5,18 @@ The ranks talk through the job's rendezvous store, the TCP store that rank 0 ser
 for as long as the worker lives. Each trial's process group forms on a prefix of that store of its own
 (`Trial.store`, `group/k/`): a group formed on a store of its own would have to bind the same port while this
 one serves it. Rank 0 shares trial k under the key `trial/k`, and `None` when the study has all its trials; the
-other ranks wait for it (up to trainer.distributed_timeout_s), so they never ask the study themselves and every
-rank trains the same parameters in the same run directory. Rank 0 waits for every rank to have read the `None`
-before its process (and the store with it) ends.
+other ranks wait for it, so they never ask the study themselves and every rank trains the same parameters in the
+same run directory.
 
-Within a trial the ranks agree on the rest as in any run: the trainer broadcasts rank 0's prune decision at each
-evaluation (hpctrain.run.trainer), and a stop signal stops every rank at the same step boundary, so every rank
-returns the same "stopped" or goes on to the next trial together.
+The ranks stay in step whatever happens to a trial on one of them: after each trial every rank says it is done
+with it (`trial_ended`, also after an exception), and rank 0 asks the study for the next one only once all have.
+A rank that failed early (its user code raised, its rendezvous timed out) therefore waits for the others to leave
+the trial too, through their own collective or rendezvous timeout, instead of running ahead into the next trial's
+rendezvous alone. Those waits are bounded by `wait_s` (twice the collective timeout plus the rendezvous timeout:
+the longest one rank can still be in a trial the other has left); a rank that dies breaks them at once (its
+connection to the store closes, and `--kill-on-bad-exit` ends the job step). Rank 0 waits for every rank to have
+read the `None` before its process, and the store with it, ends.
+
 """
 
 from __future__ import annotations
@@ -45,9 +50,8 @@ class TrialRanks:
         from hpctrain.process.distributed import rendezvous_store
 
         self.rank, self.world_size = rank, world_size
-        self.timeout_s = timeout_s
+        self.wait_s = 2 * timeout_s + rendezvous_timeout_s
         self.store = rendezvous_store(rank, world_size, datetime.timedelta(seconds=rendezvous_timeout_s))
-        self.store.set_timeout(datetime.timedelta(seconds=timeout_s))
         self._sequence = 0
         self.current = Trial(None, None)  # the trial last shared
 
@@ -77,15 +81,32 @@ class TrialRanks:
         if self.is_main:
             self.store.set(key, json.dumps(None if assignment is None else asdict(assignment)))
             if assignment is None:  # the others must read it before this process, and the store, ends
-                self.store.wait([f"{key}/read/{rank}" for rank in range(1, self.world_size)])
+                self._wait_for([f"{key}/read/{rank}" for rank in range(1, self.world_size)], "read the study's end")
             self.current = Trial(assignment, store)
             return self.current
-        try:
-            payload = json.loads(self.store.get(key))
-        except dist.DistStoreError as error:
-            raise RuntimeError(f"rank {self.rank}: rank 0 of this tune worker named no trial within "
-                               f"trainer.distributed_timeout_s={self.timeout_s} s ({error})") from None
+        self._wait_for([key], "named a trial")
+        payload = json.loads(self.store.get(key))
         if payload is None:
             self.store.set(f"{key}/read/{self.rank}", "1")
         self.current = Trial(None if payload is None else Assignment(**payload), store)
         return self.current
+
+    def trial_ended(self) -> None:
+        """This rank is done with the trial last shared (trained, stopped or failed); rank 0 waits for all ranks."""
+        key = f"trial/{self._sequence - 1}/ended"
+        self.store.set(f"{key}/{self.rank}", "1")
+        if self.is_main:
+            self._wait_for([f"{key}/{rank}" for rank in range(1, self.world_size)], "left the trial")
+
+    def _wait_for(self, keys: list[str], what: str) -> None:
+        import torch.distributed as dist
+
+        # Set each time: a trial's process group sets the timeout of the store it shares with this one.
+        self.store.set_timeout(datetime.timedelta(seconds=self.wait_s))
+        try:
+            self.store.wait(keys)
+        except dist.DistStoreError as error:
+            waited_for = "rank 0" if not self.is_main else "every other rank"
+            raise RuntimeError(f"rank {self.rank}: {waited_for} of this tune worker never {what} within "
+                               f"{self.wait_s} s (2 x trainer.distributed_timeout_s + trainer.rendezvous_timeout_s):"
+                               f" {error}") from None

@@ -182,14 +182,16 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
         # A stop signal that came between two trials stops the next one after its first step: the trainer then
         # checkpoints and run_task acts on the signal's cause (requeue the worker, or end it) as for any run.
         taken = _resume_or_ask(study, spec, index)
-        assignment = None if taken is None else _assign(spec, study, taken[0], index)
-        if ranks is not None:
-            ranks.share(assignment)
-        if taken is None or assignment is None:
+        if taken is None:
+            if ranks is not None:
+                ranks.share(None)
             log.info("worker %d: the study has its %d trials; done", index, spec.n_trials)
             return "done"
         trial, heartbeat = taken
         try:
+            assignment = _assign(spec, study, trial, index)
+            if ranks is not None:
+                ranks.share(assignment)
             summary = _run_trial(spec, study, trial, assignment, index, train)
         finally:
             if heartbeat is not None:
@@ -198,6 +200,8 @@ def run_worker(spec: StudySpec, index: int, *, stop: StopProtocol | None = None)
             log.warning("worker %d: trial %d stopped at step %d: it resumes when this worker runs again", index,
                         trial.number, summary.get("step", 0))
             return "stopped"
+        if ranks is not None:
+            ranks.trial_ended()
         if not spec.heartbeats:
             _record_trial(tune_dir, index, None)
 
@@ -217,9 +221,10 @@ def _follow_rank_0(spec: StudySpec, ranks: TrialRanks,
             raise
         except Exception as error:
             log.error("rank %d: trial %d failed: %s: %s", ranks.rank, assignment.number, type(error).__name__, error)
-            continue
+            summary = {"finished": True}
         if not summary.get("finished"):
             return "stopped"
+        ranks.trial_ended()
     return "done"
 
 

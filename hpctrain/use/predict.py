@@ -63,7 +63,7 @@ class Plan:
     run_dir: str
     checkpoint: str  # the checkpoint file
     checkpoint_step: int
-    checkpoint_sha256: str  # of the file, from its manifest
+    checkpoint_sha256: str  # of the file (hpctrain.run.checkpoint.checkpoint_sha256)
     model_sha256: str  # of the weights (hpctrain.run.checkpoint.state_dict_digest)
     config_json: str  # the run's config with the overrides
     dataset: dict[str, Any]  # the dataset node predicted over
