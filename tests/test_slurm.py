@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -165,9 +166,11 @@ def unexpected_tracebacks(logs: str) -> list[str]:
     found = []
     for chunk in logs.split("Traceback (most recent call last):\n")[1:]:
         lines = chunk.splitlines()
-        # The exception's line ends the traceback (lines of other threads and of srun may come in between).
-        end = next((number for number, line in enumerate(lines) if line and not line[0].isspace()
-                    and not line.startswith(("[", "srun:", "slurmstepd", "submitit "))), len(lines) - 1)
+        # The exception's line ends the traceback: `Name: message` or `Name` at the line's start. Lines of other
+        # threads and of srun may come in between, also in the middle of a traceback's line, which can then start
+        # at column 0 without its indentation ("raise self._exception").
+        end = next((number for number, line in enumerate(lines) if re.match(r"[A-Za-z_][\w.]*(: |$)", line)
+                    and not line.startswith(("srun:", "slurmstepd", "submitit "))), len(lines) - 1)
         found.append("\n".join(lines[:end + 1]))
     return [block for block in found if not ("/wandb/" in block and block.splitlines()[-1].startswith(
         ("ConnectionResetError", "BrokenPipeError", "wandb.")))]
