@@ -48,7 +48,7 @@ def job_identity() -> tuple[str, int]:
     outside SLURM."""
     if "SLURM_JOB_ID" not in os.environ:
         return "local", 0
-    return slurm_view.job_id(), slurm_view.restart_count()
+    return slurm_view.this_job_id(), slurm_view.restart_count()
 
 
 def append(run_dir: Path, event: dict[str, Any]) -> None:

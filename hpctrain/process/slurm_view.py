@@ -217,7 +217,7 @@ def requeue(job_id: str, *, restart_count: int) -> tuple[bool, str]:
     return False, f"`scontrol requeue {job_id}` failed: {result.stderr.strip()}"
 
 
-def job_id() -> str:
+def this_job_id() -> str:
     """This job as SLURM's commands must name it: `123_4` for an element of a job array, else SLURM_JOB_ID. An array
     element's SLURM_JOB_ID can be the array's id itself (one element has it), which `scontrol show job`, `sacct` and
     `scontrol requeue` take as every element of the array."""
@@ -234,7 +234,7 @@ def restart_count() -> int:
 
 def classify_now(signal_names: list[str], launcher: "LauncherConfig") -> tuple[Cause, str]:
     """Ask SLURM why this job was signalled and classify the answer (never in a signal handler: it runs scontrol)."""
-    job = job_id()
+    job = this_job_id()
     try:
         view = query_job(job)
     except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as error:

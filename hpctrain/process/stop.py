@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from hpctrain.process import history
-from hpctrain.process.slurm_view import Cause, classify_now, combine, job_id, requeue
+from hpctrain.process.slurm_view import Cause, classify_now, combine, requeue, this_job_id
 
 if TYPE_CHECKING:
     from hpctrain.config import LauncherConfig
@@ -241,7 +241,7 @@ class StopProtocol:
                       limit)
             what = "not requeued (launcher.max_num_hang)"
         else:
-            _, what = requeue(job_id(), restart_count=restart)
+            _, what = requeue(this_job_id(), restart_count=restart)
             log.error("job %s hung (%d of launcher.max_num_hang=%d): %s; it resumes from the last checkpoint",
                       job, hangs, limit, what)
         self.outcome = Outcome("hung", f"{report['message']}; {what}")
@@ -283,7 +283,7 @@ def _requeue_time_limit(run: _Run, signals: str, why: str, step: int) -> Outcome
                    f"launcher.timeout_min or launcher.max_num_timeout")
         log.error("%s received: %s", signals, message)
         return Outcome("time_limit_exhausted", message)
-    requeued, what = requeue(job_id(), restart_count=restart)
+    requeued, what = requeue(this_job_id(), restart_count=restart)
     count = f"time-limit requeue {used + 1} of launcher.max_num_timeout={launcher.max_num_timeout}"
     log.warning("%s received: time limit (%s): checkpoint written at step %d; %s (%s)", signals, why, step, what,
                 count)
@@ -293,7 +293,7 @@ def _requeue_time_limit(run: _Run, signals: str, why: str, step: int) -> Outcome
 
 def _requeue_preempted(run: _Run, signals: str, why: str, step: int) -> Outcome:
     _, restart = history.job_identity()
-    requeued, what = requeue(job_id(), restart_count=restart)
+    requeued, what = requeue(this_job_id(), restart_count=restart)
     log.warning("%s received: preemption (%s): checkpoint written at step %d; %s (not counted against "
                 "launcher.max_num_timeout)", signals, why, step, what)
     return Outcome("requeued_preemption", why) if requeued else Outcome("requeued_by_slurm", what)

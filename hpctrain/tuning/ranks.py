@@ -16,7 +16,6 @@ rendezvous alone. Those waits are bounded by `wait_s` (twice the collective time
 the longest one rank can still be in a trial the other has left); a rank that dies breaks them at once (its
 connection to the store closes, and `--kill-on-bad-exit` ends the job step). Rank 0 waits for every rank to have
 read the `None` before its process, and the store with it, ends.
-
 """
 
 from __future__ import annotations

@@ -210,22 +210,29 @@ def _follow_rank_0(spec: StudySpec, ranks: TrialRanks,
                    train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> str:
     """A multi-rank worker's other ranks: train each trial that rank 0 shares, until it shares none. A failed
     trial is rank 0's to tell; a stopped one stopped every rank at the same step."""
-    from hpctrain.launching.app import compose_config
     from hpctrain.process.distributed import RunDirectoryTakenOver
 
     while (assignment := ranks.share().assignment) is not None:
         try:
-            config = compose_config([*spec.overrides, *assignment.overrides], config_dir=spec.config_dir)
-            summary = train(config, Path(assignment.run_dir), TrialJudge(spec, config, assignment.trial_id))
+            summary = _train_assignment(spec, assignment, train)
         except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:
             log.error("rank %d: trial %d failed: %s: %s", ranks.rank, assignment.number, type(error).__name__, error)
-            summary = {"finished": True}
-        if not summary.get("finished"):
-            return "stopped"
+        else:
+            if not summary.get("finished"):
+                return "stopped"
         ranks.trial_ended()
     return "done"
+
+
+def _train_assignment(spec: StudySpec, assignment: Assignment,
+                      train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> dict[str, Any]:
+    """Train the trial on this rank: its config composed from the study's overrides and the trial's."""
+    from hpctrain.launching.app import compose_config
+
+    config = compose_config([*spec.overrides, *assignment.overrides], config_dir=spec.config_dir)
+    return train(config, Path(assignment.run_dir), TrialJudge(spec, config, assignment.trial_id))
 
 
 def _assign(spec: StudySpec, study: Any, trial: Any, index: int) -> Assignment:
@@ -245,14 +252,11 @@ def _run_trial(spec: StudySpec, study: Any, trial: Any, assignment: Assignment, 
                train: Callable[[Config, Path, TrialJudge], dict[str, Any]]) -> dict[str, Any] | None:
     """Train the trial in its run directory and tell the study how it ended; returns the run's summary (None: it
     failed with an exception), and tells nothing for a run that stopped unfinished (it resumes)."""
-    from hpctrain.launching.app import compose_config
     from hpctrain.process.distributed import RunDirectoryTakenOver
 
-    run_dir = Path(assignment.run_dir)
     try:
-        config = compose_config([*spec.overrides, *assignment.overrides], config_dir=spec.config_dir)
-        with _trial_log(run_dir):
-            summary = train(config, run_dir, TrialJudge(spec, config, assignment.trial_id))
+        with _trial_log(Path(assignment.run_dir)):
+            summary = _train_assignment(spec, assignment, train)
     except (RunDirectoryTakenOver, KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # NaN loss, a crash of the user's code: the trial fails, the worker goes on
