@@ -26,7 +26,13 @@ def deterministic_environment() -> dict[str, str]:
 def configure_determinism(deterministic: bool) -> None:
     """trainer.deterministic: deterministic algorithms (warnings where an op has none), cuDNN's deterministic
     kernels without autotuning, and the cuBLAS workspace setting (a value the user set is kept). Off: cuDNN
-    autotunes its convolution kernels for each new input shape (faster, not reproducible)."""
+    autotunes its convolution kernels for each new input shape (faster, not reproducible).
+
+    Deterministic algorithms come without torch's filling of every new tensor with NaN
+    (torch.utils.deterministic.fill_uninitialized_memory, on by default with them): that fill makes a kernel
+    that reads memory it never wrote reproducible, at the cost of writing every op's output twice (4% of the
+    debug model's training step on a CPU, benchmarks/ddp_step.py). Runs are reproducible through deterministic
+    kernels and seeded, checkpointed random states; the bit-exact resume and DDP tests check it."""
     if deterministic:
         for name, value in deterministic_environment().items():
             if name not in os.environ:
@@ -35,6 +41,7 @@ def configure_determinism(deterministic: bool) -> None:
                                 "environment for reproducible cuBLAS results", name, value)
                 os.environ[name] = value
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # see above
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
