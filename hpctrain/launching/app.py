@@ -27,6 +27,8 @@ from typing import Any, Callable
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import env_override
+from hydra.types import RunMode
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -34,10 +36,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
-from hpctrain.config import Config, ConfigError, register_configs, to_config, to_json
+from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
-from hpctrain.launching.job import check_run_dir_writable, remove_launcher_leftovers, run_local
+from hpctrain.launching.job import (check_run_dir_writable, remove_launcher_leftovers, run_local,
+                                   start_local_ranks_early)
 from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
@@ -46,8 +49,9 @@ log = logging.getLogger("hpctrain")
 # The configs (conf/ in the repository) ship as the package hpctrain.conf, so an installed hpctrain, editable or
 # not, composes them from any directory.
 CONFIG_DIR = str(Path(hpctrain.conf.__file__).resolve().parent)
-# The config Preflight checked in this process (JSON), so the task function does not check it a second time.
-_checked_by_preflight: str | None = None
+# The typed config Preflight checked in this process, which the task function of the same (single) run takes
+# instead of converting and checking it a second time.
+_checked_by_preflight: Config | None = None
 # Inside a SLURM job step, the stop protocol `run` installed before composing the config: an srun task's must take
 # a USR2 or SIGTERM that comes while Hydra composes and Preflight checks (the default action would end the task
 # instead of requeueing it). Which launcher this is, only the composed config tells: `_settle_stop`.
@@ -144,10 +148,12 @@ class Preflight(Callback):
             typed = checked_config(config)
             run_dir = Path(config.hydra.run.dir).absolute()
             check_run_dir_writable(run_dir)
+            with env_override(config.hydra.job.env_set):  # as Hydra runs the task function, which uses them
+                start_local_ranks_early(typed)
             check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))
-        _checked_by_preflight = to_json(typed)
+        _checked_by_preflight = typed
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _settle_stop(str(OmegaConf.select(config, "launcher.name", default="")))
@@ -155,11 +161,15 @@ class Preflight(Callback):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    global _checked_by_preflight
     run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
     try:
-        config = checked_config(cfg)
+        # A single run's task function gets the config its Preflight saw (Hydra deep-copies it without `hydra`);
+        # a multirun point's was not seen by Preflight.
+        checked, _checked_by_preflight = _checked_by_preflight, None
+        config = checked if checked is not None and HydraConfig.get().mode == RunMode.RUN else checked_config(cfg)
         stop = _settle_stop(config.launcher.name)
-        if to_json(config) != _checked_by_preflight:  # a multirun point: the preflight callback did not see it
+        if config is not checked:
             check_inputs(config, run_dir)
         if config.launcher.name == "slurm":
             return submit(config, run_dir)

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
@@ -137,6 +138,16 @@ def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, ra
 def _rank_context(work: Callable[..., Any]) -> BaseContext:
     """Local ranks fork from a forkserver that has imported hpctrain's training modules (and `work`'s) once."""
     return preloaded_forkserver(work, "hpctrain.launching.job", "hpctrain.components", "hpctrain.run.trainer")
+
+
+def start_local_ranks_early(config: Config) -> None:
+    """For `launcher.num_processes` > 1 local ranks: start the forkserver they fork from now, while the launcher
+    still checks the run's inputs, so that its imports run on another core instead of after the checks. What
+    the ranks need from the environment they set themselves (run_rank); a variable of hydra.job.env_set must
+    be set around this call, as Hydra sets it around the task function."""
+    if config.launcher.name == "local" and config.launcher.num_processes > 1:
+        _rank_context(run_rank)
+        forkserver.ensure_running()
 
 
 def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None = None,

@@ -195,9 +195,12 @@ def preloaded_forkserver(target: Any, *modules: str) -> BaseContext:
     imports. The forkserver is a fresh single-threaded process without CUDA (what is safe to fork), started by the
     first process of this context; the processes' parent is the forkserver, which ends when this process does, so
     `exit_with_parent` still ends them when this one is killed. `target`'s module is preloaded too (the user's
-    own, for a user's work function), unless it is __main__."""
+    own, for a user's work function), unless it is __main__.
+
+    torch._dynamo is preloaded too: torch.optim's first optimizer imports it (1-2 s of CPU), and every rank
+    builds one."""
     context = multiprocessing.get_context("forkserver")
-    preload = ["torch", *modules]
+    preload = ["torch", "torch._dynamo", *modules]
     if target.__module__ not in (*preload, "__main__"):
         preload.append(target.__module__)
     context.set_forkserver_preload(preload)  # a missing module is skipped by the forkserver, not an error
