@@ -69,14 +69,17 @@ hpctrain.run.trainer.Trainer.train_step = first_step
 """
 
 HPCTRAIN = """
-import runpy, sys
+import sys
 sys.path.insert(0, sys.argv[1])
-import first_step_marks, hpctrain.launching.job
+import hpctrain.launching.early as early
+early.RANK_MODULES = (*early.RANK_MODULES, "first_step_marks")  # the ranks' forkserver preloads the marks too
+argv = sys.argv[2:]
+if early.asks_for_local_ranks(argv):  # what hpctrain.launch.run does, with the marks put in before the app runs
+    early.start_rank_forkserver()
+import first_step_marks  # the app's imports (torch, Hydra, hpctrain's launcher)
 first_step_marks.mark("imports")
-preloaded = hpctrain.launching.job.preloaded_forkserver
-hpctrain.launching.job.preloaded_forkserver = lambda target, *modules: preloaded(target, *modules, "first_step_marks")
-sys.argv = ["hpctrain.launch", *sys.argv[2:]]
-runpy.run_module("hpctrain.launch", run_name="__main__")
+sys.argv = ["hpctrain.launch", *argv]
+first_step_marks.hpctrain.launching.app.run()
 """
 
 # The same step by hand: the debug config's model (conf/model/distoptica_net.yaml), loss, optimizer (adamw.yaml:
@@ -91,6 +94,7 @@ import torch.distributed as dist
 from hpctrain.tasks.cbed import DistopticaNet, EndPointErrorLoss
 mark("imports")
 rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+torch.set_num_threads(max(1, os.cpu_count() // world_size))  # as torchrun's OMP_NUM_THREADS=1, and hpctrain
 if world_size > 1:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     mark("process group")

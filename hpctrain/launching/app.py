@@ -27,7 +27,6 @@ from typing import Any, Callable
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import env_override
 from hydra.types import RunMode
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
@@ -39,8 +38,8 @@ from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
-from hpctrain.launching.job import (check_run_dir_writable, remove_launcher_leftovers, run_local,
-                                   start_local_ranks_early)
+from hpctrain.launching.early import start_rank_forkserver
+from hpctrain.launching.job import check_run_dir_writable, remove_launcher_leftovers, run_local
 from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
@@ -148,8 +147,8 @@ class Preflight(Callback):
             typed = checked_config(config)
             run_dir = Path(config.hydra.run.dir).absolute()
             check_run_dir_writable(run_dir)
-            with env_override(config.hydra.job.env_set):  # as Hydra runs the task function, which uses them
-                start_local_ranks_early(typed)
+            if typed.launcher.name == "local" and typed.launcher.num_processes > 1:
+                start_rank_forkserver()  # its imports run during the checks (hpctrain.launching.early)
             check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))

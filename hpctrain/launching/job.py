@@ -17,14 +17,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
 from hpctrain.config import Config, ConfigError
-from hpctrain.process.distributed import (DistributedContext, exit_with_parent, init_distributed, preloaded_forkserver,
+from hpctrain.launching import early
+from hpctrain.process.distributed import (DistributedContext, exit_with_parent, init_distributed,
                                   run_lock, shutdown_distributed)
 from hpctrain.process.exit import skip_final_collection
+from hpctrain.process.forkserver import preloaded_forkserver
 from hpctrain.process.seeding import configure_determinism
 from hpctrain.process.watchdog import watching
 from hpctrain.run.state import TrainState
@@ -126,9 +127,13 @@ def _free_port() -> int:
 
 
 def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, rank: int, world_size: int, port: int,
-                     args: tuple) -> None:
+                     environment: dict[str, str], args: tuple) -> None:
     exit_with_parent()
     skip_final_collection()
+    # The launcher's environment when it started the ranks (hydra.job.env_set included), not the one the forkserver
+    # was started with, which may be earlier (hpctrain.launching.early).
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     configure_rank_logging(rank, run_dir if work is run_rank else None)
@@ -136,18 +141,10 @@ def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, ra
 
 
 def _rank_context(work: Callable[..., Any]) -> BaseContext:
-    """Local ranks fork from a forkserver that has imported hpctrain's training modules (and `work`'s) once."""
-    return preloaded_forkserver(work, "hpctrain.launching.job", "hpctrain.components", "hpctrain.run.trainer")
-
-
-def start_local_ranks_early(config: Config) -> None:
-    """For `launcher.num_processes` > 1 local ranks: start the forkserver they fork from now, while the launcher
-    still checks the run's inputs, so that its imports run on another core instead of after the checks. What
-    the ranks need from the environment they set themselves (run_rank); a variable of hydra.job.env_set must
-    be set around this call, as Hydra sets it around the task function."""
-    if config.launcher.name == "local" and config.launcher.num_processes > 1:
-        _rank_context(run_rank)
-        forkserver.ensure_running()
+    """Local ranks fork from a forkserver that has imported hpctrain's training modules (and `work`'s, unless it is
+    __main__) once: hpctrain.process.forkserver."""
+    own = () if work.__module__ == "__main__" else (work.__module__,)
+    return preloaded_forkserver(*early.RANK_MODULES, *own)
 
 
 def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None = None,
@@ -160,7 +157,9 @@ def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None 
         return work(config, run_dir, *args)
     port = _free_port()
     context = _rank_context(work)
-    processes = [context.Process(target=_local_rank_main, args=(work, config, run_dir, rank, world_size, port, args),
+    environment = dict(os.environ)
+    processes = [context.Process(target=_local_rank_main,
+                                 args=(work, config, run_dir, rank, world_size, port, environment, args),
                                  name=f"hpctrain-rank-{rank}") for rank in range(world_size)]
     for process in processes:
         process.start()

@@ -13,12 +13,10 @@ import fcntl
 import json
 import logging
 import math
-import multiprocessing
 import os
 import signal
 import socket
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -187,24 +185,6 @@ def exit_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def preloaded_forkserver(target: Any, *modules: str) -> BaseContext:
-    """How this machine's own processes (local ranks, local tune workers) start: forked from a forkserver that has
-    imported torch and `modules` once, not each spawned as a fresh interpreter spending ~2 s of CPU on those
-    imports. The forkserver is a fresh single-threaded process without CUDA (what is safe to fork), started by the
-    first process of this context; the processes' parent is the forkserver, which ends when this process does, so
-    `exit_with_parent` still ends them when this one is killed. `target`'s module is preloaded too (the user's
-    own, for a user's work function), unless it is __main__.
-
-    torch._dynamo is preloaded too: torch.optim's first optimizer imports it (1-2 s of CPU), and every rank
-    builds one."""
-    context = multiprocessing.get_context("forkserver")
-    preload = ["torch", "torch._dynamo", *modules]
-    if target.__module__ not in (*preload, "__main__"):
-        preload.append(target.__module__)
-    context.set_forkserver_preload(preload)  # a missing module is skipped by the forkserver, not an error
-    return context
 
 
 LOCK_FILENAME = ".lock"

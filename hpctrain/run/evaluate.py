@@ -239,10 +239,17 @@ class PlotWorker:
             self.in_process = False
             log.info("task.plot cannot be sent to a plot process (%s: %s): plots are drawn in a thread of the "
                      "training process", type(error).__name__, error)
-        if self.in_process:
-            self._start_process()  # now: starting Python and importing the hook takes seconds
+        self._starting = threading.Lock()  # the training thread's start() and the plot thread's restart
         self._thread = threading.Thread(target=self._run, name="hpctrain-plots", daemon=True)
         self._thread.start()
+
+    def start(self) -> None:
+        """Start the plot process now, well before the first plot (starting Python and importing the hook takes
+        seconds of CPU); the owner calls it once the run's first step is done, which it would slow. A plot that
+        comes first starts the process itself."""
+        with self._starting:
+            if self.in_process and self._process is None:
+                self._start_process()
 
     def submit(self, evaluation: Evaluation) -> None:
         try:
@@ -270,8 +277,9 @@ class PlotWorker:
         if not self.in_process:
             ok, answer = _draw_here(self.plot, evaluation, directory)
         else:
-            if self._process is None or not self._process.is_alive():
-                self._start_process()
+            with self._starting:
+                if self._process is None or not self._process.is_alive():
+                    self._start_process()
             assert self._process is not None and self._connection is not None
             try:
                 self._connection.send((evaluation, directory))

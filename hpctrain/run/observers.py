@@ -142,6 +142,12 @@ class TaskPlots:
     def __init__(self, plot: Any, directory: Path, *, every_evaluations: int, val_every_steps: int) -> None:
         self.worker = PlotWorker(plot, directory)
         self.every_evaluations, self.val_every_steps = every_evaluations, val_every_steps
+        self._started = False
+
+    def on_step_end(self, event: StepEnded) -> None:
+        if not self._started:  # after this process's first step, not beside it (PlotWorker.start)
+            self._started = True
+            self.worker.start()
 
     def on_validation_end(self, event: EvaluationEnded) -> None:
         every = self.every_evaluations

@@ -1,0 +1,34 @@
+"""How this machine's own processes (local ranks, local tune workers, predict and test ranks) start: forked from a
+forkserver that has imported torch and the modules they run once, not each spawned as a fresh interpreter
+spending seconds of CPU on those imports.
+
+The forkserver is a fresh single-threaded process without CUDA (what is safe to fork), started by the first
+process of its context or by `start_forkserver`; the processes' parent is the forkserver, which ends when the
+process that started it does. This module imports only the standard library, so that the launcher can start the
+forkserver before it imports torch itself (hpctrain.launching.early).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
+
+# Preloaded for every process: torch, and torch._dynamo, which torch.optim's first optimizer imports (1-2 s of CPU).
+PRELOAD = ("torch", "torch._dynamo")
+
+
+def preloaded_forkserver(*modules: str) -> BaseContext:
+    """The forkserver context, whose server (if this call starts it first) preloads PRELOAD and `modules`; a
+    missing module is skipped by the forkserver, not an error. A server already running keeps what it preloaded:
+    the processes import what they lack themselves."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([*PRELOAD, *(name for name in modules if name not in PRELOAD)])
+    return context
+
+
+def start_forkserver(*modules: str) -> None:
+    """Start the forkserver now (it preloads PRELOAD and `modules`), so that its imports run while this process
+    does other work; a no-op if it runs already."""
+    preloaded_forkserver(*modules)
+    forkserver.ensure_running()
