@@ -13,6 +13,7 @@ building them (hpctrain.components), which reports a constructor's error with th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -709,13 +710,19 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("hpctrain_point_dirname", lambda overrides: sweep_point_dirname(list(overrides)))
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The schema as an OmegaConf node, built once (34 ms): merge copies it, never changes it."""
+    return OmegaConf.structured(Config)
+
+
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     """Resolve a composed config into typed dataclasses, running every schema's checks."""
     try:
         if isinstance(cfg, DictConfig):  # resolve everything but Hydra's own node, which may not be ready yet
             cfg = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
                    for key, value in cfg.items() if key != "hydra"}
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        config = OmegaConf.to_object(OmegaConf.merge(_schema(), cfg))
     except ConfigError:
         raise
     except (OmegaConfBaseException, ValueError) as error:  # the message names the key; drop OmegaConf's internals
