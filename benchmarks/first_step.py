@@ -42,7 +42,8 @@ import functools, os, time
 import hpctrain.launching.app, hpctrain.launching.job, hpctrain.run.trainer
 
 def mark(name):
-    print(f"MARK {name} {time.time():.6f}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # the launcher and rank 0 (the other ranks share the stdout pipe)
+        print(f"MARK {name} {time.time():.6f}", flush=True)
 
 def marked(owner, name, before=None, after=None):
     function = getattr(owner, name)
