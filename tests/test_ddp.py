@@ -15,6 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hpctrain.components import build_components, build_trainer
 from hpctrain.config import Config
+from hpctrain.launching.early import asks_for_local_ranks
 
 from .conftest import final_weights, launch, run_two_gloo_ranks, tiny_overrides
 from .test_config import compose_config
@@ -43,17 +44,46 @@ def one_rank_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path
     return final_weights(run_dir)
 
 
+class EnvironmentProbe:
+    """A user callback that writes what its rank's environment says of HPCTRAIN_TEST_PROBE."""
+
+    rank_zero_only = False
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_start(self, run) -> None:
+        (self.directory / f"rank{run.rank}.txt").write_text(os.environ.get("HPCTRAIN_TEST_PROBE", "<unset>"))
+
+
 @shares_the_reference
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tiny_data: Path,
                                                              one_rank_reference: dict[str, torch.Tensor]) -> None:
-    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2"),
+    # launcher.num_processes=2 on the command line: the ranks' forkserver starts before the launcher's imports,
+    # before Hydra sets hydra.job.env_set; the ranks still run in the environment Hydra set.
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2",
+                          "+hydra.job.env_set.HPCTRAIN_TEST_PROBE=set-by-hydra",
+                          f"callbacks.user=[{{_target_: tests.test_ddp.EnvironmentProbe, directory: '{probes}'}}]"),
            run_dir=tmp_path)
     assert_weights_close(one_rank_reference, final_weights(tmp_path))
+    assert [(probes / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["set-by-hydra"] * 2
     # Rank 0's log is in the run directory's hpctrain.log, as a one-rank run's is (rank 1 reports to the terminal).
     log = (tmp_path / "hpctrain.log").read_text()
     assert "run directory:" in log and "step 22: validation" in log and "training finished at step 22" in log
     assert "[rank 0]" in log and "[rank 1]" not in log
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["launcher.num_processes=2"], True), (["debug=fast", "++launcher.num_processes=4"], True),
+    (["launcher=local", "launcher.num_processes=2"], True), (["launcher.num_processes=1"], False),
+    (["launcher=slurm", "launcher.num_processes=2"], False), (["-m", "launcher.num_processes=2"], False),
+    (["launcher.num_processes=2", "--cfg", "job"], False), (["optim.lr=0.1"], False)])
+def test_a_command_line_that_asks_for_local_ranks_starts_their_forkserver_early(argv: list[str],
+                                                                                 expected: bool) -> None:
+    assert asks_for_local_ranks(argv) is expected
 
 
 @shares_the_reference
