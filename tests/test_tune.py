@@ -435,7 +435,7 @@ TWO_NODE_TRIAL = ["launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node
 def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_rerun_submits_only_what_is_needed(
         tmp_path: Path, tiny_data: Path) -> None:
     """A study of 2-rank trials (one rank on each of the two nodes), 2 workers: trial 2 learns nothing and is
-    pruned at an evaluation (both ranks stop there, and the worker goes on); worker 0 is requeued mid-trial and
+    pruned at an evaluation (both ranks stop there, and the worker goes on); a worker is requeued mid-trial and
     resumes it bit-exactly; the study is cancelled mid-trial and the same command submits only the workers still
     needed, which finish it with every step of every trial trained once, the cancelled trial bit-exactly; run
     again, it submits nothing."""
@@ -454,27 +454,29 @@ def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_
     first_jobs = [recorded_job_id(tune_dir / "workers" / str(index)) for index in (0, 1)]
     array_id = first_jobs[0].split("_")[0]
 
-    def mid_trial(index: int | None = None) -> int | None:
-        """A trial that a worker (`index`, or any) is training, mid-way: a checkpoint since its attempt started,
-        at a step that is no evaluation, with at least 15 of its 24 steps to go (a stop sent now lands in it)."""
+    def mid_trial(*, past_evaluation: bool = False) -> tuple[int, int] | None:
+        """(worker, trial) of a trial that a worker is training, mid-way: a checkpoint since its attempt started, at
+        a step that is no evaluation (with `past_evaluation`, past the first one, where the pruner may end it),
+        with at least 15 of its 24 steps to go (a stop sent now lands in it, unless the pruner ends it first)."""
         for worker, record in worker_trials(tune_dir).items():
             run_dir = tune_dir / f"trial_{record['number']:04d}"
             rows = attempts(read(run_dir))
             steps = [info.step for info in CheckpointManager(run_dir, keep_last=2).complete()]
-            if (index in (None, worker) and rows and rows[-1]["reason"] is None and steps
-                    and rows[-1]["resume_step"] < max(steps) <= 9 and max(steps) % 4):
-                return record["number"]
+            if (rows and rows[-1]["reason"] is None and steps and rows[-1]["resume_step"] < max(steps) <= 9
+                    and max(steps) % 4 and (max(steps) > 4 or not past_evaluation)):
+                return worker, record["number"]
         return None
 
-    requeued: dict = {}
+    seen: dict = {}
 
-    def worker_0_mid_trial() -> bool:
-        requeued["number"] = mid_trial(0)
-        return requeued["number"] is not None
+    def requeue_target() -> bool:
+        seen["mid_trial"] = mid_trial(past_evaluation=True)
+        return seen["mid_trial"] is not None
 
-    wait_until(worker_0_mid_trial, timeout=300, what="worker 0 mid-trial", interval=0.05)
-    sh("scontrol", "requeue", first_jobs[0])
-    release_when_requeued(first_jobs[0])
+    wait_until(requeue_target, timeout=300, what="a trial past its first evaluation", interval=0.05)
+    requeued_job = first_jobs[seen["mid_trial"][0]]
+    sh("scontrol", "requeue", requeued_job)
+    release_when_requeued(requeued_job)
     # Cancel the whole study mid-trial, once a trial has ended since the requeue.
     wait_until(lambda: any(p.exists() for p in tune_dir.glob("trial_*/result.json")) and mid_trial() is not None,
                timeout=300, what="a trial mid-way after one ended", interval=0.05)
@@ -508,9 +510,13 @@ def test_two_node_trials_agree_on_pruning_resume_requeued_and_cancelled_and_the_
         with open_for_reading(run_dir / "metrics.h5") as file:
             assert file["train/step"][()].tolist() == list(range(1, result["step"] + 1)), trial["number"]
         assert result["stop_reason"].startswith("pruned" if trial["state"] == "pruned" else "reached")
-    assert history_reasons(tune_dir / f"trial_{requeued['number']:04d}")[:1] == ["requeued_by_slurm"]
+    # The requeue lands in the trial seen, or (if the pruner ended that one first) in the worker's next trial.
+    requeued = [trial["number"] for trial in summary["trials"]
+                if "requeued_by_slurm" in history_reasons(Path(trial["run_dir"]))]
+    assert len(requeued) == 1, requeued
+    assert history_reasons(tune_dir / f"trial_{requeued[0]:04d}")[:1] == ["requeued_by_slurm"]
     assert history_reasons(tune_dir / f"trial_{cancelled[0]:04d}")[-2:] == ["cancelled", "completed"]
-    for number in {requeued["number"], cancelled[0]}:  # resumed bit-exactly: as 2 local ranks uninterrupted
+    for number in {requeued[0], cancelled[0]}:  # resumed bit-exactly: as 2 local ranks uninterrupted
         run_dir = tune_dir / f"trial_{number:04d}"
         last = json.loads((run_dir / "result.json").read_text())["step"]  # 24, or the step it was pruned at
         alone = tmp_path / f"alone_{number}"
