@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(REPO))  # hpctrain, for harness
-from harness import ratio_line  # noqa: E402
+from harness import DEBUG_DATA as DATA, debug_data, free_port, ratio_line  # noqa: E402
 
-DATA = REPO / "data" / "cbed_64px_4096.h5"
 WARMUP_STEPS = 5  # not timed: first-call allocations, DDP's first bucket rebuild, the loader's start
 MICRO_BATCH, WORLD = 32, 2
 PARTS = ("time_data", "time_forward_backward", "time_optimizer", "time_bookkeeping")
@@ -85,11 +83,6 @@ dist.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def raw_run(steps: int) -> dict[str, np.ndarray]:
     port = free_port()
@@ -138,11 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must be more than {WARMUP_STEPS + 1} (the first {WARMUP_STEPS} are not timed)")
-    if not DATA.exists():
-        print(f"generating {DATA} first (the debug run's data.prepare hook)", flush=True)
-        with tempfile.TemporaryDirectory() as run_dir:
-            subprocess.run([sys.executable, "-m", "hpctrain.launch", "debug=fast", "trainer.max_steps=1",
-                            f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
+    debug_data()
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {WORLD} ranks x {MICRO_BATCH} samples, "
           f"{args.steps} steps per run, the first {WARMUP_STEPS} not timed", flush=True)
     sides = {"hpctrain": hpctrain_run, "raw": raw_run}

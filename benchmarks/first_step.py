@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "cbed_64px_4096.h5"
+sys.path.insert(1, str(REPO))  # hpctrain, for harness
+from harness import DEBUG_DATA as DATA, debug_data, free_port  # noqa: E402
 
 # Imported by the launcher's process and, with several ranks, preloaded by their forkserver (so that the ranks,
 # forked from it, have it too): marks the phases on stdout and ends rank 0 after its first step. The launcher
@@ -117,13 +118,6 @@ os._exit(0)
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def phases(commands: list[tuple[list[str], dict[str, str]]]) -> dict[str, float]:
     """Start the processes at once; the seconds from their start to each phase mark of rank 0, in order, until
@@ -163,7 +157,7 @@ def hpctrain_run(marks_dir: str, num_processes: int) -> dict[str, float]:
 
 
 def bare_run(num_processes: int) -> dict[str, float]:
-    port = str(_free_port())
+    port = str(free_port())
     return phases([([sys.executable, "-c", BARE, str(DATA)],
                     {"RANK": str(rank), "WORLD_SIZE": str(num_processes), "MASTER_ADDR": "127.0.0.1",
                      "MASTER_PORT": port}) for rank in range(num_processes)])
@@ -191,11 +185,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--num-processes", type=int, default=1, choices=(1, 2))
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"generating {DATA} first (the debug run's data.prepare hook)", flush=True)
-        with tempfile.TemporaryDirectory() as run_dir:
-            subprocess.run([sys.executable, "-m", "hpctrain.launch", "debug=fast", "trainer.max_steps=1",
-                            f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
+    debug_data()
     hpctrain_name = f"hpctrain.launch debug=fast, {args.num_processes} rank(s)"
     runs: dict[str, list[dict[str, float]]] = {hpctrain_name: [], "bare PyTorch": []}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -1,6 +1,7 @@
 """The measuring pieces that benchmarks/bench.py and benchmarks/gpu_check.py share: the ratio line they print,
 hpctrain's loop timed step by step, the raw PyTorch loop it is measured against, the two taking turns, the tiny
-model, and the config that strips a run down to its steps.
+model, and the config that strips a run down to its steps; for the scripts that launch whole runs (first_step.py,
+local_ranks.py, ddp_step.py), the debug demo's file and a free port.
 
 Not a command and not part of the hpctrain package: the scripts beside it import it (`import harness`: a script's
 own directory is first on sys.path; they put the checkout's root there too, for its hpctrain). It builds trainers
@@ -13,7 +14,11 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
@@ -29,6 +34,8 @@ from hpctrain.data.dataset import BatchReader, DistributedBatchSampler
 from hpctrain.run.contract import Components, model_inputs, per_sample_components
 
 WARMUP_STEPS = 3  # not timed: first-call allocations, lazy initialisation
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_DATA = REPO / "data" / "cbed_64px_4096.h5"  # the debug demo's file, for the scripts that launch whole runs
 
 
 def ratio_line(label: str, ours: list[float], reference: list[float], unit: str, *, higher_is_better: bool) -> str:
@@ -37,6 +44,24 @@ def ratio_line(label: str, ours: list[float], reference: list[float], unit: str,
     return (f"  {label:<46} {statistics.median(ratios):6.3f}x ({min(ratios):.3f}-{max(ratios):.3f})   "
             f"hpctrain {statistics.median(ours):10.4g} {unit}, reference {statistics.median(reference):10.4g} {unit}"
             f"{'' if higher_is_better else '  (lower is better)'}")
+
+
+def debug_data() -> Path:
+    """The debug demo's file (DEBUG_DATA), generated first by a one-step debug run (its data.prepare hook) if
+    missing."""
+    if not DEBUG_DATA.exists():
+        print(f"generating {DEBUG_DATA} first (the debug run's data.prepare hook)", flush=True)
+        with tempfile.TemporaryDirectory() as run_dir:
+            subprocess.run([sys.executable, "-m", "hpctrain.launch", "debug=fast", "trainer.max_steps=1",
+                            f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
+    return DEBUG_DATA
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager

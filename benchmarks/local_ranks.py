@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "cbed_64px_4096.h5"
+sys.path.insert(1, str(REPO))  # hpctrain, for harness
+from harness import debug_data  # noqa: E402
 
 LAUNCH = """
 import multiprocessing, runpy, sys
@@ -63,11 +64,7 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"generating {DATA} first (the debug run's data.prepare hook)", flush=True)
-        with tempfile.TemporaryDirectory() as run_dir:
-            subprocess.run([sys.executable, "-m", "hpctrain.launch", "debug=fast", "trainer.max_steps=1",
-                            f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
+    debug_data()
     overrides = ["debug=fast", f"launcher.num_processes={args.num_processes}", f"trainer.max_steps={args.steps}",
                  "trainer.num_threads=1", "callbacks.metrics.plots=false", "task.plot=null"]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {' '.join(overrides)}", flush=True)

@@ -81,8 +81,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tin
     (["launcher=local", "launcher.num_processes=2"], True), (["launcher.num_processes=1"], False),
     (["launcher=slurm", "launcher.num_processes=2"], False), (["-m", "launcher.num_processes=2"], False),
     (["launcher.num_processes=2", "--cfg", "job"], False), (["optim.lr=0.1"], False)])
-def test_a_command_line_that_asks_for_local_ranks_starts_their_forkserver_early(argv: list[str],
-                                                                                 expected: bool) -> None:
+def test_which_command_lines_ask_for_local_ranks(argv: list[str], expected: bool) -> None:
     assert asks_for_local_ranks(argv) is expected
 
 
