@@ -64,16 +64,40 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path: Path, tin
     # before Hydra sets hydra.job.env_set; the ranks still run in the environment Hydra set.
     probes = tmp_path / "probes"
     probes.mkdir()
-    launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2",
-                          "+hydra.job.env_set.HPCTRAIN_TEST_PROBE=set-by-hydra",
-                          f"callbacks.user=[{{_target_: tests.test_ddp.EnvironmentProbe, directory: '{probes}'}}]"),
-           run_dir=tmp_path)
+    result = launch(tiny_overrides(tiny_data, *SGD, "trainer.micro_batch_size=8", "launcher.num_processes=2",
+                                   "+hydra.job.env_set.HPCTRAIN_TEST_PROBE=set-by-hydra",
+                                   f"callbacks.user=[{{_target_: tests.test_ddp.EnvironmentProbe, "
+                                   f"directory: '{probes}'}}]"),
+                    run_dir=tmp_path)
     assert_weights_close(one_rank_reference, final_weights(tmp_path))
+    # The preflight's checks ran in a process forked like the ranks; their log reached the launcher's.
+    assert "dry step passed: model(image (8, 32, 32) float32)" in result.stdout + result.stderr
     assert [(probes / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["set-by-hydra"] * 2
     # Rank 0's log is in the run directory's hpctrain.log, as a one-rank run's is (rank 1 reports to the terminal).
     log = (tmp_path / "hpctrain.log").read_text()
     assert "run directory:" in log and "step 22: validation" in log and "training finished at step 22" in log
     assert "[rank 0]" in log and "[rank 1]" not in log
+
+
+class ExitingModel(torch.nn.Module):
+    """A user's model whose construction ends its process."""
+
+    def __init__(self, **kwargs) -> None:
+        os._exit(3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,error", [
+    ("model.width=0", "hpctrain: error: model: model.width must be >= 1, got 0"),
+    ("model._target_=tests.test_ddp.ExitingModel", "the preflight's check process ended (exit code 3)")])
+def test_two_rank_runs_are_checked_before_anything_is_written(tmp_path: Path, tiny_data: Path, override: str,
+                                                              error: str) -> None:
+    """With local ranks, the preflight checks the run's components in a process forked like them: its refusal is
+    the launcher's one-line error, and its death is reported too; either way no run directory is made."""
+    run_dir = tmp_path / "run"
+    result = launch(tiny_overrides(tiny_data, "launcher.num_processes=2", override), run_dir=run_dir, check=False)
+    assert result.returncode != 0 and error in result.stderr, result.stderr
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("argv,expected", [

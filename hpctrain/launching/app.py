@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +40,8 @@ from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
 from hpctrain.launching.early import start_rank_forkserver
-from hpctrain.launching.job import check_run_dir_writable, remove_launcher_leftovers, run_local
+from hpctrain.launching.job import (check_in_rank_process, check_local_run, check_run_dir_writable,
+                                    remove_launcher_leftovers, run_local)
 from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
@@ -79,11 +81,15 @@ def checked_config(cfg: DictConfig) -> Config:
 def check_inputs(config: Config, run_dir: Path) -> None:
     """All checks of a run's inputs; srun tasks all start at once: they must find the data, not race to make it
     (and each rank checks the checkpoint it resumes from itself, hpctrain.train)."""
-    components = check_run_inputs(config, prepare=config.launcher.name != "srun")
-    if config.launcher.name != "srun":
-        check_run_dir_continues(config, components, run_dir)
-    if config.launcher.name == "slurm":
-        check_resources(config.launcher)
+    if config.launcher.name == "local" and config.launcher.num_processes > 1:
+        check_in_rank_process(config, run_dir)  # where torch is imported already (hpctrain.launching.early)
+    elif config.launcher.name == "local":
+        check_local_run(config, run_dir)
+    else:
+        components = check_run_inputs(config, prepare=config.launcher.name != "srun")
+        if config.launcher.name == "slurm":
+            check_run_dir_continues(config, components, run_dir)
+            check_resources(config.launcher)
 
 
 def compose_config(overrides: list[str], *, config_dir: str | None = None) -> Config:
@@ -152,6 +158,10 @@ class Preflight(Callback):
             check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))
+        except Exception as error:  # a bug: Hydra would only warn of a callback's exception and go on to run
+            traceback.print_exc()
+            fail(f"the preflight failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                 exit_code=1)
         _checked_by_preflight = typed
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

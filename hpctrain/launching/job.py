@@ -1,18 +1,21 @@
 """One training job: run one rank of it (`run_rank`), or start all its ranks on this machine (`run_local`). The same
 `run_rank` runs under SLURM, where each task is one rank. Its inputs are checked before by the launcher
-(hpctrain.components.check_run_inputs)."""
+(hpctrain.components.check_run_inputs); those of a run on local ranks in a process forked like them
+(`check_in_rank_process`)."""
 
 from __future__ import annotations
 
 import gc
 import json
 import logging
+import logging.handlers
 import math
 import os
 import shutil
 import socket
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +23,7 @@ from typing import Any, Callable
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
+from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError
 from hpctrain.launching import early
 from hpctrain.process.distributed import (DistributedContext, exit_with_parent, init_distributed,
@@ -28,6 +32,7 @@ from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.forkserver import preloaded_forkserver
 from hpctrain.process.seeding import configure_determinism
 from hpctrain.process.watchdog import watching
+from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.run.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -189,6 +194,76 @@ def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None 
         raise RuntimeError(f"local ranks failed (rank, exit code): {failed}")
     result_path = run_dir / RESULT_FILENAME
     return json.loads(result_path.read_text()) if result_path.exists() else {"run_dir": str(run_dir)}
+
+
+def check_local_run(config: Config, run_dir: Path) -> None:
+    """What the launcher checks of a run on this machine before anything of it is written: its inputs (every
+    component built, the data prepared and opened, one dry step) and that the run directory holds this run."""
+    check_run_dir_continues(config, check_run_inputs(config, prepare=True), run_dir)
+
+
+def check_in_rank_process(config: Config, run_dir: Path) -> None:
+    """`check_local_run` in a process forked from the local ranks' forkserver, which imported torch and the training
+    modules (torch._dynamo included, seconds) on another core while this launcher composed the run: the launcher
+    never imports them itself, and the checks start as soon as the forkserver is ready. Its refusal is raised
+    here as the same ConfigError, its log records are handled by this process's logging, and any other failure is
+    raised here with the check process's traceback."""
+    context = _rank_context(run_rank)
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_check_main, name="hpctrain-preflight",
+                              args=(sender, dict(os.environ), logging.getLogger().getEffectiveLevel(), config,
+                                    run_dir))
+    process.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                process.join()
+                raise RuntimeError(f"the preflight's check process ended (exit code {process.exitcode}) before "
+                                   "it finished") from None
+            if kind == "log":
+                logging.getLogger(payload.name).handle(payload)
+            elif kind == "refused":
+                raise ConfigError(payload)
+            elif kind == "failed":
+                raise RuntimeError(f"the preflight's checks failed:\n{payload}")
+            else:
+                return
+    finally:
+        receiver.close()
+        process.join()
+
+
+class _SendRecords:
+    """The queue of a QueueHandler (which makes each record picklable): the pipe to the launcher."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        self.connection.send(("log", record))
+
+
+def _check_main(connection: Any, environment: dict[str, str], log_level: int, config: Config,
+                run_dir: Path) -> None:
+    exit_with_parent()
+    skip_final_collection()
+    os.environ.clear()  # the launcher's environment (hydra.job.env_set included), as for the ranks
+    os.environ.update(environment)
+    sender = logging.handlers.QueueHandler(_SendRecords(connection))
+    sender.setFormatter(logging.Formatter("%(message)s"))  # the launcher's handlers format the record
+    logging.basicConfig(level=log_level, force=True, handlers=[sender])
+    try:
+        check_local_run(config, run_dir)
+        connection.send(("passed", None))
+    except ConfigError as error:
+        connection.send(("refused", str(error)))
+    except BaseException:  # noqa: BLE001 - reported to the launcher, which raises it
+        connection.send(("failed", traceback.format_exc()))
+    finally:
+        connection.close()
 
 
 def remove_launcher_leftovers(run_dir: Path) -> None:
