@@ -22,6 +22,7 @@ missing.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import signal
 import statistics
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int, default=1, choices=(1, 2))
     args = parser.parse_args()
     debug_data()
+    # Both sides import hpctrain; an installed package has its bytecode, which an environment with
+    # PYTHONDONTWRITEBYTECODE=1 never writes for a source tree: compile it once, or each start compiles it again.
+    compileall.compile_dir(REPO / "hpctrain", quiet=1)
     hpctrain_name = f"hpctrain.launch debug=fast, {args.num_processes} rank(s)"
     runs: dict[str, list[dict[str, float]]] = {hpctrain_name: [], "bare PyTorch": []}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)

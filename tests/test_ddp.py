@@ -86,14 +86,24 @@ class ExitingModel(torch.nn.Module):
         os._exit(3)
 
 
+class SystemExitModel(torch.nn.Module):
+    """A user's model whose construction raises what no component check catches (not an Exception)."""
+
+    def __init__(self, **kwargs) -> None:
+        raise SystemExit("the model's own sys.exit")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override,error", [
     ("model.width=0", "hpctrain: error: model: model.width must be >= 1, got 0"),
-    ("model._target_=tests.test_ddp.ExitingModel", "the preflight's check process ended (exit code 3)")])
+    ("model._target_=tests.test_ddp.ExitingModel", "the preflight's check process ended (exit code 3)"),
+    ("model._target_=tests.test_ddp.SystemExitModel",
+     "error: the preflight failed: SystemExit: the model's own sys.exit")])
 def test_two_rank_runs_are_checked_before_anything_is_written(tmp_path: Path, tiny_data: Path, override: str,
                                                               error: str) -> None:
     """With local ranks, the preflight checks the run's components in a process forked like them: its refusal is
-    the launcher's one-line error, and its death is reported too; either way no run directory is made."""
+    the launcher's one-line error, its death and any other failure are reported with their cause; either way no
+    run directory is made."""
     run_dir = tmp_path / "run"
     result = launch(tiny_overrides(tiny_data, "launcher.num_processes=2", override), run_dir=run_dir, check=False)
     assert result.returncode != 0 and error in result.stderr, result.stderr

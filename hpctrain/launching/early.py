@@ -1,6 +1,7 @@
 """Local ranks started early: the forkserver that `launcher.num_processes` > 1 local ranks fork from imports torch
 and hpctrain's training modules, seconds of CPU. Started as soon as the launcher knows it will need it, those
-imports run on another core while the launcher imports, composes and checks the run, instead of after.
+imports run on another core while the launcher imports and composes the run, instead of after; the preflight's
+checks then run in a process forked from it too (hpctrain.launching.job.check_in_rank_process).
 
 The launcher knows at two moments: from the command line (hpctrain.launch, before its own imports), when it names
 `launcher.num_processes=N`; otherwise once the composed config says so (the preflight). Only speed depends on

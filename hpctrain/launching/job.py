@@ -227,8 +227,9 @@ def check_in_rank_process(config: Config, run_dir: Path) -> None:
                 logging.getLogger(payload.name).handle(payload)
             elif kind == "refused":
                 raise ConfigError(payload)
-            elif kind == "failed":
-                raise RuntimeError(f"the preflight's checks failed:\n{payload}")
+            elif kind == "failed":  # the cause first: the launcher's one-line error quotes the first line
+                raise RuntimeError(f"{payload.strip().splitlines()[-1]} (in the preflight's check process)\n"
+                                   f"{payload}")
             else:
                 return
     finally:
