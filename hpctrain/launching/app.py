@@ -40,9 +40,8 @@ from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
 from hpctrain.launching.early import start_rank_forkserver
-from hpctrain.launching.job import (check_in_rank_process, check_local_run, check_run_dir_writable,
+from hpctrain.launching.job import (check_in_rank_process, check_run, check_run_dir_writable,
                                     remove_launcher_leftovers, run_local)
-from hpctrain.run.resume_check import check_run_dir_continues
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
 log = logging.getLogger("hpctrain")
@@ -79,17 +78,18 @@ def checked_config(cfg: DictConfig) -> Config:
 
 
 def check_inputs(config: Config, run_dir: Path) -> None:
-    """All checks of a run's inputs; srun tasks all start at once: they must find the data, not race to make it
-    (and each rank checks the checkpoint it resumes from itself, hpctrain.train)."""
+    """All checks of a run's inputs, those of a run on local ranks in a process forked like them; srun tasks all
+    start at once: they must find the data, not race to make it (and each rank checks the checkpoint it resumes
+    from itself, hpctrain.train)."""
+    if config.launcher.name == "srun":
+        check_run_inputs(config, prepare=False)
+        return
     if config.launcher.name == "local" and config.launcher.num_processes > 1:
         check_in_rank_process(config, run_dir)  # where torch is imported already (hpctrain.launching.early)
-    elif config.launcher.name == "local":
-        check_local_run(config, run_dir)
     else:
-        components = check_run_inputs(config, prepare=config.launcher.name != "srun")
-        if config.launcher.name == "slurm":
-            check_run_dir_continues(config, components, run_dir)
-            check_resources(config.launcher)
+        check_run(config, run_dir)
+    if config.launcher.name == "slurm":
+        check_resources(config.launcher)
 
 
 def compose_config(overrides: list[str], *, config_dir: str | None = None) -> Config:

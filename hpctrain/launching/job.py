@@ -196,14 +196,14 @@ def run_local(config: Config, run_dir: Path, *, work: Callable[..., Any] | None 
     return json.loads(result_path.read_text()) if result_path.exists() else {"run_dir": str(run_dir)}
 
 
-def check_local_run(config: Config, run_dir: Path) -> None:
-    """What the launcher checks of a run on this machine before anything of it is written: its inputs (every
-    component built, the data prepared and opened, one dry step) and that the run directory holds this run."""
+def check_run(config: Config, run_dir: Path) -> None:
+    """What the launcher checks of a run before anything of it is written or queued: its inputs (every component
+    built, the data prepared and opened, one dry step) and that the run directory holds this run."""
     check_run_dir_continues(config, check_run_inputs(config, prepare=True), run_dir)
 
 
 def check_in_rank_process(config: Config, run_dir: Path) -> None:
-    """`check_local_run` in a process forked from the local ranks' forkserver, which imported torch and the training
+    """`check_run` in a process forked from the local ranks' forkserver, which imported torch and the training
     modules (torch._dynamo included, seconds) on another core while this launcher composed the run: the launcher
     never imports them itself, and the checks start as soon as the forkserver is ready. Its refusal is raised
     here as the same ConfigError, its log records are handled by this process's logging, and any other failure is
@@ -224,7 +224,9 @@ def check_in_rank_process(config: Config, run_dir: Path) -> None:
                 raise RuntimeError(f"the preflight's check process ended (exit code {process.exitcode}) before "
                                    "it finished") from None
             if kind == "log":
-                logging.getLogger(payload.name).handle(payload)
+                target = logging.getLogger(payload.name)
+                if target.isEnabledFor(payload.levelno):  # the level this process's logging gives that logger
+                    target.handle(payload)
             elif kind == "refused":
                 raise ConfigError(payload)
             elif kind == "failed":  # the cause first: the launcher's one-line error quotes the first line
@@ -257,7 +259,7 @@ def _check_main(connection: Any, environment: dict[str, str], log_level: int, co
     sender.setFormatter(logging.Formatter("%(message)s"))  # the launcher's handlers format the record
     logging.basicConfig(level=log_level, force=True, handlers=[sender])
     try:
-        check_local_run(config, run_dir)
+        check_run(config, run_dir)
         connection.send(("passed", None))
     except ConfigError as error:
         connection.send(("refused", str(error)))
