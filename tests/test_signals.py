@@ -343,6 +343,39 @@ def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path
     assert not Path(f"/proc/{ranks[1]}").exists() or "Z" in Path(f"/proc/{ranks[1]}/stat").read_text().split()[2]
 
 
+@pytest.mark.slow
+def test_local_ranks_end_when_their_launcher_is_killed(tmp_path: Path, tiny_data: Path) -> None:
+    """SIGKILL of a launcher of two local ranks mid-training: the ranks end too, within seconds. Their parent is
+    the forkserver, which lives as long as any process it forked, so the kernel's parent-death signal never comes;
+    each rank watches the launcher that started it instead."""
+    from hpctrain.run.checkpoint import CheckpointManager
+
+    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER[1:], "trainer.max_steps=1000000",
+                                                                "launcher.num_processes=2"),
+               f"hydra.run.dir={tmp_path}"]  # a run that would take hours: the ranks can only end by the kill
+    job = zygote.start(command, cwd=REPO, output=tmp_path.parent / f"{tmp_path.name}.log", merge_stderr=True)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    deadline = time.monotonic() + 300
+    while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    ranks = local_ranks(job.pid)
+    assert len(ranks) == 2, ranks
+    job.kill()
+    job.wait()
+    deadline = time.monotonic() + 20
+    alive = ranks
+    try:
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()
+                     and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        assert not alive, f"ranks {alive} outlived their killed launcher"
+    finally:
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_rank_alone_gives_up_after_the_rendezvous_timeout(tmp_path: Path) -> None:
     """Rank 0 of 2 with no rank 1 (it died at launch): fails after trainer.rendezvous_timeout_s, not 600 s."""
     script = textwrap.dedent("""

@@ -12,6 +12,7 @@ import logging.handlers
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -26,10 +27,10 @@ from multiprocessing.context import BaseContext
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError
 from hpctrain.launching import early
-from hpctrain.process.distributed import (DistributedContext, exit_with_parent, init_distributed,
+from hpctrain.process.distributed import (DistributedContext, init_distributed,
                                   run_lock, shutdown_distributed)
 from hpctrain.process.exit import skip_final_collection
-from hpctrain.process.forkserver import preloaded_forkserver
+from hpctrain.process.forkserver import end_with_starter, preloaded_forkserver
 from hpctrain.process.seeding import configure_determinism
 from hpctrain.process.watchdog import watching
 from hpctrain.run.resume_check import check_run_dir_continues
@@ -133,7 +134,7 @@ def _free_port() -> int:
 
 def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, rank: int, world_size: int, port: int,
                      environment: dict[str, str], args: tuple) -> None:
-    exit_with_parent()
+    end_with_starter()
     skip_final_collection()
     # The launcher's environment when it started the ranks (hydra.job.env_set included), not the one the forkserver
     # was started with, which may be earlier (hpctrain.launching.early).
@@ -234,6 +235,10 @@ def check_in_rank_process(config: Config, run_dir: Path) -> None:
                                    f"{payload}")
             else:
                 return
+    except KeyboardInterrupt:  # the launcher's alone (a terminal's Ctrl-C reaches both): the checks end as theirs
+        if process.is_alive():  # would, through KeyboardInterrupt, so that a data file being made is cleaned up
+            os.kill(process.pid, signal.SIGINT)
+        raise
     finally:
         receiver.close()
         process.join()
@@ -251,7 +256,7 @@ class _SendRecords:
 
 def _check_main(connection: Any, environment: dict[str, str], log_level: int, config: Config,
                 run_dir: Path) -> None:
-    exit_with_parent()
+    end_with_starter()
     skip_final_collection()
     os.environ.clear()  # the launcher's environment (hydra.job.env_set included), as for the ranks
     os.environ.update(environment)
