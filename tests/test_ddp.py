@@ -94,19 +94,22 @@ class SystemExitModel(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,error", [
-    ("model.width=0", "hpctrain: error: model: model.width must be >= 1, got 0"),
-    ("model._target_=tests.test_ddp.ExitingModel", "the preflight's check process ended (exit code 3)"),
-    ("model._target_=tests.test_ddp.SystemExitModel",
+@pytest.mark.parametrize("processes,override,error", [
+    (2, "model.width=0", "hpctrain: error: model: model.width must be >= 1, got 0"),
+    (2, "model._target_=tests.test_ddp.ExitingModel", "the preflight's check process ended (exit code 3)"),
+    (2, "model._target_=tests.test_ddp.SystemExitModel",
+     "error: the preflight failed: SystemExit: the model's own sys.exit (in the preflight's check process)"),
+    (1, "model._target_=tests.test_ddp.SystemExitModel",
      "error: the preflight failed: SystemExit: the model's own sys.exit")])
-def test_two_rank_runs_are_checked_before_anything_is_written(tmp_path: Path, tiny_data: Path, override: str,
-                                                              error: str) -> None:
-    """With local ranks, the preflight checks the run's components in a process forked like them: its refusal is
-    the launcher's one-line error, its death and any other failure are reported with their cause; either way no
-    run directory is made."""
+def test_runs_are_checked_before_anything_is_written(tmp_path: Path, tiny_data: Path, processes: int, override: str,
+                                                     error: str) -> None:
+    """With local ranks, the preflight checks the run's components in a process forked like them (with one, in
+    the launcher): a refusal is the launcher's one-line error, the check process's death and any other failure
+    (a user's sys.exit too) exit 1 with their cause in one line; either way no run directory is made."""
     run_dir = tmp_path / "run"
-    result = launch(tiny_overrides(tiny_data, "launcher.num_processes=2", override), run_dir=run_dir, check=False)
-    assert result.returncode != 0 and error in result.stderr, result.stderr
+    result = launch(tiny_overrides(tiny_data, f"launcher.num_processes={processes}", override), run_dir=run_dir,
+                    check=False)
+    assert result.returncode == (2 if "width" in override else 1) and error in result.stderr, result.stderr
     assert not run_dir.exists()
 
 

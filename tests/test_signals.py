@@ -354,21 +354,30 @@ def test_local_ranks_end_when_their_launcher_is_killed(tmp_path: Path, tiny_data
                                                                 "launcher.num_processes=2"),
                f"hydra.run.dir={tmp_path}"]  # a run that would take hours: the ranks can only end by the kill
     job = zygote.start(command, cwd=REPO, output=tmp_path.parent / f"{tmp_path.name}.log", merge_stderr=True)
-    manager = CheckpointManager(tmp_path, keep_last=2)
-    deadline = time.monotonic() + 300
-    while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    ranks = local_ranks(job.pid)
-    assert len(ranks) == 2, ranks
-    job.kill()
-    job.wait()
+    ranks: list[int] = []
+    try:
+        manager = CheckpointManager(tmp_path, keep_last=2)
+        deadline = time.monotonic() + 300
+        while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        ranks = local_ranks(job.pid)
+        assert len(ranks) == 2, ranks
+    finally:
+        job.kill()
+        job.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has ended
+        except OSError:
+            return False
+
     deadline = time.monotonic() + 20
     alive = ranks
     try:
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
-            alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()
-                     and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+            alive = [pid for pid in ranks if running(pid)]
         assert not alive, f"ranks {alive} outlived their killed launcher"
     finally:
         for pid in alive:

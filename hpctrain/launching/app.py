@@ -37,10 +37,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 import hpctrain.conf
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError, register_configs, to_config
+from hpctrain.instantiate import first_line
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
 from hpctrain.launching.early import start_rank_forkserver
-from hpctrain.launching.job import (check_in_rank_process, check_run, check_run_dir_writable,
+from hpctrain.launching.job import (CheckProcessFailed, check_in_rank_process, check_run, check_run_dir_writable,
                                     remove_launcher_leftovers, run_local)
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
 
@@ -158,10 +159,11 @@ class Preflight(Callback):
             check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))
-        except Exception as error:  # a bug: Hydra would only warn of a callback's exception and go on to run
-            traceback.print_exc()
-            fail(f"the preflight failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
-                 exit_code=1)
+        except (Exception, SystemExit) as error:  # a bug, or a user's sys.exit: Hydra would only warn of a
+            traceback.print_exc()  # callback's exception and go on to run
+            cause = (str(error).splitlines()[0] if isinstance(error, CheckProcessFailed)
+                     else f"{type(error).__name__}: {first_line(error)}")
+            fail(f"the preflight failed: {cause}", exit_code=1)
         _checked_by_preflight = typed
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

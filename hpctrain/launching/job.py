@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -26,6 +27,7 @@ from multiprocessing.context import BaseContext
 
 from hpctrain.components import check_run_inputs
 from hpctrain.config import Config, ConfigError
+from hpctrain.instantiate import first_line
 from hpctrain.launching import early
 from hpctrain.process.distributed import (DistributedContext, init_distributed,
                                   run_lock, shutdown_distributed)
@@ -203,17 +205,21 @@ def check_run(config: Config, run_dir: Path) -> None:
     check_run_dir_continues(config, check_run_inputs(config, prepare=True), run_dir)
 
 
+class CheckProcessFailed(RuntimeError):
+    """The preflight's check process failed other than by a refusal; the message's first line says why, the rest
+    is its traceback."""
+
+
 def check_in_rank_process(config: Config, run_dir: Path) -> None:
     """`check_run` in a process forked from the local ranks' forkserver, which imported torch and the training
     modules (torch._dynamo included, seconds) on another core while this launcher composed the run: the launcher
     never imports them itself, and the checks start as soon as the forkserver is ready. Its refusal is raised
     here as the same ConfigError, its log records are handled by this process's logging, and any other failure is
-    raised here with the check process's traceback."""
+    raised here as CheckProcessFailed with the check process's traceback."""
     context = _rank_context(run_rank)
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_check_main, name="hpctrain-preflight",
-                              args=(sender, dict(os.environ), logging.getLogger().getEffectiveLevel(), config,
-                                    run_dir))
+                              args=(sender, dict(os.environ), _lowest_log_level(), config, run_dir))
     process.start()
     sender.close()
     try:
@@ -222,8 +228,8 @@ def check_in_rank_process(config: Config, run_dir: Path) -> None:
                 kind, payload = receiver.recv()
             except EOFError:
                 process.join()
-                raise RuntimeError(f"the preflight's check process ended (exit code {process.exitcode}) before "
-                                   "it finished") from None
+                raise CheckProcessFailed(f"the preflight's check process ended (exit code {process.exitcode}) "
+                                         "before it finished") from None
             if kind == "log":
                 target = logging.getLogger(payload.name)
                 if target.isEnabledFor(payload.levelno):  # the level this process's logging gives that logger
@@ -231,17 +237,29 @@ def check_in_rank_process(config: Config, run_dir: Path) -> None:
             elif kind == "refused":
                 raise ConfigError(payload)
             elif kind == "failed":  # the cause first: the launcher's one-line error quotes the first line
-                raise RuntimeError(f"{payload.strip().splitlines()[-1]} (in the preflight's check process)\n"
-                                   f"{payload}")
+                cause, text = payload
+                raise CheckProcessFailed(f"{cause} (in the preflight's check process)\n{text}")
             else:
                 return
-    except KeyboardInterrupt:  # the launcher's alone (a terminal's Ctrl-C reaches both): the checks end as theirs
-        if process.is_alive():  # would, through KeyboardInterrupt, so that a data file being made is cleaned up
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached the check process too. An interrupt of the launcher alone is passed on, so
+        # that the checks end through KeyboardInterrupt as they would in this process (cleaning up a data file
+        # being made).
+        process.join(timeout=1.0)
+        if process.is_alive():
             os.kill(process.pid, signal.SIGINT)
         raise
     finally:
-        receiver.close()
+        receiver.close()  # what the check process still sends is dropped (_SendRecords, _check_main)
         process.join()
+
+
+def _lowest_log_level() -> int:
+    """The lowest level any of this process's loggers logs at (`hydra.verbose` may lower one of them): what the
+    check process sends; this process's loggers then decide what they log."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    return min(logger.getEffectiveLevel() for logger in loggers)
 
 
 class _SendRecords:
@@ -251,25 +269,29 @@ class _SendRecords:
         self.connection = connection
 
     def put_nowait(self, record: logging.LogRecord) -> None:
-        self.connection.send(("log", record))
+        with contextlib.suppress(OSError):  # the launcher no longer listens (it was interrupted)
+            self.connection.send(("log", record))
 
 
 def _check_main(connection: Any, environment: dict[str, str], log_level: int, config: Config,
                 run_dir: Path) -> None:
     end_with_starter()
     skip_final_collection()
-    os.environ.clear()  # the launcher's environment (hydra.job.env_set included), as for the ranks
-    os.environ.update(environment)
+    os.environ.clear()  # the launcher's environment, as the checks in its own process would see it (before
+    os.environ.update(environment)  # Hydra applies hydra.job.env_set, around the task function)
     sender = logging.handlers.QueueHandler(_SendRecords(connection))
     sender.setFormatter(logging.Formatter("%(message)s"))  # the launcher's handlers format the record
     logging.basicConfig(level=log_level, force=True, handlers=[sender])
     try:
-        check_run(config, run_dir)
-        connection.send(("passed", None))
-    except ConfigError as error:
-        connection.send(("refused", str(error)))
-    except BaseException:  # noqa: BLE001 - reported to the launcher, which raises it
-        connection.send(("failed", traceback.format_exc()))
+        try:
+            check_run(config, run_dir)
+            connection.send(("passed", None))
+        except ConfigError as error:
+            connection.send(("refused", str(error)))
+        except BaseException as error:  # noqa: BLE001 - reported to the launcher, which raises it
+            connection.send(("failed", (f"{type(error).__name__}: {first_line(error)}", traceback.format_exc())))
+    except OSError:  # the launcher no longer listens (it was interrupted)
+        pass
     finally:
         connection.close()
 

@@ -5,8 +5,8 @@ spending seconds of CPU on those imports.
 The forkserver is a fresh single-threaded process without CUDA (what is safe to fork), started by the first
 process of its context or by `start_forkserver`; the processes' parent is the forkserver, which lives until the
 process that started it and every process it forked have ended. Each forked process therefore ends itself when
-the process that started it ends (`end_with_starter`). This module imports only the standard library, so that the launcher can start the
-forkserver before it imports torch itself (hpctrain.launching.early).
+the process that started it ends (`end_with_starter`). This module imports only the standard library, so that
+the launcher can start the forkserver before it imports torch itself (hpctrain.launching.early).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def end_with_starter() -> None:
     launcher must take its ranks with it; they would go on training and hold the run's lock). The kernel's
     parent-death signal cannot do it: the parent is the forkserver, which lives as long as any process it forked
     (each holds its alive pipe). multiprocessing keeps a pipe to the starter that closes when the starter ends:
-    `parent_process().sentinel`, which a daemon thread waits on. Its children (loader workers, the plot process)
-    end with it through their own parent-death signal."""
+    `parent_process().sentinel`, which a daemon thread waits on. Its own children end as with any parent that
+    dies (loader workers by their parent-death signal, the plot process at the end of its pipe)."""
     parent = multiprocessing.parent_process()
     if parent is None:  # not started by multiprocessing
         return
