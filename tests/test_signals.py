@@ -308,24 +308,34 @@ def local_ranks(launcher: int) -> list[int]:
     return [rank for server in servers for rank in children(server)]
 
 
+def two_local_ranks_past_a_checkpoint(run_dir: Path, overrides: list[str]) -> tuple[zygote.Child, list[int]]:
+    """`python -m hpctrain.launch overrides` with two local ranks, a child of the zygote (a real launcher process,
+    its ranks forked from its own forkserver), once its first checkpoint is complete: the launcher and its ranks'
+    pids. The launcher is killed if it gets no further."""
+    from hpctrain.run.checkpoint import CheckpointManager
+
+    command = [PYTHON, "-m", "hpctrain.launch", *overrides, f"hydra.run.dir={run_dir}"]
+    job = zygote.start(command, cwd=REPO, output=run_dir.parent / f"{run_dir.name}.log", merge_stderr=True)
+    try:
+        manager = CheckpointManager(run_dir, keep_last=2)
+        deadline = time.monotonic() + 300
+        while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        ranks = local_ranks(job.pid)
+        assert len(ranks) == 2, ranks
+    except BaseException:
+        job.kill()
+        raise
+    return job, ranks
+
+
 @pytest.mark.slow
 def test_a_stopped_local_rank_ends_the_local_job(tmp_path: Path, tiny_data: Path) -> None:
     """launcher.num_processes=2; one rank SIGSTOPped mid-training: the other's watchdog ends it, and the launcher
     kills the stopped one (which cannot take SIGTERM) instead of waiting for it forever. A checkpoint every step:
     the stop may land in a checkpoint's collectives too, which the watchdog times like a step's."""
-    from hpctrain.run.checkpoint import CheckpointManager
-
-    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *EVERY_STEP_CHECKPOINTED,
-                                                                "launcher.num_processes=2", "trainer.watchdog_s=5"),
-               f"hydra.run.dir={tmp_path}"]
-    # A child of the zygote (a real launcher process, its ranks forked from its own forkserver): no torch import
-    job = zygote.start(command, cwd=REPO, output=tmp_path.parent / f"{tmp_path.name}.log", merge_stderr=True)
-    manager = CheckpointManager(tmp_path, keep_last=2)
-    deadline = time.monotonic() + 300
-    while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    ranks = local_ranks(job.pid)
-    assert len(ranks) == 2, ranks
+    job, ranks = two_local_ranks_past_a_checkpoint(tmp_path, tiny_overrides(
+        tiny_data, *EVERY_STEP_CHECKPOINTED, "launcher.num_processes=2", "trainer.watchdog_s=5"))
     os.kill(ranks[1], signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -348,23 +358,11 @@ def test_local_ranks_end_when_their_launcher_is_killed(tmp_path: Path, tiny_data
     """SIGKILL of a launcher of two local ranks mid-training: the ranks end too, within seconds. Their parent is
     the forkserver, which lives as long as any process it forked, so the kernel's parent-death signal never comes;
     each rank watches the launcher that started it instead."""
-    from hpctrain.run.checkpoint import CheckpointManager
-
-    command = [PYTHON, "-m", "hpctrain.launch", *tiny_overrides(tiny_data, *LINGER[1:], "trainer.max_steps=1000000",
-                                                                "launcher.num_processes=2"),
-               f"hydra.run.dir={tmp_path}"]  # a run that would take hours: the ranks can only end by the kill
-    job = zygote.start(command, cwd=REPO, output=tmp_path.parent / f"{tmp_path.name}.log", merge_stderr=True)
-    ranks: list[int] = []
-    try:
-        manager = CheckpointManager(tmp_path, keep_last=2)
-        deadline = time.monotonic() + 300
-        while not manager.complete() and time.monotonic() < deadline and job.poll() is None:
-            time.sleep(0.05)
-        ranks = local_ranks(job.pid)
-        assert len(ranks) == 2, ranks
-    finally:
-        job.kill()
-        job.wait()
+    # A run that would take hours: the ranks can only end by the kill.
+    job, ranks = two_local_ranks_past_a_checkpoint(tmp_path, tiny_overrides(
+        tiny_data, *LINGER[1:], "trainer.max_steps=1000000", "launcher.num_processes=2"))
+    job.kill()
+    job.wait()
 
     def running(pid: int) -> bool:
         try:

@@ -40,7 +40,6 @@ from hpctrain.config import Config, ConfigError, register_configs, to_config
 from hpctrain.instantiate import first_line
 from hpctrain.process.exit import skip_final_collection
 from hpctrain.process.stop import StopProtocol, in_job_step
-from hpctrain.launching.early import start_rank_forkserver
 from hpctrain.launching.job import (CheckProcessFailed, check_in_rank_process, check_run, check_run_dir_writable,
                                     remove_launcher_leftovers, run_local)
 from hpctrain.launching.slurm import check_resources, follow_instructions, run_srun_task, submit_run
@@ -154,8 +153,6 @@ class Preflight(Callback):
             typed = checked_config(config)
             run_dir = Path(config.hydra.run.dir).absolute()
             check_run_dir_writable(run_dir)
-            if typed.launcher.name == "local" and typed.launcher.num_processes > 1:
-                start_rank_forkserver()  # its imports run during the checks (hpctrain.launching.early)
             check_inputs(typed, run_dir)
         except ConfigError as error:
             fail(str(error))

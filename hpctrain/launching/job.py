@@ -136,16 +136,21 @@ def _free_port() -> int:
 
 def _local_rank_main(work: Callable[..., Any], config: Config, run_dir: Path, rank: int, world_size: int, port: int,
                      environment: dict[str, str], args: tuple) -> None:
-    end_with_starter()
-    skip_final_collection()
-    # The launcher's environment when it started the ranks (hydra.job.env_set included), not the one the forkserver
-    # was started with, which may be earlier (hpctrain.launching.early).
-    os.environ.clear()
-    os.environ.update(environment)
+    _start_as_the_launchers(environment)  # hydra.job.env_set included: the ranks start inside the task function
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     configure_rank_logging(rank, run_dir if work is run_rank else None)
     work(config, run_dir, *args)
+
+
+def _start_as_the_launchers(environment: dict[str, str]) -> None:
+    """What a process forked for the launcher does first: end when the launcher ends, skip the final garbage
+    collections, and take the launcher's environment as it was when it started the process, not the one the
+    forkserver was started with, which may be earlier (hpctrain.launching.early)."""
+    end_with_starter()
+    skip_final_collection()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def _rank_context(work: Callable[..., Any]) -> BaseContext:
@@ -275,10 +280,7 @@ class _SendRecords:
 
 def _check_main(connection: Any, environment: dict[str, str], log_level: int, config: Config,
                 run_dir: Path) -> None:
-    end_with_starter()
-    skip_final_collection()
-    os.environ.clear()  # the launcher's environment, as the checks in its own process would see it (before
-    os.environ.update(environment)  # Hydra applies hydra.job.env_set, around the task function)
+    _start_as_the_launchers(environment)  # as the checks in its own process see it (before hydra.job.env_set)
     sender = logging.handlers.QueueHandler(_SendRecords(connection))
     sender.setFormatter(logging.Formatter("%(message)s"))  # the launcher's handlers format the record
     logging.basicConfig(level=log_level, force=True, handlers=[sender])
